@@ -1,0 +1,1 @@
+"""Routing capture and streaming statistics."""
