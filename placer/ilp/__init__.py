@@ -1,0 +1,6 @@
+"""Placement methods behind one interface: ``solve(problem, method=...) -> SolveResult``."""
+
+from placer.ilp import simple  # noqa: F401  (registers contiguous, round-robin)
+from placer.ilp.base import METHODS, PlacementProblem, check_feasible, register, solve
+
+__all__ = ["METHODS", "PlacementProblem", "check_feasible", "register", "solve"]
