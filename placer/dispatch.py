@@ -57,11 +57,14 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
     cnt = placement.logcnt()
     rng = np.random.default_rng(seed)
     table = np.full((num_layers, num_gpus, num_experts), -1, dtype=np.int64)
-    slots_rev = np.arange(placement.num_slots)[::-1]
+    slots = np.arange(placement.num_slots)
+    none = placement.num_slots
     for layer in range(num_layers):
         p2l = placement.physical_to_logical[layer]
-        # Same GPU: the lowest local slot wins (reverse order, so it is written last).
-        table[layer, gpu_of_slot[slots_rev], p2l[slots_rev]] = slots_rev
+        # Same GPU: the lowest local slot holding the expert.
+        local = np.full((num_gpus, num_experts), none, dtype=np.int64)
+        np.minimum.at(local, (gpu_of_slot, p2l), slots)
+        table[layer] = np.where(local < none, local, -1)
         # Single-replica experts: every rank uses the one slot.
         single = cnt[layer] == 1
         only_slot = np.full(num_experts, -1, dtype=np.int64)

@@ -1,0 +1,89 @@
+"""Per-layer summaries of routing statistics: expert-load skew and inter-layer affinity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from placer.types import RoutingStats
+
+
+def layer_skew(load: np.ndarray) -> dict[str, np.ndarray]:
+    """Expert-load skew per layer. ``load``: [L, E]. Returns arrays of shape [L]."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean(axis=1)
+    safe = np.where(mean > 0, mean, 1.0)
+    return {
+        "max_over_mean": np.where(mean > 0, load.max(axis=1) / safe, 1.0),
+        "min_over_mean": np.where(mean > 0, load.min(axis=1) / safe, 1.0),
+        "cv": np.where(mean > 0, load.std(axis=1) / safe, 0.0),
+    }
+
+
+def top1_affinity(transitions: np.ndarray, top: int = 2) -> dict[str, np.ndarray]:
+    """How predictable the next layer's top-1 expert is from the current one.
+
+    ``transitions``: [L-1, E, E] top-1 transition counts. Returns arrays of shape [L-1]:
+    ``affinity`` = fraction of tokens whose next top-1 is among the ``top`` most likely
+    successors of their current top-1 (in-sample), ``marginal`` = fraction whose next top-1 is
+    among the ``top`` most loaded top-1 experts of the next layer, and ``mutual_information_bits``.
+    """
+    t = np.asarray(transitions, dtype=np.float64)
+    total = t.sum(axis=(1, 2))
+    safe = np.where(total > 0, total, 1.0)
+    best = np.sort(t, axis=2)[:, :, ::-1][:, :, :top].sum(axis=(1, 2))
+    nxt = t.sum(axis=1)
+    marginal = np.sort(nxt, axis=1)[:, ::-1][:, :top].sum(axis=1)
+    p = t / safe[:, None, None]
+    pi = p.sum(axis=2, keepdims=True)
+    pj = p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(p / (pi * pj)), 0.0)
+    return {"affinity": best / safe, "marginal": marginal / safe,
+            "mutual_information_bits": terms.sum(axis=(1, 2))}
+
+
+def summarize(stats: RoutingStats) -> dict:
+    """Per-layer skew (and top-1 affinity when known), plus medians, as plain lists and floats."""
+    skew = layer_skew(stats.load)
+    out: dict = {
+        "tokens": int(stats.num_tokens), "layers": stats.num_layers, "experts": stats.num_experts,
+        "top_k": stats.top_k, "phase": stats.phase,
+        "per_layer": {k: v.round(6).tolist() for k, v in skew.items()},
+        "median": {k: float(np.median(v)) for k, v in skew.items()},
+        "worst_max_over_mean": float(skew["max_over_mean"].max()),
+    }
+    if stats.top1_transitions is not None and stats.num_layers > 1:
+        aff = top1_affinity(stats.top1_transitions)
+        out["per_transition"] = {k: v.round(6).tolist() for k, v in aff.items()}
+        out["median"].update({k: float(np.median(v)) for k, v in aff.items()})
+        out["mean"] = {k: float(np.mean(v)) for k, v in aff.items()}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of :func:`summarize`'s output."""
+    lines = [f"{summary['tokens']:,} tokens, {summary['layers']} MoE layers, E={summary['experts']}, "
+             f"top_k={summary['top_k']}, phase={summary['phase']}"]
+    has_aff = "per_transition" in summary
+    head = f"{'layer':>5}  {'max/mean':>8}  {'min/mean':>8}  {'cv':>6}"
+    if has_aff:
+        head += f"  {'next top-1 in top-2 succ.':>25}  {'marginal top-2':>14}  {'MI bits':>7}"
+    lines.append(head)
+    pl = summary["per_layer"]
+    for i in range(summary["layers"]):
+        row = f"{i:>5}  {pl['max_over_mean'][i]:>8.3f}  {pl['min_over_mean'][i]:>8.3f}  {pl['cv'][i]:>6.3f}"
+        if has_aff and i < summary["layers"] - 1:
+            pt = summary["per_transition"]
+            row += (f"  {pt['affinity'][i]:>25.3f}  {pt['marginal'][i]:>14.3f}"
+                    f"  {pt['mutual_information_bits'][i]:>7.3f}")
+        lines.append(row)
+    med = summary["median"]
+    tail = (f"median expert load max/mean {med['max_over_mean']:.3f} (worst layer "
+            f"{summary['worst_max_over_mean']:.3f})")
+    if has_aff:
+        tail += (f"; next-layer top-1 among the 2 most likely successors {summary['mean']['affinity']:.3f} "
+                 f"vs {summary['mean']['marginal']:.3f} for the 2 most loaded (means over transitions)")
+    else:
+        tail += "; affinity unavailable (top-1 order unknown or counts only)"
+    lines.append(tail)
+    return "\n".join(lines)
