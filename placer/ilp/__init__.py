@@ -1,5 +1,6 @@
 """Placement methods behind one interface: ``solve(problem, method=...) -> SolveResult``."""
 
+from placer.ilp import eplb  # noqa: F401, I001  (registers eplb; one import per method)
 from placer.ilp import simple  # noqa: F401  (registers contiguous, round-robin)
 from placer.ilp.base import METHODS, PlacementProblem, check_feasible, register, solve
 

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from placer.errors import InfeasibleError, InvalidInputError
-from placer.types import DISPATCH_RULES, EXECUTION_MODES, ModelSpec, RoutingStats, SolveResult, Topology
+from placer.types import (
+    DISPATCH_RULES,
+    EXECUTION_MODES,
+    ModelSpec,
+    RoutingStats,
+    SolveResult,
+    Topology,
+)
 from placer.validate import check_placement, expert_memory_per_gpu
 
 Method = Callable[..., SolveResult]
