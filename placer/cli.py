@@ -1,0 +1,293 @@
+"""The ``placer`` command line: parse, one library call with the same parameter names, write.
+
+Bad input exits 2 with one line naming the input and the problem; unexpected errors exit 1.
+Neither prints a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+
+import click
+
+from placer.errors import InfeasibleError, InvalidInputError, MissingDependencyError, PlacerError
+from placer.types import DISPATCH_RULES, EXECUTION_MODES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options: every command uses the same names for the same things.
+# ---------------------------------------------------------------------------------------------
+
+def model_option(func: Callable) -> Callable:
+    from placer.presets import MODELS
+    return click.option("--model", "model", metavar="PRESET",
+                        help=f"Model preset ({', '.join(MODELS)}). Optional when an input names its model.")(func)
+
+
+def cluster_options(func: Callable) -> Callable:
+    from placer.presets import CLUSTERS, DEFAULT_CLUSTER
+    for deco in reversed([
+        click.option("--cluster", default=None, metavar="PRESET",
+                     help=f"GPU kind ({', '.join(CLUSTERS)}; default {DEFAULT_CLUSTER}, nodes of 8)."),
+        click.option("--gpus", type=int, default=None, help="Number of GPUs (EP ranks)."),
+        click.option("--nodes", type=int, default=None, help="Number of nodes."),
+        click.option("--gpus-per-node", type=int, default=None,
+                     help="GPUs per node (any two of gpus, nodes, gpus-per-node give the third)."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def routing_options(func: Callable) -> Callable:
+    for deco in reversed([
+        click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
+                     help="Replica dispatch rule (default nearest: same GPU, same node, fair spread)."),
+        click.option("--execution", type=click.Choice(EXECUTION_MODES), default="standard", show_default=True,
+                     help="standard expert parallelism, or ExFlow's context-coherent execution."),
+        click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
+                     help="Use only tokens of this phase."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def _model(name: str | None):
+    from placer.presets import get_model
+    return get_model(name) if name else None
+
+
+def _topology(cluster, gpus, nodes, gpus_per_node):
+    from placer.presets import DEFAULT_CLUSTER, make_topology
+    return make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
+
+
+def _check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node) -> None:
+    """A placement file's model and topology are authoritative: a contradicting flag exits 2."""
+    if model is not None and model != pf.model.name:
+        raise InvalidInputError(f"--model {model} contradicts the placement's model {pf.model.name}", source=path)
+    topo = pf.topology
+    for flag, given, actual in (("--cluster", cluster, topo.name), ("--gpus", gpus, topo.num_gpus),
+                                ("--nodes", nodes, topo.num_nodes), ("--gpus-per-node", gpus_per_node, topo.gpus_per_node)):
+        if given is not None and given != actual:
+            raise InvalidInputError(f"{flag} {given} contradicts the placement's cluster "
+                                    f"({topo.name}, {topo.num_nodes} x {topo.gpus_per_node} GPUs)", source=path)
+
+
+def _parse_exports(exports: tuple[str, ...]) -> list[tuple[str, str]]:
+    from placer.io.placements import FORMATS
+    out = []
+    for item in exports:
+        fmt, sep, path = item.partition("=")
+        if not sep or not path:
+            raise InvalidInputError(f"expected FORMAT=PATH, got {item!r}", source="--export")
+        if fmt not in FORMATS:
+            raise InvalidInputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", source="--export")
+        out.append((fmt, path))
+    return out
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+@click.group(context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="placer")
+def cli(debug: bool) -> None:
+    """placer: expert placement for Mixture-of-Experts serving.
+
+    \b
+    Example:
+        placer synth --model mixtral-8x7b --tokens 20000 -o trace.npz
+        placer stats trace.npz
+        placer solve trace.npz --gpus 4 --method contiguous -o p.json --export sglang=s.json
+        placer evaluate p.json trace.npz
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@model_option
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--perturb", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Perturb the preset's expert popularity (lognormal sigma), for held-out scoring.")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]), default=None, help="Tag tokens with a phase.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz or .parquet).")
+def synth(model, tokens, seed, perturb, phase, output):
+    """Write a deterministic synthetic routing trace for a model preset (labelled synthetic).
+
+    \b
+    Example:
+        placer synth --model deepseek-v3 --tokens 100000 --seed 1 --perturb 0.3 -o trace.npz
+    """
+    from placer.workflow import write_synthetic
+    spec = _model(model)
+    if spec is None:
+        raise InvalidInputError("synth needs --model PRESET", source="--model")
+    written = write_synthetic(spec, tokens, seed=seed, perturb=perturb, phase=phase, output=output)
+    click.echo(f"wrote {written:,} synthetic tokens of {spec.name} routing to {output}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_option
+@click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
+              help="Use only tokens of this phase.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the statistics (.npz).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def stats(inputs, model, phase, output, as_json):
+    """Merge routing inputs of any supported format and print per-layer skew and affinity.
+
+    \b
+    Example:
+        placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
+    """
+    from placer.profiling.summary import format_summary, summarize
+    from placer.workflow import gather_routing, write_stats
+    routing = gather_routing(inputs, model=_model(model), phase=phase, keep_trace=False)
+    summary = summarize(routing.stats)
+    summary["synthetic"] = routing.synthetic
+    if output:
+        write_stats(routing, output)
+    if as_json:
+        _echo_json(summary)
+    else:
+        label = " (synthetic)" if routing.synthetic else ""
+        click.echo(f"{routing.model.name}{label}: " + format_summary(summary))
+        if output:
+            click.echo(f"wrote statistics to {output}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path())
+@model_option
+@cluster_options
+@routing_options
+@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Redundant expert slots per layer (R); (E + R) must divide evenly over the GPUs.")
+@click.option("--groups", type=click.IntRange(min=1), default=None,
+              help="Expert groups (group-limited routing; EPLB's hierarchical policy packs groups onto nodes).")
+@click.option("--method", default="contiguous", show_default=True, help="Placement method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Placement JSON to write.")
+@click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
+              help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, redundant, groups,
+          method, seed, output, exports, as_json):
+    """Compute an expert-to-GPU placement and write it (and any serving-stack exports).
+
+    \b
+    Example:
+        placer solve trace.npz --model mixtral-8x7b --gpus 4 --method contiguous \\
+            -o p.json --export sglang=s.json
+    """
+    from placer.metrics import format_table
+    from placer.workflow import solve_placement
+    outcome = solve_placement(inputs, model=_model(model), topology=_topology(cluster, gpus, nodes, gpus_per_node),
+                              dispatch=dispatch or "nearest", execution=execution, phase=phase,
+                              redundant=redundant, groups=groups, method=method, seed=seed, output=output,
+                              exports=_parse_exports(exports))
+    if as_json:
+        _echo_json(outcome.metrics)
+        return
+    r = outcome.result
+    click.echo(f"{r.method}: status {r.status}, {r.wall_time_s:.3f} s; wrote {output}")
+    if outcome.metrics:
+        click.echo(format_table(outcome.metrics))
+    for fmt, path, flags in outcome.exported:
+        click.echo(f"exported {fmt} to {path}; serve with:")
+        for line in flags:
+            click.echo(f"  {line}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("placement", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_option
+@cluster_options
+@routing_options
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, as_json):
+    """Score a placement on any routing input: load balance, dispatch traffic, transitions.
+
+    \b
+    Example:
+        placer evaluate p.json experts_math_mixtral.json
+    """
+    from placer.io.placements import read_placement_json
+    from placer.metrics import format_table
+    from placer.workflow import evaluate_placement
+    pf = read_placement_json(placement)
+    _check_against_file(pf, placement, model, cluster, gpus, nodes, gpus_per_node)
+    metrics = evaluate_placement(pf, inputs, dispatch=dispatch or pf.dispatch, execution=execution, phase=phase)
+    if as_json:
+        _echo_json(metrics)
+    else:
+        click.echo(format_table(metrics))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("placement", type=click.Path())
+@click.option("--format", "fmt", required=True, help="sglang, vllm, vllm-ascend, trtllm or eplb.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
+def export(placement, fmt, output):
+    """Convert a placement JSON into the file a serving stack loads, and print its flags.
+
+    \b
+    Example:
+        placer export p.json --format sglang -o sglang.json
+    """
+    from placer.io.placements import export_placement, read_placement_json
+    pf = read_placement_json(placement)
+    (fmt, output), = _parse_exports((f"{fmt}={output}",))
+    flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
+    click.echo(f"exported {fmt} to {output}; serve with:")
+    for line in flags:
+        click.echo(f"  {line}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point: error triage
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; bad input exits 2 with one line, unexpected errors exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="placer", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("placer: aborted", err=True)
+        return 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (InvalidInputError, InfeasibleError, MissingDependencyError) as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"placer: error: {_one_line(exc)}", err=True)
+        return 2
+    except (PlacerError, Exception) as exc:  # unexpected: a bug, or the environment
+        if debug:
+            traceback.print_exc()
+        click.echo(f"placer: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+                   "(rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+

@@ -1,0 +1,268 @@
+"""Helpers shared by the readers and writers of placer.io: error wrapping and model checks."""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placer.errors import InvalidInputError, MissingDependencyError
+from placer.types import ModelSpec, RoutingTrace
+
+SCHEMA_VERSION = 1
+HEADER_KEY = "header"
+"""Key of the JSON header (a uint8 array of UTF-8 JSON bytes) in native npz files."""
+
+
+def fail(path: str | os.PathLike[str], message: str) -> InvalidInputError:
+    """An :class:`InvalidInputError` naming ``path``."""
+    return InvalidInputError(message, source=str(path))
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [
+        ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, OverflowError,
+        RuntimeError, zipfile.BadZipFile, json.JSONDecodeError, binascii.Error, struct.error,
+        pickle.UnpicklingError, UnicodeDecodeError, zlib.error]
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        errors.append(pa.ArrowException)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def guard(path: str | os.PathLike[str], what: str = "file") -> Iterator[None]:
+    """Turn every data error raised inside the block into an InvalidInputError naming ``path``.
+
+    Errors that already name ``path`` and :class:`MissingDependencyError` pass unchanged.
+    """
+    source = str(path)
+    try:
+        yield
+    except MissingDependencyError:
+        raise
+    except InvalidInputError as exc:
+        if exc.source == source:
+            raise
+        raise InvalidInputError(str(exc), source=source) from None
+    except FileNotFoundError:
+        raise fail(path, "file not found") from None
+    except IsADirectoryError:
+        raise fail(path, "is a directory, not a file") from None
+    except PermissionError:
+        raise fail(path, "permission denied") from None
+    except OSError as exc:
+        raise fail(path, f"cannot read {what}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if isinstance(exc, _data_errors()):
+            raise fail(path, f"corrupt, truncated or malformed {what}: {_detail(exc)}") from None
+        raise
+
+
+def _detail(exc: BaseException) -> str:
+    """The first sentence of an exception's message, at most 160 characters."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    text = text.splitlines()[0].split(". ")[0].strip()
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def require_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path; an error unless it is an existing, non-empty file."""
+    p = Path(path)
+    if not p.exists():
+        raise fail(path, "file not found")
+    if p.is_dir():
+        raise fail(path, "is a directory, not a file")
+    if p.stat().st_size == 0:
+        raise fail(path, "file is empty")
+    return p
+
+
+def load_torch(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu")``: tensors and plain containers only."""
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "profile", "reading SGLang .pt dumps") from None
+    require_file(path)
+    with guard(path, "torch file"):
+        return torch.load(str(path), weights_only=True, map_location="cpu")
+
+
+def to_numpy(path: str | os.PathLike[str], value: Any, what: str) -> np.ndarray:
+    """A tensor, array or nested list as a numpy array (never an object array)."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise fail(path, f"{what} is ragged or not numeric")
+    return arr
+
+
+def int_array(path: str | os.PathLike[str], value: Any, what: str, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """``value`` as int64, checking dimensions and that it holds integers."""
+    arr = to_numpy(path, value, what)
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if arr.ndim not in dims:
+        raise fail(path, f"{what} has shape {list(arr.shape)}, expected {' or '.join(f'{d}-D' for d in dims)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
+                and np.all(arr == np.round(arr))):
+            raise fail(path, f"{what} must hold integers, got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def check_load(path: str | os.PathLike[str], load: np.ndarray, what: str = "load matrix") -> np.ndarray:
+    """A load matrix [L, E]: numeric, finite, non-negative; int64 when integral else float64."""
+    arr = to_numpy(path, load, what)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise fail(path, f"{what} has shape {list(arr.shape)}, expected [layers, experts]")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise fail(path, f"{what} is not numeric ({arr.dtype})")
+    f = arr.astype(np.float64)
+    if not np.all(np.isfinite(f)):
+        layer = int(np.argwhere(~np.isfinite(f))[0, 0])
+        raise fail(path, f"{what} has NaN or infinite values (layer row {layer})")
+    if f.min() < 0:
+        layer = int(np.argwhere(f < 0)[0, 0])
+        raise fail(path, f"{what} has negative values (layer row {layer}, min {f.min():g})")
+    return arr.astype(np.int64) if np.all(f == np.round(f)) else f
+
+
+def model_desc(model: ModelSpec) -> str:
+    return (f"{model.name} ({model.num_moe_layers} MoE layers, E={model.num_experts}, "
+            f"top_k={model.top_k})")
+
+
+def resolve_model(path: str | os.PathLike[str], passed: ModelSpec | None,
+                  header: dict[str, Any] | None) -> ModelSpec | None:
+    """The model of an input: the caller's, else the file header's; they must not contradict.
+
+    Two models agree when their routing shape (hidden layers, MoE layer ids, E, top-k) agrees;
+    then the caller's is kept (it may carry sizes the header lacks).
+    """
+    found = None
+    if header is not None:
+        if not isinstance(header, dict):
+            raise fail(path, "model in the file header is not an object")
+        found = ModelSpec.from_dict(header)
+    if passed is None or found is None:
+        return passed if passed is not None else found
+
+    def shape(m: ModelSpec) -> tuple[Any, ...]:
+        return (m.num_moe_layers, m.num_experts, m.top_k, m.moe_layer_ids, m.num_hidden_layers)
+    if shape(passed) != shape(found):
+        raise fail(path, f"the file header describes model {model_desc(found)}, which contradicts "
+                         f"the given model {model_desc(passed)}")
+    return passed
+
+
+def moe_rows(path: str | os.PathLike[str], arr: np.ndarray, axis: int, model: ModelSpec | None,
+             what: str = "layer count") -> np.ndarray:
+    """Keep only the MoE layers along ``axis``.
+
+    With a model: a length equal to its MoE layer count is kept as is; a length equal to its
+    hidden layer count is cut to ``model.moe_layer_ids`` (dense rows dropped); anything else is
+    an error. Without a model every layer is kept.
+    """
+    n = arr.shape[axis]
+    if model is None or n == model.num_moe_layers:
+        return arr
+    if n == model.num_hidden_layers:
+        return np.take(arr, np.asarray(model.moe_layer_ids), axis=axis)
+    dense = model.num_hidden_layers - model.num_moe_layers
+    extra = f" of {model.num_hidden_layers} hidden layers" if dense else ""
+    raise fail(path, f"{what} {n} does not match {model.name} ({model.num_moe_layers} MoE layers{extra})")
+
+
+def check_shape(path: str | os.PathLike[str], model: ModelSpec | None, num_layers: int,
+                num_experts: int | None, top_k: int | None) -> None:
+    """Layers, E and top-k of an input against the model (``None`` skips that check)."""
+    if model is None:
+        return
+    if num_layers != model.num_moe_layers:
+        raise fail(path, f"layer count {num_layers} does not match {model.name} "
+                         f"({model.num_moe_layers} MoE layers)")
+    if num_experts is not None and num_experts != model.num_experts:
+        raise fail(path, f"expert count {num_experts} does not match {model.name} "
+                         f"({model.num_experts} experts)")
+    if top_k is not None and top_k != model.top_k:
+        raise fail(path, f"top_k {top_k} does not match {model.name} (top_k={model.top_k})")
+
+
+def check_ids(path: str | os.PathLike[str], ids: np.ndarray, num_experts: int,
+              model: ModelSpec | None = None, what: str = "expert id") -> None:
+    """Every id in ``[0, num_experts)``."""
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_experts:
+        bad = lo if lo < 0 else hi
+        of = f" for {model.name}" if model is not None else ""
+        raise fail(path, f"{what} {bad} out of range [0, {num_experts}){of}")
+
+
+def num_experts_of(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec | None) -> int:
+    """E: the model's when given (ids checked against it), else max id + 1."""
+    if model is not None:
+        check_ids(path, ids, model.num_experts, model)
+        return model.num_experts
+    if ids.size == 0:
+        raise fail(path, "holds no routing data and no model is given to know the expert count")
+    check_ids(path, ids, int(ids.max()) + 1)
+    return int(ids.max()) + 1
+
+
+def make_trace(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec | None, *,
+               num_experts: int | None = None, order: str = "sorted", **optional: Any) -> RoutingTrace:
+    """A validated RoutingTrace [T, L, K] from MoE-only ids, checked against the model."""
+    if ids.ndim != 3:
+        raise fail(path, f"routing ids have shape {list(ids.shape)}, expected [tokens, layers, top_k]")
+    e = num_experts if num_experts is not None else num_experts_of(path, ids, model)
+    check_shape(path, model, ids.shape[1], e, ids.shape[2])
+    check_ids(path, ids, e, model)
+    with guard(path, "routing data"):
+        return RoutingTrace(ids.astype(np.int16), e, order, model=model, **optional)
+
+
+def chunker(trace: RoutingTrace, chunk_tokens: int) -> Callable[[], Iterator[RoutingTrace]]:
+    """A re-iterable stream of ``chunk_tokens``-token slices of an in-memory trace."""
+    def chunks() -> Iterator[RoutingTrace]:
+        if trace.num_tokens <= chunk_tokens:
+            yield trace
+            return
+        for start in range(0, trace.num_tokens, chunk_tokens):
+            yield trace.select_tokens(slice(start, start + chunk_tokens))  # type: ignore[arg-type]
+    return chunks
+
+
+def json_header(path: str | os.PathLike[str], raw: bytes | np.ndarray) -> dict[str, Any]:
+    """Decode a native JSON header (bytes or a uint8 array)."""
+    data = raw.tobytes() if isinstance(raw, np.ndarray) else raw
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(path, f"corrupt placer header: {exc}") from None
+    if not isinstance(header, dict):
+        raise fail(path, "corrupt placer header: not a JSON object")
+    version = header.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise fail(path, f"unsupported placer schema_version {version!r} (this version reads {SCHEMA_VERSION})")
+    return header
+
+
+def header_bytes(header: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)

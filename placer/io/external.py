@@ -1,0 +1,274 @@
+"""Readers of routing files other tools write: HD-MoE JSON, R3 routed experts, Megatron JSONL,
+and plain load matrices (CSV or npz).
+
+Every per-token format here is taken as ``order="sorted"`` (column 0 the top-1 expert): its
+producer uses a sorted ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from placer.io._common import (
+    check_load,
+    check_shape,
+    fail,
+    guard,
+    make_trace,
+    moe_rows,
+    require_file,
+)
+from placer.profiling.stats import load_only_stats
+from placer.types import ModelSpec, RoutingStats, RoutingTrace
+
+LOAD_NPZ_KEYS = ("weight", "load")
+
+
+# --------------------------------------------------------------------------------------------
+# HD-MoE JSON
+# --------------------------------------------------------------------------------------------
+
+
+def read_hdmoe_json(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
+    """HD-MoE ``{"0": [[e1, e2], ...], "1": ...}``: keys are MoE-layer ordinals 0..L-1.
+
+    Every layer must have the same token count; token i is the same token in every layer.
+    E is the model's when given, else max id + 1.
+    """
+    require_file(path)
+    with guard(path, "HD-MoE JSON"), open(path, encoding="utf-8") as f:
+        data = json.load(f)
+        if not isinstance(data, dict) or not data:
+            raise fail(path, "expected a JSON object {layer: [[expert ids] per token]}")
+        try:
+            layers = sorted((int(k), k) for k in data)
+        except ValueError:
+            bad = next(k for k in data if not k.strip().lstrip("-").isdigit())
+            raise fail(path, f"layer key {bad!r} is not an integer") from None
+        ordinals = [n for n, _ in layers]
+        if ordinals != list(range(len(ordinals))):
+            missing = sorted(set(range(max(ordinals) + 1)) - set(ordinals))
+            raise fail(path, f"layer keys must be 0..{len(ordinals) - 1}; "
+                             + (f"layer {missing[0]} is missing" if missing else f"got {ordinals[0]}.."))
+        per_layer: list[np.ndarray] = []
+        for n, key in layers:
+            value = data[key]
+            if not isinstance(value, list):
+                raise fail(path, f"layer {n}: expected a list of expert-id lists")
+            try:
+                arr = np.asarray(value, dtype=np.int64)
+            except (ValueError, TypeError):
+                raise fail(path, f"layer {n}: ragged or non-integer expert lists") from None
+            if arr.ndim != 2:
+                raise fail(path, f"layer {n}: expected [tokens, top_k] ids, got shape {list(arr.shape)}")
+            if per_layer and arr.shape[0] != per_layer[0].shape[0]:
+                raise fail(path, f"layer {n} has {arr.shape[0]} tokens, layer 0 has {per_layer[0].shape[0]}")
+            if per_layer and arr.shape[1] != per_layer[0].shape[1]:
+                raise fail(path, f"layer {n} has top-{arr.shape[1]}, layer 0 top-{per_layer[0].shape[1]}")
+            per_layer.append(arr)
+        ids = np.stack(per_layer, axis=1)
+        check_shape(path, model, ids.shape[1], None, ids.shape[2])
+        return make_trace(path, ids, model)
+
+
+# --------------------------------------------------------------------------------------------
+# R3 routed experts
+# --------------------------------------------------------------------------------------------
+
+
+def _r3_trace(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec | None,
+              request_ids: np.ndarray | None = None) -> RoutingTrace:
+    ids = moe_rows(path, ids, 1, model)
+    return make_trace(path, ids, model, request_ids=request_ids)
+
+
+def read_r3_npy(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
+    """R3 ``.npy`` int [tokens, num_hidden_layers, top_k]; dense layers dropped via the model."""
+    require_file(path)
+    with guard(path, "R3 .npy"):
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        if arr.ndim != 3:
+            raise fail(path, f"R3 array has shape {list(arr.shape)}, expected [tokens, layers, top_k]")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise fail(path, f"R3 array must hold integer ids, got {arr.dtype}")
+        return _r3_trace(path, np.asarray(arr, dtype=np.int64), model)
+
+
+def read_r3_base64(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
+    """R3 base64 text: one base64 string of raw little-endian int32 per non-empty line.
+
+    Each line is one request (its line index becomes ``request_ids``), reshaped to
+    ``[-1, model.num_hidden_layers, model.top_k]``; the shape is not in the data, so a model
+    is required.
+    """
+    require_file(path)
+    if model is None:
+        raise fail(path, "R3 base64 data holds no shape; give the model (--model) to reshape it "
+                         "to [tokens, layers, top_k]")
+    width = model.num_hidden_layers * model.top_k
+    with guard(path, "R3 base64 text"), open(path, encoding="ascii") as f:
+        parts, requests = [], []
+        for n, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise fail(path, f"line {n}: not valid base64") from None
+            if len(raw) % (4 * width):
+                raise fail(path, f"line {n}: {len(raw)} bytes is not a whole number of tokens of "
+                                 f"{model.num_hidden_layers} layers x top-{model.top_k} int32 ids")
+            ids = np.frombuffer(raw, dtype="<i4").reshape(-1, model.num_hidden_layers, model.top_k)
+            parts.append(ids)
+            requests.append(np.full(ids.shape[0], len(parts) - 1, dtype=np.int64))
+        if not parts:
+            raise fail(path, "holds no base64 data")
+        return _r3_trace(path, np.concatenate(parts).astype(np.int64), model, np.concatenate(requests))
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron router trace JSONL
+# --------------------------------------------------------------------------------------------
+
+
+def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
+    """Megatron ``router_trace_rank{r}.jsonl``: one record per (step, block, layer).
+
+    Records are grouped by (rank, step, block, stage); each group stacks its layers into tokens
+    [num_tokens, L, K] and groups follow each other in file order. ``layer`` is the absolute
+    decoder-layer index: with a model it must be one of ``model.moe_layer_ids``, without one
+    the sorted set of layers seen is the MoE layers. Every group needs every layer, with one
+    token count. Records with ``mtp_idx`` (multi-token prediction) are skipped.
+    """
+    require_file(path)
+    groups: dict[tuple[Any, ...], dict[int, np.ndarray]] = {}
+    with guard(path, "Megatron JSONL"), open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise fail(path, f"line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise fail(path, f"line {n}: expected a JSON object")
+            if "mtp_idx" in rec:
+                continue
+            missing = [k for k in ("step", "layer", "top_indices") if k not in rec]
+            if missing:
+                raise fail(path, f"line {n}: record lacks {', '.join(missing)}")
+            key = (rec.get("rank"), rec["step"], rec.get("block"), rec.get("stage"))
+            layer = int(rec["layer"])
+            try:
+                ids = np.asarray(rec["top_indices"], dtype=np.int64)
+            except (ValueError, TypeError):
+                raise fail(path, f"line {n}: top_indices is ragged or not integer") from None
+            if ids.size == 0:
+                ids = ids.reshape(0, int(rec.get("topk", 1)))
+            if ids.ndim != 2:
+                raise fail(path, f"line {n}: top_indices has shape {list(ids.shape)}, expected [tokens, topk]")
+            if "num_tokens" in rec and int(rec["num_tokens"]) != ids.shape[0]:
+                raise fail(path, f"line {n}: num_tokens {rec['num_tokens']} but {ids.shape[0]} rows of top_indices")
+            if "topk" in rec and int(rec["topk"]) != ids.shape[1]:
+                raise fail(path, f"line {n}: topk {rec['topk']} but rows of {ids.shape[1]} ids")
+            group = groups.setdefault(key, {})
+            if layer in group:
+                raise fail(path, f"line {n}: layer {layer} appears twice in step {rec['step']}")
+            group[layer] = ids
+        if not groups:
+            raise fail(path, "holds no router trace records")
+        if model is not None:
+            seen = sorted({layer for g in groups.values() for layer in g})
+            unknown = [x for x in seen if x not in model.moe_layer_ids]
+            if unknown:
+                raise fail(path, f"layer {unknown[0]} is not a MoE layer of {model.name} "
+                                 f"(MoE layers {model.moe_layer_ids[0]}..{model.moe_layer_ids[-1]})")
+            layers = list(model.moe_layer_ids)
+        else:
+            layers = sorted({layer for g in groups.values() for layer in g})
+        parts = []
+        for key, g in groups.items():
+            absent = [x for x in layers if x not in g]
+            if absent:
+                raise fail(path, f"step {key[1]} (rank {key[0]}, block {key[2]}) lacks layer {absent[0]}")
+            counts = {g[x].shape for x in layers}
+            if len(counts) != 1:
+                raise fail(path, f"step {key[1]} (rank {key[0]}, block {key[2]}) has different token "
+                                 f"counts or top-k across layers: {sorted(counts)}")
+            parts.append(np.stack([g[x] for x in layers], axis=1))
+        if len({p.shape[2] for p in parts}) != 1:
+            raise fail(path, "top-k differs between steps")
+        return make_trace(path, np.concatenate(parts), model)
+
+
+# --------------------------------------------------------------------------------------------
+# Load matrices
+# --------------------------------------------------------------------------------------------
+
+
+def _load_stats(path: str | os.PathLike[str], load: np.ndarray, model: ModelSpec | None) -> RoutingStats:
+    load = check_load(path, load)
+    load = moe_rows(path, load, 0, model)
+    check_shape(path, model, load.shape[0], load.shape[1], None)
+    # Without a model top-k is unknown: the counts are taken per token-slot (top_k 1).
+    return load_only_stats(load, model.top_k if model is not None else 1, model=model)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_load_csv(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingStats:
+    """A load matrix [L, E] as CSV: numeric rows, optionally under one non-numeric header row.
+
+    NaN, negative, non-numeric and ragged rows are errors. Rows equal to the model's hidden
+    layer count are cut to its MoE layers.
+    """
+    require_file(path)
+    with guard(path, "load CSV"), open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        if rows and not all(_is_number(c) for c in rows[0]):
+            rows = rows[1:]
+        if not rows:
+            raise fail(path, "holds no numeric rows")
+        width = len(rows[0])
+        values = []
+        for n, r in enumerate(rows, start=1):
+            if len(r) != width:
+                raise fail(path, f"row {n} has {len(r)} values, row 1 has {width} (ragged matrix)")
+            try:
+                values.append([float(c) for c in r])
+            except ValueError:
+                raise fail(path, f"row {n}: non-numeric value") from None
+        return _load_stats(path, np.asarray(values, dtype=np.float64), model)
+
+
+def load_npz_key(path: str | os.PathLike[str], names: list[str]) -> str | None:
+    """The array of a load npz: ``weight``, ``load`` or the only array; None when ambiguous."""
+    for key in LOAD_NPZ_KEYS:
+        if key in names:
+            return key
+    return names[0] if len(names) == 1 else None
+
+
+def read_load_npz(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingStats:
+    """A load matrix [L, E] in an npz (key ``weight`` or ``load`` or the only array)."""
+    require_file(path)
+    with guard(path, "load npz"), np.load(path, allow_pickle=False) as z:
+        key = load_npz_key(path, list(z.files))
+        if key is None:
+            raise fail(path, f"npz holds arrays {sorted(z.files)}; expected one load matrix "
+                             "(key 'weight' or 'load' or a single array)")
+        return _load_stats(path, z[key], model)

@@ -1,0 +1,163 @@
+"""The CLI: one happy path per command, and every bad-input class exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from placer.cli import cli, main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def hdmoe(tmp_path):
+    """A small HD-MoE-style JSON trace for Mixtral's shape (32 layers, top-2 of 8)."""
+    rng = np.random.default_rng(0)
+    tokens = 300
+    data = {str(layer): [list(map(int, rng.choice(8, 2, replace=False))) for _ in range(tokens)]
+            for layer in range(32)}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_help_lists_only_built_commands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for cmd in ("synth", "stats", "solve", "evaluate", "export"):
+        assert cmd in out
+    assert "Example" in out
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help_with_example(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "Example:" in out and f"placer {command}" in out
+
+
+def test_stats_solve_evaluate_export(capsys, tmp_path, hdmoe):
+    code, out, _ = run(capsys, "stats", hdmoe, "--model", "mixtral-8x7b", "-o", tmp_path / "s.npz")
+    assert code == 0 and "max/mean" in out and "successors" in out
+    assert (tmp_path / "s.npz").exists()
+
+    p, s = tmp_path / "p.json", tmp_path / "sglang.json"
+    code, out, _ = run(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "4", "--method",
+                       "contiguous", "-o", p, "--export", f"sglang={s}")
+    assert code == 0, out
+    assert "--ep-size 4" in out and "--init-expert-location" in out
+    assert json.loads(s.read_text()) == {"physical_to_logical_map": [list(range(8))] * 32}
+    placement = json.loads(p.read_text())
+    assert placement["method"] == "contiguous" and placement["slots_per_gpu"] == 2
+
+    code, out, _ = run(capsys, "evaluate", p, hdmoe, "--json")
+    assert code == 0
+    metrics = json.loads(out)
+    assert 0.0 <= metrics["frac_top1_transitions_cross_gpu"] <= 1.0
+    assert metrics["load_max_over_mean_median"] >= 1.0
+
+    code, out, _ = run(capsys, "export", p, "--format", "vllm-ascend", "-o", tmp_path / "a.json")
+    assert code == 0 and "expert_map_path" in out
+    assert json.loads((tmp_path / "a.json").read_text())["moe_layer_count"] == 32
+
+
+def test_stats_merges_several_inputs(capsys, hdmoe):
+    code, out, _ = run(capsys, "stats", hdmoe, hdmoe, "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 600
+
+
+def test_solve_reproduces_eplb_readme_from_a_load_matrix(capsys, tmp_path):
+    weight = tmp_path / "weight.csv"
+    weight.write_text("90,132,40,61,104,165,39,4,73,56,183,86\n20,107,104,64,19,197,187,157,172,86,16,27\n")
+    out_path = tmp_path / "p.json"
+    code, out, _ = run(capsys, "solve", weight, "--gpus", "8", "--nodes", "2", "--redundant", "4",
+                       "--groups", "4", "--method", "eplb", "-o", out_path)
+    if code == 2 and "--groups" in out + _:
+        pytest.skip("--groups arrives with the solvers issue")
+    assert code == 0, out
+    assert json.loads(out_path.read_text())["physical_to_logical_map"] == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+
+
+def _one_line_exit2(capsys, *args, needle: str):
+    code, out, err = run(capsys, *args)
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, hdmoe):
+    missing = tmp_path / "nope.json"
+    _one_line_exit2(capsys, "stats", missing, needle="nope.json")
+
+    truncated = tmp_path / "cut.json"
+    truncated.write_bytes(hdmoe.read_bytes()[:500])
+    _one_line_exit2(capsys, "stats", truncated, needle="cut.json")
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"0": [[0, 1]], "1": [[0, 1], [2, 3]]}))
+    _one_line_exit2(capsys, "stats", wrong, needle="wrong.json")
+
+    _one_line_exit2(capsys, "stats", hdmoe, "--model", "olmoe-1b-7b", needle="trace.json")
+
+    out_of_range = tmp_path / "range.json"
+    out_of_range.write_text(json.dumps({str(i): [[0, 9]] for i in range(32)}))
+    _one_line_exit2(capsys, "stats", out_of_range, "--model", "mixtral-8x7b", needle="range.json")
+
+    nan = tmp_path / "nan.csv"
+    nan.write_text("1,2,nan,4\n1,2,3,4\n")
+    _one_line_exit2(capsys, "stats", nan, needle="nan.csv")
+    negative = tmp_path / "neg.csv"
+    negative.write_text("1,2,-3,4\n1,2,3,4\n")
+    _one_line_exit2(capsys, "stats", negative, needle="neg.csv")
+
+    unknown = tmp_path / "trace.xyz"
+    unknown.write_text("hello")
+    _one_line_exit2(capsys, "stats", unknown, needle="trace.xyz")
+
+    _one_line_exit2(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "3", "-o", tmp_path / "p.json",
+                    needle="--redundant 1")
+    _one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "16", "-o", tmp_path / "p.json",
+                    needle="nearest feasible")
+    _one_line_exit2(capsys, "solve", "--model", "nope", "--gpus", "4", "-o", tmp_path / "p.json", needle="nope")
+    _one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "4", "-o", tmp_path / "p.json",
+                    "--export", "tensorflow=x.json", needle="tensorflow")
+
+
+def test_placement_file_is_authoritative(capsys, tmp_path, hdmoe):
+    p = tmp_path / "p.json"
+    assert run(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "4", "-o", p)[0] == 0
+    _one_line_exit2(capsys, "evaluate", p, hdmoe, "--gpus", "8", needle="contradicts")
+    _one_line_exit2(capsys, "evaluate", p, hdmoe, "--model", "olmoe-1b-7b", needle="contradicts")
+    broken = tmp_path / "broken.json"
+    broken.write_text(p.read_text()[:100])
+    _one_line_exit2(capsys, "export", broken, "--format", "sglang", "-o", tmp_path / "s.json", needle="broken.json")
+    _one_line_exit2(capsys, "export", p, "--format", "onnx", "-o", tmp_path / "s.json", needle="onnx")
+
+
+def test_console_script_exit_codes(tmp_path):
+    """Through a real process: exit 2 and one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "placer", "stats", str(tmp_path / "missing.npz")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "missing.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_core_cli_does_not_import_torch():
+    code = ("import sys; from placer.cli import main; "
+            "rc = main(['--help']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
