@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from placer.errors import InfeasibleError, InvalidInputError
-from placer.ilp import METHODS, PlacementProblem, solve
+from placer.ilp import PlacementProblem, solve
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import load_only_stats
 from placer.validate import check_placement
@@ -21,9 +21,9 @@ def test_contiguous_and_round_robin_layouts():
     np.testing.assert_array_equal(r.gpu_experts()[0], [[0, 4], [1, 5], [2, 6], [3, 7]])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", ["contiguous", "round-robin"])
 @pytest.mark.parametrize("gpus, redundant, nodes", [(4, 0, None), (4, 4, 2), (16, 8, 2), (2, 2, None)])
-def test_every_method_is_valid(method, gpus, redundant, nodes):
+def test_default_layouts_are_valid(method, gpus, redundant, nodes):
     problem = _problem(gpus, redundant, nodes)
     result = solve(problem, method)
     check_placement(result.placement, problem.model, problem.topology)
