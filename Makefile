@@ -14,7 +14,7 @@ $(PY):
 # torch first and pinned: any range that admits newer releases pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,profile]'
+	$(PIP) install -e '.[dev,profile,runtime]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -118,3 +118,40 @@ def format_table(metrics: dict[str, Any]) -> str:
     vwidth = max(len(v) for _, v in rows)
     lines = head + [""] + [f"{label.ljust(width)}  {v.rjust(vwidth)}" if v else label for label, v in rows]
     return "\n".join(lines)
+
+
+_COMPARE_COLUMNS = (
+    ("load_max_over_mean_median", "load med", "{:.3f}"),
+    ("load_max_over_mean_worst", "load worst", "{:.3f}"),
+    ("other_ranks_per_token_layer", "other ranks", "{:.3f}"),
+    ("inter_node_nodes_per_token_layer", "inter-node", "{:.3f}"),
+    ("frac_top1_transitions_cross_gpu", "cc x-GPU", "{:.3f}"),
+)
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """Methods side by side: one line per (method, data) with headline metrics, status and gap.
+
+    ``rows``: dicts with ``method``, ``data`` ("fit" / "holdout"), ``status``, ``gap``,
+    ``solve_seconds`` and ``metrics`` (an :func:`evaluate` output).
+    """
+    header = ["method", "data", "status", "gap", "solve s"] + [c[1] for c in _COMPARE_COLUMNS]
+    table = [header]
+    for row in rows:
+        m = row["metrics"]
+        gap = row.get("gap")
+        line = [row["method"], row["data"] + (" (synthetic)" if m.get("data", {}).get("synthetic") else ""),
+                row["status"], "-" if gap is None else f"{gap:.2%}", f"{row['solve_seconds']:.2f}"]
+        for key, _, fmt in _COMPARE_COLUMNS:
+            value = m.get(key)
+            line.append("n/a" if value is None else fmt.format(value))
+        table.append(line)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    out = []
+    for n, r in enumerate(table):
+        out.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    notes = ("load med/worst: max/mean GPU load over layers; other ranks and inter-node: DeepEP-style "
+             "sends per token-layer; cc x-GPU: top-1 transitions that change GPU / tokens x (L-1)")
+    return "\n".join(out + [notes])

@@ -167,6 +167,23 @@ def stats(inputs, model, phase, output, as_json):
             click.echo(f"wrote statistics to {output}")
 
 
+def _parse_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("balance", "traffic", "affinity"):
+            raise InvalidInputError(f"expected balance=X,traffic=Y,affinity=Z, got {item!r}", source="--weights")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise InvalidInputError(f"{value!r} is not a number", source="--weights") from None
+        if not out[key.strip()] >= 0:
+            raise InvalidInputError(f"weights must be non-negative, got {value}", source="--weights")
+    return out
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, type=click.Path())
 @model_option
@@ -176,34 +193,61 @@ def stats(inputs, model, phase, output, as_json):
               help="Redundant expert slots per layer (R); (E + R) must divide evenly over the GPUs.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="Expert groups (group-limited routing; EPLB's hierarchical policy packs groups onto nodes).")
-@click.option("--method", default="contiguous", show_default=True, help="Placement method.")
+@click.option("--method", default="placer", show_default=True,
+              help="placer (joint objective), exact, eplb, moetuner, exflow, contiguous, round-robin.")
+@click.option("--objective", type=click.Choice(["balance", "traffic", "affinity", "joint"]), default=None,
+              help="Terms of the placer objective (default joint).")
+@click.option("--weights", default=None, metavar="K=V,...", help="Objective weights, e.g. balance=1,traffic=0.5.")
+@click.option("--backend", type=click.Choice(["cpsat", "pulp", "pulp-cbc", "pulp-highs", "local", "exact"]),
+              default=None, help="Solver backend of ILP methods (pulp = CBC).")
+@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock limit in seconds; the best valid placement found is returned.")
+@click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None,
+              help="Local processes for layer subproblems.")
+@click.option("--ray-address", default=None, help="Run layer subproblems on this Ray cluster (e.g. auto).")
+@click.option("--holdout", multiple=True, type=click.Path(), metavar="TRACE",
+              help="Score on these inputs too (not used for fitting). Repeatable.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Placement JSON to write.")
 @click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
               help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
 def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, redundant, groups,
-          method, seed, output, exports, as_json):
-    """Compute an expert-to-GPU placement and write it (and any serving-stack exports).
+          method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, seed, output,
+          exports, as_json, quiet):
+    """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
 
     \b
     Example:
-        placer solve trace.npz --model mixtral-8x7b --gpus 4 --method contiguous \\
-            -o p.json --export sglang=s.json
+        placer solve coding.json math.json --model mixtral-8x7b --gpus 4 --nodes 2 --redundant 4 \\
+            --holdout writing.json -o p.json --export sglang=s.json
     """
-    from placer.metrics import format_table
+    from placer.metrics import format_comparison
     from placer.workflow import solve_placement
-    outcome = solve_placement(inputs, model=_model(model), topology=_topology(cluster, gpus, nodes, gpus_per_node),
-                              dispatch=dispatch or "nearest", execution=execution, phase=phase,
-                              redundant=redundant, groups=groups, method=method, seed=seed, output=output,
-                              exports=_parse_exports(exports))
-    if as_json:
-        _echo_json(outcome.metrics)
-        return
+
+    show = not quiet and not as_json and sys.stderr.isatty()
+
+    def progress(message: str) -> None:
+        if show:
+            click.echo(f"... {message}", err=True)
+
+    outcome = solve_placement(
+        inputs, model=_model(model), topology=_topology(cluster, gpus, nodes, gpus_per_node),
+        dispatch=dispatch or "nearest", execution=execution, phase=phase, redundant=redundant, groups=groups,
+        method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=_parse_weights(weights),
+        backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
+        exports=_parse_exports(exports), progress=progress)
     r = outcome.result
-    click.echo(f"{r.method}: status {r.status}, {r.wall_time_s:.3f} s; wrote {output}")
-    if outcome.metrics:
-        click.echo(format_table(outcome.metrics))
+    if as_json:
+        _echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
+                    "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
+                    "comparison": [{k: v for k, v in row.items()} for row in outcome.rows]})
+        return
+    gap = "" if r.gap is None else f", gap {r.gap:.2%}"
+    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s; wrote {output}")
+    if outcome.rows:
+        click.echo(format_comparison(outcome.rows))
     for fmt, path, flags in outcome.exported:
         click.echo(f"exported {fmt} to {path}; serve with:")
         for line in flags:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from placer import _metrics_core as core
-from placer._metrics_report import METRIC_DESCRIPTIONS, format_table, plain
+from placer._metrics_report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
 from placer.dispatch import DEFAULT_DISPATCH_SEED, slot_load
 from placer.errors import InvalidInputError
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
@@ -34,7 +34,7 @@ from placer.validate import expert_memory_per_gpu
 Data = RoutingTrace | RoutingStats
 
 __all__ = ["METRIC_DESCRIPTIONS", "context_coherent_traffic", "dispatch_traffic", "evaluate",
-           "expert_memory", "format_table", "gpu_load", "load_balance"]
+           "expert_memory", "format_comparison", "format_table", "gpu_load", "load_balance"]
 
 
 def _ratio(num: float, den: float) -> float | None:

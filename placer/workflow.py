@@ -163,47 +163,112 @@ def write_stats(routing: Routing, output: str) -> None:
 
 @dataclass(frozen=True)
 class SolveOutcome:
+    """A solve and its scores: ``rows`` compare the result with the baselines on the fitting data
+    and, when given, on held-out data (each row: method, data, status, gap, solve_seconds, metrics)."""
+
     result: object
     metrics: dict
+    rows: list[dict]
     exported: list[tuple[str, str, list[str]]]
+
+
+COMPARE_WITH = ("contiguous", "eplb")
+PULP_ALIASES = {"pulp": ("pulp", "cbc"), "pulp-cbc": ("pulp", "cbc"), "pulp-highs": ("pulp", "highs")}
+
+
+def method_options(method: str, execution: str, *, backend: str | None, ray_address: str | None,
+                   num_workers: int | None) -> dict:
+    """Solver keyword options from the CLI's flags (only those given)."""
+    options: dict = {}
+    if backend is not None:
+        coherent = method == "exact" or (method == "placer" and execution == "context-coherent")
+        if coherent and backend in PULP_ALIASES:
+            options["backend"], options["pulp_backend"] = PULP_ALIASES[backend]
+        else:
+            options["backend"] = backend
+    if ray_address is not None:
+        options["ray_address"] = ray_address
+    if num_workers is not None:
+        options["num_workers"] = num_workers
+    return options
 
 
 def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology, dispatch: str = "nearest",
                     execution: str = "standard", phase: str = "all", redundant: int = 0,
-                    groups: int | None = None, method: str = "contiguous", seed: int = 0, time_limit_s: float | None = None,
-                    output: str, exports: Sequence[tuple[str, str]] = ()) -> SolveOutcome:
-    """Gather inputs, solve, score on the fitting data, write the placement and its exports."""
-    from placer.ilp import PlacementProblem, solve
+                    groups: int | None = None, method: str = "placer", seed: int = 0,
+                    time_limit_s: float | None = None, objective: str | None = None,
+                    weights: dict[str, float] | None = None, backend: str | None = None,
+                    ray_address: str | None = None, num_workers: int | None = None,
+                    holdout: Sequence[str] = (), compare: Sequence[str] = COMPARE_WITH,
+                    output: str, exports: Sequence[tuple[str, str]] = (), progress=None) -> SolveOutcome:
+    """Gather inputs, solve, score on the fitting (and held-out) data against the baselines, write
+    the placement and its exports."""
+    from placer.ilp import METHODS, PlacementProblem, solve
     from placer.io.placements import export_placement, write_placement_json
     from placer.metrics import evaluate
     from placer.profiling.stats import load_only_stats
 
+    say = progress or (lambda message: None)
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
+    routing = None
     if inputs:
+        say(f"reading {len(inputs)} input(s)")
         routing = gather_routing(inputs, model=model, phase=phase)
-        model = routing.model
-        stats, data, synthetic = routing.stats, routing.data, routing.synthetic
+        model, stats = routing.model, routing.stats
+        say(f"{stats.num_tokens:,} tokens of {model.name} routing ({model.num_moe_layers} MoE layers, "
+            f"E={model.num_experts}, top_k={model.top_k})" + (", synthetic" if routing.synthetic else ""))
     else:
         if model is None:
             raise InvalidInputError("give a routing input or --model PRESET", source="--model")
         stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
-        data, synthetic = None, False
     if groups is not None:
         model = with_groups(model, groups)
         stats = replace(stats, model=model)
+    held = None
+    if holdout:
+        say(f"reading {len(holdout)} held-out input(s)")
+        held = gather_routing(holdout, model=model, phase=phase)
+    problem_weights = dict(weights or {})
+    if objective is not None:
+        problem_weights["objective"] = objective
     problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
-                               execution=execution)
-    result = solve(problem, method, time_limit_s=time_limit_s, seed=seed)
-    metrics: dict = {}
-    if data is not None:
-        metrics = evaluate(result.placement, topology, model, data, dispatch=dispatch, execution=execution)
-        metrics["data"]["synthetic"] = synthetic
-        metrics["data"]["inputs"] = list(routing.sources)
+                               execution=execution, weights=problem_weights)
+    options = method_options(method, execution, backend=backend, ray_address=ray_address, num_workers=num_workers)
+    limit = f", time limit {time_limit_s:g} s" if time_limit_s is not None else ""
+    say(f"solving with {method} on {topology.num_gpus} GPUs in {topology.num_nodes} node(s), "
+        f"{problem.slots_per_gpu} slots per GPU{limit}")
+    result = solve(problem, method, time_limit_s=time_limit_s, seed=seed, **options)
+    say(f"{method}: {result.status} in {result.wall_time_s:.2f} s; scoring")
+
+    def score(placement, data_routing):
+        if data_routing is None:
+            return None
+        m = evaluate(placement, topology, model, data_routing.data, dispatch=dispatch, execution=execution)
+        m["data"]["synthetic"] = data_routing.synthetic
+        m["data"]["inputs"] = list(data_routing.sources)
+        return m
+
+    candidates = [result] + [solve(problem, m, seed=seed) for m in compare
+                             if m != method and (routing is not None or m != "eplb")]
+    rows = []
+    for r in candidates:
+        for label, data_routing in (("fit", routing), ("holdout", held)):
+            metrics = score(r.placement, data_routing)
+            if metrics is not None:
+                rows.append({"method": r.method, "data": label, "status": r.status, "gap": r.gap,
+                             "solve_seconds": r.wall_time_s, "metrics": metrics})
+    metrics = score(result.placement, routing) or {}
+    if held is not None:
+        metrics["holdout"] = score(result.placement, held)
+    metrics["objective"] = {"value": result.objective, "terms": dict(result.terms), "bound": result.bound,
+                            "gap": result.gap, "backend": result.backend}
     write_placement_json(output, result.placement, model=model, topology=topology, dispatch=dispatch,
                          method=result.method, status=result.status, solve_seconds=result.wall_time_s,
                          metrics=metrics)
     exported = [(fmt, path, export_placement(result.placement, fmt, path, model=model, topology=topology))
                 for fmt, path in exports]
-    return SolveOutcome(result=result, metrics=metrics, exported=exported)
+    return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported)
 
 
 def with_groups(model: ModelSpec, groups: int) -> ModelSpec:

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import pulp
@@ -56,8 +57,10 @@ def run_pulp(prob: pulp.LpProblem, *, backend: str = "cbc", time_limit_s: float 
         fd, log_path = tempfile.mkstemp(suffix=".log", prefix="placer-cbc-")
         os.close(fd)
         try:
-            solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, threads=threads, gapRel=gap_rel,
-                                       logPath=log_path)
+            with warnings.catch_warnings():  # PuLP 3 deprecates the bundled CBC it still ships
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, threads=threads, gapRel=gap_rel,
+                                           logPath=log_path)
             prob.solve(solver)
             bound, proven = _cbc_bound(log_path)
         finally:

@@ -1,0 +1,305 @@
+"""Annealing driver kernels of the ``placer`` local search (one layer; see :mod:`._ls_kernel`).
+
+:func:`init_state` builds a layer's incremental state from a slot map; :func:`anneal` runs
+simulated annealing iterations with incremental deltas; :func:`token_counts_direct` is the
+from-scratch reference of the per-token expected sends (tests); :func:`expected_gpu_load` the
+expected per-GPU load of whole placements (the balance cap of :mod:`placer.ilp.objective`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from placer.ilp._ls_kernel import RULE_CODES, _contrib, _njit, _traffic, expert_contrib
+
+
+@_njit
+def load_terms(gload):
+    G = gload.shape[0]
+    mx = gload[0]
+    s = 0.0
+    for g in range(G):
+        if gload[g] > mx:
+            mx = gload[g]
+        s += gload[g]
+    mean = s / G
+    v = 0.0
+    for g in range(G):
+        d = gload[g] - mean
+        v += d * d
+    return mx, math.sqrt(v / G)
+
+
+@_njit
+def energy(mx, sd, traffic, prm):
+    """(primary, energy) of a layer state."""
+    primary = prm[8] * mx + traffic + prm[12] * max(0.0, mx - prm[13])
+    return primary, primary + prm[11] * prm[8] * sd
+
+
+@_njit
+def init_state(p2l, L, st, wk):
+    """Build ``st`` from the slot map ``p2l``; returns (traffic, maxload, std)."""
+    E = int(L.prm[4])
+    P = int(L.prm[5])
+    cnt, cslot = st.cnt, st.cslot
+    for e in range(E):
+        cnt[e] = 0
+    for p in range(P):
+        e = p2l[p]
+        cslot[e, cnt[e]] = p
+        cnt[e] += 1
+    gload, contrib = st.gload, st.contrib
+    gload[:] = 0.0
+    for e in range(E):
+        contrib[e, :] = 0.0
+        _contrib(L, wk, cslot, e, cnt[e], L.load[e], contrib[e])
+        for g in range(gload.shape[0]):
+            gload[g] += contrib[e, g]
+    st.gc[:] = 0
+    st.gu[:] = 0
+    st.gp[:] = 1.0
+    st.nc[:] = 0
+    st.nu[:] = 0
+    st.np_[:] = 1.0
+    traffic = _traffic(1, 0, 0, True, L, st, wk)
+    mx, sd = load_terms(gload)
+    return traffic, mx, sd
+
+
+@_njit
+def _remove(e, p, cnt, cslot):
+    c = cnt[e]
+    for j in range(c):
+        if cslot[e, j] == p:
+            cslot[e, j] = cslot[e, c - 1]
+            break
+    cnt[e] = c - 1
+
+
+@_njit
+def _replace(e, old, new, cnt, cslot):
+    for j in range(cnt[e]):
+        if cslot[e, j] == old:
+            cslot[e, j] = new
+            return
+
+
+@_njit
+def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best_p2l, L, st, wk,
+           score):
+    """Simulated annealing iterations ``it0..it1-1`` of ``total`` (geometric cooling).
+
+    Moves: with probability ``p_swap`` a uniform swap of two slots on different GPUs, with
+    ``p_guided`` a swap that brings a slot's expert into the node of a co-activated partner
+    (drawn from ``L.cdf``), else a redundant slot moves to another expert (uniform, or a partner
+    of an expert of the slot's node). ``rand`` float64 [total, 6] uniforms; ``score`` float64
+    [6]: traffic, maxload, std, energy, best primary, best energy (read and updated). ``best_p2l`` receives the best state by
+    primary (energy breaks ties). ``temp0 < 0`` is probe mode: moves are evaluated, none is
+    applied, the positive energy changes go to ``wk.pbuf`` and their count is returned (else
+    the accepted count).
+    """
+    G = int(L.prm[0])
+    E = int(L.prm[4])
+    P = int(L.prm[5])
+    prm = L.prm
+    sg = L.slot_gpu
+    cnt, cslot, contrib, gload = st.cnt, st.cslot, st.contrib, st.gload
+    ca, cb, newload = wk.ca, wk.cb, wk.newload
+    probe = temp0 < 0.0
+    traffic = score[0]
+    en = score[3]
+    accepted = 0
+    pos_n = 0
+    S = int(L.prm[3]) * int(L.prm[2])  # slots per node
+    gn = L.gpu_node
+    cdf = L.cdf
+    for it in range(it0, it1):
+        r = rand[it]
+        kind = 0 if r[0] < p_swap else (1 if r[0] < p_swap + p_guided else 2)
+        p1 = min(int(r[1] * P), P - 1)
+        a = p2l[p1]
+        p2 = p1
+        swap = kind != 2
+        if kind == 0:
+            p2 = min(int(r[2] * P), P - 1)
+        elif kind == 1:
+            # guided swap: move a next to (a copy of) a partner f drawn by co-activation
+            f = min(np.searchsorted(cdf[a], r[2], side="right"), E - 1)
+            if f == a:
+                continue
+            pf = cslot[f, min(int(r[4] * cnt[f]), cnt[f] - 1)]
+            nf = gn[sg[pf]]
+            p2 = nf * S + min(int(r[5] * S), S - 1)
+        if swap:
+            b = p2l[p2]
+            if sg[p1] == sg[p2] or a == b:
+                continue
+        else:
+            if cnt[a] < 2:
+                continue
+            if r[4] < 0.5:
+                b = min(int(r[2] * E), E - 1)
+            else:
+                # guided re-replication: a partner of an expert of the slot's node
+                p3 = gn[sg[p1]] * S + min(int(r[5] * S), S - 1)
+                x = p2l[p3]
+                b = min(np.searchsorted(cdf[x], r[2], side="right"), E - 1)
+            if b == a:
+                continue
+        ca_n = cnt[a]
+        cb_n = cnt[b]
+        for j in range(ca_n):
+            wk.olds[0, j] = cslot[a, j]
+        for j in range(cb_n):
+            wk.olds[1, j] = cslot[b, j]
+        wk.oldc[0] = ca_n
+        wk.oldc[1] = cb_n
+        if swap:
+            _replace(a, p1, p2, cnt, cslot)
+            _replace(b, p2, p1, cnt, cslot)
+        else:
+            _remove(a, p1, cnt, cslot)
+            cslot[b, cnt[b]] = p1
+            cnt[b] += 1
+        ca[:] = 0.0
+        cb[:] = 0.0
+        _contrib(L, wk, cslot, a, cnt[a], L.load[a], ca)
+        _contrib(L, wk, cslot, b, cnt[b], L.load[b], cb)
+        for g in range(G):
+            newload[g] = gload[g] - contrib[a, g] - contrib[b, g] + ca[g] + cb[g]
+        mx, sd = load_terms(newload)
+        delta = 0.0
+        if prm[9] != 0.0 or prm[10] != 0.0:
+            delta = _traffic(0, a, b, False, L, st, wk)
+        new_traffic = traffic + delta
+        primary, new_en = energy(mx, sd, new_traffic, prm)
+        d = new_en - en
+        if probe:
+            if d > 0.0 and pos_n < wk.pbuf.shape[0]:
+                wk.pbuf[pos_n] = d
+                pos_n += 1
+            take = False
+        else:
+            temp = temp0 * temp_ratio ** ((it % total) / total)
+            take = d <= 0.0 or (temp > 0.0 and r[3] < math.exp(-d / temp))
+        if take:
+            accepted += 1
+            if prm[9] != 0.0 or prm[10] != 0.0:
+                _traffic(0, a, b, True, L, st, wk)
+            p2l[p1] = b
+            if swap:
+                p2l[p2] = a
+            contrib[a, :] = ca
+            contrib[b, :] = cb
+            gload[:] = newload
+            traffic = new_traffic
+            en = new_en
+            if primary < score[4] - 1e-12 * abs(score[4]) or (primary <= score[4] and new_en < score[5]):
+                score[4] = primary
+                score[5] = new_en
+                best_p2l[:] = p2l
+        else:
+            cnt[a] = ca_n
+            cnt[b] = cb_n
+            for j in range(ca_n):
+                cslot[a, j] = wk.olds[0, j]
+            for j in range(cb_n):
+                cslot[b, j] = wk.olds[1, j]
+    mx, sd = load_terms(gload)
+    score[0] = traffic
+    score[1] = mx
+    score[2] = sd
+    score[3] = en
+    if probe:
+        return float(pos_n)
+    return float(accepted)
+
+
+@_njit
+def token_counts_direct(t, p2l, L):
+    """Reference: expected (nvlink, rdma) sends of token ``t`` computed from scratch (tests)."""
+    G = int(L.prm[0])
+    N = int(L.prm[1])
+    P = int(L.prm[5])
+    rule = int(L.prm[7])
+    gpn = int(L.prm[2])
+    h = L.home[t]
+    nh = L.gpu_node[h]
+    gprod = np.ones(G)
+    nprod = np.ones(N)
+    for k in range(L.ids.shape[1]):
+        e = L.ids[t, k]
+        gm = np.zeros(G)
+        c = 0
+        held = False
+        local = 0
+        for p in range(P):
+            if p2l[p] == e:
+                c += 1
+                g = L.slot_gpu[p]
+                held = held or g == h
+                if L.gpu_node[g] == nh:
+                    local += 1
+        for p in range(P):
+            if p2l[p] == e:
+                g = L.slot_gpu[p]
+                if rule != 2 and held:
+                    gm[h] = 1.0
+                elif rule == 0 and local > 0:
+                    if L.gpu_node[g] == nh:
+                        gm[g] += 1.0 / local
+                else:
+                    gm[g] += 1.0 / c
+        nm = np.zeros(N)
+        for g in range(G):
+            gprod[g] *= 1.0 - min(gm[g], 1.0)
+            nm[L.gpu_node[g]] += gm[g]
+        for n in range(N):
+            nprod[n] *= 1.0 - min(nm[n], 1.0)
+    nv = 0.0
+    for g in range(G):
+        if g != h and (L.gpu_node[g] == nh or g % gpn != h % gpn):
+            nv += 1.0 - gprod[g]
+    rdma = 0.0
+    for n in range(N):
+        if n != nh:
+            rdma += 1.0 - nprod[n]
+    return nv, rdma
+
+
+@_njit
+def _expected_gpu_load(p2l, load, G, N, gpn, spg, rule):
+    num_layers, num_slots = p2l.shape
+    num_experts = load.shape[1]
+    out = np.zeros((num_layers, G))
+    cslot = np.zeros((num_experts, num_slots - num_experts + 1), np.int64)
+    cnt = np.zeros(num_experts, np.int64)
+    sg = np.arange(num_slots) // spg
+    gn = np.arange(G) // gpn
+    hold_n = np.zeros(N, np.int64)
+    copy_n = np.zeros(N, np.int64)
+    mark = np.zeros(G, np.int64)
+    for layer in range(num_layers):
+        cnt[:] = 0
+        for p in range(num_slots):
+            e = p2l[layer, p]
+            cslot[e, cnt[e]] = p
+            cnt[e] += 1
+        for e in range(num_experts):
+            expert_contrib(cslot, e, cnt[e], load[layer, e], G, N, gpn, rule, sg, gn, hold_n, copy_n, mark,
+                           out[layer])
+    return out
+
+
+def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
+                      slots_per_gpu: int, rule: str) -> np.ndarray:
+    """Per-GPU load [L, G] expected over the rule's random fair spread (home ranks uniform).
+
+    Equals :func:`placer.dispatch.slot_load` summed per GPU whenever the rule makes no random
+    choice (e.g. no replicas; always for ``vllm``), and its mean over dispatch seeds otherwise.
+    """
+    return _expected_gpu_load(np.ascontiguousarray(p2l, np.int64), np.ascontiguousarray(load, np.float64),
+                              num_gpus, num_nodes, gpus_per_node, slots_per_gpu, RULE_CODES[rule])

@@ -1,0 +1,195 @@
+"""The ``placer`` method: joint balance + traffic placement with replication chosen jointly.
+
+Standard execution: start from EPLB (:func:`placer.ilp.eplb.rebalance_experts` with the
+problem's groups, nodes and GPUs; it decides replica counts by load) and from the contiguous
+layout, then improve every layer by simulated annealing on the objective of
+:mod:`placer.ilp.objective` (:mod:`placer.ilp.local_search`). Moves swap two slots between GPUs
+and move redundant slots between experts, so replica counts and replica locations are chosen
+together with the layout: with the ``nearest`` rule a replica in the home node serves locally,
+so replicating and co-locating experts that fire together cuts inter-node sends. Layers are
+independent subproblems, solved serially, in a process pool or on Ray
+(:mod:`placer.ilp.parallel`), identically for a given seed.
+
+The search scores layers under the *expected* dispatch (:mod:`placer.ilp._ls_kernel`); the
+reported objective is :func:`~placer.ilp.objective.evaluate_objective` under the problem's
+actual dispatch table. The result is never worse on that objective than the better start: if
+the searched placement scores worse (possible only through the dispatch table's random fair
+spread), the better start is returned instead.
+
+Context-coherent execution is delegated to :func:`placer.ilp.coherent.solve_coherent`.
+
+The search scores each layer on at most ``search_tokens`` (1024) token types of the stats'
+sample (a random prefix of it when there are more; Mixtral's 4 GPUs x 28 expert pairs are 112
+types, so small models use the whole sample); the reported objective uses the whole sample.
+
+Options (``solve(problem, "placer", ...)``): ``time_limit_s`` (wall clock, checked between
+chunks of annealing steps; status "timeout" when it cut the search, "feasible" otherwise),
+``seed``, ``iterations`` (annealing steps per layer and annealed start, the deterministic
+budget; default :func:`default_iterations`), ``search_tokens``, ``num_workers`` (local
+processes, default ``min(2, cpus)``), ``ray_address`` (run layer groups on Ray),
+``dispatch_seed`` (the dispatch-table seed of the reported objective; default the metrics' 42).
+The result is identical for any ``num_workers`` / Ray layout. ``bound`` is the balance term's
+lower bound (:func:`balance_lower_bound`, the other terms bounded by 0), valid but loose.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from placer.dispatch import DEFAULT_DISPATCH_SEED
+from placer.errors import InvalidInputError
+from placer.ilp import _ls_kernel
+from placer.ilp.base import PlacementProblem, register
+from placer.ilp.local_search import LayerTask, SearchConfig, token_types
+from placer.ilp.objective import evaluate_objective, objective_weights
+from placer.ilp.simple import contiguous_map
+from placer.types import Placement, SolveResult
+
+__all__ = ["balance_lower_bound", "default_iterations", "solve_placer"]
+
+DEFAULT_SEARCH_TOKENS = 1024
+"""Token types per layer the search scores (a random prefix of the sample beyond that)."""
+_REPORTED = ("balance", "traffic", "affinity", "balance_cap", "max_load_per_token",
+             "load_max_over_mean_median", "expected_load_max_over_mean_median",
+             "nvlink_sends_per_token_layer", "rdma_sends_per_token_layer")
+
+
+def default_iterations(problem: PlacementProblem) -> int:
+    """Annealing steps per layer and annealed start (20 000, in 16 cooling cycles)."""
+    return 20000
+
+
+def balance_lower_bound(problem: PlacementProblem) -> np.ndarray:
+    """Per-layer lower bound on the busiest GPU's token-slots per batch token, any placement.
+
+    The busiest GPU serves at least the mean, ``sum_e load_e / G``, and at least the share of
+    the heaviest expert spread over the most GPUs it can occupy, ``max_e load_e / min(G, R + 1)``.
+    """
+    load = problem.stats.load.astype(np.float64) / max(problem.stats.num_tokens, 1)
+    g = problem.topology.num_gpus
+    spread = min(g, problem.num_redundant + 1)
+    return np.maximum(load.sum(axis=1) / g, load.max(axis=1) / spread)
+
+
+def _starts(problem: PlacementProblem) -> dict[str, np.ndarray]:
+    from placer.ilp.eplb import rebalance_experts
+
+    topo, model = problem.topology, problem.model
+    eplb, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, model.num_groups,
+                                   topo.num_nodes, topo.num_gpus)
+    return {"eplb": eplb.astype(np.int64),
+            "contiguous": contiguous_map(model.num_moe_layers, model.num_experts, problem.num_slots).astype(np.int64)}
+
+
+def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: SearchConfig,
+           search_tokens: int) -> list[LayerTask]:
+    stats, topo = problem.stats, problem.topology
+    num_layers = stats.num_layers
+    load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
+    if stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0):
+        sample = stats.sample_ids.astype(np.int64)
+        raw = stats.sample_home_rank.astype(np.int64)
+        home = np.where(raw >= 0, raw, stats.sample_token_index.astype(np.int64) % topo.num_gpus)
+    else:
+        sample = np.zeros((0, num_layers, stats.top_k), np.int64)
+        home = np.zeros(0, np.int64)
+    tasks = []
+    for layer in range(num_layers):
+        ids, hm, wt = token_types(sample[:, layer], home)
+        if ids.shape[0] > search_tokens:  # the sample is in random (key) order: take a prefix
+            ids, hm, wt = token_types(sample[:search_tokens, layer], home[:search_tokens])
+        tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"]))
+    return tasks
+
+
+@register("placer")
+def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
+                 num_workers: int | None = None, ray_address: str | None = None,
+                 iterations: int | None = None, search_tokens: int = DEFAULT_SEARCH_TOKENS,
+                 dispatch_seed: int = DEFAULT_DISPATCH_SEED, **options) -> SolveResult:
+    """Joint placement (see the module docstring)."""
+    t0 = time.perf_counter()
+    if problem.execution == "context-coherent":
+        return _coherent(problem, time_limit_s=time_limit_s, seed=seed, num_workers=num_workers,
+                         ray_address=ray_address, **options)
+    if options:
+        raise InvalidInputError(f"unknown options for method placer: {', '.join(sorted(options))}",
+                                source="--method")
+    from placer.ilp.parallel import run_layer_search
+
+    deadline = None if time_limit_s is None else time.time() + float(time_limit_s)
+    w = objective_weights(problem)
+    topo, model = problem.topology, problem.model
+    iters = default_iterations(problem) if iterations is None else int(iterations)
+    if iters < 0 or search_tokens < 1:
+        raise InvalidInputError(f"need iterations >= 0 and search_tokens >= 1, got {iterations}, "
+                                f"{search_tokens}", source="--method")
+    cfg = SearchConfig(num_gpus=topo.num_gpus, num_nodes=topo.num_nodes, gpus_per_node=topo.gpus_per_node,
+                       slots_per_gpu=problem.slots_per_gpu, num_experts=model.num_experts,
+                       num_slots=problem.num_slots, top_k=problem.stats.top_k, rule=problem.dispatch,
+                       w_bal=w["balance"], w_nv=w["traffic_nvlink"], w_rdma=w["traffic_rdma"],
+                       pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
+                       iterations=iters, seed=int(seed))
+    start_maps = _starts(problem)
+    names = list(start_maps)  # eplb first: the cap's reference
+    spg, e = problem.slots_per_gpu, model.num_experts
+    start_placements = {n: Placement(start_maps[n], spg, e) for n in names}
+    ev_eplb = evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed,
+                                 weights={**w, "balance_cap": None})
+    reference = ev_eplb["per_layer"]["expected_load_max_over_mean"] if w["balance_cap"] is not None else None
+    start_ev = {"eplb": ev_eplb if reference is None else
+                evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed, weights=w,
+                                   reference=reference)}
+    tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens)
+    results = run_layer_search(tasks, cfg, deadline, num_workers=num_workers, ray_address=ray_address)
+    placement = Placement(np.stack([r.p2l for r in results]), spg, e)
+
+    ev = evaluate_objective(problem, placement, seed=dispatch_seed, weights=w, reference=reference)
+    for n in names[1:]:
+        start_ev[n] = evaluate_objective(problem, start_placements[n], seed=dispatch_seed, weights=w,
+                                         reference=reference)
+    best_start = min(names, key=lambda n: start_ev[n]["total"])
+    chosen = "search"
+    if ev["total"] > start_ev[best_start]["total"]:
+        placement, ev, chosen = start_placements[best_start], start_ev[best_start], best_start
+    assert ev["total"] <= min(s["total"] for s in start_ev.values())
+
+    lb = float(w["balance"] * balance_lower_bound(problem).sum())
+    obj = float(ev["total"])
+    gap = max(0.0, (obj - lb) / max(abs(obj), 1e-300)) if obj > 0 else 0.0
+    terms = {k: float(ev[k]) for k in _REPORTED}
+    terms.update({f"start_{n}": float(start_ev[n]["total"]) for n in names})
+    terms["returned_start"] = float(names.index(chosen)) if chosen != "search" else -1.0
+    terms["search_primary"] = float(sum(r.primary for r in results))
+    terms["iterations"] = float(sum(r.iterations for r in results))
+    timed_out = any(r.timed_out for r in results)
+    backend = "numba" if _ls_kernel.HAVE_NUMBA else "python"
+    if ray_address:
+        backend += "+ray"
+    return SolveResult(placement=placement, status="timeout" if timed_out else "feasible", objective=obj,
+                       terms=terms, bound=lb, gap=gap, wall_time_s=time.perf_counter() - t0,
+                       method="placer", backend=backend)
+
+
+def _coherent(problem: PlacementProblem, **options) -> SolveResult:
+    """Delegate to :func:`placer.ilp.coherent.solve_coherent`; add this module's terms."""
+    try:
+        from placer.ilp.coherent import solve_coherent
+    except ImportError:
+        raise InvalidInputError("context-coherent placement needs placer.ilp.coherent, which is not "
+                                "available in this installation", source="--execution") from None
+    params = inspect.signature(solve_coherent).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    passed = {k: v for k, v in options.items()
+              if (v is not None or k in ("time_limit_s",)) and (takes_any or k in params)}
+    result = solve_coherent(problem, **passed)
+    if result.placement is None:
+        return replace(result, method="placer")
+    ev = evaluate_objective(problem, result.placement)
+    terms = dict(result.terms)
+    terms.update({f"placer_{k}": float(ev[k]) for k in (*_REPORTED, "total")})
+    return replace(result, method="placer", terms=terms)

@@ -1,0 +1,106 @@
+"""Run independent layer subproblems serially, in a local process pool, or on a Ray cluster.
+
+Every layer's search is seeded by ``(seed, layer, start)`` (see :mod:`placer.ilp.local_search`),
+so the three ways give identical results for the same inputs; only wall time differs (and a
+wall-clock deadline, when one is set, may cut different layers short).
+
+- ``num_workers`` (default ``min(2, os.cpu_count())``): local worker processes. 1 runs in this
+  process. The pool forks when this process runs a single thread; otherwise (Ray, grpc or other
+  threads alive) it uses ``forkserver`` (``spawn`` where that is missing), whose workers
+  preload the search module, and then, as with any spawned pool, a script calling the solver
+  needs the ``if __name__ == "__main__":`` guard.
+- ``ray_address``: run one Ray task per layer group on the cluster at that address
+  (``ray.init(address=...)``; ``"auto"`` joins the local cluster). When Ray is already
+  initialised in this process the existing connection is used and the address is ignored.
+  Each task asks for one CPU; numba's on-disk cache makes workers after the first cheap.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+from placer.errors import InvalidInputError, MissingDependencyError
+from placer.ilp.local_search import LayerResult, LayerTask, SearchConfig, search_group
+
+GROUPS_PER_WORKER = 4
+"""Layer groups per worker (smaller groups balance uneven layers; each group is one task)."""
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def layer_groups(tasks: list[LayerTask], num_groups: int) -> list[list[LayerTask]]:
+    """``tasks`` cut into at most ``num_groups`` contiguous groups of near-equal size."""
+    n = max(1, min(num_groups, len(tasks)))
+    bounds = [round(i * len(tasks) / n) for i in range(n + 1)]
+    return [tasks[bounds[i]:bounds[i + 1]] for i in range(n) if bounds[i + 1] > bounds[i]]
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["placer.ilp.local_search"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def run_local(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None,
+              num_workers: int | None = None) -> list[LayerResult]:
+    """Search every layer in ``num_workers`` local processes (1: in this process)."""
+    workers = default_workers() if num_workers is None else int(num_workers)
+    if workers < 1:
+        raise InvalidInputError(f"num_workers must be >= 1, got {num_workers}", source="--workers")
+    groups = layer_groups(tasks, workers * GROUPS_PER_WORKER)
+    if workers == 1 or len(groups) <= 1:
+        return search_group(tasks, cfg, deadline)
+    with ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=_pool_context()) as pool:
+        futures = [pool.submit(search_group, g, cfg, deadline) for g in groups]
+        return [r for f in futures for r in f.result()]
+
+
+_REMOTE = None
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("ray", "runtime", "solving on a Ray cluster (ray_address)") from None
+    return ray
+
+
+def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
+            address: str, num_groups: int | None = None) -> list[LayerResult]:
+    """Search every layer on the Ray cluster at ``address``, one remote task per layer group."""
+    global _REMOTE
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address)
+    if _REMOTE is None:
+        _REMOTE = ray.remote(num_cpus=1)(search_group)
+    if num_groups is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        num_groups = max(1, cpus) * GROUPS_PER_WORKER
+    cfg_ref = ray.put(cfg)
+    refs = [_REMOTE.remote(g, cfg_ref, deadline) for g in layer_groups(tasks, num_groups)]
+    return [r for group in ray.get(refs) for r in group]
+
+
+def run_layer_search(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
+                     num_workers: int | None = None, ray_address: str | None = None) -> list[LayerResult]:
+    """Dispatch to :func:`run_ray` when ``ray_address`` is given, else :func:`run_local`.
+
+    Results come back in layer order.
+    """
+    if ray_address:
+        results = run_ray(tasks, cfg, deadline, address=ray_address)
+    else:
+        results = run_local(tasks, cfg, deadline, num_workers)
+    return sorted(results, key=lambda r: r.layer)

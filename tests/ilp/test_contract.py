@@ -1,0 +1,78 @@
+"""One contract for every registered method, on random small instances.
+
+Every method returns a placement that passes the shared validator, reports a status from the
+shared list, and never claims a bound above its objective or a gap on a proven optimum. A
+method may refuse an instance outside its domain (replicas, standard execution) only with an
+InvalidInputError that says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from placer.errors import InvalidInputError
+from placer.ilp import METHODS, PlacementProblem, solve
+from placer.presets import make_topology
+from placer.profiling.stats import compute_stats
+from placer.types import SOLVE_STATUSES, ModelSpec, RoutingTrace
+from placer.validate import check_placement
+
+pytestmark = pytest.mark.timeout(300)
+
+# (experts, gpus, nodes, redundant, execution)
+CASES = [
+    (4, 2, 1, 0, "context-coherent"),
+    (8, 4, 2, 0, "context-coherent"),
+    (8, 4, 1, 0, "standard"),
+    (8, 4, 2, 4, "standard"),
+    (6, 2, 2, 2, "standard"),
+]
+
+
+def _problem(experts, gpus, nodes, redundant, execution, seed):
+    rng = np.random.default_rng(seed)
+    layers, tokens, top_k = 3, 200, 2
+    popularity = rng.dirichlet(np.ones(experts) * 0.7, size=layers)
+    ids = np.empty((tokens, layers, top_k), dtype=np.int64)
+    for layer in range(layers):
+        for t in range(tokens):
+            ids[t, layer] = rng.choice(experts, size=top_k, replace=False, p=popularity[layer])
+    model = ModelSpec.from_shape(layers, experts, top_k, name="tiny")
+    stats = compute_stats(RoutingTrace(ids, experts, model=model), sample_size=tokens, seed=seed)
+    topology = make_topology("h100", gpus=gpus, nodes=nodes)
+    return PlacementProblem(stats, model, topology, num_redundant=redundant, execution=execution)
+
+
+def _run(problem, method, seed):
+    try:
+        return solve(problem, method, seed=seed)
+    except InvalidInputError as exc:
+        in_domain = problem.num_redundant == 0 and problem.execution == "context-coherent"
+        assert not in_domain, f"{method} refused a no-replica context-coherent instance: {exc}"
+        assert str(exc), "a refusal must say why"
+        return None
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"E{c[0]}-G{c[1]}-N{c[2]}-R{c[3]}-{c[4]}")
+def test_method_contract(method, case):
+    for seed in (0, 1):
+        problem = _problem(*case, seed=seed)
+        result = _run(problem, method, seed)
+        if result is None:
+            return
+        assert result.status in SOLVE_STATUSES and result.status != "infeasible"
+        check_placement(result.placement, problem.model, problem.topology)
+        assert result.placement.num_slots == problem.num_slots
+        assert result.method == method
+        if result.bound is not None and math.isfinite(result.objective):
+            assert result.bound <= result.objective + 1e-6 * max(1.0, abs(result.objective))
+        if result.status == "optimal" and result.gap is not None:
+            assert result.gap <= 1e-6
+        again = solve(problem, method, seed=seed)
+        np.testing.assert_array_equal(again.placement.physical_to_logical,
+                                      result.placement.physical_to_logical,
+                                      err_msg=f"{method} is not deterministic for a fixed seed")
