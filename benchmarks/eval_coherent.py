@@ -114,10 +114,11 @@ def main() -> int:
             sel = [r for r in rows if r["gpus"] == gpus and r["method"] == name and "error" not in r]
             if sel:
                 ok = sum(r["transitions"] <= 0.60 and r["load"] <= 1.10 for r in sel)
+                target = (f"  splits with transitions<=0.60 and load<=1.10: {ok}/{len(sel)}" if gpus == 4
+                          else "")
                 print(f"  {name:<11} mean transitions {statistics.mean(r['transitions'] for r in sel):.3f}  "
                       f"mean load {statistics.mean(r['load'] for r in sel):.3f}  median wall "
-                      f"{statistics.median(r['wall_s'] for r in sel):.1f}s  "
-                      f"splits with transitions<=0.60 and load<=1.10: {ok}/{len(sel)}")
+                      f"{statistics.median(r['wall_s'] for r in sel):.1f}s" + target)
     if args.full:
         all_ids = np.concatenate([traces[c].expert_ids for c in CATEGORIES])
         stats = compute_stats(RoutingTrace(all_ids, 8, model=model), sample_size=4096)
@@ -132,10 +133,16 @@ def main() -> int:
                     continue
                 bound = "None" if r["bound"] is None else f"{r['bound']:.6g}"
                 gap = "None" if r["gap"] is None else f"{r['gap']:.4f}"
+                mip = ""
+                if r.get("mip_objective") is not None and out.get("exact", {}).get("objective"):
+                    ex = out["exact"]["objective"]
+                    mb = r.get("mip_bound")
+                    mip = (f"  [MIP alone: incumbent {r['mip_objective'] / ex - 1:+.4%}, bound "
+                           + ("None" if mb is None else f"{mb / ex - 1:+.4%}") + " vs exact]")
                 print(f"  {name:<6} {r['status']:<9} objective {r['objective']:.6g}  bound {bound}  gap {gap}  "
                       f"vs exact {r.get('rel_to_exact', float('nan')):+.4%}  "
                       f"transitions {r['frac_top1_transitions_cross_gpu']:.4f}  "
-                      f"load {r['load_max_over_mean_median']:.3f}  {r['wall_time_s']:.1f}s")
+                      f"load {r['load_max_over_mean_median']:.3f}  {r['wall_time_s']:.1f}s" + mip)
     return 0
 
 

@@ -382,8 +382,11 @@ def solve_exact(problem: PlacementProblem, *, time_limit_s: float | None = None,
 
     One expert per GPU: chain of assignment problems. E / G experts per GPU with at most
     :data:`MAX_PARTITIONS` labelled partitions per layer: the partition DP with the default
-    load term of :func:`placer.ilp.coherent.solve_coherent`. Anything else raises
-    InvalidInputError naming why. ``time_limit_s`` and ``seed`` are ignored (deterministic).
+    load term of :func:`placer.ilp.coherent.solve_coherent` (a weighted penalty on each layer's
+    max GPU load; ``problem.weights["load_cap"]`` adds the hard cap instead or as well). Any other
+    shape, or redundant slots, raises InvalidInputError naming why. The objective is the
+    context-coherent one whatever ``problem.execution`` says. ``time_limit_s`` and ``seed`` are
+    ignored (the result is deterministic).
     """
     from placer.ilp.coherent import solve_coherent
 

@@ -241,3 +241,18 @@ def test_registered_exact_through_solve():
     problem = problem_of(3, 6, 3, seed=6)
     res = solve(problem, "exact")
     assert res.method == "exact" and res.status == "optimal"
+
+
+def test_fractional_loads_keep_bounds_valid():
+    rng = np.random.default_rng(11)
+    t, _ = structured(3, 6, 3, 11)
+    stats = RoutingStats(load=rng.random((3, 6)) * 50, num_tokens=100, top_k=2, top1_transitions=t)
+    problem = PlacementProblem(stats, ModelSpec.from_shape(3, 6, 2), make_topology("h100", gpus=3))
+    exact = cc.solve_coherent(problem, backend="exact")
+    assert exact.status == "optimal"
+    for kwargs in ({"backend": "local"}, {"backend": "cpsat", "deterministic_time": 5.0},
+                   {"backend": "pulp", "time_limit_s": 20.0}):
+        res = cc.solve_coherent(problem, max_rounds=5, **kwargs)
+        check_contract(res, problem)
+        assert res.bound is None or res.bound <= exact.objective * (1 + 1e-9)
+        assert res.objective >= exact.objective * (1 - 1e-9)
