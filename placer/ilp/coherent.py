@@ -13,7 +13,7 @@ stats.load [L, E]``, optionally subject to a per-layer cap ``max/mean GPU load <
 state (``model.token_bytes``) over NVLink, or over the NIC when it leaves the node (mixed by the
 share of other GPUs that sit in another node); one token-slot of per-layer max GPU load costs
 ``6 * hidden * ffn`` FLOPs at half the GPU's dense BF16 peak. With unknown sizes both are 1
-(counts). ``problem.weights["affinity"]`` / ``["balance"]`` override them and
+(counts). ``problem.weights["affinity"]`` / ``["balance"]`` multiply them and
 ``problem.weights["load_cap"]`` sets a cap. Internally the ratio balance / affinity is
 rounded to the simplest fraction within 0.5 % so that every backend minimises the *same*
 integer objective ``A * cross + B * sum max-load`` (reported as ``unit * (...)``, seconds).
@@ -236,7 +236,7 @@ def _min_max_load(load: np.ndarray, capacities: tuple[int, ...]) -> np.ndarray:
 def make_objective(problem: PlacementProblem, *, capacities: tuple[int, ...] | None = None,
                    load_cap: float | None = None) -> CoherentObjective:
     """The objective of ``problem``: weights from :func:`coherent_weights` (balance times
-    :data:`DEFAULT_BALANCE_SCALE`) unless ``problem.weights`` has "affinity" / "balance";
+    :data:`DEFAULT_BALANCE_SCALE`), multiplied by ``problem.weights["affinity"]`` / ``["balance"]``;
     ``load_cap`` (or ``problem.weights["load_cap"]``) caps per-layer max/mean GPU load, relaxed
     per layer to the smallest max load reachable (see :func:`_min_max_load`)."""
     stats = problem.stats
@@ -244,9 +244,15 @@ def make_objective(problem: PlacementProblem, *, capacities: tuple[int, ...] | N
     num_gpus = problem.topology.num_gpus
     caps = capacities if capacities is not None else _capacities(num_experts, num_gpus)
     w = coherent_weights(problem.model, problem.topology)
-    affinity = float(problem.weights.get("affinity", w["affinity"]))
+    # problem.weights["affinity"] / ["balance"] multiply the cost-model weights, as in the joint
+    # objective (placer.ilp.objective); the "objective" mode switches a term off.
+    mode = problem.weights.get("objective", "joint")
+    if mode == "traffic":
+        raise InvalidInputError("context-coherent execution has no dispatch-traffic term; use "
+                                "--objective affinity, balance or joint", source="--objective")
     scale = DEFAULT_BALANCE_SCALE if w["units"] == "s" else 1.0
-    balance = float(problem.weights.get("balance", w["balance"] * scale))
+    affinity = w["affinity"] * float(problem.weights.get("affinity", 0.0 if mode == "balance" else 1.0))
+    balance = w["balance"] * scale * float(problem.weights.get("balance", 0.0 if mode == "affinity" else 1.0))
     if load_cap is None and "load_cap" in problem.weights:
         load_cap = float(problem.weights["load_cap"])
     a, b, unit = _integer_ratio(affinity, balance)

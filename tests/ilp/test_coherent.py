@@ -76,9 +76,13 @@ def test_objective_weights_default_and_override():
     assert obj.balance / obj.affinity == pytest.approx(w["balance"] * cc.DEFAULT_BALANCE_SCALE / w["affinity"],
                                                        rel=0.005)
     assert obj.affinity == pytest.approx(w["affinity"])
+    # weights multiply the cost-model weights (the same semantics as the joint objective)
     custom = cc.make_objective(PlacementProblem(stats, model, problem.topology,
                                                 weights={"affinity": 2.0, "balance": 3.0}))
-    assert (custom.aff_int, custom.bal_int, custom.affinity, custom.balance) == (2, 3, 2.0, 3.0)
+    assert custom.balance / custom.affinity == pytest.approx(1.5 * obj.balance / obj.affinity, rel=0.01)
+    only_affinity = cc.make_objective(PlacementProblem(stats, model, problem.topology,
+                                                       weights={"objective": "affinity"}))
+    assert only_affinity.balance == 0 and only_affinity.affinity > 0
     with pytest.raises(InvalidInputError):
         cc.make_objective(PlacementProblem(stats, model, problem.topology, weights={"balance": -1.0}))
 
