@@ -35,8 +35,13 @@ def highs_available() -> bool:
 
 
 def run_pulp(prob: pulp.LpProblem, *, backend: str = "cbc", time_limit_s: float | None = None,
-             threads: int = 1, gap_rel: float = 1e-6, msg: bool = False) -> PulpOutcome:
-    """Solve ``prob`` with CBC or HiGHS and triage the result honestly."""
+             threads: int = 1, gap_rel: float = 1e-6, msg: bool = False,
+             warm_start: bool = False) -> PulpOutcome:
+    """Solve ``prob`` with CBC or HiGHS and triage the result honestly.
+
+    ``warm_start`` passes the variables' initial values to CBC as a MIP start (PuLP's HiGHS
+    interface takes none, so it is ignored there).
+    """
     if backend not in BACKENDS:
         raise InvalidInputError(f"unknown PuLP backend {backend!r}; known: {', '.join(BACKENDS)}", source="--backend")
     start = time.perf_counter()
@@ -60,7 +65,7 @@ def run_pulp(prob: pulp.LpProblem, *, backend: str = "cbc", time_limit_s: float 
             with warnings.catch_warnings():  # PuLP 3 deprecates the bundled CBC it still ships
                 warnings.simplefilter("ignore", DeprecationWarning)
                 solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, threads=threads, gapRel=gap_rel,
-                                           logPath=log_path)
+                                           logPath=log_path, warmStart=warm_start)
             prob.solve(solver)
             bound, proven = _cbc_bound(log_path)
         finally:

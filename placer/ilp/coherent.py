@@ -57,7 +57,6 @@ optimum).
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -692,51 +691,11 @@ def solve_cpsat(obj: CoherentObjective, hint: np.ndarray | None = None, *,
 
 
 def _run_pulp(prob, *, backend: str, time_limit_s: float | None, threads: int, warm: bool):
-    """:func:`placer.ilp._pulp.run_pulp`, with a CBC warm start.
-
-    ``run_pulp`` builds its own solver without ``warmStart``; when it does not take a
-    ``warm_start`` argument, CBC warm starts run here with the same status triage (a result is
-    optimal only when CBC's log says the search completed or its bound closes the gap).
-    """
+    """:func:`placer.ilp._pulp.run_pulp`, with a CBC warm start when ``warm``."""
     from placer.ilp import _pulp
 
-    params = inspect.signature(_pulp.run_pulp).parameters
-    if not warm or backend != "cbc":
-        return _pulp.run_pulp(prob, backend=backend, time_limit_s=time_limit_s, threads=threads)
-    if "warm_start" in params:
-        return _pulp.run_pulp(prob, backend=backend, time_limit_s=time_limit_s, threads=threads,
-                              warm_start=True)
-    import os
-    import tempfile
-
-    import pulp
-
-    gap_rel = 1e-6
-    start = time.perf_counter()
-    fd, log_path = tempfile.mkstemp(suffix=".log", prefix="placer-cbc-")
-    os.close(fd)
-    try:
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=gap_rel,
-                                   logPath=log_path, warmStart=True)
-        prob.solve(solver)
-        bound, proven = _pulp._cbc_bound(log_path)
-    finally:
-        os.unlink(log_path)
-    wall = time.perf_counter() - start
-    objective = pulp.value(prob.objective) if prob.sol_status in (1, 2) else None
-    if prob.sol_status == pulp.LpSolutionInfeasible or prob.status == pulp.LpStatusInfeasible:
-        status = "infeasible"
-    elif objective is None:
-        status = "unknown"
-    elif prob.sol_status == pulp.LpSolutionOptimal and (
-            time_limit_s is None or proven
-            or (bound is not None and objective - bound <= gap_rel * max(1.0, abs(objective)))):
-        status = "optimal"
-        bound = objective if bound is None else bound
-    else:
-        status = "timeout" if time_limit_s is not None else "feasible"
-    return _pulp.PulpOutcome(status=status, objective=None if objective is None else float(objective),
-                             bound=bound, wall_time_s=wall, backend=backend)
+    return _pulp.run_pulp(prob, backend=backend, time_limit_s=time_limit_s, threads=threads,
+                          warm_start=warm and backend == "cbc")
 
 
 def solve_pulp(obj: CoherentObjective, hint: np.ndarray | None = None, *, backend: str = "cbc",
