@@ -150,6 +150,29 @@ def standard_counts(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int) -> di
 CC_COUNTS = ("state_moves", "other_gpus", "cross_gpu", "cross_node")
 
 
+def coherent_gpus(placement: Placement, topology: Topology, ids: np.ndarray, home: np.ndarray,
+                  index: np.ndarray, rule: str, seed: int,
+                  table: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """GPUs under context-coherent execution: ``top1`` int64 [t, L] (where the state lives) and
+    ``others`` int64 [t, L, K-1] (the other experts' replicas, chosen from the top-1 GPU).
+
+    The state starts on ``home``; each layer's top-1 replica is chosen from where the state is.
+    ``table`` is the rank-based dispatch table, or None for the position-based vllm rule.
+    """
+    spg = placement.slots_per_gpu
+    t, num_layers, _ = ids.shape
+    if table is None:  # vllm: the replica depends on the token's position only
+        gpu = chunk_gpus(placement, topology, ids, home, index, rule, seed, None)
+        return gpu[:, :, 0], gpu[:, :, 1:]
+    top1 = np.empty((t, num_layers), dtype=np.int64)
+    loc = home
+    for layer in range(num_layers):
+        loc = table[layer, loc, ids[:, layer, 0]] // spg
+        top1[:, layer] = loc
+    others = table[np.arange(num_layers)[None, :, None], top1[:, :, None], ids[:, :, 1:]] // spg
+    return top1, others
+
+
 def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: np.ndarray,
               index: np.ndarray, rule: str, seed: int, table: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per-layer sums over a chunk of context-coherent (ExFlow) execution counts.
@@ -160,19 +183,8 @@ def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: n
     GPU among the other experts' replicas), ``cross_gpu`` and ``cross_node`` [L-1] (top-1 GPU
     or node changes between consecutive layers).
     """
-    spg, gpn = placement.slots_per_gpu, topology.gpus_per_node
-    t, num_layers, _ = ids.shape
-    if table is None:  # vllm: the replica depends on the token's position only
-        gpu = chunk_gpus(placement, topology, ids, home, index, rule, seed, None)
-        top1, others = gpu[:, :, 0], gpu[:, :, 1:]
-    else:
-        top1 = np.empty((t, num_layers), dtype=np.int64)
-        loc = home
-        for layer in range(num_layers):
-            loc = table[layer, loc, ids[:, layer, 0]] // spg
-            top1[:, layer] = loc
-        layer_ix = np.arange(num_layers)[None, :, None]
-        others = table[layer_ix, top1[:, :, None], ids[:, :, 1:]] // spg
+    gpn = topology.gpus_per_node
+    top1, others = coherent_gpus(placement, topology, ids, home, index, rule, seed, table)
     prev = np.concatenate([home[:, None], top1[:, :-1]], axis=1)
     node1 = top1 // gpn
     os_ = np.sort(others, axis=-1)

@@ -42,21 +42,10 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from placer._numba import HAVE_NUMBA
+from placer._numba import njit as _njit
 from placer.errors import InvalidInputError
 from placer.types import PHASE_CODES, ModelSpec, RoutingTrace
-
-try:  # numba is a core dependency; the fallback keeps the package importable without it.
-    from numba import njit as _numba_njit
-
-    def _njit(fn):
-        return _numba_njit(cache=True, nogil=True)(fn)
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only without numba
-    def _njit(fn):
-        return fn
-
-    HAVE_NUMBA = False
 
 __all__ = [
     "DRIFT_BLOCK", "PRESET_PROFILES", "SCORING_PERTURBATION", "SyntheticProfile", "perturbed",

@@ -36,18 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-try:  # numba is a core dependency; the fallback keeps the module importable without it.
-    from numba import njit as _numba_njit
-
-    def _njit(fn):
-        return _numba_njit(cache=True, nogil=True)(fn)
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only without numba
-    def _njit(fn):
-        return fn
-
-    HAVE_NUMBA = False
+from placer._numba import HAVE_NUMBA  # noqa: F401  (re-exported: joint.py reports the backend)
+from placer._numba import njit as _njit
 
 RULE_CODES = {"nearest": 0, "sglang-legacy": 1, "vllm": 2}
 # Scalars of a layer problem, packed in one float64 array ``prm`` (numba-friendly):

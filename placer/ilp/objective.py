@@ -215,22 +215,12 @@ def _cc_dispatch(problem, placement: Placement, table: np.ndarray | None, seed: 
     topo = problem.topology
     stats = problem.stats
     num_layers = stats.num_layers
-    gpn, spg = topo.gpus_per_node, placement.slots_per_gpu
+    gpn = topo.gpus_per_node
     tokens = core.resolve_tokens(placement, topo, stats, need_top1=True, what="context-coherent traffic")
     nv = np.zeros(num_layers)
     rdma = np.zeros(num_layers)
     for ids, home, index in tokens.chunks():
-        t = ids.shape[0]
-        if table is None:
-            gpu = core.chunk_gpus(placement, topo, ids, home, index, problem.dispatch, seed, None)
-            top1, others = gpu[:, :, 0], gpu[:, :, 1:]
-        else:
-            top1 = np.empty((t, num_layers), dtype=np.int64)
-            loc = home
-            for layer in range(num_layers):
-                loc = table[layer, loc, ids[:, layer, 0]] // spg
-                top1[:, layer] = loc
-            others = table[np.arange(num_layers)[None, :, None], top1[:, :, None], ids[:, :, 1:]] // spg
+        top1, others = core.coherent_gpus(placement, topo, ids, home, index, problem.dispatch, seed, table)
         if others.shape[2] == 0:
             continue
         for layer in range(num_layers):
