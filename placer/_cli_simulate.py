@@ -1,0 +1,265 @@
+"""``placer simulate run | a2a | sweep``: parse, one library call, print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from placer.cli import CONTEXT, _echo_json, cluster_options, model_option
+
+KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")
+
+
+def _floats(text: str | None, flag: str) -> list[float]:
+    from placer.errors import InvalidInputError
+    if text is None:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated numbers, got {text!r}", source=flag) from None
+
+
+def workload_options(func):
+    for deco in reversed([
+        click.option("--workload", type=click.Choice(["serving", "replay"]), default="serving", show_default=True,
+                     help="serving: Poisson arrivals and continuous batching; replay: fixed decode batches "
+                          "(a trace's tokens in order, else routing sampled from the input)."),
+        click.option("--rate", type=float, default=20.0, show_default=True, help="Requests per second (serving)."),
+        click.option("--duration", "duration_s", type=float, default=60.0, show_default=True,
+                     help="Seconds of arrivals (serving); the run drains for as long again at most."),
+        click.option("--prompt-len", type=int, default=1024, show_default=True, help="Mean prompt tokens."),
+        click.option("--output-len", type=int, default=256, show_default=True, help="Mean output tokens."),
+        click.option("--length-dist", type=click.Choice(["exponential", "fixed"]), default="exponential",
+                     show_default=True, help="Distribution of prompt and output lengths."),
+        click.option("--token-budget", type=int, default=2048, show_default=True,
+                     help="Tokens per rank per step, decode first then chunked prefill (serving)."),
+        click.option("--max-running", type=int, default=256, show_default=True, help="Requests per rank (serving)."),
+        click.option("--iterations", type=int, default=None,
+                     help="Steps to run (replay: default the whole trace or 100; serving: a cap)."),
+        click.option("--tokens-per-rank", type=int, default=128, show_default=True,
+                     help="Decode tokens per rank per step (replay)."),
+        click.option("--context-len", type=int, default=1024, show_default=True,
+                     help="Context tokens of each replayed decode token."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def engine_options(func):
+    from placer.types import DISPATCH_RULES, EXECUTION_MODES
+    for deco in reversed([
+        click.option("--execution", type=click.Choice(EXECUTION_MODES), default="standard", show_default=True,
+                     help="standard EP, or ExFlow's context-coherent execution (KV replicated, per-step all-gather)."),
+        click.option("--kernel", type=click.Choice(KERNEL_CHOICES), default="deepep-normal", show_default=True,
+                     help="All-to-all kernel: byte accounting and latency constants."),
+        click.option("--congestion", type=click.Choice(["none", "fifo"]), default="none", show_default=True,
+                     help="fifo: serialise messages per port (congestion-aware) instead of the closed form."),
+        click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
+                     help="Replica dispatch rule (default: the placement file's, else nearest)."),
+        click.option("--level", type=click.Choice(["count", "token"]), default="count", show_default=True,
+                     help="Route by per-token rates (fast) or token by token (cross-check)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of arrivals and routing draws."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
+              iterations, tokens_per_rank, context_len):
+    from placer.simulator.config import ReplayWorkload, ServingWorkload
+    if workload == "replay":
+        return ReplayWorkload(tokens_per_rank=tokens_per_rank, iterations=iterations, context_len=context_len)
+    return ServingWorkload(rate=rate, duration_s=duration_s, prompt_len=prompt_len, output_len=output_len,
+                           length_dist=length_dist, token_budget=token_budget, max_running=max_running,
+                           max_steps=iterations)
+
+
+def _progress(total: float, unit: str):
+    """A progress line on a terminal (stderr), else nothing."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    state = {"last": -1}
+
+    def tick(label: str, step: int, now: float) -> None:
+        done = now if unit == "s" else step + 1
+        pct = int(100 * min(done / max(total, 1e-9), 1.0))
+        if pct != state["last"]:
+            state["last"] = pct
+            click.echo(f"\r  {label}: {pct:3d}% ({done:.1f} {unit})", nl=False, err=True)
+
+    return tick, lambda: click.echo("", err=True)
+
+
+@click.group(context_settings=CONTEXT)
+def simulate() -> None:
+    """Discrete-event simulation of expert-parallel serving: all-to-all, stragglers, tail latency.
+
+    \b
+    Example:
+        placer simulate run trace.npz --placement a.json --placement b.json -o sim/
+        placer simulate a2a --cluster h800 --ep 16 --kernel deepep-normal --routing group-limited
+        placer simulate sweep --model mixtral-8x7b --gpus 4,8 --method contiguous --method eplb -o sweep/
+    """
+
+
+@simulate.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--placement", "placements", multiple=True, type=click.Path(), metavar="FILE",
+              help="A native placement JSON (repeat to compare).")
+@click.option("--method", "methods", multiple=True, metavar="NAME",
+              help="Solve a placement with this method on the routing input (repeatable).")
+@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Redundant slots for --method placements.")
+@model_option
+@cluster_options
+@workload_options
+@engine_options
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Write the results layout (metrics.json, CSV tables) and report.html here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
+def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, workload, rate,
+        duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
+        context_len, execution, kernel, congestion, dispatch, level, seed, output, as_json):
+    """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
+
+    \b
+    Example:
+        placer simulate run experts_coding_mixtral.json --placement contiguous.json \\
+            --placement balanced.json --workload replay --tokens-per-rank 128 -o sim/
+        placer simulate run --model deepseek-v3 --cluster h200 --gpus 64 --method eplb \\
+            --redundant 64 --rate 20 --duration 30 -o sim/
+    """
+    from placer.simulator.config import SimConfig, kernel_preset
+    from placer.simulator.runner import (
+        comparison_table,
+        placement_candidates,
+        routing_identity,
+        run_comparison,
+    )
+    routing, model_spec, sources, synthetic = _routing(inputs, model)
+    topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
+    candidates, model_spec, topology = placement_candidates(
+        placements, methods, model=model_spec, topology=topology,
+        stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
+        execution=execution, seed=seed)
+    wl = _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
+                   iterations, tokens_per_rank, context_len)
+    config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
+                       dispatch=dispatch or "nearest", seed=seed)
+    data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
+    total = duration_s if workload == "serving" else (iterations or 100)
+    tick, done = _progress(total, "s" if workload == "serving" else "steps")
+    runs = run_comparison(candidates, topology, model_spec, routing=data,
+                          routing_info=routing_identity(sources, data, model_spec, synthetic), workload=wl,
+                          config=config, level=level, output=output, progress=tick)
+    done()
+    if output is not None:
+        from placer.simulator.report import render_report
+        render_report(output, f"{output}/report.html")
+    if as_json:
+        _echo_json({r.label: r.summary for r in runs})
+        return
+    click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
+               f"{execution}, {kernel}, {workload}")
+    click.echo(comparison_table(runs))
+    if output is not None:
+        click.echo(f"results in {output}/ (report: {output}/report.html)")
+
+
+def _routing(inputs, model_name):
+    from placer.cli import _model
+    from placer.workflow import gather_routing
+    model = _model(model_name)
+    if not inputs:
+        if model is None:
+            from placer.errors import InvalidInputError
+            raise InvalidInputError("give a routing input or --model PRESET (synthetic routing)", source="--model")
+        return None, model, (), True
+    routing = gather_routing(inputs, model=model)
+    return routing, routing.model if model is None else model, tuple(routing.sources), routing.synthetic
+
+
+def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
+    if gpus is None and nodes is None and gpus_per_node is None:
+        if cluster is None:
+            return None
+    from placer.cli import _topology
+    return _topology(cluster, gpus, nodes, gpus_per_node)
+
+
+@simulate.command(context_settings=CONTEXT)
+@click.option("--cluster", default="h800", show_default=True, help="GPU kind preset.")
+@click.option("--ep", type=click.IntRange(min=1), required=True, help="Expert-parallel ranks (nodes of 8).")
+@click.option("--tokens-per-rank", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=7168, show_default=True)
+@click.option("--experts", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--kernel", type=click.Choice(KERNEL_CHOICES), default="deepep-normal", show_default=True)
+@click.option("--routing", default="uniform", show_default=True, metavar="uniform|group-limited|TRACE",
+              help="Random routing, DeepSeek-style group-limited routing, or a routing file.")
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--topk-groups", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, groups, topk_groups, seed, as_json):
+    """One dispatch and one combine: times and bottleneck bandwidth, as DeepEP's tests report them.
+
+    \b
+    Example:
+        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 4096 --top-k 8 --hidden 7168 \\
+            --experts 256 --kernel deepep-normal --routing group-limited --groups 8 --topk-groups 4 --json
+    """
+    from placer.simulator.a2a import a2a_benchmark
+    out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,
+                        experts=experts, kernel=kernel, routing=routing, groups=groups, topk_groups=topk_groups,
+                        seed=seed)
+    if as_json:
+        _echo_json(out)
+        return
+    for key, value in out.items():
+        click.echo(f"{key:>22}  {value}")
+
+
+@simulate.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--gpus", "gpus_list", default=None, metavar="N,N,...", help="GPU counts to sweep.")
+@click.option("--rates", default=None, metavar="R,R,...", help="Request rates to sweep (serving).")
+@click.option("--placement", "placements", multiple=True, type=click.Path(), metavar="FILE",
+              help="Placement files (only at their own GPU count).")
+@click.option("--method", "methods", multiple=True, metavar="NAME", help="Solve with this method at every point.")
+@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True)
+@model_option
+@click.option("--cluster", default=None, metavar="PRESET", help="GPU kind (default h100).")
+@workload_options
+@engine_options
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local processes (default: CPUs).")
+@click.option("--ray-address", default=None, help="Run the grid on this Ray cluster (e.g. auto).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Sweep directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep table as JSON.")
+def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, cluster, workload, rate, duration_s,
+          prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank, context_len,
+          execution, kernel, congestion, dispatch, level, seed, workers, ray_address, output, as_json):
+    """A grid over GPU counts and request rates, each point a full `simulate run` of every placement.
+
+    \b
+    Example:
+        placer simulate sweep --model mixtral-8x7b --gpus 4,8 --rates 5,10 --method contiguous \\
+            --method eplb --duration 10 -o sweep/
+    """
+    from placer.simulator.sweep import SweepSpec, run_sweep
+    gpu_counts = [int(g) for g in _floats(gpus_list, "--gpus")] or [None]
+    rate_list = _floats(rates, "--rates") or [rate]
+    spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
+                     model=model, cluster=cluster, workload=workload, duration_s=duration_s, prompt_len=prompt_len,
+                     output_len=output_len, length_dist=length_dist, token_budget=token_budget,
+                     max_running=max_running, iterations=iterations, tokens_per_rank=tokens_per_rank,
+                     context_len=context_len, execution=execution, kernel=kernel, congestion=congestion,
+                     dispatch=dispatch, level=level, seed=seed)
+    table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
+    if as_json:
+        _echo_json(table.to_dict(orient="records"))
+        return
+    click.echo(table.to_string(index=False))
+    click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html)")

@@ -1,0 +1,279 @@
+"""All-to-all cost: per-GPU NVLink and NIC ports, alpha-beta per phase, optional FIFO queuing.
+
+Inside a node every GPU has its own NVLink port (out and in) to the switch; across nodes every
+GPU has one NIC (NCCL's all-to-all cannot aggregate NICs, sheet 2.2). A phase on a GPU takes,
+on each port that carries bytes, ``hop_s + bytes / (bandwidth * efficiency)``; the GPU is done
+when its slowest port is, plus the kernel's launch latency, and the phase ends when the slowest
+GPU is (the all-to-all is a barrier). ``congestion="fifo"`` replaces the closed form by
+serialising the messages on each port in NCCL's peer order (ASTRA-sim congestion-aware style).
+
+Byte accounting per kernel (dispatch direction; combine is the reverse with combine bytes):
+
+- ``nccl``: a token goes once to every rank holding one of its experts, directly (NVLink in the
+  node, the NIC across).
+- ``deepep-normal``: once per rank in the node over NVLink; across nodes once per remote node
+  over RDMA to the GPU with the sender's local index, which forwards it over NVLink to the
+  other ranks of that node that need it.
+- ``deepep-ll``: once per (token, expert), directly.
+
+fp8 tokens carry one fp32 scale per 128 elements (``h + h/128*4`` bytes), plus 16 bytes of
+metadata in the low-latency kernels; bf16 tokens are ``2*h`` (DeepEP's tests, sheet 2.5).
+Context-coherent execution adds the state moves (bf16 hidden states, point to point) to the
+dispatch phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placer._numba import njit
+from placer.simulator.config import SIMAI_ATA_RATIO, SIMAI_ATA_SIZES, NetworkParams
+from placer.simulator.routing import Traffic
+from placer.types import ModelSpec, Topology
+
+
+def token_bytes(hidden: int, dtype: str, kernel: str) -> float:
+    """Bytes of one token on the wire: fp8 with 128-block fp32 scales (+16 B LL metadata) or bf16."""
+    if dtype == "bf16":
+        return 2.0 * hidden
+    extra = 16.0 if kernel == "deepep-ll" else 0.0
+    return hidden + hidden / 128 * 4 + extra
+
+
+@dataclass(frozen=True)
+class LinkBytes:
+    """Bytes of one phase per layer: ``nvlink``, ``rdma`` float [L, G, G] (src, dst); ``forward``
+    is the part of ``nvlink`` that forwards RDMA arrivals (deepep-normal)."""
+
+    nvlink: np.ndarray
+    rdma: np.ndarray
+    forward: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """``time_s [L]`` per layer; ``rank_s [L, G]`` when each GPU finished."""
+
+    time_s: np.ndarray
+    rank_s: np.ndarray
+
+
+def _landing_forward(tokens: np.ndarray, gpn: int) -> np.ndarray:
+    """Forwarded NVLink tokens [L, G, G] (landing GPU -> destination) of deepep-normal.
+
+    A token from GPU (n_s, i) to GPU (m, j), m != n_s, lands on GPU (m, i) over RDMA and is
+    forwarded to (m, j) when j != i.
+    """
+    num_layers, g_count, _ = tokens.shape
+    n_nodes = g_count // gpn
+    t5 = tokens.reshape(num_layers, n_nodes, gpn, n_nodes, gpn)
+    remote = ~np.eye(n_nodes, dtype=bool)
+    # Sum over source nodes other than m: [L, i, m, j].
+    fw = np.einsum("asimj,sm->aimj", t5, remote.astype(tokens.dtype))
+    fw[:, np.arange(gpn), :, np.arange(gpn)] = 0.0  # j == i: the landing GPU itself
+    out = np.zeros((num_layers, n_nodes, gpn, n_nodes, gpn))
+    idx = np.arange(n_nodes)
+    out[:, idx, :, idx, :] = fw.transpose(2, 0, 1, 3)  # landing (m, i) -> (m, j)
+    return out.reshape(num_layers, g_count, g_count)
+
+
+@dataclass(frozen=True)
+class StepNetwork:
+    """One step's all-to-all: dispatch and combine :class:`PhaseTimes`, and per (src, dst) pair
+    float [G, G] NVLink and RDMA bytes and busy seconds, summed over layers and both phases."""
+
+    dispatch: PhaseTimes
+    combine: PhaseTimes
+    nvlink_bytes: np.ndarray
+    rdma_bytes: np.ndarray
+    nvlink_busy_s: np.ndarray
+    rdma_busy_s: np.ndarray
+
+
+class NetworkModel:
+    """Turns :class:`Traffic` into link bytes and phase times for one kernel and cluster."""
+
+    def __init__(self, params: NetworkParams, topology: Topology, model: ModelSpec):
+        self.params = params
+        self.topology = topology
+        g = topology.num_gpus
+        node = np.arange(g) // topology.gpus_per_node
+        self.same_node = node[:, None] == node[None, :]
+        self.off_diag = ~np.eye(g, dtype=bool)
+        self.dispatch_bytes = token_bytes(model.hidden_size, params.dispatch_dtype, params.kernel)
+        self.combine_bytes = token_bytes(model.hidden_size, params.combine_dtype, params.kernel)
+        self.state_bytes = 2.0 * model.hidden_size
+        nv_eff = params.nvlink_efficiency
+        if params.forward_efficiency is not None and topology.num_nodes > 1:
+            nv_eff = params.forward_efficiency
+        self.nvlink_Bps = topology.nvlink_gbps * 1e9 * nv_eff
+        self.rdma_Bps = topology.nic_gbps * 1e9 * params.rdma_efficiency
+
+    # -- token counts per link -------------------------------------------------------------
+
+    def link_tokens(self, traffic: Traffic) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Dispatch-direction tokens on NVLink and RDMA, float [L, G, G] (src, dst) each, and
+        the forwarded part of the NVLink tokens (deepep-normal, else None)."""
+        kernel = self.params.kernel
+        same = self.same_node
+        if kernel == "deepep-ll":
+            if traffic.pairs is None:
+                raise ValueError("deepep-ll needs per-pair counts")
+            counts = traffic.pairs * self.off_diag
+        else:
+            counts = traffic.tokens
+        if kernel != "deepep-normal" or self.topology.num_nodes == 1:
+            return counts * same, counts * ~same, None
+        gpn = self.topology.gpus_per_node
+        forward = _landing_forward(traffic.tokens, gpn)
+        num_layers, g_count, n_nodes = traffic.nodes.shape
+        landing = np.zeros_like(counts)
+        # RDMA from g to the GPU of node m with g's local index.
+        cols = np.arange(n_nodes)[None, :] * gpn + (np.arange(g_count) % gpn)[:, None]  # [G, N]
+        landing[:, np.arange(g_count)[:, None], cols] = traffic.nodes
+        return counts * same + forward, landing, forward
+
+    def link_bytes(self, traffic: Traffic) -> tuple[LinkBytes, LinkBytes]:
+        """Dispatch and combine :class:`LinkBytes` of ``traffic`` (combine is the reverse)."""
+        nv, rd, fw = self.link_tokens(traffic)
+        db, cb = self.dispatch_bytes, self.combine_bytes
+        dispatch = LinkBytes(nvlink=nv * db, rdma=rd * db, forward=None if fw is None else fw * db)
+        combine = LinkBytes(nvlink=nv.transpose(0, 2, 1) * cb, rdma=rd.transpose(0, 2, 1) * cb,
+                            forward=None if fw is None else fw.transpose(0, 2, 1) * cb)
+        if traffic.moves is not None:
+            moved = traffic.moves * self.state_bytes
+            dispatch = LinkBytes(nvlink=dispatch.nvlink + moved * self.same_node,
+                                 rdma=dispatch.rdma + moved * ~self.same_node, forward=dispatch.forward)
+        return dispatch, combine
+
+    # -- time -------------------------------------------------------------------------------
+
+    def _efficiency(self, total_bytes: np.ndarray) -> np.ndarray:
+        """SimAI's all-to-all efficiency at each layer's total bytes (nccl only), else 1."""
+        if not self.params.size_curve:
+            return np.ones_like(total_bytes)
+        n_nodes = self.topology.num_nodes
+        column = min(SIMAI_ATA_RATIO, key=lambda k: (abs(np.log2(k) - np.log2(n_nodes)), k))
+        return np.interp(np.log2(np.maximum(total_bytes, 1.0)), np.log2(SIMAI_ATA_SIZES), SIMAI_ATA_RATIO[column])
+
+    def _closed_form(self, nv_out, nv_in, rd_out, rd_in, forwarded: bool) -> PhaseTimes:
+        p = self.params
+        eff = self._efficiency(nv_out.sum(axis=1) + rd_out.sum(axis=1))[:, None]
+        nv = np.maximum(nv_out, nv_in)
+        rd = np.maximum(rd_out, rd_in)
+        rd_hop = p.rdma_hop_s + (p.nvlink_hop_s if forwarded else 0.0)
+        rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv / (self.nvlink_Bps * eff), 0.0),
+                          np.where(rd > 0, rd_hop + rd / (self.rdma_Bps * eff), 0.0)) + p.launch_s
+        return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
+
+    def phase_times(self, link: LinkBytes) -> PhaseTimes:
+        """Per-layer phase time and per-GPU finish times of one all-to-all phase."""
+        p = self.params
+        if p.congestion != "fifo":
+            return self._closed_form(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1), link.rdma.sum(axis=2),
+                                     link.rdma.sum(axis=1), link.forward is not None)
+        eff = self._efficiency(link.nvlink.sum(axis=(1, 2)) + link.rdma.sum(axis=(1, 2)))
+        direct = link.nvlink if link.forward is None else link.nvlink - link.forward
+        forward = np.zeros_like(link.nvlink) if link.forward is None else link.forward
+        rank = _fifo(direct, forward, link.rdma, self.nvlink_Bps * eff, self.rdma_Bps * eff,
+                     p.nvlink_hop_s, p.rdma_hop_s) + p.launch_s
+        return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
+
+    def evaluate(self, traffic: Traffic) -> StepNetwork:
+        """Both phases of a step and the bytes per (src, dst) pair, summed over layers.
+
+        The closed form needs only per-port sums, taken once in token units (combine is the
+        reverse of dispatch); FIFO queuing builds the per-layer byte matrices.
+        """
+        if self.params.congestion == "fifo":
+            d, c = self.link_bytes(traffic)
+            nv_pair = d.nvlink.sum(axis=0) + c.nvlink.sum(axis=0)
+            rd_pair = d.rdma.sum(axis=0) + c.rdma.sum(axis=0)
+            return StepNetwork(self.phase_times(d), self.phase_times(c), nv_pair, rd_pair,
+                               nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps)
+        nv, rd, fw = self.link_tokens(traffic)
+        db, cb = self.dispatch_bytes, self.combine_bytes
+        nv_out, nv_in, rd_out, rd_in = nv.sum(axis=2), nv.sum(axis=1), rd.sum(axis=2), rd.sum(axis=1)
+        nv_t, rd_t = nv.sum(axis=0), rd.sum(axis=0)
+        nv_pair, rd_pair = nv_t * db + nv_t.T * cb, rd_t * db + rd_t.T * cb
+        d_nv_out, d_nv_in, d_rd_out, d_rd_in = nv_out * db, nv_in * db, rd_out * db, rd_in * db
+        if traffic.moves is not None:
+            sb, same = self.state_bytes, self.same_node
+            mv_nv, mv_rd = traffic.moves * same, traffic.moves * ~same
+            d_nv_out = d_nv_out + mv_nv.sum(axis=2) * sb
+            d_nv_in = d_nv_in + mv_nv.sum(axis=1) * sb
+            d_rd_out = d_rd_out + mv_rd.sum(axis=2) * sb
+            d_rd_in = d_rd_in + mv_rd.sum(axis=1) * sb
+            nv_pair = nv_pair + mv_nv.sum(axis=0) * sb
+            rd_pair = rd_pair + mv_rd.sum(axis=0) * sb
+        forwarded = fw is not None
+        dispatch = self._closed_form(d_nv_out, d_nv_in, d_rd_out, d_rd_in, forwarded)
+        combine = self._closed_form(nv_in * cb, nv_out * cb, rd_in * cb, rd_out * cb, forwarded)
+        return StepNetwork(dispatch, combine, nv_pair, rd_pair, nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps)
+
+
+@njit
+def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no cover - numba
+    """Per-port FIFO: messages in NCCL's peer order (step i: g -> g+i), store and forward.
+
+    ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``nv_bw``, ``rd_bw``: [L] B/s.
+    A message occupies its source's egress port, then (after the hop latency) its
+    destination's ingress port; forwarded NVLink messages leave the landing GPU only after
+    every RDMA message into it has arrived. Returns float [L, G] finish times.
+    """
+    num_layers, g_count, _ = direct.shape
+    out = np.zeros((num_layers, g_count))
+    for layer in range(num_layers):
+        nv_out = np.zeros(g_count)
+        nv_in = np.zeros(g_count)
+        rd_out = np.zeros(g_count)
+        rd_in = np.zeros(g_count)
+        for step in range(1, g_count):
+            for g in range(g_count):
+                d = (g + step) % g_count
+                b = rdma[layer, g, d]
+                if b > 0:
+                    start = rd_out[g]
+                    rd_out[g] = start + b / rd_bw[layer]
+                    arrive = max(rd_in[d], start + rd_hop) + b / rd_bw[layer]
+                    rd_in[d] = max(arrive, rd_out[g] + rd_hop)
+                b = direct[layer, g, d]
+                if b > 0:
+                    start = nv_out[g]
+                    nv_out[g] = start + b / nv_bw[layer]
+                    arrive = max(nv_in[d], start + nv_hop) + b / nv_bw[layer]
+                    nv_in[d] = max(arrive, nv_out[g] + nv_hop)
+        for step in range(1, g_count):
+            for g in range(g_count):
+                d = (g + step) % g_count
+                b = forward[layer, g, d]
+                if b > 0:
+                    start = max(nv_out[g], rd_in[g])
+                    nv_out[g] = start + b / nv_bw[layer]
+                    arrive = max(nv_in[d], start + nv_hop) + b / nv_bw[layer]
+                    nv_in[d] = max(arrive, nv_out[g] + nv_hop)
+        for g in range(g_count):
+            out[layer, g] = max(max(nv_out[g], nv_in[g]), max(rd_out[g], rd_in[g]))
+    return out
+
+
+def allgather_s(network: NetworkModel, tokens_per_rank: np.ndarray) -> float:
+    """Per-step all-gather of the step's new tokens (context-coherent execution), seconds.
+
+    Hierarchical: every GPU receives the other nodes' tokens through the NICs, a 1/gpus_per_node
+    share each, then the rest of the node's copies over NVLink. ``tokens_per_rank``: float [G].
+    """
+    p, topo = network.params, network.topology
+    n = np.asarray(tokens_per_rank, dtype=np.float64)
+    total = n.sum()
+    if total <= 0 or topo.num_gpus == 1:
+        return 0.0
+    per_node = n.reshape(topo.num_nodes, topo.gpus_per_node).sum(axis=1)
+    remote = (total - per_node).max() * network.state_bytes / topo.gpus_per_node
+    nvlink = (total - n.min()) * network.state_bytes
+    t = nvlink / network.nvlink_Bps + p.nvlink_hop_s
+    if topo.num_nodes > 1:
+        t = max(t, remote / network.rdma_Bps + p.rdma_hop_s)
+    return float(t + p.launch_s)

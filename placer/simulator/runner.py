@@ -1,0 +1,159 @@
+"""What the ``placer simulate`` commands call: gather inputs, simulate, write the results layout.
+
+Placements come from native placement files or from solver methods run on the routing input
+(``method:NAME`` labels), so a sweep over GPU counts can re-solve at each count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from placer.errors import InvalidInputError
+from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
+from placer.simulator.results import RunOutput, sha256_of, write_results
+from placer.simulator.simulate import simulate
+from placer.types import ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A placement to simulate: its ``label``, the placement, where it came from."""
+
+    label: str
+    placement: Placement
+    path: str | None
+    method: str | None
+
+
+def _unique_labels(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model: ModelSpec | None,
+                         topology: Topology | None, stats: RoutingStats | None, redundant: int = 0,
+                         dispatch: str = "nearest", execution: str = "standard",
+                         seed: int = 0) -> tuple[list[Candidate], ModelSpec, Topology]:
+    """Read ``paths`` (native placement files) and solve ``methods``; all share one model and cluster.
+
+    A file's model and cluster are authoritative; ``model``/``topology`` given alongside must
+    agree. Methods need ``stats`` for the load (balance-only methods accept none) and a
+    ``topology``.
+    """
+    from placer.io.placements import read_placement_json
+
+    found: list[tuple[str, Placement, str | None, str | None]] = []
+    for path in paths:
+        pf = read_placement_json(path)
+        if model is not None and (pf.model.num_moe_layers, pf.model.num_experts, pf.model.top_k) != \
+                (model.num_moe_layers, model.num_experts, model.top_k):
+            raise InvalidInputError(f"placement is for {pf.model.name}, not {model.name}", source=path)
+        if topology is not None and pf.topology.num_gpus != topology.num_gpus:
+            raise InvalidInputError(f"placement spans {pf.topology.num_gpus} GPUs, the cluster has "
+                                    f"{topology.num_gpus}", source=path)
+        model = model if model is not None and model.sizes_known else pf.model
+        topology = topology or pf.topology
+        found.append((pf.method, pf.placement, path, pf.method))
+    if methods:
+        from placer.ilp import METHODS, PlacementProblem, solve
+        from placer.profiling.stats import load_only_stats
+        if model is None or topology is None:
+            raise InvalidInputError("solving a placement needs the model and cluster (--model, --gpus)",
+                                    source="--method")
+        if stats is None:
+            stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
+        problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
+                                   execution=execution)
+        for method in methods:
+            if method not in METHODS:
+                raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}",
+                                        source="--method")
+            result = solve(problem, method, seed=seed)
+            found.append((method, result.placement, None, method))
+    if not found:
+        raise InvalidInputError("give at least one --placement FILE or --method NAME", source="--placement")
+    if model is None or topology is None:
+        raise InvalidInputError("the model and cluster are unknown", source="--model")
+    labels = _unique_labels([name for name, *_ in found])
+    return [Candidate(label, p, path, method) for label, (_, p, path, method) in zip(labels, found, strict=True)], \
+        model, topology
+
+
+def routing_identity(sources: Sequence[str], routing: RoutingTrace | RoutingStats | None, model: ModelSpec,
+                     synthetic: bool) -> dict[str, Any]:
+    """The routing input's identity for ``metrics.json``."""
+    if not sources:
+        return {"source": f"synthetic:{model.name}", "sha256": None, "tokens": None}
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(sha256_of(path).encode())
+    tokens = routing.num_tokens if routing is not None else None
+    return {"source": ", ".join(sources), "sha256": digest.hexdigest(), "tokens": tokens, "synthetic": synthetic}
+
+
+def run_comparison(candidates: Sequence[Candidate], topology: Topology, model: ModelSpec, *,
+                   routing: RoutingTrace | RoutingStats | None, routing_info: dict[str, Any],
+                   workload: ServingWorkload | ReplayWorkload, config: SimConfig, level: str = "count",
+                   output: str | None = None,
+                   progress: Callable[[str, int, float], None] | None = None) -> list[RunOutput]:
+    """Simulate every candidate with the same routing, workload and seeds; write ``output`` when given."""
+    runs = []
+    for c in candidates:
+        def tick(step: int, now: float, label: str = c.label) -> None:
+            if progress is not None:
+                progress(label, step, now)
+        runs.append(simulate(c.placement, topology, model, routing=routing, workload=workload, config=config,
+                             label=c.label, level=level, progress=tick))
+    if output is not None:
+        inputs = {
+            "model": model.to_dict(), "topology": topology.to_dict(), "routing": routing_info,
+            "placements": {c.label: {"path": c.path, "sha256": sha256_of(c.path) if c.path else None,
+                                     "method": c.method} for c in candidates},
+            "workload": {"kind": workload.kind, **{k: v for k, v in asdict(workload).items() if k != "kind"}},
+            "config": {**config.to_dict(), "level": level},
+        }
+        write_results(output, inputs, runs)
+    return runs
+
+
+COMPARE_KEYS = ("iterations", "simulated_s", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+                "tpot_p99_s", "e2e_p99_s", "iteration_p50_s", "iteration_p99_s", "a2a_p50_s", "a2a_p99_s",
+                "dispatch_s", "compute_s", "combine_s", "attention_s", "straggler_share", "max_link_utilisation",
+                "nvlink_bytes", "rdma_bytes")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def comparison_table(runs: Sequence[RunOutput]) -> str:
+    """Metrics side by side, one column per placement, with the ratio of each to the first."""
+    labels = [r.label for r in runs]
+    header = ["metric"] + labels + ([f"{lab}/{labels[0]}" for lab in labels[1:]])
+    rows = [header]
+    for key in COMPARE_KEYS:
+        vals = [r.summary.get(key) for r in runs]
+        if all(v is None for v in vals):
+            continue
+        ratios = []
+        for v in vals[1:]:
+            base = vals[0]
+            ok = isinstance(v, int | float) and isinstance(base, int | float) and base
+            ratios.append(f"{v / base:.3f}" if ok else "-")
+        rows.append([key] + [_fmt(v) for v in vals] + ratios)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))) for row in rows)

@@ -1,0 +1,116 @@
+"""One call per simulated placement: build the pieces, run the engine, return a RunOutput."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
+from placer.errors import InvalidInputError
+from placer.simulator.collector import Collector
+from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
+from placer.simulator.cost import CostModel
+from placer.simulator.engine import Engine
+from placer.simulator.events import RequestArrival, SimContext, StepStart
+from placer.simulator.results import RunOutput
+from placer.simulator.routing import routing_rates, sample_traffic, token_traffic
+from placer.simulator.scheduler import ReplayScheduler, ServingScheduler, kv_capacity_tokens
+from placer.simulator.workload import poisson_arrivals, routing_pool
+from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
+from placer.validate import check_placement
+
+Workload = ServingWorkload | ReplayWorkload
+
+
+def _check(model: ModelSpec, topology: Topology, placement: Placement, config: SimConfig) -> None:
+    if not model.sizes_known:
+        raise InvalidInputError(f"model {model.name} has no hidden/expert sizes; the simulator needs them "
+                                "(pass a preset with --model)", source="--model")
+    if config.execution not in EXECUTION_MODES:
+        raise InvalidInputError(f"unknown execution mode {config.execution!r}", source="--execution")
+    check_placement(placement, model, topology)
+
+
+def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
+             routing: RoutingTrace | RoutingStats | None = None, workload: Workload | None = None,
+             config: SimConfig | None = None, label: str = "placement", level: str = "count",
+             progress: Callable[[int, float], None] | None = None) -> RunOutput:
+    """Simulate serving ``model`` on ``topology`` with ``placement``.
+
+    ``routing``: a trace or statistics (None: the model's synthetic preset). ``workload``:
+    :class:`ServingWorkload` (default) or :class:`ReplayWorkload`. ``level``: ``count`` (routing
+    sampled from per-token rates) or ``token`` (every token routed; replay of a trace always
+    is). Deterministic given ``config.seed``: placements compared with the same seed see the
+    same arrivals and the same routing draws.
+    """
+    config = config or SimConfig()
+    workload = workload or ServingWorkload()
+    _check(model, topology, placement, config)
+    if level not in ("count", "token"):
+        raise InvalidInputError(f"unknown routing level {level!r}", source="level")
+    g = topology.num_gpus
+    cost = CostModel(model, topology, placement, config)
+    collector = Collector(label, model.num_moe_layers, g)
+    execution, dispatch = config.execution, config.dispatch
+    table = None if dispatch == "vllm" else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED)
+    rng = np.random.default_rng([config.seed, 1])
+    need_pairs = config.network.kernel == "deepep-ll"
+    replay_trace = routing if isinstance(workload, ReplayWorkload) and isinstance(routing, RoutingTrace) else None
+    if replay_trace is not None:
+        if execution != "standard" and not replay_trace.has_top1:
+            raise InvalidInputError("context-coherent execution needs each token's top-1 expert; the trace's "
+                                    "order is unknown", source="routing")
+        ids = np.asarray(replay_trace.sorted_ids() if replay_trace.has_top1 else replay_trace.expert_ids,
+                         dtype=np.int64)
+
+        def route(step):
+            return token_traffic(placement, topology, ids[step.token_index], step.home, execution=execution,
+                                 dispatch=dispatch, index=step.token_index, table=table)
+    else:
+        pool = routing_pool(routing, model, size=config.pool_size, seed=config.seed)
+        if execution != "standard" and not pool.top1_known:
+            raise InvalidInputError(f"context-coherent execution needs each token's top-1 expert; the routing "
+                                    f"({pool.kind}) does not record it", source="routing")
+        if level == "count":
+            rates = routing_rates(placement, topology, pool.ids, execution=execution, dispatch=dispatch)
+
+            def route(step):
+                return sample_traffic(rates, placement, topology, step.shape.tokens, rng, with_pairs=need_pairs)
+        else:
+            def route(step):
+                n = step.shape.tokens.astype(np.int64)
+                home = np.repeat(np.arange(g), n)
+                pick = rng.integers(0, len(pool.ids), size=len(home))
+                return token_traffic(placement, topology, pool.ids[pick], home, execution=execution,
+                                     dispatch=dispatch, index=pick, table=table)
+    engine = Engine()
+    if isinstance(workload, ReplayWorkload):
+        scheduler: Any = ReplayScheduler(replay_trace, workload, g)
+        until = np.inf
+        engine.schedule(StepStart(0.0))
+    else:
+        arrivals = poisson_arrivals(workload, config.seed)
+        kv = cost.compute.kv_bytes
+        capacity = kv_capacity_tokens(model, topology, placement, kv, cost.compute.attention_params)
+        scheduler = ServingScheduler(arrivals, workload, g, capacity, replicate_kv=execution != "standard")
+        for i, t in enumerate(arrivals.time_s):
+            engine.schedule(RequestArrival(float(t), i))
+        until = 2.0 * workload.duration_s
+    collector.scheduler = scheduler
+    ctx = SimContext(scheduler=scheduler, route=route, cost_model=cost, collector=collector, progress=progress,
+                     idle=not isinstance(workload, ReplayWorkload))
+    engine.run(ctx, until_s=until)
+    out = collector.output()
+    out.summary["events"] = engine.events_handled
+    out.summary["routing_pool"] = "trace-tokens" if replay_trace is not None else pool.kind
+    if execution != "standard":
+        out.summary["kv_replication"] = g
+    return out
+
+
+def simulate_many(placements: Sequence[tuple[str, Placement]], topology: Topology, model: ModelSpec,
+                  **kwargs: Any) -> list[RunOutput]:
+    """:func:`simulate` each ``(label, placement)`` with the same workload, routing and seeds."""
+    return [simulate(p, topology, model, label=label, **kwargs) for label, p in placements]

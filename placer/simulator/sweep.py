@@ -1,0 +1,140 @@
+"""Sweeps: a grid of GPU counts x request rates, every point a full comparison of placements.
+
+Points run in parallel, in local processes or as Ray tasks (``ray_address``); each writes its
+own results directory under the sweep directory, and ``sweep.csv`` collects the summaries.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from placer.errors import InvalidInputError
+
+SWEEP_COLUMNS = ("point", "gpus", "rate", "placement", "throughput_tok_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+                 "e2e_p99_s", "iteration_p99_s", "a2a_p99_s", "straggler_share", "max_link_utilisation")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a point needs, as plain values (points run in other processes)."""
+
+    inputs: tuple[str, ...] = ()
+    placements: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    redundant: int = 0
+    model: str | None = None
+    cluster: str | None = None
+    workload: str = "serving"
+    duration_s: float = 60.0
+    prompt_len: int = 1024
+    output_len: int = 256
+    length_dist: str = "exponential"
+    token_budget: int = 2048
+    max_running: int = 256
+    iterations: int | None = None
+    tokens_per_rank: int = 128
+    context_len: int = 1024
+    execution: str = "standard"
+    kernel: str = "deepep-normal"
+    congestion: str = "none"
+    dispatch: str | None = None
+    level: str = "count"
+    seed: int = 0
+
+
+def point_name(gpus: int | None, rate: float | None) -> str:
+    parts = []
+    if gpus is not None:
+        parts.append(f"gpus{gpus}")
+    if rate is not None:
+        parts.append(f"rate{rate:g}")
+    return "-".join(parts) or "point"
+
+
+def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> list[dict[str, Any]]:
+    """Simulate one grid point; returns its rows of the sweep table."""
+    from placer.io.placements import read_placement_json
+    from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
+    from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig, kernel_preset
+    from placer.simulator.runner import placement_candidates, routing_identity, run_comparison
+    from placer.workflow import gather_routing
+
+    model = get_model(spec.model) if spec.model else None
+    routing = gather_routing(list(spec.inputs), model=model) if spec.inputs else None
+    if routing is not None and model is None:
+        model = routing.model
+    topology = make_topology(spec.cluster or DEFAULT_CLUSTER, gpus=gpus) if gpus is not None else None
+    files = [p for p in spec.placements
+             if topology is None or read_placement_json(p).topology.num_gpus == topology.num_gpus]
+    if not files and not spec.methods:
+        return []
+    candidates, model, topology = placement_candidates(
+        files, spec.methods, model=model, topology=topology, stats=None if routing is None else routing.stats,
+        redundant=spec.redundant, dispatch=spec.dispatch or "nearest", execution=spec.execution, seed=spec.seed)
+    if spec.workload == "replay":
+        workload: Any = ReplayWorkload(tokens_per_rank=spec.tokens_per_rank, iterations=spec.iterations,
+                                       context_len=spec.context_len)
+    else:
+        workload = ServingWorkload(rate=rate, duration_s=spec.duration_s, prompt_len=spec.prompt_len,
+                                   output_len=spec.output_len, length_dist=spec.length_dist,
+                                   token_budget=spec.token_budget, max_running=spec.max_running,
+                                   max_steps=spec.iterations)
+    config = SimConfig(network=kernel_preset(spec.kernel, congestion=spec.congestion), execution=spec.execution,
+                       dispatch=spec.dispatch or "nearest", seed=spec.seed)
+    data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
+    info = routing_identity(list(spec.inputs), data, model,
+                            True if routing is None else routing.synthetic)
+    runs = run_comparison(candidates, topology, model, routing=data, routing_info=info, workload=workload,
+                          config=config, level=spec.level, output=output)
+    name = os.path.basename(output)
+    return [{"point": name, "gpus": topology.num_gpus, "rate": rate if spec.workload == "serving" else None,
+             "placement": r.label, **{k: r.summary.get(k) for k in SWEEP_COLUMNS[4:]}} for r in runs]
+
+
+def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], address: str) -> list[list[dict]]:
+    try:
+        import ray
+    except ImportError:
+        from placer.errors import MissingDependencyError
+        raise MissingDependencyError("--ray-address needs ray (pip install 'placer[runtime]')") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    task = ray.remote(num_cpus=1)(run_point)
+    return ray.get([task.remote(spec, g, r, out) for g, r, out in points])
+
+
+def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float], *, output: str,
+              workers: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
+    """Run every (GPU count, rate) point; write ``output/<point>/`` and ``output/sweep.csv``."""
+    from placer.io.atomic import atomic_write_text
+    from placer.simulator.report import render_report
+
+    if spec.workload == "replay":
+        rates = rates[:1]
+    points = [(g, r, os.path.join(output, point_name(g, r if spec.workload == "serving" else None)))
+              for g in gpu_counts for r in rates]
+    os.makedirs(output, exist_ok=True)
+    if ray_address is not None:
+        results = _ray_run(spec, points, ray_address)
+    elif (workers or 1) == 1 or len(points) == 1:
+        results = [run_point(spec, g, r, out) for g, r, out in points]
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(points))) as pool:
+            results = list(pool.map(run_point, [spec] * len(points), *zip(*points, strict=True)))
+    rows = [row for point_rows in results for row in point_rows]
+    if not rows:
+        raise InvalidInputError("no grid point has a placement: placement files fit only their own GPU count; "
+                                "add --method", source="--placement")
+    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    atomic_write_text(os.path.join(output, "sweep.csv"), table.to_csv(index=False, lineterminator="\n"))
+    done = [(os.path.basename(out), out) for (g, r, out), res in zip(points, results, strict=True) if res]
+    render_report(done, os.path.join(output, "report.html"), title="placer simulate sweep")
+    return table
+
+
+__all__ = ["SweepSpec", "run_point", "run_sweep", "point_name"]
