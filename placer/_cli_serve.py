@@ -1,0 +1,122 @@
+"""The ``placer serve`` command (registered in :mod:`placer.cli`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from placer.cli import (
+    CONTEXT,
+    _check_against_file,
+    _model,
+    _parse_exports,
+    _topology,
+    cluster_options,
+    model_option,
+)
+from placer.errors import InvalidInputError
+from placer.types import DISPATCH_RULES
+
+
+@click.command(context_settings=CONTEXT)
+@model_option
+@cluster_options
+@click.option("--watch", "watch_dir", type=click.Path(), default=None,
+              help="Directory where SGLang dumps or placer stats files land (polled every --interval).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; a non-local one needs a token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option("--token", envvar="PLACER_SERVE_TOKEN", default=None, show_envvar=True,
+              help="Bearer token every request must carry (Authorization: Bearer TOKEN).")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
+              help="State file (.json, or .npz for large models); a restart resumes from it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Placement JSON rewritten atomically on each publication.")
+@click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
+              help="Also rewrite a serving-stack file on each publication (sglang, vllm, ...). Repeatable.")
+@click.option("--initial", type=click.Path(dir_okay=False), default=None,
+              help="Placement JSON the serving stack runs now (default: contiguous, slot p holds expert p % E).")
+@click.option("--method", default="eplb", show_default=True, help="Placement method re-solved on the window.")
+@click.option("--redundant", type=click.IntRange(min=0), default=None,
+              help="Redundant slots per layer (default: the initial placement's, else 0).")
+@click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
+              help="Replica dispatch rule (default: the initial placement's, else nearest).")
+@click.option("--half-life", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Window half-life in observations.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Publish only when the predicted step-time gain minus migration cost exceeds this fraction.")
+@click.option("--horizon", "horizon_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds a new placement is expected to serve (amortises migration).")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Seconds between directory scans and between evaluations.")
+@click.option("--tokens-per-rank", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens per rank per simulated step.")
+@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock limit of each solve (seconds).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
+@click.option("--verbose", is_flag=True, help="Log every request.")
+def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, token, state_path, output, exports,
+          initial, method, redundant, dispatch, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
+          time_limit_s, seed, verbose):
+    """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
+
+    Load arrives by POST /stats ({"load": [[...]]}, MoE layers x experts) and as files in
+    --watch. The service keeps a decayed window, re-solves with --method in the background and
+    publishes (--output, GET /placement?format=placer|sglang|vllm) only when the simulated
+    step-time gain minus the migration time over --horizon exceeds --threshold. GET /metrics
+    (Prometheus), GET /healthz, GET /status. Stop it with Ctrl-C or SIGTERM.
+
+    \b
+    Example:
+        placer serve --model mixtral-8x7b --gpus 8 --watch /tmp/dumps --state s.json -o p.json
+        curl -X POST localhost:8000/stats -d '{"load": [[...], ...]}'
+        curl 'localhost:8000/placement?format=sglang'
+    """
+    from placer.ilp import METHODS
+    from placer.serve import PolicyConfig, ServeConfig, Service
+
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
+    init = None
+    if initial:
+        from placer.io.placements import read_placement_json
+        pf = read_placement_json(initial)
+        _check_against_file(pf, initial, model, cluster, gpus, nodes, gpus_per_node)
+        spec, topology, init = pf.model, pf.topology, pf.placement
+        dispatch = dispatch or pf.dispatch
+        redundant = init.num_redundant if redundant is None else redundant
+    else:
+        spec = _model(model)
+        if spec is None:
+            raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
+        topology = _topology(cluster, gpus, nodes, gpus_per_node)
+    policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch or "nearest",
+                          threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
+                          time_limit_s=time_limit_s, seed=seed)
+    config = ServeConfig(model=spec, topology=topology, policy=policy, half_life=half_life, interval_s=interval_s,
+                         watch_dir=watch_dir, state_path=state_path, output_path=output,
+                         exports=tuple(_parse_exports(exports)), initial=init, initial_source=initial or "",
+                         host=host, port=port, token=token or None)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s placer serve: %(levelname)s %(message)s")
+    service = Service(config)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bound_host, bound_port = service.start()
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    click.echo(f"placer serve: listening on http://{shown}:{bound_port} ({spec.name}, {topology.num_gpus} GPUs, "
+               f"method {method}, threshold {threshold}); {service.origin}")
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    click.echo("placer serve: stopped; state saved" if state_path else "placer serve: stopped")
