@@ -17,8 +17,26 @@ and must land on the relabelled placement. Columns:
   layer. That changes which experts share a GPU across layers, which a placement may rely on.
 
 Run: ``.venv/bin/python benchmarks/bench_runtime.py [--seeds 0 1 2 3 4] [--amount 0.3]``.
-Parts: only ``planner`` so far; the live-migration pause and forward throughput are separate
-parts to add next to :func:`bench_planner`, selected with ``--part``.
+
+Part ``live`` (``--part live``): a local 4-rank CPU deployment on Ray (gloo), EPLB placement ->
+EPLB re-solve after a synthetic load shift, migrated live by ``execute_plan`` (one round per
+served step, one expert per rank pair per round) while serving batches, every output checked
+against the single-process reference. Reports the plan, the per-layer serving pause (the commit
+at the step boundary: staged experts written, local copies, map switch; max over ranks), step
+latency before / during / after, and the transfer wait after the forward. Two expert sizes: the
+embedded model's (hidden 128, FFN 128) and a larger one (hidden 512, FFN 1024).
+
+Part ``throughput`` (``--part throughput``): forward tokens/s of the 4-rank deployment vs the
+single-process reference forward (:func:`placer.runtime.model.reference_forward`, one thread) on
+the same batches, embedded shapes, EPLB placement with 4 redundant slots.
+
+Part ``sticky`` (``--part sticky``): the planner's pairs again, with a movement-aware re-solve
+(:func:`placer.runtime.resolve.sticky_repack`: the EPLB re-solve's replica counts, packed keeping
+experts on their old GPUs within a load tolerance). Saving is against the naive bytes of the
+EPLB re-solve (the planner part's baseline); balance is max/mean GPU load on the new load with
+each expert's load split evenly over its replicas (median and worst layer).
+
+Both live parts start ``ray.init(num_cpus=2)`` (4 ranks at 0.5 CPU each, one torch thread each).
 """
 
 from __future__ import annotations
@@ -121,15 +139,162 @@ def bench_planner(seeds: list[int], amount: float, tokens: int) -> None:
               f"{med['layer_relabel']:>13.3f}")
 
 
+# --------------------------------------------------------------------------------------------
+# Live parts (torch + Ray)
+# --------------------------------------------------------------------------------------------
+
+
+def _live_setup(hidden: int, ffn: int, seed: int = 0):
+    """Embedded routing shape (4 layers x 8 experts, top-2) with the given expert sizes, 4 ranks,
+    4 redundant slots; EPLB before and after a synthetic load shift."""
+    from dataclasses import replace
+
+    from placer.runtime.apply import embedded_model
+
+    model = replace(embedded_model(), hidden_size=hidden, expert_ffn_size=ffn)
+    topology = make_topology("h100", gpus=4, nodes=1)
+    before, after = shifted_stats(model, seed, 0.3, 4000)
+    old, new = eplb_pair(model, topology, 4, before, after)
+    return model, topology, old, new
+
+
+def _start_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def bench_live(tokens: int, seed: int) -> None:
+    import torch
+
+    from placer.runtime import Deployment, execute_plan, reference_forward
+
+    _start_ray()
+    print("live migration on a local 4-rank CPU deployment (Ray actors, gloo), EPLB -> EPLB re-solve "
+          f"after a synthetic load shift; {tokens} tokens per batch; one round per step, 1 expert per "
+          "rank pair per round; pause = commit at the step boundary (max over ranks)")
+    header = (f"{'hidden':>6} {'ffn':>5} {'MB/exp':>6} | {'naive MB':>8} {'sent MB':>7} {'rounds':>6} | "
+              f"{'step ms before':>14} {'during med':>10} {'during max':>10} {'after':>6} | "
+              f"{'wait ms max':>11} | {'pause ms per layer':>24} | {'verified':>8}")
+    print(header)
+    print("-" * len(header))
+    for hidden, ffn in ((128, 128), (512, 1024)):
+        model, topology, old, new = _live_setup(hidden, ffn, seed)
+        rng = np.random.default_rng(seed)
+
+        def batch(rng=rng, hidden=hidden):
+            return rng.standard_normal((tokens, hidden)).astype(np.float32)
+        with Deployment(model, old, topology, seed=seed) as dep:
+            ref = lambda x: reference_forward(dep.weights, torch.from_numpy(x)).numpy()  # noqa: E731
+            plan = plan_migration(old, new, topology, expert_bytes=dep.weights.expert_bytes,
+                                  max_experts_per_round=1)
+            dep.forward(batch())  # warm-up
+            before = []
+            for _ in range(8):
+                x = batch()
+                t0 = time.perf_counter()
+                y = dep.forward(x)
+                before.append(time.perf_counter() - t0)
+                assert np.allclose(y, ref(x), rtol=1e-4, atol=1e-4)
+            report = execute_plan(dep, plan, (batch() for _ in iter(int, 1)), reference=ref)
+            after = []
+            for _ in range(8):
+                x = batch()
+                t0 = time.perf_counter()
+                y = dep.forward(x)
+                after.append(time.perf_counter() - t0)
+                assert np.allclose(y, ref(x), rtol=1e-4, atol=1e-4)
+            assert not dep.verify_all() and not report.mismatches
+        mb = 1e6
+        pauses = " ".join(f"{p * 1e3:.2f}" for p in report.pause_s)
+        print(f"{hidden:>6} {ffn:>5} {dep.weights.expert_bytes / mb:>6.2f} | {plan.naive_bytes / mb:>8.1f} "
+              f"{plan.bytes_moved / mb:>7.1f} {plan.num_rounds:>6} | {statistics.median(before) * 1e3:>14.1f} "
+              f"{statistics.median(report.step_s) * 1e3:>10.1f} {max(report.step_s) * 1e3:>10.1f} "
+              f"{statistics.median(after) * 1e3:>6.1f} | {max(report.wait_s) * 1e3:>11.2f} | {pauses:>24} | "
+              f"{report.verified:>3}/{report.batches:<4}")
+
+
+def bench_throughput(seed: int, repeats: int) -> None:
+    import torch
+
+    from placer.runtime import Deployment, reference_forward
+
+    torch.set_num_threads(1)
+    _start_ray()
+    model, topology, old, _ = _live_setup(128, 128, seed)
+    print("forward throughput: 4-rank local CPU deployment (Ray, gloo, 1 torch thread per rank, 2 cores) "
+          "vs the single-process reference (1 torch thread); embedded shapes (4 MoE layers x 8 experts, "
+          f"top-2, hidden 128, FFN 128), EPLB placement, 12 slots; median of {repeats} batches")
+    header = f"{'tokens':>6} | {'deployment ms':>13} {'tok/s':>8} | {'reference ms':>12} {'tok/s':>8} | {'ratio':>5}"
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(seed)
+    with Deployment(model, old, topology, seed=seed) as dep:
+        for tokens in (64, 256, 1024, 4096):
+            xs = [rng.standard_normal((tokens, 128)).astype(np.float32) for _ in range(repeats)]
+            dep.forward(xs[0])
+            d, r = [], []
+            for x in xs:
+                t0 = time.perf_counter()
+                y = dep.forward(x)
+                d.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ref = reference_forward(dep.weights, torch.from_numpy(x)).numpy()
+                r.append(time.perf_counter() - t0)
+                assert np.allclose(y, ref, rtol=1e-4, atol=1e-4)
+            dm, rm = statistics.median(d), statistics.median(r)
+            print(f"{tokens:>6} | {dm * 1e3:>13.1f} {tokens / dm:>8.0f} | {rm * 1e3:>12.1f} {tokens / rm:>8.0f} | "
+                  f"{rm / dm:>5.2f}")
+
+
+def bench_sticky(seeds: list[int], amount: float, tokens: int, tolerance: float) -> None:
+    from placer.runtime.resolve import gpu_balance, sticky_repack
+
+    model = get_model(MODEL)
+    print(f"{MODEL}: movement-aware re-solve (sticky_repack, tolerance {tolerance}) vs the EPLB re-solve; "
+          f"shift sigma {amount}, {tokens} tokens per trace; synthetic")
+    header = (f"{'GPUs':>4} {'seed':>4} | {'naive GB':>8} {'eplb sent':>9} {'saving':>6} | {'sticky sent':>11} "
+              f"{'saving':>6} | {'balance eplb':>12} {'sticky':>11} {'old':>11}")
+    print(header)
+    print("-" * len(header))
+    stats = {seed: shifted_stats(model, seed, amount, tokens) for seed in seeds}
+    for gpus, nodes, redundant in CONFIGS:
+        topology = make_topology("h100", gpus=gpus, nodes=nodes)
+        for seed in seeds:
+            before, after = stats[seed]
+            old, new = eplb_pair(model, topology, redundant, before, after)
+            sticky = sticky_repack(old, new, after.load, tolerance=tolerance)
+            pe = plan_migration(old, new, topology, expert_bytes=model.expert_weight_bytes)
+            ps = plan_migration(old, sticky, topology, expert_bytes=model.expert_weight_bytes)
+            if not np.array_equal(apply_plan(old, ps).physical_to_logical, ps.new.physical_to_logical):
+                raise AssertionError("replaying the sticky plan does not give its placement")
+            bal = [gpu_balance(p, after.load) for p in (new, sticky, old)]
+            cols = " ".join(f"{np.median(b):>5.3f}/{b.max():<5.3f}" for b in bal)
+            print(f"{gpus:>4} {seed:>4} | {pe.naive_bytes / 1e9:>8.1f} {pe.bytes_moved / 1e9:>9.1f} "
+                  f"{1 - pe.bytes_moved / pe.naive_bytes:>6.3f} | {ps.bytes_moved / 1e9:>11.1f} "
+                  f"{1 - ps.bytes_moved / pe.naive_bytes:>6.3f} | {cols}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["planner"], default="planner")
+    parser.add_argument("--part", choices=["planner", "live", "throughput", "sticky", "all"], default="planner")
+    parser.add_argument("--batch-tokens", type=int, default=64, help="tokens per batch (part live)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="sticky_repack tolerance (part sticky)")
+    parser.add_argument("--repeats", type=int, default=9, help="batches per size (part throughput)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--amount", type=float, default=0.3, help="sigma of the lognormal load shift")
     parser.add_argument("--tokens", type=int, default=20000, help="tokens per synthetic trace")
     args = parser.parse_args()
-    if args.part == "planner":
+    if args.part in ("planner", "all"):
         bench_planner(args.seeds, args.amount, args.tokens)
+    if args.part in ("sticky", "all"):
+        bench_sticky(args.seeds, args.amount, args.tokens, args.tolerance)
+    if args.part in ("live", "all"):
+        bench_live(args.batch_tokens, args.seeds[0])
+    if args.part in ("throughput", "all"):
+        bench_throughput(args.seeds[0], args.repeats)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ def _floats(text: str | None, flag: str) -> list[float]:
         raise InvalidInputError(f"expected comma-separated numbers, got {text!r}", source=flag) from None
 
 
+def _ints(text: str | None, flag: str) -> list[int]:
+    from placer.errors import InvalidInputError
+    if text is None:
+        return []
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated whole numbers, got {text!r}", source=flag) from None
+    if any(v < 1 for v in values):
+        raise InvalidInputError(f"must be at least 1, got {text!r}", source=flag)
+    return values
+
+
 def workload_options(func):
     for deco in reversed([
         click.option("--workload", type=click.Choice(["serving", "replay"]), default="serving", show_default=True,
@@ -138,8 +151,11 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         routing_identity,
         run_comparison,
     )
-    routing, model_spec, sources, synthetic = _routing(inputs, model)
+    routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
     topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
+    if topology is None and cluster is not None and not placements:
+        from placer.errors import InvalidInputError
+        raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
     candidates, model_spec, topology = placement_candidates(
         placements, methods, model=model_spec, topology=topology,
         stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
@@ -147,7 +163,11 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
     wl = _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
                    iterations, tokens_per_rank, context_len)
     config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
-                       dispatch=dispatch or "nearest", seed=seed)
+                       dispatch=dispatch, seed=seed)
+    if cluster is not None and topology.name != cluster.lower():
+        from placer.errors import InvalidInputError
+        raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
+                                source="--cluster")
     data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
     total = duration_s if workload == "serving" else (iterations or 100)
     tick, done = _progress(total, "s" if workload == "serving" else "steps")
@@ -156,8 +176,8 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
                           config=config, level=level, output=output, progress=tick)
     done()
     if output is not None:
-        from placer.simulator.report import render_report
-        render_report(output, f"{output}/report.html")
+        from placer.report import render_full_report
+        render_full_report(output, f"{output}/report.html")
     if as_json:
         _echo_json({r.label: r.summary for r in runs})
         return
@@ -168,23 +188,30 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         click.echo(f"results in {output}/ (report: {output}/report.html)")
 
 
-def _routing(inputs, model_name):
+def _routing(inputs, model_name, placements=()):
     from placer.cli import _model
     from placer.workflow import gather_routing
     model = _model(model_name)
     if not inputs:
-        if model is None:
+        if model is None and not placements:
             from placer.errors import InvalidInputError
-            raise InvalidInputError("give a routing input or --model PRESET (synthetic routing)", source="--model")
+            raise InvalidInputError("give a routing input, --model PRESET (synthetic routing) or a --placement "
+                                    "file", source="--model")
         return None, model, (), True
     routing = gather_routing(inputs, model=model)
     return routing, routing.model if model is None else model, tuple(routing.sources), routing.synthetic
 
 
 def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
+    """The cluster of the flags, or None when no size is given (placement files then give it)."""
     if gpus is None and nodes is None and gpus_per_node is None:
-        if cluster is None:
-            return None
+        if cluster is not None:
+            from placer.errors import InvalidInputError
+            from placer.presets import CLUSTERS
+            if cluster.lower() not in CLUSTERS:
+                raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
+                                        source="--cluster")
+        return None
     from placer.cli import _topology
     return _topology(cluster, gpus, nodes, gpus_per_node)
 
@@ -249,7 +276,7 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
             --method eplb --duration 10 -o sweep/
     """
     from placer.simulator.sweep import SweepSpec, run_sweep
-    gpu_counts = [int(g) for g in _floats(gpus_list, "--gpus")] or [None]
+    gpu_counts = _ints(gpus_list, "--gpus") or [None]
     rate_list = _floats(rates, "--rates") or [rate]
     spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
                      model=model, cluster=cluster, workload=workload, duration_s=duration_s, prompt_len=prompt_len,

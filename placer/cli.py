@@ -300,6 +300,20 @@ def export(placement, fmt, output):
         click.echo(f"  {line}")
 
 
+from placer._cli_apply import apply as _apply  # noqa: E402
+from placer._cli_demo import demo as _demo  # noqa: E402
+from placer._cli_profile import profile as _profile  # noqa: E402
+from placer._cli_report import report as _report  # noqa: E402
+from placer._cli_serve import serve as _serve  # noqa: E402
+from placer._cli_simulate import simulate as _simulate  # noqa: E402
+
+cli.add_command(_apply)
+cli.add_command(_demo)
+cli.add_command(_profile)
+cli.add_command(_report)
+cli.add_command(_simulate)
+cli.add_command(_serve)
+
 # ---------------------------------------------------------------------------------------------
 # Entry point: error triage
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+        if no_args and isinstance(exc, no_args):
+            exc.show()  # a bare group: its help
+        else:
+            click.echo(f"placer: error: {_one_line_text(exc.format_message())}", err=True)
         return exc.exit_code
     except (InvalidInputError, InfeasibleError, MissingDependencyError) as exc:
         if debug:
@@ -330,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(rerun with --debug for the traceback)", err=True)
         return 1
     return 0
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _one_line(exc: BaseException) -> str:

@@ -186,8 +186,8 @@ class ReplayWorkload:
     """Batches of real routed tokens, ``tokens_per_rank`` per rank per step, read in order.
 
     Decode-like steps: each token is one decode token with ``context_len`` tokens of context.
-    Runs ``iterations`` steps, wrapping around the trace when it is shorter (``wrap``), else
-    stops at the trace's end.
+    A trace is replayed once (the last step holds what is left; at most ``iterations`` steps),
+    or with ``wrap`` for ``iterations`` full steps cycling through it.
     """
 
     tokens_per_rank: int = 128
@@ -207,12 +207,15 @@ class ReplayWorkload:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """Everything a run needs besides the model, cluster, placement and routing."""
+    """Everything a run needs besides the model, cluster, placement and routing.
+
+    ``dispatch`` None (comparisons only) means each placement's own rule (its file's, else
+    nearest)."""
 
     network: NetworkParams = field(default_factory=lambda: KERNEL_PRESETS["deepep-normal"])
     compute: ComputeParams = field(default_factory=ComputeParams)
     execution: str = "standard"
-    dispatch: str = "nearest"
+    dispatch: str | None = "nearest"
     seed: int = 0
     pool_size: int = 4096
 

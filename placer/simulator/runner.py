@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ class Candidate:
     placement: Placement
     path: str | None
     method: str | None
+    status: str = "feasible"
+    dispatch: str | None = None
 
 
 def _unique_labels(names: list[str]) -> list[str]:
@@ -51,7 +53,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
     """
     from placer.io.placements import read_placement_json
 
-    found: list[tuple[str, Placement, str | None, str | None]] = []
+    found: list[tuple[str, Placement, str | None, str | None, str, str]] = []
     for path in paths:
         pf = read_placement_json(path)
         if model is not None and (pf.model.num_moe_layers, pf.model.num_experts, pf.model.top_k) != \
@@ -62,7 +64,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
                                     f"{topology.num_gpus}", source=path)
         model = model if model is not None and model.sizes_known else pf.model
         topology = topology or pf.topology
-        found.append((pf.method, pf.placement, path, pf.method))
+        found.append((pf.method, pf.placement, path, pf.method, pf.status, pf.dispatch))
     if methods:
         from placer.ilp import METHODS, PlacementProblem, solve
         from placer.profiling.stats import load_only_stats
@@ -70,7 +72,10 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
             raise InvalidInputError("solving a placement needs the model and cluster (--model, --gpus)",
                                     source="--method")
         if stats is None:
-            stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
+            if not model.sizes_known and model.name == "custom":
+                stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
+            else:
+                stats = synthetic_stats(model, seed)
         problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
                                    execution=execution)
         for method in methods:
@@ -78,14 +83,25 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
                 raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}",
                                         source="--method")
             result = solve(problem, method, seed=seed)
-            found.append((method, result.placement, None, method))
+            found.append((method, result.placement, None, method, result.status, dispatch))
     if not found:
         raise InvalidInputError("give at least one --placement FILE or --method NAME", source="--placement")
     if model is None or topology is None:
         raise InvalidInputError("the model and cluster are unknown", source="--model")
     labels = _unique_labels([name for name, *_ in found])
-    return [Candidate(label, p, path, method) for label, (_, p, path, method) in zip(labels, found, strict=True)], \
-        model, topology
+    return [Candidate(label, p, path, method, status if status != "infeasible" else "feasible", rule)
+            for label, (_, p, path, method, status, rule) in zip(labels, found, strict=True)], model, topology
+
+
+SYNTHETIC_FIT_TOKENS = 20000
+
+
+def synthetic_stats(model: ModelSpec, seed: int) -> RoutingStats:
+    """Statistics to solve on when there is no routing input: the model's synthetic preset at seed
+    ``seed + 1`` (the simulation's own synthetic pool uses ``seed``, so they do not overlap)."""
+    from placer.profiling.stats import compute_stats
+    from placer.synthetic import synthesize_trace
+    return compute_stats(synthesize_trace(model, SYNTHETIC_FIT_TOKENS, seed=seed + 1))
 
 
 def routing_identity(sources: Sequence[str], routing: RoutingTrace | RoutingStats | None, model: ModelSpec,
@@ -105,21 +121,43 @@ def run_comparison(candidates: Sequence[Candidate], topology: Topology, model: M
                    workload: ServingWorkload | ReplayWorkload, config: SimConfig, level: str = "count",
                    output: str | None = None,
                    progress: Callable[[str, int, float], None] | None = None) -> list[RunOutput]:
-    """Simulate every candidate with the same routing, workload and seeds; write ``output`` when given."""
+    """Simulate every candidate with the same routing, workload and seeds; write ``output`` when given.
+
+    Candidates solved on the fly (no file) are written to ``output/placement-<label>.json``, so
+    the results directory names every placement it simulated.
+    """
+    if output is not None:
+        import os
+
+        from placer.io.placements import write_placement_json
+        os.makedirs(output, exist_ok=True)
+        written = []
+        for c in candidates:
+            if c.path is None:
+                path = os.path.join(output, f"placement-{c.label.replace('/', '_')}.json")
+                write_placement_json(path, c.placement, model=model, topology=topology,
+                                     dispatch=config.dispatch or c.dispatch or "nearest",
+                                     method=c.method or c.label, status=c.status, solve_seconds=0.0)
+                c = Candidate(c.label, c.placement, path, c.method, c.status, c.dispatch)
+            written.append(c)
+        candidates = written
     runs = []
+    rules = {c.label: config.dispatch or c.dispatch or "nearest" for c in candidates}
     for c in candidates:
         def tick(step: int, now: float, label: str = c.label) -> None:
             if progress is not None:
                 progress(label, step, now)
-        runs.append(simulate(c.placement, topology, model, routing=routing, workload=workload, config=config,
-                             label=c.label, level=level, progress=tick))
+        runs.append(simulate(c.placement, topology, model, routing=routing, workload=workload,
+                             config=replace(config, dispatch=rules[c.label]), label=c.label, level=level,
+                             progress=tick))
     if output is not None:
         inputs = {
             "model": model.to_dict(), "topology": topology.to_dict(), "routing": routing_info,
             "placements": {c.label: {"path": c.path, "sha256": sha256_of(c.path) if c.path else None,
-                                     "method": c.method} for c in candidates},
+                                     "method": c.method, "dispatch": rules[c.label]} for c in candidates},
             "workload": {"kind": workload.kind, **{k: v for k, v in asdict(workload).items() if k != "kind"}},
-            "config": {**config.to_dict(), "level": level},
+            "config": {**config.to_dict(), "level": level,
+                       "dispatch": rules[candidates[0].label] if len(set(rules.values())) == 1 else "per-placement"},
         }
         write_results(output, inputs, runs)
     return runs

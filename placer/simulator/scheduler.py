@@ -186,8 +186,6 @@ class ReplayScheduler:
         per_step = workload.tokens_per_rank * num_gpus
         if trace is None:
             self.batches = [None] * (workload.iterations or 100)
-        elif trace.num_tokens < per_step and not workload.wrap:
-            self.batches = [np.arange(trace.num_tokens)]
         else:
             self.batches = replay_batches(trace, per_step, workload.iterations, workload.wrap)
         self.steps = 0

@@ -53,7 +53,7 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     g = topology.num_gpus
     cost = CostModel(model, topology, placement, config)
     collector = Collector(label, model.num_moe_layers, g)
-    execution, dispatch = config.execution, config.dispatch
+    execution, dispatch = config.execution, config.dispatch or "nearest"
     table = None if dispatch == "vllm" else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED)
     rng = np.random.default_rng([config.seed, 1])
     need_pairs = config.network.kernel == "deepep-ll"

@@ -85,7 +85,7 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
                                    token_budget=spec.token_budget, max_running=spec.max_running,
                                    max_steps=spec.iterations)
     config = SimConfig(network=kernel_preset(spec.kernel, congestion=spec.congestion), execution=spec.execution,
-                       dispatch=spec.dispatch or "nearest", seed=spec.seed)
+                       dispatch=spec.dispatch, seed=spec.seed)
     data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
     info = routing_identity(list(spec.inputs), data, model,
                             True if routing is None else routing.synthetic)

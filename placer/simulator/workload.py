@@ -89,12 +89,18 @@ def poisson_arrivals(workload: ServingWorkload, seed: int) -> Arrivals:
 
 def replay_batches(trace: RoutingTrace, tokens_per_step: int, iterations: int | None,
                    wrap: bool) -> list[np.ndarray]:
-    """Token indices of each replay step, consecutive ``tokens_per_step`` tokens of the trace."""
+    """Token indices of each replay step: consecutive ``tokens_per_step`` tokens of the trace.
+
+    Without ``wrap`` the trace is replayed once, its last step holding what is left (at most
+    ``iterations`` steps); with ``wrap``, ``iterations`` full steps cycle through it.
+    """
     total = trace.num_tokens
     if total == 0:
         raise InvalidInputError("the trace has no tokens", source="routing")
-    if iterations is None:
-        iterations = max(1, total // tokens_per_step)
-    elif not wrap and iterations * tokens_per_step > total:
-        iterations = max(1, total // tokens_per_step)
-    return [np.arange(i * tokens_per_step, (i + 1) * tokens_per_step) % total for i in range(iterations)]
+    if wrap:
+        steps = iterations if iterations is not None else -(-total // tokens_per_step)
+        return [np.arange(i * tokens_per_step, (i + 1) * tokens_per_step) % total for i in range(steps)]
+    steps = -(-total // tokens_per_step)
+    if iterations is not None:
+        steps = min(steps, iterations)
+    return [np.arange(i * tokens_per_step, min((i + 1) * tokens_per_step, total)) for i in range(steps)]

@@ -150,23 +150,30 @@ class NetworkModel:
 
     # -- time -------------------------------------------------------------------------------
 
-    def _efficiency(self, total_bytes: np.ndarray) -> np.ndarray:
-        """SimAI's all-to-all efficiency at each layer's total bytes (nccl only), else 1."""
+    def _efficiency(self, port_bytes: np.ndarray) -> np.ndarray:
+        """SimAI's all-to-all efficiency (nccl only, else 1) for each port, read at the total an
+        all-to-all moving ``port_bytes`` on every port would have. Per port, so that bytes added
+        elsewhere never speed a port up; ``bytes / efficiency`` still grows with the bytes."""
         if not self.params.size_curve:
-            return np.ones_like(total_bytes)
+            return np.ones_like(port_bytes)
         n_nodes = self.topology.num_nodes
         column = min(SIMAI_ATA_RATIO, key=lambda k: (abs(np.log2(k) - np.log2(n_nodes)), k))
-        return np.interp(np.log2(np.maximum(total_bytes, 1.0)), np.log2(SIMAI_ATA_SIZES), SIMAI_ATA_RATIO[column])
+        total = np.maximum(port_bytes * self.topology.num_gpus, 1.0)
+        return np.interp(np.log2(total), np.log2(SIMAI_ATA_SIZES), SIMAI_ATA_RATIO[column])
 
     def _closed_form(self, nv_out, nv_in, rd_out, rd_in, forwarded: bool) -> PhaseTimes:
         p = self.params
-        eff = self._efficiency(nv_out.sum(axis=1) + rd_out.sum(axis=1))[:, None]
         nv = np.maximum(nv_out, nv_in)
         rd = np.maximum(rd_out, rd_in)
-        rd_hop = p.rdma_hop_s + (p.nvlink_hop_s if forwarded else 0.0)
-        rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv / (self.nvlink_Bps * eff), 0.0),
-                          np.where(rd > 0, rd_hop + rd / (self.rdma_Bps * eff), 0.0)) + p.launch_s
+        rd_hop = self._rdma_hop(forwarded)
+        rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv / (self.nvlink_Bps * self._efficiency(nv)), 0.0),
+                          np.where(rd > 0, rd_hop + rd / (self.rdma_Bps * self._efficiency(rd)), 0.0)) + p.launch_s
         return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
+
+    def _rdma_hop(self, forwarded: bool) -> float:
+        """Latency of the RDMA path: the NIC hop, plus the NVLink hop when the kernel forwards."""
+        p = self.params
+        return p.rdma_hop_s + (p.nvlink_hop_s if forwarded else 0.0)
 
     def phase_times(self, link: LinkBytes) -> PhaseTimes:
         """Per-layer phase time and per-GPU finish times of one all-to-all phase."""
@@ -174,11 +181,13 @@ class NetworkModel:
         if p.congestion != "fifo":
             return self._closed_form(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1), link.rdma.sum(axis=2),
                                      link.rdma.sum(axis=1), link.forward is not None)
-        eff = self._efficiency(link.nvlink.sum(axis=(1, 2)) + link.rdma.sum(axis=(1, 2)))
         direct = link.nvlink if link.forward is None else link.nvlink - link.forward
         forward = np.zeros_like(link.nvlink) if link.forward is None else link.forward
-        rank = _fifo(direct, forward, link.rdma, self.nvlink_Bps * eff, self.rdma_Bps * eff,
-                     p.nvlink_hop_s, p.rdma_hop_s) + p.launch_s
+        nv_port = np.maximum(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1))
+        rd_port = np.maximum(link.rdma.sum(axis=2), link.rdma.sum(axis=1))
+        rank = _fifo(direct, forward, link.rdma, self.nvlink_Bps * self._efficiency(nv_port),
+                     self.rdma_Bps * self._efficiency(rd_port), p.nvlink_hop_s,
+                     self._rdma_hop(link.forward is not None)) + p.launch_s
         return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
 
     def evaluate(self, traffic: Traffic) -> StepNetwork:
@@ -218,7 +227,8 @@ class NetworkModel:
 def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no cover - numba
     """Per-port FIFO: messages in NCCL's peer order (step i: g -> g+i), store and forward.
 
-    ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``nv_bw``, ``rd_bw``: [L] B/s.
+    ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``nv_bw``, ``rd_bw``: [L, G] B/s per
+    port (a message moves at the slower of its two ports).
     A message occupies its source's egress port, then (after the hop latency) its
     destination's ingress port; forwarded NVLink messages leave the landing GPU only after
     every RDMA message into it has arrived. Returns float [L, G] finish times.
@@ -235,24 +245,27 @@ def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no co
                 d = (g + step) % g_count
                 b = rdma[layer, g, d]
                 if b > 0:
+                    t = b / min(rd_bw[layer, g], rd_bw[layer, d])
                     start = rd_out[g]
-                    rd_out[g] = start + b / rd_bw[layer]
-                    arrive = max(rd_in[d], start + rd_hop) + b / rd_bw[layer]
+                    rd_out[g] = start + t
+                    arrive = max(rd_in[d], start + rd_hop) + t
                     rd_in[d] = max(arrive, rd_out[g] + rd_hop)
                 b = direct[layer, g, d]
                 if b > 0:
+                    t = b / min(nv_bw[layer, g], nv_bw[layer, d])
                     start = nv_out[g]
-                    nv_out[g] = start + b / nv_bw[layer]
-                    arrive = max(nv_in[d], start + nv_hop) + b / nv_bw[layer]
+                    nv_out[g] = start + t
+                    arrive = max(nv_in[d], start + nv_hop) + t
                     nv_in[d] = max(arrive, nv_out[g] + nv_hop)
         for step in range(1, g_count):
             for g in range(g_count):
                 d = (g + step) % g_count
                 b = forward[layer, g, d]
                 if b > 0:
+                    t = b / min(nv_bw[layer, g], nv_bw[layer, d])
                     start = max(nv_out[g], rd_in[g])
-                    nv_out[g] = start + b / nv_bw[layer]
-                    arrive = max(nv_in[d], start + nv_hop) + b / nv_bw[layer]
+                    nv_out[g] = start + t
+                    arrive = max(nv_in[d], start + nv_hop) + t
                     nv_in[d] = max(arrive, nv_out[g] + nv_hop)
         for g in range(g_count):
             out[layer, g] = max(max(nv_out[g], nv_in[g]), max(rd_out[g], rd_in[g]))

@@ -1,0 +1,40 @@
+"""``placer demo``: the whole pipeline on the embedded default, in one command."""
+
+from __future__ import annotations
+
+import click
+
+from placer.cli import CONTEXT
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Directory for everything the demo writes.")
+@click.option("--synthetic", is_flag=True, help="Use a synthetic Mixtral trace instead of profiling the embedded model.")
+@click.option("--max-prompts", type=click.IntRange(min=2), default=96, show_default=True,
+              help="Held-out prompts to profile (half to fit, half held out).")
+def demo(output, synthetic, max_prompts):
+    """Profile the embedded model, solve with every method, evaluate on held-out routing,
+    simulate, export for SGLang and write one HTML report.
+
+    \b
+    Example:
+        placer demo -o demo-out
+    """
+    from placer.demo import run_demo
+    out = run_demo(output, synthetic=synthetic, max_prompts=max_prompts, progress=click.echo)
+    cols = ["method", "status", "solve_s", "holdout_load_max_mean", "holdout_other_ranks",
+            "holdout_cc_cross_gpu", "sim_step_p50_ms", "sim_a2a_p99_us"]
+
+    def cell(v):
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    table = [cols] + [[cell(r[c]) for c in cols] for r in out.rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    click.echo(f"routing: {out.routing}; held-out metrics and simulation on the held-out half")
+    click.echo(f"best (simulated p50 step time): {out.best}")
+    click.echo(f"report: {out.report}")
+    click.echo(f"SGLang placement: {out.sglang}; serve with: {' '.join(out.sglang_flags)}")
+    click.echo(f"done in {out.seconds:.0f} s")

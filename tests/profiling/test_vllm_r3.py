@@ -1,0 +1,99 @@
+"""Saved R3 routed experts (JSONL base64 / nested lists, .npy) mapped back through a placement."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from placer.cli import main
+from placer.errors import InvalidInputError
+from placer.io.native import read_stats_npz
+from placer.io.placements import write_placement_json
+from placer.presets import make_topology
+from placer.profiling.vllm_r3 import import_r3
+from placer.types import ModelSpec, Placement
+
+pytestmark = pytest.mark.timeout(60)
+
+# 3 hidden layers, layer 0 dense; 4 experts, top-2; 6 slots on 2 GPUs (experts 0 and 3 replicated).
+MODEL = ModelSpec(name="r3-test", num_hidden_layers=3, moe_layer_ids=(1, 2), num_experts=4, top_k=2)
+P2L = np.array([[0, 1, 3, 2, 0, 3], [3, 2, 1, 0, 3, 0]])
+
+
+def logical_and_physical(rng, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logical ids [T, 2, 2] and R3 physical ids [T, 3, 2] (dense row 0 is zeros, as R3 pads it)."""
+    logical = np.stack([np.stack([rng.choice(4, 2, replace=False) for _ in range(2)]) for _ in range(tokens)])
+    phys = np.zeros((tokens, 3, 2), np.int32)
+    for t in range(tokens):
+        for layer in range(2):
+            for k in range(2):
+                phys[t, layer + 1, k] = rng.choice(np.flatnonzero(P2L[layer] == logical[t, layer, k]))
+    return logical, phys
+
+
+@pytest.fixture
+def placement(tmp_path):
+    path = tmp_path / "p.json"
+    write_placement_json(path, Placement(P2L, 3, 4), model=MODEL, topology=make_topology(gpus=2),
+                         dispatch="nearest", method="contiguous", status="feasible", solve_seconds=0.0)
+    return path
+
+
+def test_jsonl_base64_and_lists_map_back_to_logical(tmp_path, placement):
+    rng = np.random.default_rng(0)
+    la, pa = logical_and_physical(rng, 7)
+    lb, pb = logical_and_physical(rng, 5)
+    path = tmp_path / "outputs.jsonl"
+    path.write_text(json.dumps({"request_id": 10, "routed_experts": base64.b64encode(pa.astype("<i4").tobytes()).decode()})
+                    + "\n" + json.dumps({"routed_experts": pb.tolist()}) + "\n")
+    trace = import_r3(path, placement=placement)
+    assert trace.model.name == "r3-test"
+    assert (trace.expert_ids == np.concatenate([la, lb])).all()
+    assert trace.request_ids.tolist() == [10] * 7 + [1] * 5
+
+
+def test_npy_without_placement_is_taken_as_logical(tmp_path):
+    rng = np.random.default_rng(1)
+    logical, _ = logical_and_physical(rng, 9)
+    r3 = np.concatenate([np.zeros((9, 1, 2), np.int32), logical], axis=1)  # dense row 0 first
+    path = tmp_path / "r3.npy"
+    np.save(path, r3)
+    trace = import_r3(path, model=MODEL)
+    assert (trace.expert_ids == logical).all()
+    r3[0, 2, 0] = 5  # a physical slot id: out of range for 4 logical experts
+    np.save(path, r3)
+    with pytest.raises(InvalidInputError, match="--placement") as exc:
+        import_r3(path, model=MODEL)
+    assert exc.value.source == str(path)
+
+
+def test_cli_r3_with_placement_writes_stats_solve_takes(tmp_path, placement, capsys):
+    rng = np.random.default_rng(2)
+    logical, phys = logical_and_physical(rng, 40)
+    path = tmp_path / "r3.npy"
+    np.save(path, phys)
+    out = tmp_path / "s.npz"
+    assert main(["profile", "--vllm-r3", str(path), "--placement", str(placement), "-o", str(out)]) == 0
+    stats = read_stats_npz(out)
+    expect = np.stack([np.bincount(logical[:, layer].ravel(), minlength=4) for layer in range(2)])
+    assert (stats.load == expect).all() and stats.model.moe_layer_ids == (1, 2)
+    assert main(["solve", str(out), "--gpus", "2", "--method", "contiguous", "-o", str(tmp_path / "p2.json")]) == 0
+    capsys.readouterr()
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, placement, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"routed_experts": "@@@"}\n')
+    cases = [
+        (["profile", "--vllm-r3", str(bad), "--placement", str(placement)], "not valid base64"),
+        (["profile", "--vllm-r3", str(tmp_path / "missing.npy")], "file not found"),
+        (["profile", "--vllm-r3", str(bad)], "give --model"),
+        (["profile", "--placement", str(placement)], "--placement applies to --vllm-r3"),
+    ]
+    for args, needle in cases:
+        code = main([*args, "-o", str(tmp_path / "s.npz")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
