@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from placer._metrics_core import first_of_run
+from placer._numba import njit
 from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, select_slots
 from placer.errors import InvalidInputError
 from placer.types import Placement, Topology
@@ -153,20 +154,22 @@ def _per_source(total: np.ndarray, src: np.ndarray) -> np.ndarray:
 
 
 def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *, execution: str = "standard",
-                  dispatch: str = "nearest", seed: int = DEFAULT_DISPATCH_SEED) -> RoutingRates:
+                  dispatch: str = "nearest", seed: int = DEFAULT_DISPATCH_SEED,
+                  table: np.ndarray | None = None) -> RoutingRates:
     """Measure :class:`RoutingRates` on ``pool``: int [S, L, K] logical ids, top-1 first.
 
     Standard execution evaluates every pool token at every home rank (routing does not depend
-    on where a token lives), grouping homes whose dispatch rows are identical, so the rates are
-    unbiased for any mix of home ranks. Context-coherent execution follows each pool token from
+    on where a token lives), so the rates are unbiased for any mix of home ranks. ``table``: the
+    dispatch table when already computed. Context-coherent execution follows each pool token from
     a round-robin home, since where its state lives depends on its routing.
     """
     pool = np.asarray(pool, dtype=np.int64)
     s, num_layers, k = pool.shape
     if s == 0:
         raise InvalidInputError("the routing pool is empty", source="routing")
-    g_count, n_nodes, gpn = placement.num_gpus, topology.num_nodes, topology.gpus_per_node
-    table = None if dispatch == "vllm" else dispatch_table(placement, topology, dispatch, seed)
+    g_count, gpn = placement.num_gpus, topology.gpus_per_node
+    if table is None and dispatch != "vllm":
+        table = dispatch_table(placement, topology, dispatch, seed)
     num_slots = placement.num_slots
     expert = np.zeros((num_layers, placement.num_experts))
     for layer in range(num_layers):
@@ -175,7 +178,6 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
     if execution != "standard":
         tr = token_traffic(placement, topology, pool, np.arange(s) % g_count, execution=execution,
                            dispatch=dispatch, seed=seed, table=table)
-        slots = np.zeros((num_layers, g_count, num_slots))
         # Slot pairs by source GPU: recompute per source from the pool's own paths.
         sl, src = _slots_of(placement, topology, pool, np.arange(s) % g_count, np.arange(s), execution,
                             dispatch, seed, table)
@@ -186,47 +188,103 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
                             nodes=_per_source(tr.nodes, tr.src), pairs=_per_source(tr.pairs, tr.src),
                             slots=_per_source(slots, tr.src), expert_share=expert_share, top_k=k,
                             src_share=tr.src / s, moves=tr.moves / s)
+    if table is None:  # vllm: the replica depends on the token's position, not its home
+        slots_of = select_slots(placement, topology, pool, token_index=np.arange(s), rule=dispatch, seed=seed)
+        tokens, nodes, pairs, slots = _rates_by_position(slots_of, placement.slots_per_gpu, g_count, gpn, num_slots)
+    else:
+        tokens, nodes, pairs, slots = _rates_by_home(pool, table, placement.slots_per_gpu, gpn, num_slots)
+    tokens /= s
+    nodes /= s
+    pairs /= s
+    slots /= s
+    return RoutingRates(execution=execution, tokens=tokens, nodes=nodes, pairs=pairs, slots=slots,
+                        expert_share=expert_share, top_k=k)
+
+
+@njit
+def _rates_by_home(pool, table, spg, gpn, num_slots):  # pragma: no cover - numba
+    """Counts of every pool token evaluated at every home rank (standard execution).
+
+    ``pool`` int64 [S, L, K], ``table`` int64 [L, G, E]. Returns float64 ``tokens`` [L, G, G]
+    (distinct destination ranks other than the home), ``nodes`` [L, G, N] (distinct remote
+    nodes), ``pairs`` [L, G, G] and ``slots`` [L, G, P], summed over the pool. A layer whose
+    dispatch rows are the same for every home (no replicas) is counted once and copied.
+    """
+    s_count, num_layers, k = pool.shape
+    g_count = table.shape[1]
+    n_nodes = g_count // gpn
     tokens = np.zeros((num_layers, g_count, g_count))
     nodes = np.zeros((num_layers, g_count, n_nodes))
     pairs = np.zeros((num_layers, g_count, g_count))
     slots = np.zeros((num_layers, g_count, num_slots))
-    if table is None:
-        groups = [np.arange(g_count)]
-    else:
-        _, first, inverse = np.unique(table.transpose(1, 0, 2).reshape(g_count, -1), axis=0,
-                                      return_index=True, return_inverse=True)
-        groups = [np.flatnonzero(inverse.ravel() == i) for i in range(len(first))]
-    own_node = np.arange(g_count) // gpn
-    for members in groups:
-        rep = int(members[0])
-        # Evaluate every pool token at home ``rep`` with no exclusion of the home itself: the
-        # counts depend on the home only through its dispatch row, shared by the group.
-        sl = select_slots(placement, topology, pool, home_rank=np.full(s, rep), token_index=np.arange(s),
-                          rule=dispatch, seed=seed, table=table)
-        gpu = sl // placement.slots_per_gpu
-        gs = np.sort(gpu, axis=-1)
-        first = first_of_run(gs)
-        lay = np.arange(num_layers)[None, :, None]
-        hits = np.bincount((lay * g_count + gs)[first], minlength=num_layers * g_count).reshape(num_layers, g_count)
-        ns = gs // gpn
-        nfirst = first_of_run(ns)
-        node_hits = np.bincount((lay * n_nodes + ns)[nfirst], minlength=num_layers * n_nodes).reshape(
-            num_layers, n_nodes)
-        pair_hits = np.bincount((lay * g_count + gpu).ravel(), minlength=num_layers * g_count).reshape(
-            num_layers, g_count)
-        slot_hits = np.bincount((lay * num_slots + sl).ravel(), minlength=num_layers * num_slots).reshape(
-            num_layers, num_slots)
-        for g in members:
-            row = hits.copy()
-            row[:, g] = 0
-            tokens[:, g] = row / s
-            nrow = node_hits.copy()
-            nrow[:, own_node[g]] = 0
-            nodes[:, g] = nrow / s
-            pairs[:, g] = pair_hits / s
-            slots[:, g] = slot_hits / s
-    return RoutingRates(execution=execution, tokens=tokens, nodes=nodes, pairs=pairs, slots=slots,
-                        expert_share=expert_share, top_k=k)
+    seen_gpu = np.full(g_count, -1, np.int64)
+    seen_node = np.full(n_nodes, -1, np.int64)
+    hits = np.zeros(g_count)
+    node_hits = np.zeros(n_nodes)
+    stamp = 0
+    for layer in range(num_layers):
+        same = True
+        for g in range(1, g_count):
+            for e in range(table.shape[2]):
+                if table[layer, g, e] != table[layer, 0, e]:
+                    same = False
+                    break
+            if not same:
+                break
+        homes = 1 if same else g_count
+        for g in range(homes):
+            row = table[layer, g]
+            hits[:] = 0.0
+            node_hits[:] = 0.0
+            for t in range(s_count):
+                stamp += 1
+                for j in range(k):
+                    slot = row[pool[t, layer, j]]
+                    slots[layer, g, slot] += 1.0
+                    d = slot // spg
+                    if seen_gpu[d] != stamp:
+                        seen_gpu[d] = stamp
+                        hits[d] += 1.0
+                        m = d // gpn
+                        if seen_node[m] != stamp:
+                            seen_node[m] = stamp
+                            node_hits[m] += 1.0
+            targets = range(g_count) if same else range(g, g + 1)
+            for h in targets:
+                if h != g:
+                    slots[layer, h] = slots[layer, g]
+                for d in range(g_count):
+                    tokens[layer, h, d] = 0.0 if d == h else hits[d]
+                for m in range(n_nodes):
+                    nodes[layer, h, m] = 0.0 if m == h // gpn else node_hits[m]
+        for h in range(g_count):
+            for p in range(num_slots):
+                pairs[layer, h, p // spg] += slots[layer, h, p]
+    return tokens, nodes, pairs, slots
+
+
+def _rates_by_position(slots_of: np.ndarray, spg: int, g_count: int, gpn: int, num_slots: int):
+    """As :func:`_rates_by_home` when the replica depends on the token only (``slots_of`` [S, L, K])."""
+    s, num_layers, _ = slots_of.shape
+    n_nodes = g_count // gpn
+    gpu = slots_of // spg
+    gs = np.sort(gpu, axis=-1)
+    first = first_of_run(gs)
+    lay = np.arange(num_layers)[None, :, None]
+    hits = np.bincount((lay * g_count + gs)[first], minlength=num_layers * g_count).reshape(num_layers, g_count)
+    ns = gs // gpn
+    node_hits = np.bincount((lay * n_nodes + ns)[first_of_run(ns)], minlength=num_layers * n_nodes).reshape(
+        num_layers, n_nodes)
+    pair_hits = np.bincount((lay * g_count + gpu).ravel(), minlength=num_layers * g_count).reshape(num_layers, g_count)
+    slot_hits = np.bincount((lay * num_slots + slots_of).ravel(), minlength=num_layers * num_slots).reshape(
+        num_layers, num_slots)
+    tokens = np.repeat(hits[:, None, :], g_count, axis=1).astype(np.float64)
+    tokens[:, np.arange(g_count), np.arange(g_count)] = 0.0
+    nodes = np.repeat(node_hits[:, None, :], g_count, axis=1).astype(np.float64)
+    nodes[:, np.arange(g_count), np.arange(g_count) // gpn] = 0.0
+    pairs = np.repeat(pair_hits[:, None, :], g_count, axis=1).astype(np.float64)
+    slots = np.repeat(slot_hits[:, None, :], g_count, axis=1).astype(np.float64)
+    return tokens, nodes, pairs, slots
 
 
 def sample_traffic(rates: RoutingRates, placement: Placement, topology: Topology, tokens_per_rank: np.ndarray,

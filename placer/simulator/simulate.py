@@ -74,7 +74,7 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
             raise InvalidInputError(f"context-coherent execution needs each token's top-1 expert; the routing "
                                     f"({pool.kind}) does not record it", source="routing")
         if level == "count":
-            rates = routing_rates(placement, topology, pool.ids, execution=execution, dispatch=dispatch)
+            rates = routing_rates(placement, topology, pool.ids, execution=execution, dispatch=dispatch, table=table)
 
             def route(step):
                 return sample_traffic(rates, placement, topology, step.shape.tokens, rng, with_pairs=need_pairs)
