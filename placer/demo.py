@@ -146,7 +146,7 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
     runs = run_comparison(candidates, topology, sim_model, routing=held_sim,
                           routing_info=routing_identity([], held_sim, sim_model, synthetic) | {
                               "source": f"{routing_kind}, held-out half", "tokens": held.num_tokens},
-                          workload=ReplayWorkload(tokens_per_rank=512, iterations=None, context_len=256),
+                          workload=ReplayWorkload(tokens_per_rank=128, iterations=None, context_len=256),
                           config=SimConfig(), output=sim_dir)
     say(f"simulated {len(runs)} placements on the held-out half ({sim_model.name})")
     by_label = {r.label: r.summary for r in runs}
