@@ -226,7 +226,30 @@ def unpermute(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor, 
         from placer.kernels._triton import unpermute_rows
 
         return unpermute_rows(rows, row_map, weights, out)
+    if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES and out.dtype in _CPU_DTYPES:
+        return _unpermute_cpu(rows, row_map, weights, out)
     return _unpermute_torch(rows, row_map, weights, out)
+
+
+_CPU_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _unpermute_cpu(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor,
+                   out: torch.Tensor) -> torch.Tensor:
+    """CPU bfloat16/float32 backend of :func:`unpermute`: one numba pass per token (``_cpu.py``),
+    bit-exact with the torch backend."""
+    import numpy as np
+
+    from placer.kernels._cpu import unpermute_rows
+
+    none16, none32 = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.float32)
+    in_bf16, out_bf16 = rows.dtype == torch.bfloat16, out.dtype == torch.bfloat16
+    rows_np = rows.view(torch.int16).numpy().view(np.uint16) if in_bf16 else rows.numpy()
+    out_np = out.view(torch.int16).numpy().view(np.uint16) if out_bf16 else out.numpy()
+    unpermute_rows(rows_np if in_bf16 else none16, none32 if in_bf16 else rows_np, row_map.numpy(),
+                   weights.numpy(), out_np if out_bf16 else none16, none32 if out_bf16 else out_np,
+                   in_bf16, out_bf16)
+    return out
 
 
 def _unpermute_torch(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor,
