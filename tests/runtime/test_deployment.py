@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 
 from placer.runtime import plan_migration  # noqa: E402
 from placer.runtime.deployment import Deployment  # noqa: E402
-from placer.runtime.execute import execute_plan  # noqa: E402
+from placer.runtime.execute import RuntimeTransferError, execute_plan  # noqa: E402
 from placer.runtime.model import reference_forward  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -136,3 +136,24 @@ def test_rank_killed_mid_migration_loses_no_request(deployment, ray_session):
     assert report.commit_step[last] > kill_at + 1
     np.testing.assert_array_equal(deployment.placement.physical_to_logical, plan.new.physical_to_logical)
     assert deployment.verify_all() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_transfer_failing_its_checksum_is_not_committed(deployment):
+    deployment.reload(START)
+    plan = plan_migration(START, TARGET, TOPOLOGY, expert_bytes=deployment.weights.expert_bytes,
+                          max_experts_per_round=1)
+    # The controller's authoritative checksum of the first transferred expert no longer matches
+    # what its source rank sends: the receiving rank must refuse it and the layer stay old.
+    layer, expert = int(plan.transfers.layer[0]), int(plan.transfers.expert[0])
+    sums = deployment.weights.checksums
+    saved = sums[layer, expert]
+    sums[layer, expert] = "0" * len(saved)
+    try:
+        with pytest.raises(RuntimeTransferError, match=f"layer {layer}: expert {expert} .* fails its checksum"):
+            execute_plan(deployment, plan, batches(4, 40), reference=reference(deployment))
+        np.testing.assert_array_equal(deployment.placement.physical_to_logical[layer],
+                                      START.physical_to_logical[layer])
+    finally:
+        sums[layer, expert] = saved
+        deployment.reload(START)
