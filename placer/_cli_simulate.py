@@ -275,15 +275,16 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         placer simulate sweep --model mixtral-8x7b --gpus 4,8 --rates 5,10 --method contiguous \\
             --method eplb --duration 10 -o sweep/
     """
+    from placer.simulator.config import SimConfig, kernel_preset
     from placer.simulator.sweep import SweepSpec, run_sweep
     gpu_counts = _ints(gpus_list, "--gpus") or [None]
     rate_list = _floats(rates, "--rates") or [rate]
+    wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,
+                   max_running, iterations, tokens_per_rank, context_len)
+    config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
+                       dispatch=dispatch, seed=seed)
     spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
-                     model=model, cluster=cluster, workload=workload, duration_s=duration_s, prompt_len=prompt_len,
-                     output_len=output_len, length_dist=length_dist, token_budget=token_budget,
-                     max_running=max_running, iterations=iterations, tokens_per_rank=tokens_per_rank,
-                     context_len=context_len, execution=execution, kernel=kernel, congestion=congestion,
-                     dispatch=dispatch, level=level, seed=seed)
+                     model=model, cluster=cluster, workload=wl, config=config, level=level)
     table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
     if as_json:
         _echo_json(table.to_dict(orient="records"))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 
 from placer.errors import InvalidInputError
+from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
 
 SWEEP_COLUMNS = ("point", "gpus", "rate", "placement", "throughput_tok_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
                  "e2e_p99_s", "iteration_p99_s", "a2a_p99_s", "straggler_share", "max_link_utilisation")
@@ -21,7 +22,9 @@ SWEEP_COLUMNS = ("point", "gpus", "rate", "placement", "throughput_tok_s", "ttft
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """Everything a point needs, as plain values (points run in other processes)."""
+    """Everything a point needs (points run in other processes, so only picklable values):
+    the inputs by path, placements by file or method, the workload (its ``rate`` is the swept
+    one) and the simulator configuration."""
 
     inputs: tuple[str, ...] = ()
     placements: tuple[str, ...] = ()
@@ -29,22 +32,9 @@ class SweepSpec:
     redundant: int = 0
     model: str | None = None
     cluster: str | None = None
-    workload: str = "serving"
-    duration_s: float = 60.0
-    prompt_len: int = 1024
-    output_len: int = 256
-    length_dist: str = "exponential"
-    token_budget: int = 2048
-    max_running: int = 256
-    iterations: int | None = None
-    tokens_per_rank: int = 128
-    context_len: int = 1024
-    execution: str = "standard"
-    kernel: str = "deepep-normal"
-    congestion: str = "none"
-    dispatch: str | None = None
+    workload: ServingWorkload | ReplayWorkload = field(default_factory=ServingWorkload)
+    config: SimConfig = field(default_factory=SimConfig)
     level: str = "count"
-    seed: int = 0
 
 
 def point_name(gpus: int | None, rate: float | None) -> str:
@@ -60,7 +50,6 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
     """Simulate one grid point; returns its rows of the sweep table."""
     from placer.io.placements import read_placement_json
     from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
-    from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig, kernel_preset
     from placer.simulator.runner import placement_candidates, routing_identity, run_comparison
     from placer.workflow import gather_routing
 
@@ -75,24 +64,19 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
         return []
     candidates, model, topology = placement_candidates(
         files, spec.methods, model=model, topology=topology, stats=None if routing is None else routing.stats,
-        redundant=spec.redundant, dispatch=spec.dispatch or "nearest", execution=spec.execution, seed=spec.seed)
-    if spec.workload == "replay":
-        workload: Any = ReplayWorkload(tokens_per_rank=spec.tokens_per_rank, iterations=spec.iterations,
-                                       context_len=spec.context_len)
-    else:
-        workload = ServingWorkload(rate=rate, duration_s=spec.duration_s, prompt_len=spec.prompt_len,
-                                   output_len=spec.output_len, length_dist=spec.length_dist,
-                                   token_budget=spec.token_budget, max_running=spec.max_running,
-                                   max_steps=spec.iterations)
-    config = SimConfig(network=kernel_preset(spec.kernel, congestion=spec.congestion), execution=spec.execution,
-                       dispatch=spec.dispatch, seed=spec.seed)
+        redundant=spec.redundant, dispatch=spec.config.dispatch or "nearest", execution=spec.config.execution,
+        seed=spec.config.seed)
+    workload = spec.workload
+    if isinstance(workload, ServingWorkload):
+        workload = replace(workload, rate=rate)
+    config = spec.config
     data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
     info = routing_identity(list(spec.inputs), data, model,
                             True if routing is None else routing.synthetic)
     runs = run_comparison(candidates, topology, model, routing=data, routing_info=info, workload=workload,
                           config=config, level=spec.level, output=output)
     name = os.path.basename(output)
-    return [{"point": name, "gpus": topology.num_gpus, "rate": rate if spec.workload == "serving" else None,
+    return [{"point": name, "gpus": topology.num_gpus, "rate": rate if isinstance(workload, ServingWorkload) else None,
              "placement": r.label, **{k: r.summary.get(k) for k in SWEEP_COLUMNS[4:]}} for r in runs]
 
 
@@ -114,9 +98,10 @@ def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float],
     from placer.io.atomic import atomic_write_text
     from placer.simulator.report import render_report
 
-    if spec.workload == "replay":
+    serving = isinstance(spec.workload, ServingWorkload)
+    if not serving:
         rates = rates[:1]
-    points = [(g, r, os.path.join(output, point_name(g, r if spec.workload == "serving" else None)))
+    points = [(g, r, os.path.join(output, point_name(g, r if serving else None)))
               for g in gpu_counts for r in rates]
     os.makedirs(output, exist_ok=True)
     if ray_address is not None:

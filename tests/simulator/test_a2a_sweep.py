@@ -13,6 +13,7 @@ from placer.ilp.simple import contiguous_map
 from placer.io.placements import write_placement_json
 from placer.presets import get_model, make_topology
 from placer.simulator.a2a import a2a_benchmark, random_routing
+from placer.simulator.config import ReplayWorkload, ServingWorkload
 from placer.simulator.results import read_results
 from placer.simulator.sweep import SWEEP_COLUMNS, SweepSpec, point_name, run_sweep
 from placer.types import ModelSpec, Placement
@@ -116,7 +117,8 @@ def test_a2a_reads_routing_from_a_trace(tmp_path):
 # Sweeps (local)
 # --------------------------------------------------------------------------------------------
 
-SERVING = dict(model="mixtral-8x7b", duration_s=0.2, prompt_len=16, output_len=4, length_dist="fixed")
+SERVING = dict(model="mixtral-8x7b", workload=ServingWorkload(duration_s=0.2, prompt_len=16, output_len=4,
+                                                               length_dist="fixed"))
 
 
 def test_point_names():
@@ -150,7 +152,7 @@ def test_sweep_placement_files_run_only_at_their_gpu_count(tmp_path):
     path = str(tmp_path / "p4.json")
     write_placement_json(path, Placement(contiguous_map(32, 8, 8), 2, 8), model=model, topology=topo,
                          dispatch="nearest", method="mine", status="feasible", solve_seconds=0.0)
-    spec = SweepSpec(placements=(path,), workload="replay", iterations=2, tokens_per_rank=4,
+    spec = SweepSpec(placements=(path,), workload=ReplayWorkload(iterations=2, tokens_per_rank=4),
                      model="mixtral-8x7b")
     table = run_sweep(spec, [4, 8], [1.0, 2.0], output=str(tmp_path / "s"), workers=1)
     # Replay ignores rates (one point per GPU count); the 4-GPU file has no 8-GPU point.
