@@ -224,14 +224,24 @@ class NetworkModel:
 
 
 @njit
+def _message(out_free, in_free, g, d, seconds, hop, ready):  # pragma: no cover - numba
+    """One message g -> d on a FIFO port pair: it takes g's out port once free (and ``ready``),
+    reaches d's in port after ``hop``, and holds each port for ``seconds``."""
+    start = max(out_free[g], ready)
+    out_free[g] = start + seconds
+    arrive = max(in_free[d], start + hop) + seconds
+    in_free[d] = max(arrive, out_free[g] + hop)
+
+
+@njit
 def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no cover - numba
     """Per-port FIFO: messages in NCCL's peer order (step i: g -> g+i), store and forward.
 
     ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``nv_bw``, ``rd_bw``: [L, G] B/s per
-    port (a message moves at the slower of its two ports).
-    A message occupies its source's egress port, then (after the hop latency) its
-    destination's ingress port; forwarded NVLink messages leave the landing GPU only after
-    every RDMA message into it has arrived. Returns float [L, G] finish times.
+    port (a message moves at the slower of its two ports). A message occupies its source's
+    egress port, then (after the hop latency) its destination's ingress port; forwarded NVLink
+    messages leave the landing GPU only after every RDMA message into it has arrived. Returns
+    float [L, G] finish times.
     """
     num_layers, g_count, _ = direct.shape
     out = np.zeros((num_layers, g_count))
@@ -243,30 +253,18 @@ def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no co
         for step in range(1, g_count):
             for g in range(g_count):
                 d = (g + step) % g_count
-                b = rdma[layer, g, d]
-                if b > 0:
-                    t = b / min(rd_bw[layer, g], rd_bw[layer, d])
-                    start = rd_out[g]
-                    rd_out[g] = start + t
-                    arrive = max(rd_in[d], start + rd_hop) + t
-                    rd_in[d] = max(arrive, rd_out[g] + rd_hop)
-                b = direct[layer, g, d]
-                if b > 0:
-                    t = b / min(nv_bw[layer, g], nv_bw[layer, d])
-                    start = nv_out[g]
-                    nv_out[g] = start + t
-                    arrive = max(nv_in[d], start + nv_hop) + t
-                    nv_in[d] = max(arrive, nv_out[g] + nv_hop)
+                if rdma[layer, g, d] > 0:
+                    t = rdma[layer, g, d] / min(rd_bw[layer, g], rd_bw[layer, d])
+                    _message(rd_out, rd_in, g, d, t, rd_hop, 0.0)
+                if direct[layer, g, d] > 0:
+                    t = direct[layer, g, d] / min(nv_bw[layer, g], nv_bw[layer, d])
+                    _message(nv_out, nv_in, g, d, t, nv_hop, 0.0)
         for step in range(1, g_count):
             for g in range(g_count):
                 d = (g + step) % g_count
-                b = forward[layer, g, d]
-                if b > 0:
-                    t = b / min(nv_bw[layer, g], nv_bw[layer, d])
-                    start = max(nv_out[g], rd_in[g])
-                    nv_out[g] = start + t
-                    arrive = max(nv_in[d], start + nv_hop) + t
-                    nv_in[d] = max(arrive, nv_out[g] + nv_hop)
+                if forward[layer, g, d] > 0:
+                    t = forward[layer, g, d] / min(nv_bw[layer, g], nv_bw[layer, d])
+                    _message(nv_out, nv_in, g, d, t, nv_hop, rd_in[g])
         for g in range(g_count):
             out[layer, g] = max(max(nv_out[g], nv_in[g]), max(rd_out[g], rd_in[g]))
     return out
