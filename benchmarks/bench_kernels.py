@@ -89,26 +89,29 @@ def bench_shape(shape, *, device: str, backend: str, dtype: torch.dtype, repeats
     gbps = {name: (2 * src.numel() * item if name == "copy" else moved) / sec / 1e9
             for name, sec in t.items()}
     return {"shape": shape, "ms": {k: v * 1e3 for k, v in t.items()}, "gbps": gbps,
-            "ratio": {k: v / copy_gbps for k, v in gbps.items()}}
+            "ratio": {k: v / copy_gbps for k, v in gbps.items()},
+            "time_ratio": {k: t_copy / v for k, v in t.items()}}
 
 
 def report(results: list[dict], *, device: str, backend: str, dtype: torch.dtype,
            hbm_gbps: float | None) -> None:
     print(f"device={device} backend={backend} dtype={str(dtype).removeprefix('torch.')} "
           f"torch threads={torch.get_num_threads()}")
-    head = f"{'T,H,K,E,P':>24}  {'what':<15}{'ms':>9}{'GB/s':>9}{'vs copy':>9}"
+    head = f"{'T,H,K,E,P':>24}  {'what':<15}{'ms':>9}{'GB/s':>9}{'vs copy':>9}{'copy t/t':>10}"
     if hbm_gbps:
         head += f"{'vs HBM':>9}"
     print(head)
     for r in results:
         for name, ms in r["ms"].items():
             line = (f"{','.join(map(str, r['shape'])):>24}  {name:<15}{ms:9.3f}"
-                    f"{r['gbps'][name]:9.1f}{r['ratio'][name]:9.2f}")
+                    f"{r['gbps'][name]:9.1f}{r['ratio'][name]:9.2f}{r['time_ratio'][name]:10.2f}")
             if hbm_gbps:
                 line += f"{r['gbps'][name] / hbm_gbps:9.2f}"
             print(line)
-    print("GB/s counts (1+K)*T*H*itemsize for the ops and 2*T*K*H*itemsize for the copy; "
-          "medians of the repeats")
+    print("GB/s counts (1+K)*T*H*itemsize for the ops (the fewest bytes they can move) and "
+          "2*T*K*H*itemsize for the copy; 'vs copy' is the ratio of those rates; 'copy t/t' is the "
+          "time of a plain copy of the permuted buffer (T*K rows: what permute writes and unpermute "
+          "reads) over the op's time; medians of the repeats")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

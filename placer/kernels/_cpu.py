@@ -16,7 +16,81 @@ from __future__ import annotations
 
 import numpy as np
 
-from placer._numba import njit
+from placer._numba import HAVE_NUMBA, njit
+
+if HAVE_NUMBA:
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _u32_as_f32(typingctx, x):  # pragma: no cover - numba
+        """Reinterpret uint32 bits as a float32 (no conversion)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _f32_as_u32(typingctx, x):  # pragma: no cover - numba
+        """Reinterpret float32 bits as a uint32 (no conversion)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+        return types.uint32(types.float32), codegen
+else:  # pragma: no cover - exercised only without numba
+    def _u32_as_f32(x):
+        return np.array([x], np.uint32).view(np.float32)[0]
+
+    def _f32_as_u32(x):
+        return np.array([x], np.float32).view(np.uint32)[0]
+
+
+@njit
+def _bf16_bits(b):  # pragma: no cover - numba
+    """Round float32 bits ``b`` to bfloat16 bits (nearest even; NaN stays NaN), as a uint32."""
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return (b >> np.uint32(16)) | np.uint32(0x40)
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@njit
+def unpermute_bf16_pairs(rows32, row_map, weights, out32, out_f32, out_bf16):  # pragma: no cover
+    """bfloat16 rows read two elements per uint32 word (even hidden size): the low half is
+    element 2i, the high half element 2i+1; each half is a float32's high half, so the loads
+    and the rounding stay in vectorisable 32-bit integer operations.
+
+    # rows32  : uint32 [N, H/2]  the bfloat16 rows, two per word
+    # out32   : uint32 [T, H/2]  bfloat16 output, two per word (when ``out_bf16``)
+    # out_f32 : float32 [T, H]   float32 output (when not ``out_bf16``)
+    """
+    tokens, top_k = row_map.shape
+    half = rows32.shape[1]
+    lo = np.zeros(half, np.float32)
+    hi = np.zeros(half, np.float32)
+    mask = np.uint32(0xFFFF0000)
+    shift = np.uint32(16)
+    for t in range(tokens):
+        lo[:] = 0.0
+        hi[:] = 0.0
+        for k in range(top_k):
+            src = rows32[row_map[t, k]]
+            wk = weights[t, k]
+            if k == 0:
+                for i in range(half):
+                    word = src[i]
+                    lo[i] = _u32_as_f32(word << shift) * wk
+                    hi[i] = _u32_as_f32(word & mask) * wk
+            else:
+                for i in range(half):
+                    word = src[i]
+                    lo[i] += _u32_as_f32(word << shift) * wk
+                    hi[i] += _u32_as_f32(word & mask) * wk
+        if out_bf16:
+            dst = out32[t]
+            for i in range(half):
+                dst[i] = (_bf16_bits(_f32_as_u32(hi[i])) << shift) | _bf16_bits(_f32_as_u32(lo[i]))
+        else:
+            for i in range(half):
+                out_f32[t, 2 * i] = lo[i]
+                out_f32[t, 2 * i + 1] = hi[i]
 
 
 @njit

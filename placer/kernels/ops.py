@@ -240,10 +240,16 @@ def _unpermute_cpu(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Ten
     bit-exact with the torch backend."""
     import numpy as np
 
-    from placer.kernels._cpu import unpermute_rows
+    from placer.kernels._cpu import unpermute_bf16_pairs, unpermute_rows
 
     none16, none32 = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.float32)
     in_bf16, out_bf16 = rows.dtype == torch.bfloat16, out.dtype == torch.bfloat16
+    if in_bf16 and rows.shape[1] % 2 == 0 and rows.shape[1] > 0:
+        rows32 = rows.view(torch.int16).numpy().view(np.uint32)
+        out32 = out.view(torch.int16).numpy().view(np.uint32) if out_bf16 else np.zeros((0, 0), np.uint32)
+        unpermute_bf16_pairs(rows32, row_map.numpy(), weights.numpy(), out32,
+                             none32 if out_bf16 else out.numpy(), out_bf16)
+        return out
     rows_np = rows.view(torch.int16).numpy().view(np.uint16) if in_bf16 else rows.numpy()
     out_np = out.view(torch.int16).numpy().view(np.uint16) if out_bf16 else out.numpy()
     unpermute_rows(rows_np if in_bf16 else none16, none32 if in_bf16 else rows_np, row_map.numpy(),
