@@ -87,6 +87,14 @@ def init_weights(model: ModelSpec, *, seed: int = 0) -> ExpertWeights:
     return ExpertWeights(router, experts, h, f, model.top_k, sums)
 
 
+def rms_norm(x, eps: float = 1e-6):
+    """Pre-norm of every MoE layer (RMS, no weight), so deep stacks of random experts stay finite:
+    ``x / sqrt(mean(x^2) + eps)`` per token, float32 ``[T, H]``."""
+    import torch
+
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
 def route(x, router, top_k: int):
     """Top-k experts and combine weights of every token.
 
@@ -114,8 +122,9 @@ def expert_forward(x, flat, hidden_size: int, ffn_size: int):
 def reference_forward(weights: ExpertWeights, x):
     """Single-process forward of all MoE layers on ``x: [T, H]`` (float32 tensor). -> [T, H].
 
-    Each layer: route, permute by logical expert, one SwiGLU per expert, unpermute (the
-    fixed-order float32 combine of :func:`placer.kernels.unpermute`), add to the input.
+    Each layer: RMS-normalise (:func:`rms_norm`), route, permute by logical expert, one SwiGLU
+    per expert, unpermute (the fixed-order float32 combine of :func:`placer.kernels.unpermute`),
+    add to the layer's input.
     """
     import torch
 
@@ -125,8 +134,9 @@ def reference_forward(weights: ExpertWeights, x):
     identity = torch.arange(weights.num_experts)
     for layer in range(weights.num_layers):
         router = torch.from_numpy(weights.router[layer].copy())
-        ids, w = route(x, router, weights.top_k)
-        p = permute(x, ids, identity, weights.num_experts, backend="torch")
+        h = rms_norm(x)
+        ids, w = route(h, router, weights.top_k)
+        p = permute(h, ids, identity, weights.num_experts, backend="torch")
         out = torch.empty_like(p.rows)
         start = 0
         for e, n in enumerate(p.slot_counts.tolist()):

@@ -176,13 +176,14 @@ class EPRank:
         import torch.distributed as dist
 
         from placer.kernels.ops import permute, unpermute
-        from placer.runtime.model import expert_forward, route
+        from placer.runtime.model import expert_forward, rms_norm, route
 
         torch = self.torch
         g, s = self.world_size, self.slots_per_gpu
         num_slots = g * s
         for layer in range(self.num_layers):
-            ids, w = route(x, self.router[layer], self.top_k)
+            h = rms_norm(x)
+            ids, w = route(h, self.router[layer], self.top_k)
             spec = self.maps[layer]
             if spec[0] == "table":
                 smap = spec[1]
@@ -191,7 +192,7 @@ class EPRank:
                 pos = self.rank + g * torch.arange(x.shape[0], device=self.device)
                 smap = log2phy[torch.arange(self.num_experts, device=self.device)[None, :],
                                pos[:, None] % cnt[None, :]]
-            p = permute(x, ids, smap, num_slots, backend="torch")
+            p = permute(h, ids, smap, num_slots, backend="torch")
             # Rows per (destination rank, its local slot), exchanged so each rank knows its input.
             recv_counts = torch.empty_like(p.slot_counts)
             dist.all_to_all_single(recv_counts, p.slot_counts)

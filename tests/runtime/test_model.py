@@ -19,21 +19,24 @@ MODEL = ModelSpec("tiny", 2, (0, 1), 8, 2, hidden_size=16, expert_ffn_size=24)
 
 
 def dense_moe(weights, x: np.ndarray) -> np.ndarray:
-    """Token by token in float64: softmax over the top-k logits, SwiGLU, weighted sum, residual."""
+    """Token by token in float64: RMS pre-norm, softmax over the top-k logits, SwiGLU, weighted
+    sum, residual."""
     h, f = weights.hidden_size, weights.ffn_size
     x = x.astype(np.float64)
     for layer in range(weights.num_layers):
         out = np.zeros_like(x)
+        normed = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6)
         for t in range(x.shape[0]):
-            logits = weights.router[layer].astype(np.float64) @ x[t]
+            xt = normed[t]
+            logits = weights.router[layer].astype(np.float64) @ xt
             top = np.argsort(-logits, kind="stable")[:weights.top_k]
             gate = np.exp(logits[top] - logits[top].max())
             gate /= gate.sum()
             for e, g in zip(top, gate, strict=True):
                 flat = weights.experts[layer, e].astype(np.float64)
                 w1, w3, w2 = flat[:f * h].reshape(f, h), flat[f * h:2 * f * h].reshape(f, h), flat[2 * f * h:].reshape(h, f)
-                a = w1 @ x[t]
-                out[t] += g * (w2 @ (a / (1 + np.exp(-a)) * (w3 @ x[t])))
+                a = w1 @ xt
+                out[t] += g * (w2 @ (a / (1 + np.exp(-a)) * (w3 @ xt)))
         x = x + out
     return x
 
@@ -43,6 +46,14 @@ def test_reference_forward_matches_a_dense_token_loop():
     x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
     got = reference_forward(weights, torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, dense_moe(weights, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_deep_stack_stays_finite():
+    deep = ModelSpec(name="deep", num_hidden_layers=32, moe_layer_ids=tuple(range(32)), num_experts=8, top_k=2,
+                     hidden_size=64, expert_ffn_size=64)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32))
+    y = reference_forward(init_weights(deep, seed=0), x)
+    assert torch.isfinite(y).all() and float(y.abs().max()) < 1e4
 
 
 def test_route_picks_the_largest_logits_and_normalises():
