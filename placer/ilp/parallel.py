@@ -22,7 +22,7 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
-from placer.errors import InvalidInputError, MissingDependencyError
+from placer.errors import InvalidInputError
 from placer.ilp.local_search import LayerResult, LayerTask, SearchConfig, search_group
 
 GROUPS_PER_WORKER = 4
@@ -68,21 +68,13 @@ def run_local(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None 
 _REMOTE = None
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise MissingDependencyError("ray", "runtime", "solving on a Ray cluster (ray_address)") from None
-    return ray
-
-
 def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
             address: str, num_groups: int | None = None) -> list[LayerResult]:
     """Search every layer on the Ray cluster at ``address``, one remote task per layer group."""
     global _REMOTE
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=address)
+    from placer._ray import init
+
+    ray = init(address, "solving on a Ray cluster (ray_address)")
     if _REMOTE is None:
         _REMOTE = ray.remote(num_cpus=1)(search_group)
     if num_groups is None:

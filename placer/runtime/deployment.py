@@ -151,7 +151,9 @@ class Deployment:
         from placer.runtime.worker import EPRank
 
         if not ray.is_initialized():
-            ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False)
+            from placer._ray import init
+
+            init(self.ray_address, "a placer deployment (--ray-address)", include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0) >= self.num_ranks

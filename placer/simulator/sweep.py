@@ -81,13 +81,10 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
 
 
 def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], address: str) -> list[list[dict]]:
-    try:
-        import ray
-    except ImportError:
-        from placer.errors import MissingDependencyError
-        raise MissingDependencyError("--ray-address needs ray (pip install 'placer[runtime]')") from None
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from placer._ray import init
+
+    ray = init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
+               configure_logging=False)
     task = ray.remote(num_cpus=1)(run_point)
     return ray.get([task.remote(spec, g, r, out) for g, r, out in points])
 

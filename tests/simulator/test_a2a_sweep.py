@@ -174,3 +174,22 @@ def test_sweep_rejects_a_placement_for_another_model(tmp_path):
     with pytest.raises(InvalidInputError) as err:
         run_sweep(spec, [4], [5.0], output=str(tmp_path / "s"), workers=1)
     assert err.value.source == path
+
+
+def test_an_unreachable_ray_address_is_one_clear_error(tmp_path, monkeypatch):
+    import socket
+    import types
+
+    import placer._ray
+
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append(kw))
+    monkeypatch.setattr(placer._ray, "import_ray", lambda what: fake)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = SweepSpec(methods=("contiguous",), model="mixtral-8x7b",
+                     workload=ReplayWorkload(iterations=1, tokens_per_rank=4))
+    with pytest.raises(InvalidInputError, match="no Ray cluster answers"):
+        run_sweep(spec, [4, 8], [1.0], output=str(tmp_path / "s"), ray_address=f"127.0.0.1:{port}")
+    assert calls == []  # never handed to ray.init, which would retry for minutes
