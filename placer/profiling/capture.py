@@ -58,7 +58,7 @@ def find_routers(model: Any) -> list[tuple[int, str, Any]]:
         layer = int(m.group(1))
         if layer in found:
             raise InvalidInputError(f"two router modules in layer {layer} ({found[layer][0]}, {name}); "
-                                    "per-model handling is not implemented", source="--model")
+                                    "placer cannot tell which one routes this layer", source="--model")
         found[layer] = (name, module)
     if not found:
         raise InvalidInputError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from enum import IntEnum
 from typing import Any
@@ -30,7 +31,7 @@ class Priority(IntEnum):
     STEP_START = 3
 
 
-class Event:
+class Event(ABC):
     """Base of every event: a due time and a priority; subclasses implement ``handle``."""
 
     __slots__ = ("time_s",)
@@ -39,8 +40,9 @@ class Event:
     def __init__(self, time_s: float):
         self.time_s = float(time_s)
 
-    def handle(self, ctx: Any) -> Iterable[Event]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def handle(self, ctx: Any) -> Iterable[Event]:
+        """Update state through ``ctx``; return the follow-on events."""
 
 
 def event_key(event: Event, seq: int) -> tuple[float, int, int]:

@@ -167,10 +167,6 @@ class ServingScheduler:
                 self.kv_used[self.rank[r]] -= need
         return done
 
-    @property
-    def has_waiting(self) -> bool:
-        return any(self.waiting)
-
 
 class ReplayScheduler:
     """Fixed decode batches of ``tokens_per_rank`` tokens per rank.
@@ -211,7 +207,3 @@ class ReplayScheduler:
 
     def finish_step(self, step: Step, now: float) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
-
-    @property
-    def has_waiting(self) -> bool:
-        return False

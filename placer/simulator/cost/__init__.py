@@ -28,9 +28,6 @@ class PhaseKind(IntEnum):
     OTHER = 5
 
 
-PHASE_NAMES = {PhaseKind.ATTENTION: "attention", PhaseKind.DISPATCH: "dispatch", PhaseKind.COMPUTE: "compute",
-               PhaseKind.COMBINE: "combine", PhaseKind.DENSE: "other", PhaseKind.OTHER: "other"}
-
 
 @dataclass(frozen=True)
 class BatchShape:
