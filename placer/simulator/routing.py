@@ -133,8 +133,7 @@ class RoutingRates:
     ``tokens``, ``pairs`` [L, G, G], ``nodes`` [L, G, N] and ``slots`` [L, G, P] are per token
     dispatched from GPU g. Standard execution: ``src_share`` is None (the step's home ranks
     give the sources). Context-coherent: ``src_share [L, G]`` is the fraction of tokens whose
-    state is on g at layer l and ``moves [L, G, G]`` the fraction moving g -> d. ``expert_share
-    [L, E]``: each logical expert's share of the layer's pairs; ``top_k``: K.
+    state is on g at layer l and ``moves [L, G, G]`` the fraction moving g -> d.
     """
 
     execution: str
@@ -142,8 +141,6 @@ class RoutingRates:
     nodes: np.ndarray
     pairs: np.ndarray
     slots: np.ndarray
-    expert_share: np.ndarray
-    top_k: int
     src_share: np.ndarray | None = None
     moves: np.ndarray | None = None
 
@@ -171,10 +168,6 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
     if table is None and dispatch != "vllm":
         table = dispatch_table(placement, topology, dispatch, seed)
     num_slots = placement.num_slots
-    expert = np.zeros((num_layers, placement.num_experts))
-    for layer in range(num_layers):
-        expert[layer] = np.bincount(pool[:, layer, :].ravel(), minlength=placement.num_experts)
-    expert_share = expert / expert.sum(axis=1, keepdims=True)
     if execution != "standard":
         tr = token_traffic(placement, topology, pool, np.arange(s) % g_count, execution=execution,
                            dispatch=dispatch, seed=seed, table=table)
@@ -186,8 +179,7 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
             num_layers, g_count, num_slots).astype(np.float64)
         return RoutingRates(execution=execution, tokens=_per_source(tr.tokens, tr.src),
                             nodes=_per_source(tr.nodes, tr.src), pairs=_per_source(tr.pairs, tr.src),
-                            slots=_per_source(slots, tr.src), expert_share=expert_share, top_k=k,
-                            src_share=tr.src / s, moves=tr.moves / s)
+                            slots=_per_source(slots, tr.src), src_share=tr.src / s, moves=tr.moves / s)
     if table is None:  # vllm: the replica depends on the token's position, not its home
         slots_of = select_slots(placement, topology, pool, token_index=np.arange(s), rule=dispatch, seed=seed)
         tokens, nodes, pairs, slots = _rates_by_position(slots_of, placement.slots_per_gpu, g_count, gpn, num_slots)
@@ -197,8 +189,7 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
     nodes /= s
     pairs /= s
     slots /= s
-    return RoutingRates(execution=execution, tokens=tokens, nodes=nodes, pairs=pairs, slots=slots,
-                        expert_share=expert_share, top_k=k)
+    return RoutingRates(execution=execution, tokens=tokens, nodes=nodes, pairs=pairs, slots=slots)
 
 
 @njit
