@@ -52,6 +52,58 @@ def _bf16_bits(b):  # pragma: no cover - numba
 
 
 @njit
+def counting_sort(flat, num_slots, order, row_map, counts):  # pragma: no cover - numba
+    """Stable sort of ``flat`` int64 [R] (values in [0, num_slots)) by counting: fills ``order``
+    [R] (the index held by each sorted position), ``row_map`` [R] (its inverse) and ``counts``
+    [num_slots]. The same result as a stable argsort, in O(R)."""
+    counts[:] = 0
+    for i in range(flat.shape[0]):
+        counts[flat[i]] += 1
+    start = np.empty(num_slots, np.int64)
+    total = 0
+    for p in range(num_slots):
+        start[p] = total
+        total += counts[p]
+    for i in range(flat.shape[0]):
+        r = start[flat[i]]
+        start[flat[i]] = r + 1
+        order[r] = i
+        row_map[i] = r
+
+
+@njit
+def gather_rows(x32, source, out32):  # pragma: no cover - numba
+    """``out32[i] = x32[source[i]]``, eight rows at a time so eight copies stream at once (the
+    gathers are bound by memory latency: eight streams run about 1.5x faster than one).
+
+    # x32    : uint32 [T, W]  the token rows as 32-bit words
+    # source : int64 [R]      the token each output row copies
+    # out32  : uint32 [R, W]
+    """
+    rows = source.shape[0]
+    width = x32.shape[1]
+    i = 0
+    while i + 8 <= rows:
+        a0, a1, a2, a3 = x32[source[i]], x32[source[i + 1]], x32[source[i + 2]], x32[source[i + 3]]
+        a4, a5, a6, a7 = x32[source[i + 4]], x32[source[i + 5]], x32[source[i + 6]], x32[source[i + 7]]
+        o0, o1, o2, o3 = out32[i], out32[i + 1], out32[i + 2], out32[i + 3]
+        o4, o5, o6, o7 = out32[i + 4], out32[i + 5], out32[i + 6], out32[i + 7]
+        for j in range(width):
+            o0[j] = a0[j]
+            o1[j] = a1[j]
+            o2[j] = a2[j]
+            o3[j] = a3[j]
+            o4[j] = a4[j]
+            o5[j] = a5[j]
+            o6[j] = a6[j]
+            o7[j] = a7[j]
+        i += 8
+    while i < rows:
+        out32[i, :] = x32[source[i], :]
+        i += 1
+
+
+@njit
 def unpermute_bf16_pairs(rows32, row_map, weights, out32, out_f32, out_bf16):  # pragma: no cover
     """bfloat16 rows read two elements per uint32 word (even hidden size): the low half is
     element 2i, the high half element 2i+1; each half is a float32's high half, so the loads

@@ -121,6 +121,14 @@ def row_map_of(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch
     ``order[r]`` is the flat (t, k) index held by row ``r`` (a stable sort by slot).
     """
     flat = slots.reshape(-1)
+    if flat.device.type == "cpu":  # a counting sort: slots are few, the rows many
+        from placer.kernels._cpu import counting_sort
+
+        flat = flat.contiguous()
+        order, row_map = torch.empty_like(flat), torch.empty_like(flat)
+        counts = torch.empty(num_slots, dtype=torch.int64)
+        counting_sort(flat.numpy(), num_slots, order.numpy(), row_map.numpy(), counts.numpy())
+        return row_map.view(slots.shape), order, counts
     order = torch.sort(flat, stable=True).indices
     row_map = torch.empty_like(order)
     row_map[order] = torch.arange(flat.numel(), device=flat.device)
@@ -180,7 +188,17 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, slot_map: torch.Tensor, num
 
         rows = permute_rows(x, row_map, out)
     else:
-        rows = torch.index_select(x, 0, order // max(topk_ids.shape[1], 1), out=out)
+        source = order // max(topk_ids.shape[1], 1)
+        if x.device.type == "cpu" and x.numel() and num_rows and (x.shape[1] * x.element_size()) % 4 == 0:
+            import numpy as np
+
+            from placer.kernels._cpu import gather_rows
+            words = x.shape[1] * x.element_size() // 4
+            gather_rows(x.view(torch.uint8).numpy().view(np.uint32).reshape(tokens, words), source.numpy(),
+                        out.view(torch.uint8).numpy().view(np.uint32).reshape(num_rows, words))
+            rows = out
+        else:
+            rows = torch.index_select(x, 0, source, out=out)
     return Permuted(rows, row_map, counts)
 
 
