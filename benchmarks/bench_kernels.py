@@ -68,6 +68,15 @@ def bench_shape(shape, *, device: str, backend: str, dtype: torch.dtype, repeats
 
         def data_permute():
             return permute_rows(x, row_map, dst)
+    elif device == "cpu" and (hidden * item) % 4 == 0:
+        from placer.kernels._cpu import gather_rows
+        words = hidden * item // 4
+        x32 = x.view(torch.uint8).numpy().view(np.uint32).reshape(tokens, words)
+        dst32 = dst.view(torch.uint8).numpy().view(np.uint32).reshape(tokens * top_k, words)
+        source = (order // top_k).numpy()
+
+        def data_permute():  # the row gather the op runs on CPU, without the routing and sort
+            return gather_rows(x32, source, dst32)
     else:
         def data_permute():
             return torch.index_select(x, 0, order // top_k, out=dst)
