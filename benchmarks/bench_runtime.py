@@ -190,22 +190,21 @@ def bench_live(tokens: int, seed: int) -> None:
             ref = lambda x: reference_forward(dep.weights, torch.from_numpy(x)).numpy()  # noqa: E731
             plan = plan_migration(old, new, topology, expert_bytes=dep.weights.expert_bytes,
                                   max_experts_per_round=1)
+            def timed_steps(count=8, dep=dep, ref=ref):
+                """Seconds of ``count`` verified forwards."""
+                seconds = []
+                for _ in range(count):
+                    x = batch()
+                    t0 = time.perf_counter()
+                    y = dep.forward(x)
+                    seconds.append(time.perf_counter() - t0)
+                    assert np.allclose(y, ref(x), rtol=1e-4, atol=1e-4)
+                return seconds
+
             dep.forward(batch())  # warm-up
-            before = []
-            for _ in range(8):
-                x = batch()
-                t0 = time.perf_counter()
-                y = dep.forward(x)
-                before.append(time.perf_counter() - t0)
-                assert np.allclose(y, ref(x), rtol=1e-4, atol=1e-4)
+            before = timed_steps()
             report = execute_plan(dep, plan, (batch() for _ in iter(int, 1)), reference=ref)
-            after = []
-            for _ in range(8):
-                x = batch()
-                t0 = time.perf_counter()
-                y = dep.forward(x)
-                after.append(time.perf_counter() - t0)
-                assert np.allclose(y, ref(x), rtol=1e-4, atol=1e-4)
+            after = timed_steps()
             assert not dep.verify_all() and not report.mismatches
         mb = 1e6
         pauses = " ".join(f"{p * 1e3:.2f}" for p in report.pause_s)

@@ -8,16 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_exit2, run
 
-from placer.cli import cli, main
+from placer.cli import cli
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -90,62 +85,54 @@ def test_solve_reproduces_eplb_readme_from_a_load_matrix(capsys, tmp_path):
         [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
 
 
-def _one_line_exit2(capsys, *args, needle: str):
-    code, out, err = run(capsys, *args)
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in err
-
 
 def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, hdmoe):
     missing = tmp_path / "nope.json"
-    _one_line_exit2(capsys, "stats", missing, needle="nope.json")
+    one_line_exit2(capsys, "stats", missing, needle="nope.json")
 
     truncated = tmp_path / "cut.json"
     truncated.write_bytes(hdmoe.read_bytes()[:500])
-    _one_line_exit2(capsys, "stats", truncated, needle="cut.json")
+    one_line_exit2(capsys, "stats", truncated, needle="cut.json")
 
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"0": [[0, 1]], "1": [[0, 1], [2, 3]]}))
-    _one_line_exit2(capsys, "stats", wrong, needle="wrong.json")
+    one_line_exit2(capsys, "stats", wrong, needle="wrong.json")
 
-    _one_line_exit2(capsys, "stats", hdmoe, "--model", "olmoe-1b-7b", needle="trace.json")
+    one_line_exit2(capsys, "stats", hdmoe, "--model", "olmoe-1b-7b", needle="trace.json")
 
     out_of_range = tmp_path / "range.json"
     out_of_range.write_text(json.dumps({str(i): [[0, 9]] for i in range(32)}))
-    _one_line_exit2(capsys, "stats", out_of_range, "--model", "mixtral-8x7b", needle="range.json")
+    one_line_exit2(capsys, "stats", out_of_range, "--model", "mixtral-8x7b", needle="range.json")
 
     nan = tmp_path / "nan.csv"
     nan.write_text("1,2,nan,4\n1,2,3,4\n")
-    _one_line_exit2(capsys, "stats", nan, needle="nan.csv")
+    one_line_exit2(capsys, "stats", nan, needle="nan.csv")
     negative = tmp_path / "neg.csv"
     negative.write_text("1,2,-3,4\n1,2,3,4\n")
-    _one_line_exit2(capsys, "stats", negative, needle="neg.csv")
+    one_line_exit2(capsys, "stats", negative, needle="neg.csv")
 
     unknown = tmp_path / "trace.xyz"
     unknown.write_text("hello")
-    _one_line_exit2(capsys, "stats", unknown, needle="trace.xyz")
+    one_line_exit2(capsys, "stats", unknown, needle="trace.xyz")
 
-    _one_line_exit2(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "3", "-o", tmp_path / "p.json",
+    one_line_exit2(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "3", "-o", tmp_path / "p.json",
                     needle="--redundant 1")
-    _one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "16", "-o", tmp_path / "p.json",
+    one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "16", "-o", tmp_path / "p.json",
                     needle="nearest feasible")
-    _one_line_exit2(capsys, "solve", "--model", "nope", "--gpus", "4", "-o", tmp_path / "p.json", needle="nope")
-    _one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "4", "-o", tmp_path / "p.json",
+    one_line_exit2(capsys, "solve", "--model", "nope", "--gpus", "4", "-o", tmp_path / "p.json", needle="nope")
+    one_line_exit2(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "4", "-o", tmp_path / "p.json",
                     "--export", "tensorflow=x.json", needle="tensorflow")
 
 
 def test_placement_file_is_authoritative(capsys, tmp_path, hdmoe):
     p = tmp_path / "p.json"
     assert run(capsys, "solve", "--model", "mixtral-8x7b", "--gpus", "4", "-o", p)[0] == 0
-    _one_line_exit2(capsys, "evaluate", p, hdmoe, "--gpus", "8", needle="contradicts")
-    _one_line_exit2(capsys, "evaluate", p, hdmoe, "--model", "olmoe-1b-7b", needle="contradicts")
+    one_line_exit2(capsys, "evaluate", p, hdmoe, "--gpus", "8", needle="contradicts")
+    one_line_exit2(capsys, "evaluate", p, hdmoe, "--model", "olmoe-1b-7b", needle="contradicts")
     broken = tmp_path / "broken.json"
     broken.write_text(p.read_text()[:100])
-    _one_line_exit2(capsys, "export", broken, "--format", "sglang", "-o", tmp_path / "s.json", needle="broken.json")
-    _one_line_exit2(capsys, "export", p, "--format", "onnx", "-o", tmp_path / "s.json", needle="onnx")
+    one_line_exit2(capsys, "export", broken, "--format", "sglang", "-o", tmp_path / "s.json", needle="broken.json")
+    one_line_exit2(capsys, "export", p, "--format", "onnx", "-o", tmp_path / "s.json", needle="onnx")
 
 
 def test_console_script_exit_codes(tmp_path):

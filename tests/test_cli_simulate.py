@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import one_line_exit2, run
 
 from placer.cli import main
 from placer.ilp import PlacementProblem, solve
@@ -21,22 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 MIXTRAL = get_model("mixtral-8x7b")
 SERVING = ["--rate", "10", "--duration", "0.3", "--prompt-len", "16", "--output-len", "4", "--length-dist", "fixed"]
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_exit2(capsys, *args, needle: str) -> str:
-    code, out, err = run(capsys, *args)
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
