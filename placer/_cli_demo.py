@@ -36,5 +36,6 @@ def demo(output, synthetic, max_prompts):
     click.echo(f"routing: {out.routing}; held-out metrics and simulation on the held-out half")
     click.echo(f"best (simulated p50 step time): {out.best}")
     click.echo(f"report: {out.report}")
-    click.echo(f"SGLang placement: {out.sglang}; serve with: {' '.join(out.sglang_flags)}")
+    click.echo(f"SGLang placement: {out.sglang} ({out.sglang_note}); serve with: "
+               + " ".join(f for f in out.sglang_flags if not f.startswith("#")))
     click.echo(f"done in {out.seconds:.0f} s")

@@ -14,9 +14,11 @@ from placer.cli import (
     _check_against_file,
     _model,
     _parse_exports,
+    _stack,
     _topology,
     cluster_options,
     model_option,
+    stack_option,
 )
 from placer.errors import InvalidInputError
 from placer.types import DISPATCH_RULES
@@ -37,14 +39,15 @@ from placer.types import DISPATCH_RULES
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Placement JSON rewritten atomically on each publication.")
 @click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
-              help="Also rewrite a serving-stack file on each publication (sglang, vllm, ...). Repeatable.")
+              help="Also rewrite a serving-stack file on each publication (sglang, trtllm, ...). Repeatable.")
 @click.option("--initial", type=click.Path(dir_okay=False), default=None,
               help="Placement JSON the serving stack runs now (default: contiguous, slot p holds expert p % E).")
 @click.option("--method", default="eplb", show_default=True, help="Placement method re-solved on the window.")
 @click.option("--redundant", type=click.IntRange(min=0), default=None,
               help="Redundant slots per layer (default: the initial placement's, else 0).")
 @click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
-              help="Replica dispatch rule (default: the initial placement's, else nearest).")
+              help="Replica dispatch rule (default: --stack's, else the initial placement's, else nearest).")
+@stack_option
 @click.option("--half-life", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
               help="Window half-life in observations.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
@@ -60,13 +63,13 @@ from placer.types import DISPATCH_RULES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, token, state_path, output, exports,
-          initial, method, redundant, dispatch, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
+          initial, method, redundant, dispatch, stack, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
           time_limit_s, seed, verbose):
     """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
 
     Load arrives by POST /stats ({"load": [[...]]}, MoE layers x experts) and as files in
     --watch. The service keeps a decayed window, re-solves with --method in the background and
-    publishes (--output, GET /placement?format=placer|sglang|vllm) only when the simulated
+    publishes (--output, GET /placement?format=placer|sglang) only when the simulated
     step-time gain minus the migration time over --horizon exceeds --threshold. GET /metrics
     (Prometheus), GET /healthz, GET /status. Stop it with Ctrl-C or SIGTERM.
 
@@ -87,20 +90,25 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         pf = read_placement_json(initial)
         _check_against_file(pf, initial, model, cluster, gpus, nodes, gpus_per_node)
         spec, topology, init = pf.model, pf.topology, pf.placement
-        dispatch = dispatch or pf.dispatch
+        target = _stack(stack) or pf.stack
+        dispatch = dispatch or (target.dispatch if stack else pf.dispatch)
         redundant = init.num_redundant if redundant is None else redundant
     else:
         spec = _model(model)
         if spec is None:
             raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
         topology = _topology(cluster, gpus, nodes, gpus_per_node)
+        target = _stack(stack)
+        dispatch = dispatch or (target.dispatch if target is not None else None)
+    if target is not None:
+        target.check_model(spec)
     policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch or "nearest",
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
                           time_limit_s=time_limit_s, seed=seed)
     config = ServeConfig(model=spec, topology=topology, policy=policy, half_life=half_life, interval_s=interval_s,
                          watch_dir=watch_dir, state_path=state_path, output_path=output,
                          exports=tuple(_parse_exports(exports)), initial=init, initial_source=initial or "",
-                         host=host, port=port, token=token or None)
+                         host=host, port=port, token=token or None, stack=target)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s placer serve: %(levelname)s %(message)s")
     service = Service(config)
@@ -110,7 +118,8 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     bound_host, bound_port = service.start()
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     click.echo(f"placer serve: listening on http://{shown}:{bound_port} ({spec.name}, {topology.num_gpus} GPUs, "
-               f"method {method}, threshold {threshold}); {service.origin}")
+               f"method {method}, dispatch {policy.dispatch}"
+               + (f" of {target.label}" if target is not None else "") + f", threshold {threshold}); {service.origin}")
     sys.stdout.flush()
     try:
         while not stop.wait(0.5):

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from placer.cli import CONTEXT, _echo_json, cluster_options, model_option
+from placer.cli import CONTEXT, _echo_json, _stack, cluster_options, model_option, stack_option
 
 KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")
 
@@ -129,12 +129,13 @@ def simulate() -> None:
 @cluster_options
 @workload_options
 @engine_options
+@stack_option
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Write the results layout (metrics.json, CSV tables) and report.html here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, workload, rate,
         duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
-        context_len, execution, kernel, congestion, dispatch, level, seed, output, as_json):
+        context_len, execution, kernel, congestion, dispatch, level, seed, stack, output, as_json):
     """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
 
     \b
@@ -152,6 +153,13 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         run_comparison,
     )
     routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
+    target = _stack(stack)
+    if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
+        if model_spec is not None:
+            target.check_model(model_spec)
+        dispatch = dispatch or target.dispatch
+        if not as_json:
+            click.echo(f"dispatch {dispatch} ({target.label})")
     topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
     if topology is None and cluster is not None and not placements:
         from placer.errors import InvalidInputError

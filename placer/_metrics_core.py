@@ -2,7 +2,7 @@
 
 Everything here counts per layer; :mod:`placer.metrics` turns the counts into means and
 fractions. Replica choice always comes from :mod:`placer.dispatch` (its table, or
-:func:`~placer.dispatch.select_slots` for the position-based ``vllm`` rule).
+:func:`~placer.dispatch.select_slots` for the position-based rules).
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import numpy as np
 
 from placer.dispatch import default_home_ranks, dispatch_table, select_slots
 from placer.errors import InvalidInputError
-from placer.types import DISPATCH_RULES, Placement, RoutingStats, RoutingTrace, Topology
+from placer.types import (
+    DISPATCH_RULES,
+    POSITION_RULES,
+    ModelSpec,
+    Placement,
+    RoutingStats,
+    RoutingTrace,
+    Topology,
+)
 
 CHUNK_ELEMENTS = 1 << 20
 """Token-layer-expert entries processed at once (bounds temporary memory)."""
@@ -25,7 +33,7 @@ class Tokens:
     """Per-token routing resolved for metrics.
 
     ``ids`` int64 [T, L, K] (top-1 first when ``top1_known``), ``home`` int64 [T] home ranks,
-    ``index`` int64 [T] stream positions (for the ``vllm`` rule), ``source`` "trace" | "sample".
+    ``index`` int64 [T] stream positions (rows, for the position rules), ``source`` "trace" | "sample".
     """
 
     ids: np.ndarray
@@ -68,10 +76,11 @@ def data_shape(data: RoutingTrace | RoutingStats) -> tuple[int, int, int]:
                             source="data")
 
 
-def rank_table(placement: Placement, topology: Topology, rule: str, seed: int) -> np.ndarray | None:
-    """The dispatch table [L, G, E] for the rank-based rules, None for ``vllm``."""
+def rank_table(placement: Placement, topology: Topology, rule: str, seed: int,
+               model: ModelSpec | None = None) -> np.ndarray | None:
+    """The dispatch table [L, G, E] for the rank-based rules, None for the position rules."""
     check_rule(rule)
-    return None if rule == "vllm" else dispatch_table(placement, topology, rule, seed)
+    return None if rule in POSITION_RULES else dispatch_table(placement, topology, rule, seed, model=model)
 
 
 def resolve_tokens(placement: Placement, topology: Topology, data: RoutingTrace | RoutingStats, *,
@@ -157,11 +166,11 @@ def coherent_gpus(placement: Placement, topology: Topology, ids: np.ndarray, hom
     ``others`` int64 [t, L, K-1] (the other experts' replicas, chosen from the top-1 GPU).
 
     The state starts on ``home``; each layer's top-1 replica is chosen from where the state is.
-    ``table`` is the rank-based dispatch table, or None for the position-based vllm rule.
+    ``table`` is the rank-based dispatch table, or None for the position-based rules.
     """
     spg = placement.slots_per_gpu
     t, num_layers, _ = ids.shape
-    if table is None:  # vllm: the replica depends on the token's position only
+    if table is None:  # position rules: the replica depends on the token's position only
         gpu = chunk_gpus(placement, topology, ids, home, index, rule, seed, None)
         return gpu[:, :, 0], gpu[:, :, 1:]
     top1 = np.empty((t, num_layers), dtype=np.int64)

@@ -43,10 +43,21 @@ def cluster_options(func: Callable) -> Callable:
     return func
 
 
+def stack_option(func: Callable) -> Callable:
+    from placer.stacks import STACKS, stack_help
+    return click.option("--stack", type=click.Choice(list(STACKS)), default=None, help=stack_help())(func)
+
+
+def _stack(name: str | None):
+    from placer.stacks import get_stack
+    return None if name is None else get_stack(name)
+
+
 def routing_options(func: Callable) -> Callable:
     for deco in reversed([
         click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
-                     help="Replica dispatch rule (default nearest: same GPU, same node, fair spread)."),
+                     help="Replica dispatch rule; overrides --stack's (default: the stack's, else nearest, "
+                          "placer's idealised same GPU / same node / coordinated spread)."),
         click.option("--execution", type=click.Choice(EXECUTION_MODES), default="standard", show_default=True,
                      help="standard expert parallelism, or ExFlow's context-coherent execution."),
         click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
@@ -189,6 +200,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @model_option
 @cluster_options
 @routing_options
+@stack_option
 @click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True,
               help="Redundant expert slots per layer (R); (E + R) must divide evenly over the GPUs.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
@@ -213,15 +225,15 @@ def _parse_weights(text: str | None) -> dict[str, float]:
               help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
-def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, redundant, groups,
+def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack, redundant, groups,
           method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, seed, output,
           exports, as_json, quiet):
     """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
 
     \b
     Example:
-        placer solve coding.json math.json --model mixtral-8x7b --gpus 4 --nodes 2 --redundant 4 \\
-            --holdout writing.json -o p.json --export sglang=s.json
+        placer solve trace.npz --stack sglang --gpus 16 --nodes 2 --redundant 16 \\
+            --holdout held.npz -o p.json --export sglang=s.json
     """
     from placer.metrics import format_comparison
     from placer.workflow import solve_placement
@@ -234,7 +246,7 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
 
     outcome = solve_placement(
         inputs, model=_model(model), topology=_topology(cluster, gpus, nodes, gpus_per_node),
-        dispatch=dispatch or "nearest", execution=execution, phase=phase, redundant=redundant, groups=groups,
+        dispatch=dispatch, stack=_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
         method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=_parse_weights(weights),
         backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
         exports=_parse_exports(exports), progress=progress)
@@ -245,7 +257,9 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
                     "comparison": [{k: v for k, v in row.items()} for row in outcome.rows]})
         return
     gap = "" if r.gap is None else f", gap {r.gap:.2%}"
-    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s; wrote {output}")
+    target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
+    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s; {target}dispatch {outcome.dispatch}; "
+               f"wrote {output}")
     if outcome.rows:
         click.echo(format_comparison(outcome.rows))
     for fmt, path, flags in outcome.exported:
@@ -260,44 +274,86 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
 @model_option
 @cluster_options
 @routing_options
+@stack_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, as_json):
+def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack,
+             as_json):
     """Score a placement on any routing input: load balance, dispatch traffic, transitions.
+
+    The rule is --dispatch, else --stack's, else the one the file was solved under.
 
     \b
     Example:
-        placer evaluate p.json experts_math_mixtral.json
+        placer evaluate p.json experts_math_mixtral.json --stack vllm
     """
     from placer.io.placements import read_placement_json
     from placer.metrics import format_table
     from placer.workflow import evaluate_placement
     pf = read_placement_json(placement)
     _check_against_file(pf, placement, model, cluster, gpus, nodes, gpus_per_node)
-    metrics = evaluate_placement(pf, inputs, dispatch=dispatch or pf.dispatch, execution=execution, phase=phase)
+    target = _stack(stack)
+    if target is not None:
+        target.check_model(pf.model, source=placement)
+    rule = dispatch or (target.dispatch if target is not None else pf.dispatch)
+    metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
+    metrics["stack"] = None if target is None else target.label
     if as_json:
         _echo_json(metrics)
     else:
+        click.echo(f"dispatch {rule}" + (f" ({target.label})" if target is not None else ""))
         click.echo(format_table(metrics))
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("placement", type=click.Path())
-@click.option("--format", "fmt", required=True, help="sglang, vllm, vllm-ascend, trtllm or eplb.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
-def export(placement, fmt, output):
+@stack_option
+@click.option("--format", "fmt", default=None,
+              help="sglang, vllm-ascend, trtllm or eplb (default: --stack's, else the file's stack's).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="File to write (SGLang: .json or .pt).")
+def export(placement, stack, fmt, output):
     """Convert a placement JSON into the file a serving stack loads, and print its flags.
+
+    A placement solved for another stack's rule (or for none) is re-checked against the target's
+    constraints, and the command says how to re-score it under the target's rule.
 
     \b
     Example:
-        placer export p.json --format sglang -o sglang.json
+        placer export p.json --stack sglang -o sglang.json
     """
-    from placer.io.placements import export_placement, read_placement_json
+    from placer.io.placements import (
+        VllmLoadsNoFile,
+        export_placement,
+        read_placement_json,
+        vllm_flags,
+    )
+    from placer.stacks import STACKS
     pf = read_placement_json(placement)
+    target = _stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
+    if target is not None and target.format is None and fmt is None:
+        # The stack loads no file: print the flags of its own balancer, then refuse.
+        exc = VllmLoadsNoFile(vllm_flags(pf.topology, pf.placement.num_redundant), source=output)
+        for line in exc.flags:
+            click.echo(f"  {line}")
+        raise exc
+    fmt = fmt or (target.format if target is not None else None)
+    if fmt is None:
+        raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
     (fmt, output), = _parse_exports((f"{fmt}={output}",))
-    flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
-    click.echo(f"exported {fmt} to {output}; serve with:")
+    try:
+        flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
+    except VllmLoadsNoFile as exc:
+        for line in exc.flags:
+            click.echo(f"  {line}")
+        raise
+    click.echo(f"exported {fmt} to {output}" + (f" for {target.label}" if target is not None else "")
+               + "; serve with:")
     for line in flags:
         click.echo(f"  {line}")
+    if target is not None and target.dispatch != pf.dispatch:
+        click.echo(f"note: {placement} was solved and scored under dispatch {pf.dispatch}; {target.label} runs "
+                   f"{target.dispatch}: re-score with 'placer evaluate {placement} TRACE --stack {target.name}' "
+                   f"or re-solve with --stack {target.name}")
 
 
 from placer._cli_apply import apply as _apply  # noqa: E402

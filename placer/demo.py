@@ -37,6 +37,7 @@ class DemoOutcome:
     report: str
     sglang: str
     sglang_flags: list[str]
+    sglang_note: str
     best: str
     routing: str
     rows: list[dict[str, Any]]
@@ -88,6 +89,36 @@ def _synthetic(output: str, say: Callable[[str], None]) -> tuple[RoutingTrace, R
     write_trace_npz(os.path.join(output, "holdout-trace.npz"), held, synthetic=True)
     say("torch/transformers or the embedded weights are missing: using a synthetic Mixtral-8x7B trace")
     return fit, held, "synthetic mixtral-8x7b"
+
+
+def _sglang_export(placement, model: ModelSpec, topology, path: str,
+                   say: Callable[[str], None]) -> tuple[list[str], str]:
+    """Export the demo's best placement for SGLang 0.5.23, or, for a model it cannot place (the
+    demo's Mixtral), show why and export an ``eplb`` placement solved under SGLang's own rule for
+    a model it places (DeepSeek-V2-Lite, synthetic routing) instead. Returns (flags, note)."""
+    from placer.errors import InvalidInputError
+    from placer.ilp import PlacementProblem, solve
+    from placer.io.placements import export_placement
+    from placer.presets import get_model
+    from placer.profiling.stats import compute_stats
+    from placer.stacks import STACKS
+    from placer.synthetic import synthesize_trace
+
+    stack = STACKS["sglang"]
+    try:
+        stack.check_model(model)
+    except InvalidInputError as exc:
+        reason = str(exc).split(": ", 1)[-1].split("; ")[0]
+        say(f"{reason}: no SGLang file for it")
+        v2 = get_model("deepseek-v2-lite")
+        problem = PlacementProblem(compute_stats(synthesize_trace(v2, 4000, seed=0)), v2, topology,
+                                   num_redundant=topology.num_gpus, dispatch=stack.dispatch)
+        flags = export_placement(solve(problem, "eplb", seed=0).placement, "sglang", path, model=v2,
+                                 topology=topology)
+        return flags, (f"{reason}; {path} holds a {v2.name} placement (synthetic routing, eplb solved under "
+                       f"{stack.dispatch}) to show a file {stack.label} loads")
+    flags = export_placement(placement, "sglang", path, model=model, topology=topology)
+    return flags, f"the best placement, for {stack.label}"
 
 
 def simulation_model(model: ModelSpec) -> ModelSpec:
@@ -157,9 +188,10 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
     best = min(rows, key=lambda r: (r["sim_step_p50_ms"] or float("inf"), r["holdout_load_max_mean"] or 0.0))
     sglang = os.path.join(output, "sglang.json")
     best_placement = next(c.placement for c in candidates if c.label == best["method"])
-    flags = export_placement(best_placement, "sglang", sglang, model=model, topology=topology)
+    flags, note = _sglang_export(best_placement, model, topology, sglang, say)
     report = os.path.join(output, "report.html")
     render_full_report(sim_dir, report, placements=[c.path for c in candidates if c.path],
                        routing_inputs=[], title=f"placer demo: {routing_kind}")
-    return DemoOutcome(output=output, report=report, sglang=sglang, sglang_flags=list(flags), best=best["method"], routing=routing_kind,
+    return DemoOutcome(output=output, report=report, sglang=sglang, sglang_flags=list(flags), sglang_note=note,
+                       best=best["method"], routing=routing_kind,
                        rows=rows, seconds=time.perf_counter() - start)

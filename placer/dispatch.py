@@ -1,27 +1,57 @@
 """Replica dispatch: which physical slot serves a token's logical expert.
 
 One rule is used by metrics, solvers, simulator and runtime alike, so load and traffic are
-always computed under the same choice of replica.
+always computed under the same choice of replica. Two rules reproduce a released stack bit for
+bit; ``nearest`` is placer's idealised rule.
 
-- ``nearest`` (default; SGLang's static dispatch in current versions): a replica on the
-  token's own GPU, else one on the same node, else a seeded fair spread over all replicas.
-  Each (rank, logical expert) pair has one fixed replica.
-- ``sglang-legacy``: a replica on the same GPU, else a fair spread over all replicas.
-- ``vllm``: replica chosen by token position modulo replica count.
+Rank-based rules (each (rank, layer, logical expert) has one fixed replica,
+:func:`dispatch_table`):
 
-"Fair spread" follows SGLang's ``_fair_choices``: the ranks that need a remote replica are
-dealt to the candidates in equal numbers (the remainder to a seeded random subset), then
-shuffled. It reproduces SGLang's balanced counts, not its exact random stream.
+- ``sglang-static``: SGLang 0.5.23's ``--ep-dispatch-algorithm static`` with an a2a backend
+  (``--moe-a2a-backend deepep``), reproduced exactly (``python/sglang/srt/eplb/
+  expert_location.py``). Each EP rank first collapses its own candidate lists
+  (``_compute_logical_to_all_physical_map``): a single replica stays; else the first replica on
+  the rank's GPU; else the first replica on its node, but only when some and not all replicas
+  are on the node; else the full list. Each rank then builds the whole table from its own lists
+  (``compute_logical_to_rank_dispatch_physical_map``) with a fresh ``random.Random(42)``,
+  dealing the ranks left without a replica over the candidates (``_fair_choices``: each
+  candidate ``k // n`` times, ``random.sample`` for the remainder, then ``shuffle``), and keeps
+  its own row. Ranks draw from different lists, so their streams diverge and the spreads of
+  different ranks do not coordinate. The stream runs through every hidden layer in order,
+  dense layers too (their rows are the trivial ``arange(P) % E`` that placer's SGLang export
+  writes), so the model's layer layout is needed for exact tables.
+- ``nearest`` (placer's idealised rule, not any stack's): a replica on the token's own GPU, else
+  one on the same node, else a spread over all replicas, all coordinated across ranks: the
+  ranks that need a remote replica are dealt to the candidates in equal numbers (the remainder
+  to a seeded random subset). It is the balance a stack could get with a coordinated table.
+
+Position-based rules (the replica depends on the token's row in the batch,
+:func:`replica_index`):
+
+- ``sglang-dynamic``: SGLang 0.5.23's ``dynamic`` dispatch with ``--moe-a2a-backend none``
+  (rank-invariant): replica ``row % replicas`` (``_topk_ids_logical_to_physical_dynamic``).
+- ``vllm``: vLLM 0.34.0's EPLB mapping, replica ``((row * 2654435769) & 0xFFFFFFFF) %
+  replicas`` (Knuth's multiplicative hash in ``vllm/model_executor/layers/fused_moe/
+  eplb_triton.py``, a Triton kernel: encoded here from the release's source, not run).
+
+Replicas are listed in ascending slot order, as both stacks list them. A trace's token index
+stands in for the row in the batch.
 """
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.types import DISPATCH_RULES, Placement, Topology
+from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
 DEFAULT_DISPATCH_SEED = 42
+KNUTH_MULTIPLIER = 2654435769
+_TABLE_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_TABLE_CACHE_SIZE = 8
 
 
 def _check_rule(rule: str) -> None:
@@ -30,26 +60,114 @@ def _check_rule(rule: str) -> None:
                                 source="--dispatch")
 
 
+def is_position_rule(rule: str) -> bool:
+    """True for the rules whose replica depends on the token's row, not its rank."""
+    _check_rule(rule)
+    return rule in POSITION_RULES
+
+
+def replica_index(token_index: np.ndarray, count: np.ndarray, rule: str) -> np.ndarray:
+    """Replica rank (0-based, into the ascending slot list) for the position-based rules.
+
+    ``token_index`` and ``count`` broadcast against each other (int arrays).
+    """
+    index = np.asarray(token_index, dtype=np.int64)
+    if rule == "vllm":
+        index = (index * KNUTH_MULTIPLIER) & 0xFFFFFFFF
+    elif rule != "sglang-dynamic":
+        raise InvalidInputError(f"rule {rule!r} chooses replicas by rank, not by position",
+                                source="--dispatch")
+    return index % np.asarray(count, dtype=np.int64)
+
+
 def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     q, r = divmod(count, len(candidates))
     picks = np.concatenate([np.tile(candidates, q), rng.choice(candidates, size=r, replace=False)])
     return rng.permutation(picks)
 
 
-def dispatch_table(placement: Placement, topology: Topology, rule: str = "nearest",
-                   seed: int = DEFAULT_DISPATCH_SEED) -> np.ndarray:
-    """The replica each rank sends each logical expert to, for the rank-based rules.
+def hidden_layer_map(placement: Placement, model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(full [H, P], moe_rows [L])``: the map over every hidden layer as SGLang loads it.
 
-    Returns int64 ``[L, G, E]``: ``table[l, g, e]`` is the slot that tokens on GPU ``g`` use for
-    logical expert ``e`` at layer ``l``. For ``vllm`` (position-based) use :func:`select_slots`.
+    Dense layers get the trivial ``arange(P) % E``; without a model every layer is a MoE layer.
     """
-    _check_rule(rule)
-    if rule == "vllm":
-        raise InvalidInputError("the vllm rule chooses replicas by token position, not by rank",
-                                source="--dispatch")
-    if placement.num_gpus != topology.num_gpus:
-        raise InvalidInputError(f"placement spans {placement.num_gpus} GPUs, cluster has "
-                                f"{topology.num_gpus}", source="placement")
+    p2l = placement.physical_to_logical
+    if model is None or model.num_hidden_layers == placement.num_layers:
+        return p2l, np.arange(placement.num_layers)
+    rows = np.asarray(model.moe_layer_ids, dtype=np.int64)
+    full = np.tile(np.arange(placement.num_slots, dtype=np.int64) % placement.num_experts,
+                   (model.num_hidden_layers, 1))
+    full[rows] = p2l
+    return full, rows
+
+
+def _nearest_sglang(cands: list[int], spg: int, gpn: int, num_gpus: int) -> np.ndarray:
+    """SGLang's ``_find_nearest_expert`` for every rank: the slot, or -1. int64 [G]."""
+    out = np.full(num_gpus, -1, dtype=np.int64)
+    if len(cands) == 1:
+        out[:] = cands[0]
+        return out
+    c = np.asarray(cands, dtype=np.int64)
+    gpu = c // spg
+    node = gpu // gpn
+    for rank in range(num_gpus):
+        same = c[gpu == rank]
+        if same.size:
+            out[rank] = same[0]
+            continue
+        local = c[node == rank // gpn]
+        if 0 < local.size < c.size:
+            out[rank] = local[0]
+    return out
+
+
+def sglang_static_table(full_map: np.ndarray, num_gpus: int, num_nodes: int,
+                        seed: int = DEFAULT_DISPATCH_SEED, num_experts: int | None = None) -> np.ndarray:
+    """SGLang 0.5.23's static dispatch table of every EP rank, int64 ``[H, G, E]``.
+
+    ``full_map``: int [H, P] over every hidden layer (dense rows included), slot ``p`` on GPU
+    ``p // (P / G)``; ``num_nodes`` is SGLang's ``--nnodes``. See the module docstring.
+    """
+    full_map = np.asarray(full_map, dtype=np.int64)
+    num_layers, num_slots = full_map.shape
+    num_experts = int(full_map.max()) + 1 if num_experts is None else num_experts
+    spg, gpn = num_slots // num_gpus, num_gpus // num_nodes
+    out = np.full((num_layers, num_gpus, num_experts), -1, dtype=np.int64)
+    # Draw events in SGLang's loop order: (layer, expert) with >= 2 replicas where some rank is
+    # left without a nearest replica; those ranks draw, each from its own stream.
+    events: list[tuple[int, int, list[int], np.ndarray]] = []
+    for layer in range(num_layers):
+        row = full_map[layer]
+        order = np.argsort(row, kind="stable")
+        bounds = np.searchsorted(row[order], np.arange(num_experts + 1))
+        for expert in range(num_experts):
+            cands = order[bounds[expert]:bounds[expert + 1]].tolist()
+            nearest = _nearest_sglang(cands, spg, gpn, num_gpus)
+            out[layer, :, expert] = nearest
+            remaining = np.flatnonzero(nearest < 0)
+            if remaining.size:
+                events.append((layer, expert, cands, remaining))
+    if not events:
+        return out
+    member = np.zeros((len(events), num_gpus), dtype=bool)
+    for i, (_, _, _, remaining) in enumerate(events):
+        member[i, remaining] = True
+    # Ranks with the same draw events share one stream; run each distinct stream once.
+    _, group_of_rank = np.unique(member.T, axis=0, return_inverse=True)
+    for group in np.unique(group_of_rank):
+        ranks = np.flatnonzero(group_of_rank == group)
+        rng = random.Random(seed)
+        for i in np.flatnonzero(member[:, ranks[0]]):
+            layer, expert, cands, remaining = events[i]
+            quotient, remainder = divmod(len(remaining), len(cands))
+            choices = cands * quotient + rng.sample(cands, k=remainder)
+            rng.shuffle(choices)
+            pos = np.searchsorted(remaining, ranks)
+            out[layer, ranks, expert] = np.asarray(choices, dtype=np.int64)[pos]
+    return out
+
+
+def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.ndarray:
     num_layers, num_gpus, num_experts = placement.num_layers, placement.num_gpus, placement.num_experts
     gpu_of_slot = placement.gpu_of_slot()
     node_of_gpu = np.arange(num_gpus) // topology.gpus_per_node
@@ -73,15 +191,49 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
         for expert in np.flatnonzero(~single):
             column = table[layer, :, expert]
             candidates = np.flatnonzero(p2l == expert)
-            if rule == "nearest":
-                for node in np.unique(node_of_gpu[column < 0]):
-                    local = candidates[node_of_slot[candidates] == node]
-                    need = np.flatnonzero((column < 0) & (node_of_gpu == node))
-                    if len(local) and len(need):
-                        column[need] = _fair(local, len(need), rng)
+            for node in np.unique(node_of_gpu[column < 0]):
+                local = candidates[node_of_slot[candidates] == node]
+                need = np.flatnonzero((column < 0) & (node_of_gpu == node))
+                if len(local) and len(need):
+                    column[need] = _fair(local, len(need), rng)
             need = np.flatnonzero(column < 0)
             if len(need):
                 column[need] = _fair(candidates, len(need), rng)
+    return table
+
+
+def dispatch_table(placement: Placement, topology: Topology, rule: str = "nearest",
+                   seed: int = DEFAULT_DISPATCH_SEED, *, model: ModelSpec | None = None) -> np.ndarray:
+    """The replica each rank sends each logical expert to, for the rank-based rules.
+
+    Returns int64 ``[L, G, E]``: ``table[l, g, e]`` is the slot that tokens on GPU ``g`` use for
+    logical expert ``e`` at MoE layer ``l``. ``model`` gives ``sglang-static`` the dense layers
+    its random stream runs through (without it every layer is taken as a MoE layer). For the
+    position-based rules use :func:`select_slots`. Tables are cached (small LRU).
+    """
+    _check_rule(rule)
+    if rule in POSITION_RULES:
+        raise InvalidInputError(f"the {rule} rule chooses replicas by token position, not by rank",
+                                source="--dispatch")
+    if placement.num_gpus != topology.num_gpus:
+        raise InvalidInputError(f"placement spans {placement.num_gpus} GPUs, cluster has "
+                                f"{topology.num_gpus}", source="placement")
+    full, rows = hidden_layer_map(placement, model if rule == "sglang-static" else None)
+    key = (rule, seed, topology.num_gpus, topology.gpus_per_node, placement.slots_per_gpu,
+           full.shape, full.tobytes(), rows.tobytes())
+    if key in _TABLE_CACHE:
+        _TABLE_CACHE.move_to_end(key)
+        return _TABLE_CACHE[key]
+    if rule == "sglang-static":
+        table = sglang_static_table(full, topology.num_gpus, topology.num_nodes, seed,
+                                    placement.num_experts)
+        table = np.ascontiguousarray(table[rows])
+    else:
+        table = _nearest_table(placement, topology, seed)
+    table.setflags(write=False)
+    _TABLE_CACHE[key] = table
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
     return table
 
 
@@ -93,11 +245,12 @@ def default_home_ranks(token_index: np.ndarray, num_gpus: int) -> np.ndarray:
 def select_slots(placement: Placement, topology: Topology, expert_ids: np.ndarray, *,
                  home_rank: np.ndarray | None = None, token_index: np.ndarray | None = None,
                  rule: str = "nearest", seed: int = DEFAULT_DISPATCH_SEED,
-                 table: np.ndarray | None = None) -> np.ndarray:
+                 table: np.ndarray | None = None, model: ModelSpec | None = None) -> np.ndarray:
     """Physical slot of every (token, layer, k) under ``rule``.
 
     ``expert_ids``: int [T, L, K] logical ids. ``home_rank``: int [T] (default: round-robin by
-    ``token_index``, which defaults to ``arange(T)``). Returns int64 [T, L, K].
+    ``token_index``, which defaults to ``arange(T)`` and is the row for the position rules).
+    Returns int64 [T, L, K].
     """
     _check_rule(rule)
     ids = np.asarray(expert_ids, dtype=np.int64)
@@ -108,35 +261,37 @@ def select_slots(placement: Placement, topology: Topology, expert_ids: np.ndarra
     if token_index is None:
         token_index = np.arange(t)
     layer = np.arange(num_layers)[None, :, None]
-    if rule == "vllm":
+    if rule in POSITION_RULES:
         log2phy, cnt = placement.log2phy(), placement.logcnt()
-        rep = np.asarray(token_index, dtype=np.int64)[:, None, None] % cnt[layer, ids]
+        rep = replica_index(np.asarray(token_index, dtype=np.int64)[:, None, None], cnt[layer, ids], rule)
         return log2phy[layer, ids, rep]
     if home_rank is None:
         home_rank = default_home_ranks(token_index, placement.num_gpus)
     if table is None:
-        table = dispatch_table(placement, topology, rule, seed)
+        table = dispatch_table(placement, topology, rule, seed, model=model)
     return table[layer, np.asarray(home_rank, dtype=np.int64)[:, None, None], ids]
 
 
 def slot_load(load: np.ndarray, placement: Placement, topology: Topology, rule: str = "nearest",
-              seed: int = DEFAULT_DISPATCH_SEED, table: np.ndarray | None = None) -> np.ndarray:
-    """Expected token-slots served by each slot when home ranks (or positions) are uniform.
+              seed: int = DEFAULT_DISPATCH_SEED, table: np.ndarray | None = None,
+              model: ModelSpec | None = None) -> np.ndarray:
+    """Expected token-slots served by each slot when home ranks (or rows) are uniform.
 
     ``load``: [L, E] token-slots per logical expert. Returns float64 [L, P]. Exact for a trace
-    whose tokens are spread evenly over home ranks independently of their routing.
+    whose tokens are spread evenly over home ranks independently of their routing; for the
+    position rules, the even split over replicas that uniform rows give.
     """
     _check_rule(rule)
     load = np.asarray(load, dtype=np.float64)
     num_layers, num_slots = placement.num_layers, placement.num_slots
     out = np.zeros((num_layers, num_slots), dtype=np.float64)
-    if rule == "vllm":
+    if rule in POSITION_RULES:
         cnt = placement.logcnt()
         p2l = placement.physical_to_logical
         rows = np.arange(num_layers)[:, None]
         return load[rows, p2l] / cnt[rows, p2l]
     if table is None:
-        table = dispatch_table(placement, topology, rule, seed)
+        table = dispatch_table(placement, topology, rule, seed, model=model)
     num_gpus = placement.num_gpus
     layer = np.repeat(np.arange(num_layers), num_gpus * placement.num_experts)
     share = np.broadcast_to(load[:, None, :] / num_gpus, table.shape).ravel()

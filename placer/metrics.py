@@ -3,7 +3,7 @@
 Every function takes a placement, the cluster and routing data, either a
 :class:`~placer.types.RoutingTrace` (exact, per token) or :class:`~placer.types.RoutingStats`
 (load from the full counts, per-token metrics on the stats' reservoir sample). Replicas are
-chosen by the dispatch rule of :mod:`placer.dispatch` (``nearest`` | ``sglang-legacy`` |
+chosen by the dispatch rule of :mod:`placer.dispatch` (``nearest`` | ``sglang-static`` | ``sglang-dynamic`` |
 ``vllm``); tokens start on their home rank (``trace.home_rank``, else round-robin by token index).
 
 Two execution modes are measured:
@@ -67,7 +67,7 @@ def gpu_load(placement: Placement, topology: Topology, data: Data, *, dispatch: 
     num_layers, num_experts, _ = core.data_shape(data)
     core.check_shapes(placement, topology, num_layers, num_experts)
     if table is None:
-        table = core.rank_table(placement, topology, dispatch, seed)
+        table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     core.check_rule(dispatch)
     num_gpus = placement.num_gpus
     if isinstance(data, RoutingStats):
@@ -126,7 +126,7 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
     num_layers = core.data_shape(data)[0]
     tokens = core.resolve_tokens(placement, topology, data, need_top1=False, what="dispatch traffic")
     if table is None:
-        table = core.rank_table(placement, topology, dispatch, seed)
+        table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     core.check_rule(dispatch)
     gpn = topology.gpus_per_node
 
@@ -206,7 +206,7 @@ def context_coherent_traffic(placement: Placement, topology: Topology, model: Mo
     per_layer: dict[str, np.ndarray] = {}
     if tokens is not None:
         if table is None:
-            table = core.rank_table(placement, topology, dispatch, seed)
+            table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
 
         def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
             return core.cc_counts(placement, topology, ids, home, index, dispatch, seed, table)
@@ -294,7 +294,7 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
         raise InvalidInputError("context-coherent execution needs the top-1 expert of each token, but "
                                 "the routing's expert order is unknown and it has no gate weights",
                                 source="--execution")
-    table = core.rank_table(placement, topology, dispatch, seed)
+    table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     is_trace = isinstance(data, RoutingTrace)
     has_tokens = is_trace or data.sample_size > 0
     no_replicas = placement.num_slots == placement.num_experts

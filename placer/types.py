@@ -29,7 +29,9 @@ PHASES = ("prefill", "decode")
 """Phase codes in ``RoutingTrace.phase``: 0 prefill, 1 decode, -1 unknown."""
 PHASE_CODES = {"prefill": 0, "decode": 1, "unknown": -1}
 TRACE_ORDERS = ("sorted", "unknown")
-DISPATCH_RULES = ("nearest", "sglang-legacy", "vllm")
+DISPATCH_RULES = ("nearest", "sglang-static", "sglang-dynamic", "vllm")
+"""Replica rules of :mod:`placer.dispatch`; the last two choose by the token's row in the batch."""
+POSITION_RULES = ("sglang-dynamic", "vllm")
 EXECUTION_MODES = ("standard", "context-coherent")
 SOLVE_STATUSES = ("optimal", "feasible", "timeout", "infeasible")
 

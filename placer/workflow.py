@@ -12,6 +12,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.profiling.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
+from placer.stacks import Stack
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
 MAX_TRACE_TOKENS = 4_000_000
@@ -170,6 +171,8 @@ class SolveOutcome:
     metrics: dict
     rows: list[dict]
     exported: list[tuple[str, str, list[str]]]
+    stack: Stack | None = None
+    dispatch: str = "nearest"
 
 
 COMPARE_WITH = ("contiguous", "eplb")
@@ -193,7 +196,8 @@ def method_options(method: str, execution: str, *, backend: str | None, ray_addr
     return options
 
 
-def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology, dispatch: str = "nearest",
+def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology, dispatch: str | None = None,
+                    stack: Stack | None = None,
                     execution: str = "standard", phase: str = "all", redundant: int = 0,
                     groups: int | None = None, method: str = "placer", seed: int = 0,
                     time_limit_s: float | None = None, objective: str | None = None,
@@ -202,7 +206,12 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
                     holdout: Sequence[str] = (), compare: Sequence[str] = COMPARE_WITH,
                     output: str, exports: Sequence[tuple[str, str]] = (), progress=None) -> SolveOutcome:
     """Gather inputs, solve, score on the fitting (and held-out) data against the baselines, write
-    the placement and its exports."""
+    the placement and its exports.
+
+    ``stack`` (:mod:`placer.stacks`) sets the rule solved and scored under (``dispatch``
+    overrides it; neither: ``nearest``), checks that the stack can place the model, and is
+    recorded in the placement file.
+    """
     from placer.ilp import METHODS, PlacementProblem, solve
     from placer.io.placements import export_placement, write_placement_json
     from placer.metrics import evaluate
@@ -222,6 +231,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         if model is None:
             raise InvalidInputError("give a routing input or --model PRESET", source="--model")
         stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
+    if stack is not None:
+        stack.check_model(model)
+    dispatch = dispatch or (stack.dispatch if stack is not None else "nearest")
     if groups is not None:
         model = with_groups(model, groups)
         stats = replace(stats, model=model)
@@ -265,10 +277,11 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
                             "gap": result.gap, "backend": result.backend}
     write_placement_json(output, result.placement, model=model, topology=topology, dispatch=dispatch,
                          method=result.method, status=result.status, solve_seconds=result.wall_time_s,
-                         metrics=metrics)
+                         metrics=metrics, stack=stack)
     exported = [(fmt, path, export_placement(result.placement, fmt, path, model=model, topology=topology))
                 for fmt, path in exports]
-    return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported)
+    return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported, stack=stack,
+                        dispatch=dispatch)
 
 
 def with_groups(model: ModelSpec, groups: int) -> ModelSpec:

@@ -47,13 +47,20 @@ def test_stats_solve_evaluate_export(capsys, tmp_path, hdmoe):
     assert (tmp_path / "s.npz").exists()
 
     p, s = tmp_path / "p.json", tmp_path / "sglang.json"
+    # SGLang 0.5.23 cannot place Mixtral: the export is refused with the reason, nothing written.
+    code, out, err = run(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "4", "--method",
+                         "contiguous", "-o", p, "--export", f"sglang={s}")
+    assert code == 2 and "cannot place mixtral-8x7b" in err and not s.exists()
+    code, out, err = run(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "4", "--stack", "sglang",
+                         "-o", p)
+    assert code == 2 and "sglang 0.5.23 cannot place mixtral-8x7b" in err and "--dispatch sglang-static" in err
     code, out, _ = run(capsys, "solve", hdmoe, "--model", "mixtral-8x7b", "--gpus", "4", "--method",
-                       "contiguous", "-o", p, "--export", f"sglang={s}")
+                       "contiguous", "-o", p, "--export", f"trtllm={tmp_path / 'lb.yaml'}")
     assert code == 0, out
-    assert "--ep-size 4" in out and "--init-expert-location" in out
-    assert json.loads(s.read_text()) == {"physical_to_logical_map": [list(range(8))] * 32}
+    assert "--ep_size 4" in out and "dispatch nearest" in out
     placement = json.loads(p.read_text())
     assert placement["method"] == "contiguous" and placement["slots_per_gpu"] == 2
+    assert placement["stack"] is None and placement["dispatch"] == "nearest"
 
     code, out, _ = run(capsys, "evaluate", p, hdmoe, "--json")
     assert code == 0

@@ -181,13 +181,13 @@ def test_unknown_kernel_is_one_line(capsys):
 
 def test_dispatch_defaults_to_the_placement_files_rule(capsys, tmp_path, trace):
     topo = make_topology("h100", gpus=4)
-    path = tmp_path / "legacy.json"
+    path = tmp_path / "static.json"
     result = solve(PlacementProblem(load_only_stats(np.ones((32, 8)), 2, model=MIXTRAL), MIXTRAL, topo,
-                                    num_redundant=4, dispatch="sglang-legacy"), "eplb")
-    write_placement_json(path, result.placement, model=MIXTRAL, topology=topo, dispatch="sglang-legacy",
+                                    num_redundant=4, dispatch="sglang-static"), "eplb")
+    write_placement_json(path, result.placement, model=MIXTRAL, topology=topo, dispatch="sglang-static",
                          method="eplb", status=result.status, solve_seconds=0.0)
     out = tmp_path / "sim"
     code, _, err = run(capsys, "simulate", "run", trace, "--placement", path, "--workload", "replay",
                        "--tokens-per-rank", "8", "-o", out)
     assert code == 0, err
-    assert read_results(out).inputs["config"]["dispatch"] == "sglang-legacy"
+    assert read_results(out).inputs["config"]["dispatch"] == "sglang-static"

@@ -17,6 +17,11 @@ def _check_outputs(out, capsys_text: str) -> None:
     assert (out / "report.html").is_file()
     doc = json.loads((out / "sglang.json").read_text())
     assert list(doc) == ["physical_to_logical_map"]
+    # SGLang 0.5.23 cannot place the demo's Mixtral: the demo says why, and the file it writes is
+    # a DeepSeek-V2-Lite placement (27 hidden layers) that SGLang loads.
+    assert "cannot place" in capsys_text and "MixtralForCausalLM" in capsys_text
+    assert len(doc["physical_to_logical_map"]) == 27
+    assert "--moe-a2a-backend deepep" in capsys_text
     for method in DEMO_METHODS:
         pf = read_placement_json(out / "placements" / f"{method}.json")
         assert pf.method == method

@@ -33,7 +33,7 @@ def _slots_of(placement: Placement, layer: int, expert: int) -> np.ndarray:
 
 
 @settings(max_examples=40, deadline=None)
-@given(placements(), st.sampled_from(["nearest", "sglang-legacy"]))
+@given(placements(), st.sampled_from(["nearest", "sglang-static"]))
 def test_table_maps_to_holder_and_prefers_own_gpu_then_node(case, rule):
     placement, topology, seed = case
     table = dispatch_table(placement, topology, rule, seed)
@@ -53,6 +53,10 @@ def test_table_maps_to_holder_and_prefers_own_gpu_then_node(case, rule):
                     assert slot == own.min()
                 elif rule == "nearest" and np.any(slots // spg // gpn == g // gpn):
                     assert slot // spg // gpn == g // gpn
+                elif rule == "sglang-static":
+                    local = slots[slots // spg // gpn == g // gpn]
+                    if 0 < len(local) < len(slots):  # SGLang narrows to the first same-node slot
+                        assert slot == local.min()
 
 
 def _within_one(counts: list[int]) -> bool:
@@ -60,11 +64,12 @@ def _within_one(counts: list[int]) -> bool:
 
 
 @settings(max_examples=40, deadline=None)
-@given(placements(), st.sampled_from(["nearest", "sglang-legacy"]))
-def test_fair_spread_over_remote_replicas(case, rule):
-    """Among ranks with no replica on their own GPU, each candidate replica gets a number of
-    ranks within 1 of the others (per node group for ``nearest``)."""
+@given(placements())
+def test_fair_spread_over_remote_replicas(case):
+    """``nearest`` (coordinated): among ranks with no replica on their own GPU, each candidate
+    replica gets a number of ranks within 1 of the others, per node group."""
     placement, topology, seed = case
+    rule = "nearest"
     table = dispatch_table(placement, topology, rule, seed)
     spg, gpn = placement.slots_per_gpu, topology.gpus_per_node
     num_gpus = placement.num_gpus
@@ -75,18 +80,15 @@ def test_fair_spread_over_remote_replicas(case, rule):
                 continue
             needers = [g for g in range(num_gpus) if not np.any(slots // spg == g)]
             groups: list[tuple[list[int], np.ndarray]] = []
-            if rule == "sglang-legacy":
-                groups.append((needers, slots))
-            else:
-                far = []
-                for node in range(topology.num_nodes):
-                    local = slots[slots // spg // gpn == node]
-                    members = [g for g in needers if g // gpn == node]
-                    if len(local):
-                        groups.append((members, local))
-                    else:
-                        far += members
-                groups.append((far, slots))
+            far = []
+            for node in range(topology.num_nodes):
+                local = slots[slots // spg // gpn == node]
+                members = [g for g in needers if g // gpn == node]
+                if len(local):
+                    groups.append((members, local))
+                else:
+                    far += members
+            groups.append((far, slots))
             for members, candidates in groups:
                 if not members:
                     continue
@@ -106,16 +108,19 @@ def test_select_slots_follows_the_rule(case, data):
     ids = np.argsort(rng.random((t, num_layers, e)), axis=-1)[..., :k]
     index = rng.integers(0, 1000, t)
     home = rng.integers(0, g, t)
-    # vllm: the (position % count)-th replica in ascending slot order
-    got = select_slots(placement, topology, ids, token_index=index, rule="vllm")
-    default = select_slots(placement, topology, ids, rule="vllm")
-    for i in range(t):
-        for layer in range(num_layers):
-            for j in range(k):
-                slots = _slots_of(placement, layer, ids[i, layer, j])
-                assert got[i, layer, j] == slots[index[i] % len(slots)]
-                assert default[i, layer, j] == slots[i % len(slots)]
-    for rule in ("nearest", "sglang-legacy"):
+    # sglang-dynamic: the (row % count)-th replica in ascending slot order; vllm: the
+    # (Knuth hash of the row % count)-th.
+    for rule, rep in (("sglang-dynamic", lambda i, c: i % c),
+                      ("vllm", lambda i, c: ((i * 2654435769) & 0xFFFFFFFF) % c)):
+        got = select_slots(placement, topology, ids, token_index=index, rule=rule)
+        default = select_slots(placement, topology, ids, rule=rule)
+        for i in range(t):
+            for layer in range(num_layers):
+                for j in range(k):
+                    slots = _slots_of(placement, layer, ids[i, layer, j])
+                    assert got[i, layer, j] == slots[rep(int(index[i]), len(slots))]
+                    assert default[i, layer, j] == slots[rep(i, len(slots))]
+    for rule in ("nearest", "sglang-static"):
         table = dispatch_table(placement, topology, rule, seed)
         with_home = select_slots(placement, topology, ids, home_rank=home, rule=rule, seed=seed)
         round_robin = select_slots(placement, topology, ids, token_index=index, rule=rule, seed=seed,
@@ -128,7 +133,7 @@ def test_select_slots_follows_the_rule(case, data):
 
 
 @settings(max_examples=40, deadline=None)
-@given(placements(), st.sampled_from(["nearest", "sglang-legacy", "vllm"]))
+@given(placements(), st.sampled_from(["nearest", "sglang-static", "sglang-dynamic", "vllm"]))
 def test_slot_load_is_the_mean_over_ranks(case, rule):
     placement, topology, seed = case
     rng = np.random.default_rng(seed)
@@ -138,7 +143,7 @@ def test_slot_load_is_the_mean_over_ranks(case, rule):
     np.testing.assert_allclose(out.sum(axis=1), load.sum(axis=1))
     ref = np.zeros_like(out)
     p2l = placement.physical_to_logical
-    if rule == "vllm":
+    if rule in ("sglang-dynamic", "vllm"):
         cnt = placement.logcnt()
         for layer in range(placement.num_layers):
             for p in range(placement.num_slots):
@@ -153,7 +158,7 @@ def test_slot_load_is_the_mean_over_ranks(case, rule):
 
 
 @settings(max_examples=20, deadline=None)
-@given(placements(), st.sampled_from(["nearest", "sglang-legacy"]))
+@given(placements(), st.sampled_from(["nearest", "sglang-static"]))
 def test_seeded_determinism(case, rule):
     placement, topology, seed = case
     a = dispatch_table(placement, topology, rule, seed)
@@ -170,16 +175,17 @@ def test_seed_changes_the_spread():
     assert columns == {(0, 2), (2, 0)}
 
 
-def test_nearest_vs_legacy_hand_case():
+def test_nearest_vs_sglang_static_hand_case():
     # 2 nodes x 2 GPUs, 2 slots each. Expert 0 on GPU 0 and GPU 2: GPU 1 (node 0) uses GPU 0's
-    # copy and GPU 3 (node 1) uses GPU 2's under "nearest"; legacy spreads them over both.
+    # copy and GPU 3 (node 1) uses GPU 2's under both rules (one copy per node: SGLang narrows).
     placement = Placement([[0, 1, 2, 3, 0, 4, 5, 6]], 2, 7)
     topology = Topology("t", 2, 2)
-    table = dispatch_table(placement, topology, "nearest")
-    assert table[0, :, 0].tolist() == [0, 0, 4, 4]
-    legacy = dispatch_table(placement, topology, "sglang-legacy")
-    assert legacy[0, 0, 0] == 0 and legacy[0, 2, 0] == 4
-    assert sorted(legacy[0, [1, 3], 0].tolist()) == [0, 4]
+    assert dispatch_table(placement, topology, "nearest")[0, :, 0].tolist() == [0, 0, 4, 4]
+    assert dispatch_table(placement, topology, "sglang-static")[0, :, 0].tolist() == [0, 0, 4, 4]
+    # Both copies on node 0 (GPUs 0 and 1): node 1 draws over both; GPU 1 keeps its own.
+    placement = Placement([[0, 1, 0, 2, 3, 4, 5, 6]], 2, 7)
+    static = dispatch_table(placement, topology, "sglang-static")
+    assert static[0, :2, 0].tolist() == [0, 2] and set(static[0, 2:, 0].tolist()) <= {0, 2}
 
 
 def test_default_home_ranks_and_errors():

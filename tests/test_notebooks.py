@@ -74,10 +74,11 @@ def test_quickstart(tmp_path, monkeypatch):
 
     pf = read_placement_json(tmp_path / "placement.json")
     assert pf.method == "placer" and pf.topology.num_gpus == 4 and pf.placement.num_redundant == 4
-    p2l = import_placement(tmp_path / "sglang.json", "sglang", model=pf.model, topology=pf.topology)
+    p2l = import_placement(tmp_path / "eplb.npz", "eplb", model=pf.model, topology=pf.topology)
     assert (p2l.physical_to_logical == pf.placement.physical_to_logical).all()
+    assert not (tmp_path / "sglang.json").exists()
     text = _text(nb)
-    assert "--init-expert-location sglang.json" in text and "contiguous" in text
+    assert "SGLang: sglang 0.5.23 cannot place mixtral-8x7b" in text and "contiguous" in text
     real = (SHARED / "data/hdmoe-mixtral-mtbench/experts_coding_mixtral.json").is_file()
     assert ("synthetic=False" in text) == real
 

@@ -5,8 +5,11 @@ The search model of a layer (the "expected dispatch" model):
 - tokens start on their home rank (the stats' sample); the rule maps (rank, expert) to a
   *distribution* over the expert's copies, the expectation of :mod:`placer.dispatch` over its
   seeded fair spread: ``nearest`` uses the home GPU's copy, else the home node's copies
-  uniformly, else all copies uniformly; ``sglang-legacy`` the home GPU's copy, else all copies;
-  ``vllm`` all copies uniformly (its position rule, averaged over positions). The fair spread
+  uniformly, else all copies uniformly; ``sglang-static`` is searched with
+  ``nearest``'s model (it differs only where a node holds several but not all copies: SGLang
+  then takes the first of them, and its fair spreads are per-rank streams, so the final metrics
+  use the exact tables); the position rules ``sglang-dynamic`` and ``vllm`` all copies
+  uniformly (averaged over rows). The fair spread
   gives every needing rank each candidate with probability 1 / #candidates, and the choices for
   different experts are independent, so per token ``E[#distinct GPUs used] = sum_x 1 - prod_k
   (1 - p_k(x))`` (nodes alike) is exact in expectation. Where no random choice is involved (no
@@ -39,7 +42,7 @@ import numpy as np
 from placer._numba import HAVE_NUMBA  # noqa: F401  (re-exported: joint.py reports the backend)
 from placer._numba import njit as _njit
 
-RULE_CODES = {"nearest": 0, "sglang-legacy": 1, "vllm": 2}
+RULE_CODES = {"nearest": 0, "sglang-static": 0, "sglang-dynamic": 2, "vllm": 2}
 # Scalars of a layer problem, packed in one float64 array ``prm`` (numba-friendly):
 # 0 G, 1 N, 2 gpn, 3 spg, 4 E, 5 P, 6 K, 7 rule, 8 w_bal, 9 w_nv, 10 w_rdma, 11 lam, 12 pen, 13 cap
 NPARAM = 14

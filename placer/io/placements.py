@@ -1,16 +1,22 @@
 """Placement files: placer's native JSON, and exporters/importers for serving stacks.
 
 Native JSON (``write_placement_json`` / ``read_placement_json``) has exactly the top-level keys
-``schema_version`` (1), ``physical_to_logical_map`` ([MoE layers, P] ints), ``slots_per_gpu``,
-``model``, ``topology``, ``dispatch``, ``method``, ``status``, ``solve_seconds``, ``metrics``;
-its JSON Schema is ``placer/schemas/placement.schema.json``.
+``schema_version`` (2), ``physical_to_logical_map`` ([MoE layers, P] ints), ``slots_per_gpu``,
+``model``, ``topology``, ``dispatch``, ``stack`` (``{"name", "release"}`` of the serving stack
+whose rules it was solved under, or null), ``method``, ``status``, ``solve_seconds``,
+``metrics``; its JSON Schema is ``placer/schemas/placement.schema.json``. Version 1 files (no
+``stack``) are still read.
 
 Serving formats (``FORMATS``):
 
-* ``sglang``: ``{"physical_to_logical_map": [[P ids]] * num_hidden_layers}`` and nothing else;
-  dense-layer rows are the trivial ``arange(P) % E``.
-* ``vllm`` (provisional): ``{"physical_to_logical_map": [[P ids]] * L, "num_redundant_experts":
-  R, "ep_size": G}`` with MoE layers only (upstream vLLM has no file-based placement yet).
+* ``sglang`` (SGLang 0.5.23's ``--init-expert-location``): ``{"physical_to_logical_map": [[P
+  ids]] * num_hidden_layers}`` and nothing else, as ``.json`` or, for a ``.pt`` path, a
+  ``torch.save`` of the same dict holding an int64 tensor (SGLang loads it with
+  ``weights_only=True``); dense-layer rows are the trivial ``arange(P) % E``. Other suffixes are
+  refused (SGLang would parse the path as inline JSON).
+* ``vllm``: read only (files of earlier placer versions). vLLM 0.34.0 loads no placement file;
+  exporting for it raises :class:`VllmLoadsNoFile`, which carries the flags that turn on vLLM's
+  own EPLB.
 * ``vllm-ascend``: ``{"moe_layer_count": L, "layer_list": [{"layer_id", "device_count",
   "device_list": [{"device_id", "device_expert": [ids in local-slot order]}]}]}``.
 * ``trtllm``: YAML ``num_slots: P``, ``layer_updates_per_iter: 0``,
@@ -35,13 +41,16 @@ import numpy as np
 from placer.errors import InvalidInputError
 from placer.io._common import fail, guard, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
+from placer.stacks import STACKS, Stack, get_stack
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, Topology
 from placer.validate import check_placement
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMATS = ("sglang", "vllm", "vllm-ascend", "trtllm", "eplb")
 NATIVE_KEYS = ("schema_version", "physical_to_logical_map", "slots_per_gpu", "model", "topology",
-               "dispatch", "method", "status", "solve_seconds", "metrics")
+               "dispatch", "stack", "method", "status", "solve_seconds", "metrics")
+WRITABLE_FORMATS = ("sglang", "vllm-ascend", "trtllm", "eplb")
 WRITABLE_STATUSES = ("optimal", "feasible", "timeout")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "placement.schema.json"
 
@@ -58,6 +67,19 @@ class PlacementFile:
     status: str
     solve_seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    stack: Stack | None = None
+
+
+class VllmLoadsNoFile(InvalidInputError):
+    """Export for vLLM: it loads no placement file. ``flags`` turn on its own EPLB instead."""
+
+    def __init__(self, flags: list[str], source: str):
+        stack = STACKS["vllm"]
+        super().__init__(f"{stack.label} loads no placement file; it re-balances itself every "
+                         "step_interval steps (the flags printed turn on its EPLB with this redundancy; "
+                         "score what its rule does with --stack vllm on evaluate, simulate or serve)",
+                         source=source)
+        self.flags = flags
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +156,8 @@ def _placement(path: str | os.PathLike[str], p2l: np.ndarray, model: ModelSpec,
 
 def write_placement_json(path: str | os.PathLike[str], placement: Placement, *, model: ModelSpec,
                          topology: Topology, dispatch: str, method: str, status: str,
-                         solve_seconds: float, metrics: dict[str, Any] | None = None) -> None:
+                         solve_seconds: float, metrics: dict[str, Any] | None = None,
+                         stack: Stack | None = None) -> None:
     """Write a native placement file atomically (after :func:`check_placement`)."""
     check_placement(placement, model, topology)
     where = str(path)
@@ -151,7 +174,8 @@ def write_placement_json(path: str | os.PathLike[str], placement: Placement, *, 
            "physical_to_logical_map": placement.physical_to_logical.tolist(),
            "slots_per_gpu": placement.slots_per_gpu,
            "model": _jsonable(model.to_dict(), where), "topology": _jsonable(topology.to_dict(), where),
-           "dispatch": dispatch, "method": str(method), "status": status,
+           "dispatch": dispatch, "stack": None if stack is None else stack.to_dict(),
+           "method": str(method), "status": status,
            "solve_seconds": float(solve_seconds), "metrics": _jsonable(dict(metrics or {}), where)}
     atomic_write_text(path, _dumps(doc))
 
@@ -161,6 +185,8 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
     doc = _load_json(path, "placement JSON")
     if not isinstance(doc, dict):
         raise fail(path, "placement file must be a JSON object")
+    if doc.get("schema_version") == 1:
+        doc = {**doc, "stack": None}
     missing = [k for k in NATIVE_KEYS if k not in doc]
     if missing:
         hint = " (an SGLang export? read it with import_placement(..., 'sglang'))" \
@@ -169,9 +195,17 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
     extra = [k for k in doc if k not in NATIVE_KEYS]
     if extra:
         raise fail(path, f"placement file has unknown key(s) {', '.join(extra)}")
-    if doc["schema_version"] != SCHEMA_VERSION:
+    if doc["schema_version"] not in READABLE_VERSIONS:
         raise fail(path, f"unsupported schema_version {doc['schema_version']!r} (this version reads "
-                         f"{SCHEMA_VERSION})")
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    stack = None
+    if doc["stack"] is not None:
+        if not isinstance(doc["stack"], dict) or set(doc["stack"]) != {"name", "release"}:
+            raise fail(path, "stack must be null or {\"name\", \"release\"}")
+        stack = get_stack(str(doc["stack"]["name"]), source=str(path))
+        if doc["stack"]["release"] != stack.release:
+            raise fail(path, f"solved for {stack.name} {doc['stack']['release']}; this placer reproduces "
+                             f"{stack.label} (re-solve or re-score it with --stack {stack.name})")
     for key, kind in (("slots_per_gpu", int), ("model", dict), ("topology", dict), ("dispatch", str),
                       ("method", str), ("status", str), ("solve_seconds", (int, float)), ("metrics", dict)):
         if not isinstance(doc[key], kind) or isinstance(doc[key], bool):
@@ -187,7 +221,7 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
         placement = Placement(p2l, doc["slots_per_gpu"], model.num_experts)
         check_placement(placement, model, topology)
     return PlacementFile(placement, model, topology, doc["dispatch"], doc["method"], doc["status"],
-                         float(doc["solve_seconds"]), doc["metrics"])
+                         float(doc["solve_seconds"]), doc["metrics"], stack)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,26 +246,11 @@ def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str
     check_placement(placement, model, topology)
     p2l = placement.physical_to_logical
     num_layers, num_slots = p2l.shape
-    g, r, e = topology.num_gpus, placement.num_redundant, placement.num_experts
-    q = shlex.quote(str(path))
-    if fmt == "sglang":
-        full = np.tile(np.arange(num_slots, dtype=np.int64) % e, (model.num_hidden_layers, 1))
-        full[np.asarray(model.moe_layer_ids)] = p2l
-        atomic_write_text(path, _dumps({"physical_to_logical_map": full.tolist()}))
-        flags = [f"--ep-size {g}", f"--ep-num-redundant-experts {r}", f"--init-expert-location {q}",
-                 "--ep-dispatch-algorithm static"]
-        if topology.num_nodes > 1:
-            flags.append(f"--nnodes {topology.num_nodes}")
-        flags.append("# SGLang selects static dispatch by itself when --init-expert-location is not "
-                     "'trivial'; it is given explicitly here")
-        return flags
+    g, r = topology.num_gpus, placement.num_redundant
     if fmt == "vllm":
-        doc = {"physical_to_logical_map": p2l.tolist(), "num_redundant_experts": r, "ep_size": g}
-        atomic_write_text(path, _dumps(doc))
-        return ["--enable-expert-parallel", "--enable-eplb",
-                "--eplb-config " + shlex.quote(json.dumps({"num_redundant_experts": r})),
-                f"# upstream vLLM has no merged file-based placement yet: {path} holds the provisional "
-                f"per-MoE-layer physical_to_logical_map; EP size (TP x DP) must be {g}"]
+        raise VllmLoadsNoFile(vllm_flags(topology, r), source=str(path))
+    if fmt == "sglang":
+        return _export_sglang(placement, path, model, topology)
     if fmt == "vllm-ascend":
         experts = placement.gpu_experts()
         doc = {"moe_layer_count": num_layers, "layer_list": [
@@ -379,3 +398,71 @@ def _read_eplb(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
             if z["logcnt"].shape != cnt.shape or not np.array_equal(z["logcnt"], cnt):
                 raise fail(path, "logcnt does not match phy2log")
         return p2l
+
+
+# --------------------------------------------------------------------------------------------
+# SGLang and vLLM: files and flags their releases accept
+# --------------------------------------------------------------------------------------------
+
+
+def sglang_full_map(placement: Placement, model: ModelSpec) -> np.ndarray:
+    """The [num_hidden_layers, P] map SGLang loads: dense rows are ``arange(P) % E``."""
+    full = np.tile(np.arange(placement.num_slots, dtype=np.int64) % placement.num_experts,
+                   (model.num_hidden_layers, 1))
+    full[np.asarray(model.moe_layer_ids)] = placement.physical_to_logical
+    return full
+
+
+def sglang_flags(path: str | os.PathLike[str], topology: Topology, num_redundant: int) -> list[str]:
+    """SGLang 0.5.23 flags that load ``path`` with static dispatch (checked by its own start-up code).
+
+    Static dispatch needs an a2a backend (DeepEP): with the default ``--moe-a2a-backend none``
+    SGLang rejects ``static`` and would resolve to ``dynamic``. ``--tp-size`` must equal the EP
+    size (``tp_size == moe_ep_size * moe_dp_size * moe_tp_size``).
+    """
+    g = topology.num_gpus
+    flags = [f"--tp-size {g}", f"--ep-size {g}", "--moe-a2a-backend deepep",
+             "--ep-dispatch-algorithm static", f"--ep-num-redundant-experts {num_redundant}",
+             f"--init-expert-location {shlex.quote(str(path))}"]
+    if topology.num_nodes > 1:
+        flags += [f"--nnodes {topology.num_nodes}", "--node-rank NODE_RANK", "--dist-init-addr HEAD_IP:PORT",
+                  f"# on each of the {topology.num_nodes} nodes, NODE_RANK 0..{topology.num_nodes - 1}; "
+                  f"{topology.gpus_per_node} GPUs per node"]
+    return flags
+
+
+def _export_sglang(placement: Placement, path: str | os.PathLike[str], model: ModelSpec,
+                   topology: Topology) -> list[str]:
+    stack = STACKS["sglang"]
+    stack.check_model(model, source=str(path))
+    suffix = Path(path).suffix.lower()
+    full = sglang_full_map(placement, model)
+    if suffix == ".json":
+        atomic_write_text(path, _dumps({"physical_to_logical_map": full.tolist()}))
+    elif suffix == ".pt":
+        try:
+            import torch
+        except ImportError:
+            from placer.errors import MissingDependencyError
+            raise MissingDependencyError("writing a .pt placement needs torch (pip install 'placer[profile]'), "
+                                         "or write .json") from None
+        with atomic_path(path) as tmp:
+            torch.save({"physical_to_logical_map": torch.from_numpy(full)}, tmp)
+    else:
+        raise InvalidInputError(f"{stack.label} reads --init-expert-location as .json or .pt (any other path "
+                                "is parsed as inline JSON); name the file *.json or *.pt", source=str(path))
+    note = stack.model_note(model)
+    return sglang_flags(path, topology, placement.num_redundant) + [
+        f"# {stack.label}: static dispatch per EP rank (placer's sglang-static rule reproduces its tables)"] + (
+        [f"# {note}"] if note else [])
+
+
+def vllm_flags(topology: Topology, num_redundant: int) -> list[str]:
+    """vLLM 0.34.0 flags that turn on its own EPLB with ``num_redundant`` redundant experts."""
+    g = topology.num_gpus
+    flags = [f"--tensor-parallel-size {g}", "--enable-expert-parallel", "--enable-eplb",
+             "--eplb-config " + shlex.quote(json.dumps({"num_redundant_experts": num_redundant}))]
+    if topology.num_nodes > 1:
+        flags.append(f"# EP size is TP x DP = {g}; spread it over the {topology.num_nodes} nodes as vLLM's "
+                     "multi-node guide says (e.g. --data-parallel-size with --tensor-parallel-size per node)")
+    return flags

@@ -7,8 +7,8 @@ Semantics (shared by every implementation):
 
 - ``slot_map`` sends logical expert ids to physical slots. It is either int ``[E]`` (one map
   for all tokens: a row ``dispatch_table(...)[layer, rank]`` of the rank-based rules ``nearest``
-  and ``sglang-legacy``) or int ``[T, E]`` (one map per token: the position-based ``vllm``
-  rule). :func:`slot_map` builds either from a placement through :mod:`placer.dispatch`.
+  and ``sglang-static``) or int ``[T, E]`` (one map per token: the position-based rules
+  ``sglang-dynamic`` and ``vllm``). :func:`slot_map` builds either from a placement through :mod:`placer.dispatch`.
 - ``permute`` writes ``T * K`` rows sorted by slot, and within a slot by (token, k): row
   ``r`` holds token ``r``'s input where ``order`` is the stable argsort of the flat slot ids.
   ``row_map[t, k]`` is the row holding copy ``k`` of token ``t``; ``slot_counts[p]`` is the
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
+from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, replica_index
 from placer.errors import InvalidInputError
-from placer.types import Placement, Topology
+from placer.types import POSITION_RULES, Placement, Topology
 
 
 def slot_map(placement: Placement, topology: Topology, layer: int, *, rank: int | None = None,
@@ -37,30 +37,30 @@ def slot_map(placement: Placement, topology: Topology, layer: int, *, rank: int 
     placement, topology : the deployment (see :mod:`placer.types`).
     layer : int, MoE layer ordinal in ``[0, L)``.
     rank : int, the calling rank (home GPU of its tokens); required for ``nearest`` and
-        ``sglang-legacy``.
-    positions : int array, shape (T,), token positions; required for ``vllm``.
+        ``sglang-static``.
+    positions : int array, shape (T,), token rows; required for the position rules.
     rule, seed : the dispatch rule and its seed, as in :func:`placer.dispatch.dispatch_table`.
     table : int64 array, shape (L, G, E), optional precomputed ``dispatch_table`` (reuse it
         across layers and steps: computing it is the costly part).
 
     Returns
     -------
-    ndarray of int64, shape (E,) for the rank-based rules, (T, E) for ``vllm``.
+    ndarray of int64, shape (E,) for the rank-based rules, (T, E) for the position rules.
     Agrees with :func:`placer.dispatch.select_slots` for every token.
     """
     if not 0 <= layer < placement.num_layers:
         raise InvalidInputError(f"layer {layer} out of range [0, {placement.num_layers})",
                                 source="slot_map")
-    if rule == "vllm":
+    if rule in POSITION_RULES:
         if positions is None:
-            raise InvalidInputError("the vllm rule needs token positions", source="slot_map")
+            raise InvalidInputError(f"the {rule} rule needs token positions", source="slot_map")
         pos = np.asarray(positions, dtype=np.int64)
         if pos.ndim != 1:
             raise InvalidInputError(f"positions must be 1-D, got shape {pos.shape}",
                                     source="slot_map")
         log2phy, cnt = placement.log2phy()[layer], placement.logcnt()[layer]  # [E, R], [E]
         experts = np.arange(placement.num_experts)
-        return log2phy[experts[None, :], pos[:, None] % cnt[None, :]]  # [T, E]
+        return log2phy[experts[None, :], replica_index(pos[:, None], cnt[None, :], rule)]  # [T, E]
     if rank is None or not 0 <= rank < placement.num_gpus:
         raise InvalidInputError(f"rule {rule!r} needs a rank in [0, {placement.num_gpus}), "
                                 f"got {rank}", source="slot_map")

@@ -27,7 +27,7 @@ import numpy as np
 from placer.dispatch import dispatch_table
 from placer.errors import InvalidInputError, PlacerError
 from placer.runtime.model import ExpertWeights, init_weights
-from placer.types import DISPATCH_RULES, ModelSpec, Placement, Topology
+from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
 __all__ = ["Deployment", "RankLostError", "Recovery", "StepFailed"]
 
@@ -69,7 +69,7 @@ class Deployment:
     weights : ExpertWeights, optional
         The authoritative weights (default: :func:`init_weights` with ``seed``).
     dispatch : str
-        Replica rule (:mod:`placer.dispatch`): ``nearest``, ``sglang-legacy`` or ``vllm``.
+        Replica rule (:mod:`placer.dispatch`): ``nearest``, ``sglang-static``, ``sglang-dynamic`` or ``vllm``.
     timeout_s : float
         Process-group timeout: how long a collective waits for a dead peer.
     max_restarts : int
@@ -121,15 +121,15 @@ class Deployment:
     def _table(self, source: Placement) -> np.ndarray:
         key = id(source)  # the entry keeps ``source`` alive, so its id stays unique
         if key not in self._tables:
-            self._tables[key] = (source, dispatch_table(source, self.topology, self.dispatch)
-                                 if self.dispatch != "vllm" else np.empty(0))
+            self._tables[key] = (source, dispatch_table(source, self.topology, self.dispatch, model=self.model)
+                                 if self.dispatch not in POSITION_RULES else np.empty(0))
         return self._tables[key][1]
 
     def layer_map(self, layer: int, rank: int, source: Placement | None = None) -> tuple:
         """The slot-map spec rank ``rank`` dispatches layer ``layer`` with (under ``source``)."""
         src = self._layer_source[layer] if source is None else source
-        if self.dispatch == "vllm":
-            return ("positions", src.log2phy()[layer], src.logcnt()[layer])
+        if self.dispatch in POSITION_RULES:
+            return ("positions", self.dispatch, src.log2phy()[layer], src.logcnt()[layer])
         return ("table", self._table(src)[layer, rank])
 
     def rank_weights(self, rank: int) -> np.ndarray:

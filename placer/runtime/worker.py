@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from placer.dispatch import KNUTH_MULTIPLIER
+
 __all__ = ["EPRank"]
 
 
@@ -112,12 +114,12 @@ class EPRank:
         return [[weight_checksum(s.cpu().numpy()) for s in layer] for layer in self.slots]
 
     def _map(self, spec: Any) -> Any:
-        """A layer's slot map: ``("table", [E])`` or ``("positions", log2phy [E, X], cnt [E])``."""
+        """A layer's slot map: ``("table", [E])`` or ``("positions", rule, log2phy [E, X], cnt [E])``."""
         torch = self.torch
         if spec[0] == "table":
             return ("table", torch.tensor(np.array(spec[1]), dtype=torch.int64, device=self.device))
-        return ("positions", torch.tensor(np.array(spec[1]), dtype=torch.int64, device=self.device),
-                torch.tensor(np.array(spec[2]), dtype=torch.int64, device=self.device))
+        return ("positions", spec[1], torch.tensor(np.array(spec[2]), dtype=torch.int64, device=self.device),
+                torch.tensor(np.array(spec[3]), dtype=torch.int64, device=self.device))
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -187,9 +189,11 @@ class EPRank:
             spec = self.maps[layer]
             if spec[0] == "table":
                 smap = spec[1]
-            else:  # vllm: replica by global token position (this rank's tokens are rank, rank+G, ...)
-                _, log2phy, cnt = spec
+            else:  # position rules: replica by global token row (this rank's rows are rank, rank+G, ...)
+                _, rule, log2phy, cnt = spec
                 pos = self.rank + g * torch.arange(x.shape[0], device=self.device)
+                if rule == "vllm":  # vLLM 0.34.0's Knuth hash (placer.dispatch.replica_index)
+                    pos = (pos * KNUTH_MULTIPLIER) & 0xFFFFFFFF
                 smap = log2phy[torch.arange(self.num_experts, device=self.device)[None, :],
                                pos[:, None] % cnt[None, :]]
             p = permute(h, ids, smap, num_slots, backend="torch")

@@ -7,7 +7,7 @@ otherwise):
     ``{"status": "ok"}``.
 ``GET /metrics``
     Prometheus text format (version 0.0.4).
-``GET /placement?format=placer|sglang|vllm``
+``GET /placement?format=placer|sglang``
     The current placement; header ``X-Placer-Published`` counts publications.
 ``GET /status``
     Counters, configuration and the last decision as JSON.

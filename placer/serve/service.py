@@ -21,10 +21,11 @@ from placer.errors import InvalidInputError, PlacerError
 from placer.serve.policy import Decision, PolicyConfig, evaluate, imbalance
 from placer.serve.state import Observation, ServiceState, Window, load_state, save_state
 from placer.serve.watcher import DirectoryWatcher
+from placer.stacks import STACKS, Stack
 from placer.types import ModelSpec, Placement, Topology
 
 log = logging.getLogger("placer.serve")
-PLACEMENT_FORMATS = ("placer", "sglang", "vllm")
+PLACEMENT_FORMATS = ("placer", "sglang")
 TOKEN_ENV = "PLACER_SERVE_TOKEN"
 
 
@@ -48,6 +49,7 @@ class ServeConfig:
     port: int = 8000
     token: str | None = None
     max_body_bytes: int = 64 * 2**20
+    stack: Stack | None = None
 
 
 def is_local_host(host: str) -> bool:
@@ -62,17 +64,23 @@ def is_local_host(host: str) -> bool:
 
 
 def _render(placement: Placement, model: ModelSpec, topology: Topology, dispatch: str, method: str,
-            metrics: dict[str, Any]) -> dict[str, bytes]:
-    """The placement in every served format, rendered by the library's own writers."""
+            metrics: dict[str, Any], stack: Stack | None = None) -> dict[str, bytes]:
+    """The placement in every served format SGLang 0.5.23 can load for this model, rendered by
+    the library's own writers (vLLM 0.34.0 loads no placement file)."""
     from placer.io.placements import export_placement, write_placement_json
     docs: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="placer-serve-") as tmp:
         path = os.path.join(tmp, "placer.json")
         write_placement_json(path, placement, model=model, topology=topology, dispatch=dispatch, method=method,
-                             status="feasible", solve_seconds=float(metrics.get("solve_s") or 0.0), metrics=metrics)
+                             status="feasible", solve_seconds=float(metrics.get("solve_s") or 0.0), metrics=metrics,
+                             stack=stack)
         with open(path, "rb") as f:
             docs["placer"] = f.read()
-        for fmt in ("sglang", "vllm"):
+        for fmt in ("sglang",):
+            try:
+                STACKS[fmt].check_model(model)
+            except InvalidInputError:
+                continue
             path = os.path.join(tmp, f"{fmt}.json")
             export_placement(placement, fmt, path, model=model, topology=topology)
             with open(path, "rb") as f:
@@ -218,7 +226,8 @@ class Service:
 
     def _render_current(self) -> dict[str, bytes]:
         return _render(self.state.placement, self.config.model, self.config.topology,
-                       self.config.policy.dispatch, self.state.placement_method, self._metrics_doc())
+                       self.config.policy.dispatch, self.state.placement_method, self._metrics_doc(),
+                       self.config.stack)
 
     def _write_outputs(self) -> None:
         from placer.io.placements import export_placement
@@ -241,6 +250,8 @@ class Service:
             raise InvalidInputError(f"unknown format {fmt!r}; formats: {', '.join(PLACEMENT_FORMATS)}",
                                     source="format")
         with self._lock:
+            if fmt not in self._docs:
+                raise InvalidInputError(f"{STACKS[fmt].label} cannot place {self.config.model.name}", source="format")
             return self._docs[fmt]
 
     def published_count(self) -> int:

@@ -23,7 +23,7 @@ from placer._metrics_core import first_of_run
 from placer._numba import njit
 from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, select_slots
 from placer.errors import InvalidInputError
-from placer.types import Placement, Topology
+from placer.types import POSITION_RULES, Placement, Topology
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _slots_of(placement: Placement, topology: Topology, ids: np.ndarray, home: n
     Returns ``slots`` int64 [T, L, K] and ``src`` int64 [T, L].
     """
     t, num_layers, _ = ids.shape
-    if execution == "standard" or dispatch == "vllm":
+    if execution == "standard" or dispatch in POSITION_RULES:
         slots = select_slots(placement, topology, ids, home_rank=home, token_index=index, rule=dispatch,
                              seed=seed, table=table)
         if execution == "standard":
@@ -90,7 +90,7 @@ def token_traffic(placement: Placement, topology: Topology, ids: np.ndarray, hom
     n_nodes = topology.num_nodes
     if index is None:
         index = np.arange(t)
-    if table is None and dispatch != "vllm":
+    if table is None and dispatch not in POSITION_RULES:
         table = dispatch_table(placement, topology, dispatch, seed)
     slots, src = _slots_of(placement, topology, ids, home, index, execution, dispatch, seed, table)
     gpu = slots // placement.slots_per_gpu
@@ -165,7 +165,7 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
     if s == 0:
         raise InvalidInputError("the routing pool is empty", source="routing")
     g_count, gpn = placement.num_gpus, topology.gpus_per_node
-    if table is None and dispatch != "vllm":
+    if table is None and dispatch not in POSITION_RULES:
         table = dispatch_table(placement, topology, dispatch, seed)
     num_slots = placement.num_slots
     if execution != "standard":
@@ -180,7 +180,7 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
         return RoutingRates(execution=execution, tokens=_per_source(tr.tokens, tr.src),
                             nodes=_per_source(tr.nodes, tr.src), pairs=_per_source(tr.pairs, tr.src),
                             slots=_per_source(slots, tr.src), src_share=tr.src / s, moves=tr.moves / s)
-    if table is None:  # vllm: the replica depends on the token's position, not its home
+    if table is None:  # position rules: the replica depends on the token's position, not its home
         slots_of = select_slots(placement, topology, pool, token_index=np.arange(s), rule=dispatch, seed=seed)
         tokens, nodes, pairs, slots = _rates_by_position(slots_of, placement.slots_per_gpu, g_count, gpn, num_slots)
     else:

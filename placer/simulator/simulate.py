@@ -18,7 +18,15 @@ from placer.simulator.results import RunOutput
 from placer.simulator.routing import routing_rates, sample_traffic, token_traffic
 from placer.simulator.scheduler import ReplayScheduler, ServingScheduler, kv_capacity_tokens
 from placer.simulator.workload import poisson_arrivals, routing_pool
-from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
+from placer.types import (
+    EXECUTION_MODES,
+    POSITION_RULES,
+    ModelSpec,
+    Placement,
+    RoutingStats,
+    RoutingTrace,
+    Topology,
+)
 from placer.validate import check_placement
 
 Workload = ServingWorkload | ReplayWorkload
@@ -54,7 +62,8 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     cost = CostModel(model, topology, placement, config)
     collector = Collector(label, model.num_moe_layers, g)
     execution, dispatch = config.execution, config.dispatch or "nearest"
-    table = None if dispatch == "vllm" else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED)
+    table = (None if dispatch in POSITION_RULES
+             else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED, model=model))
     rng = np.random.default_rng([config.seed, 1])
     need_pairs = config.network.kernel == "deepep-ll"
     replay_trace = routing if isinstance(workload, ReplayWorkload) and isinstance(routing, RoutingTrace) else None

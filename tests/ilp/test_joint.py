@@ -21,7 +21,7 @@ from placer.profiling.stats import compute_stats
 from placer.types import ModelSpec, Placement, RoutingTrace
 from placer.validate import check_placement
 
-RULES = ("nearest", "sglang-legacy", "vllm")
+RULES = ("nearest", "sglang-static", "sglang-dynamic", "vllm")
 
 
 def _ids(rng, tokens, layers, experts, top_k, skew=0.6):
@@ -78,7 +78,7 @@ def _search_inputs(problem, p2l_layer, layer=0):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ("nearest", "sglang-legacy"))
+@pytest.mark.parametrize("rule", ("nearest", "sglang-static"))
 def test_search_model_is_exact_without_replicas(rule):
     """No replicas: the search model's load and sends equal slot_load / dispatch_traffic."""
     problem = _problem(experts=8, gpus=4, nodes=2, redundant=0, dispatch=rule)

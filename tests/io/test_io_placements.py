@@ -10,7 +10,13 @@ import pytest
 
 from placer.errors import InvalidInputError, PlacementError
 from placer.io import export_placement, import_placement, read_placement_json, write_placement_json
-from placer.io.placements import FORMATS, NATIVE_KEYS, SCHEMA_PATH
+from placer.io.placements import (
+    NATIVE_KEYS,
+    SCHEMA_PATH,
+    WRITABLE_FORMATS,
+    VllmLoadsNoFile,
+)
+from placer.stacks import STACKS
 from placer.types import ModelSpec, Placement, Topology
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -52,6 +58,12 @@ def _check_schema(doc, schema):
     for key, sub in schema.get("properties", {}).items():
         if key not in doc:
             continue
+        if "oneOf" in sub:  # the first alternative whose type matches
+            sub = next((s for s in sub["oneOf"] if s["type"] == "null" and doc[key] is None
+                        or s["type"] != "null" and isinstance(doc[key], types[s["type"]])), None)
+            assert sub is not None, key
+            if sub["type"] == "null":
+                continue
         assert isinstance(doc[key], types[sub["type"]]), key
         if sub["type"] in ("integer", "number"):
             assert not isinstance(doc[key], bool), key
@@ -84,6 +96,16 @@ def test_native_round_trip_and_schema(tmp_path, tiny, tiny_placement):
     np.testing.assert_array_equal(got.placement.physical_to_logical, placement.physical_to_logical)
     assert got.placement.slots_per_gpu == 3 and got.model == tiny and got.topology == topology
     assert (got.dispatch, got.method, got.status, got.solve_seconds) == ("nearest", "greedy", "feasible", 0.25)
+    assert doc["stack"] is None and got.stack is None
+    _write_native(p, placement, tiny, topology, dispatch="sglang-static", stack=STACKS["sglang"])
+    doc = json.loads(p.read_text())
+    _check_schema(doc, schema)
+    assert doc["stack"] == {"name": "sglang", "release": "0.5.23"}
+    assert read_placement_json(p).stack is STACKS["sglang"]
+    # Version 1 files (before stacks were recorded) are still read.
+    doc.pop("stack")
+    p.write_text(json.dumps({**doc, "schema_version": 1}))
+    assert read_placement_json(p).stack is None
 
 
 def test_native_write_validates(tmp_path, tiny, tiny_placement):
@@ -101,7 +123,10 @@ def test_native_write_validates(tmp_path, tiny, tiny_placement):
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d.pop("metrics"), "lacks key"),
     (lambda d: d.update(extra=1), "unknown key"),
-    (lambda d: d.update(schema_version=2), "schema_version"),
+    (lambda d: d.update(schema_version=3), "schema_version"),
+    (lambda d: d.update(stack={"name": "sglang", "release": "0.4.0"}), "solved for sglang 0.4.0"),
+    (lambda d: d.update(stack={"name": "tgi", "release": "1"}), "unknown stack 'tgi'"),
+    (lambda d: d.update(stack="sglang"), "stack must be null"),
     (lambda d: d.update(slots_per_gpu="3"), "slots_per_gpu has the wrong type"),
     (lambda d: d["physical_to_logical_map"][0].__setitem__(0, 9), "outside"),
     (lambda d: d["physical_to_logical_map"][0].pop(), "different lengths"),
@@ -134,7 +159,7 @@ def test_native_read_truncated_and_missing(tmp_path, tiny, tiny_placement):
 EXT = {"sglang": ".json", "vllm": ".json", "vllm-ascend": ".json", "trtllm": ".yaml", "eplb": ".npz"}
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", WRITABLE_FORMATS)
 def test_export_round_trip(tmp_path, tiny, tiny_placement, fmt):
     placement, topology = tiny_placement
     p = tmp_path / f"placement{EXT[fmt]}"
@@ -146,7 +171,7 @@ def test_export_round_trip(tmp_path, tiny, tiny_placement, fmt):
     assert got.slots_per_gpu == placement.slots_per_gpu
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", WRITABLE_FORMATS)
 def test_import_bad_files(tmp_path, tiny, tiny_placement, fmt):
     placement, topology = tiny_placement
     p = tmp_path / f"placement{EXT[fmt]}"
@@ -172,9 +197,34 @@ def test_sglang_dense_rows(tmp_path, tiny, tiny_placement):
     rows = doc["physical_to_logical_map"]
     assert len(rows) == 4 and rows[0] == [p_ % 8 for p_ in range(12)]
     assert rows[1:] == placement.physical_to_logical.tolist()
-    assert flags[:4] == ["--ep-size 4", "--ep-num-redundant-experts 4", f"--init-expert-location {p}",
-                         "--ep-dispatch-algorithm static"]
+    assert flags[:6] == ["--tp-size 4", "--ep-size 4", "--moe-a2a-backend deepep", "--ep-dispatch-algorithm static",
+                         "--ep-num-redundant-experts 4", f"--init-expert-location {p}"]
     assert "--nnodes 2" in flags
+
+
+def test_sglang_pt_and_suffixes(tmp_path, tiny, tiny_placement):
+    torch = pytest.importorskip("torch")
+    placement, topology = tiny_placement
+    p = tmp_path / "sglang.pt"
+    flags = export_placement(placement, "sglang", p, model=tiny, topology=topology)
+    assert f"--init-expert-location {p}" in flags
+    doc = torch.load(p, weights_only=True, map_location="cpu")  # as SGLang loads it
+    assert list(doc) == ["physical_to_logical_map"] and doc["physical_to_logical_map"].dtype == torch.int64
+    assert doc["physical_to_logical_map"][1:].tolist() == placement.physical_to_logical.tolist()
+    for name in ("sglang", "sglang.yaml"):
+        with pytest.raises(InvalidInputError, match="reads --init-expert-location as .json or .pt"):
+            export_placement(placement, "sglang", tmp_path / name, model=tiny, topology=topology)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["sglang.pt"]
+
+
+def test_sglang_refuses_a_model_it_cannot_place(tmp_path, tiny_placement):
+    from dataclasses import replace
+    placement, topology = tiny_placement
+    mixtral = ModelSpec(name="mixtral-8x7b", num_hidden_layers=3, moe_layer_ids=(0, 1, 2), num_experts=8, top_k=2)
+    with pytest.raises(InvalidInputError, match="sglang 0.5.23 cannot place mixtral-8x7b: its MixtralForCausalLM"):
+        export_placement(placement, "sglang", tmp_path / "s.json", model=mixtral, topology=topology)
+    qwen = replace(mixtral, name="qwen3-30b-a3b")
+    export_placement(placement, "sglang", tmp_path / "s.json", model=qwen, topology=topology)
 
 
 def test_golden_sglang_eplb_readme(tmp_path, readme):
@@ -206,12 +256,12 @@ def test_vllm_ascend_matches_documented_example(tmp_path, readme):
 def test_vllm_and_eplb_contents(tmp_path, readme):
     placement, model, topology = readme
     p = tmp_path / "vllm.json"
-    flags = export_placement(placement, "vllm", p, model=model, topology=topology)
-    doc = json.loads(p.read_text())
-    assert doc == {"physical_to_logical_map": README["expected_phy2log"], "num_redundant_experts": 4, "ep_size": 8}
-    assert flags[:3] == ["--enable-expert-parallel", "--enable-eplb",
-                         "--eplb-config '{\"num_redundant_experts\": 4}'"]
-    assert flags[3].startswith("#")
+    with pytest.raises(VllmLoadsNoFile, match="vllm 0.34.0 loads no placement file; it re-balances itself "
+                                             "every step_interval steps") as exc:
+        export_placement(placement, "vllm", p, model=model, topology=topology)
+    assert not p.exists()
+    assert exc.value.flags[:4] == ["--tensor-parallel-size 8", "--enable-expert-parallel", "--enable-eplb",
+                                   "--eplb-config '{\"num_redundant_experts\": 4}'"]
     p = tmp_path / "eplb.npz"
     export_placement(placement, "eplb", p, model=model, topology=topology)
     with np.load(p, allow_pickle=False) as z:

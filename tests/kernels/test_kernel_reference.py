@@ -48,7 +48,7 @@ def _placement() -> tuple[Placement, Topology]:
     return Placement(p2l, spg, e), Topology("t", 2, 2)
 
 
-@pytest.mark.parametrize("rule", ["nearest", "sglang-legacy", "vllm"])
+@pytest.mark.parametrize("rule", ["nearest", "sglang-static", "sglang-dynamic", "vllm"])
 def test_slot_map_agrees_with_select_slots(rule):
     placement, topology = _placement()
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def test_slot_map_agrees_with_select_slots(rule):
             want = select_slots(placement, topology, np.repeat(ids[:, None, :], 2, axis=1),
                                 home_rank=home, token_index=positions, rule=rule)[:, layer]
             smap = slot_map(placement, topology, layer, rank=rank, positions=positions, rule=rule)
-            assert smap.shape == ((tokens, 6) if rule == "vllm" else (6,))
+            assert smap.shape == ((tokens, 6) if rule in ("sglang-dynamic", "vllm") else (6,))
             _, row_map, counts = permute_reference(np.zeros((tokens, 1)), ids, smap,
                                                    placement.num_slots)
             slots = smap[ids] if smap.ndim == 1 else np.take_along_axis(smap, ids, 1)

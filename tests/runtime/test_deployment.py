@@ -54,7 +54,7 @@ def reference(dep: Deployment):
     pytest.param(TARGET.physical_to_logical, "nearest", id="replicas-nearest"),
     pytest.param(TARGET.physical_to_logical, "vllm", id="replicas-vllm"),
     pytest.param([[3, 3, 3, 0, 1, 2, 4, 5, 6, 7, 3, 3], [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 0]],
-                 "sglang-legacy", id="hot-expert-everywhere"),
+                 "sglang-static", id="hot-expert-everywhere"),
 ])
 def test_forward_equals_the_single_process_reference(deployment, rows, dispatch):
     deployment.reload(Placement(rows, 3, 8), dispatch=dispatch)

@@ -43,6 +43,8 @@ def test_flag_errors_exit_2(capsys, tmp_path):
     assert f"{state}: cannot read the state file" in _one_error_line(capsys)
     assert main(["serve", "--model", "mixtral-8x7b", "--gpus", "4", "--watch", str(tmp_path / "nope")]) == 2
     assert "not a directory" in _one_error_line(capsys)
+    assert main(["serve", "--model", "mixtral-8x7b", "--gpus", "4", "--stack", "sglang", "--port", "0"]) == 2
+    assert "sglang 0.5.23 cannot place mixtral-8x7b" in _one_error_line(capsys)
 
 
 @pytest.mark.timeout(60)

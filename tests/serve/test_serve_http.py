@@ -36,9 +36,8 @@ def test_endpoints_answer_and_metrics_have_help_and_type(start_service):
     assert doc["method"] == "contiguous"
     assert doc["physical_to_logical_map"] == [[0, 1, 2, 3, 4, 5, 6, 7]] * 4
     assert client.get_json("/placement?format=sglang") == {"physical_to_logical_map": [[0, 1, 2, 3, 4, 5, 6, 7]] * 4}
-    assert client.get_json("/placement?format=vllm")["ep_size"] == 4
-    status, _, body = client.request("GET", "/placement?format=trtllm")
-    assert status == 400 and "unknown format 'trtllm'" in json.loads(body)["error"]
+    status, _, body = client.request("GET", "/placement?format=vllm")  # vLLM 0.34.0 loads no file
+    assert status == 400 and "unknown format 'vllm'" in json.loads(body)["error"]
     assert client.request("GET", "/nope")[0] == 404
     status, headers, _ = client.request("GET", "/stats")
     assert status == 405 and headers["Allow"] == "POST"

@@ -215,7 +215,7 @@ REPLICATED = Placement(np.array([[0, 1, 2, 3, 4, 0, 5, 6, 1, 7, 2, 3],
                                  [7, 6, 5, 4, 3, 7, 2, 1, 6, 0, 5, 4]]), 3, 8)
 
 
-@pytest.mark.parametrize("dispatch", ["nearest", "sglang-legacy", "vllm"])
+@pytest.mark.parametrize("dispatch", ["nearest", "sglang-static", "sglang-dynamic", "vllm"])
 @pytest.mark.parametrize("execution", ["standard", "context-coherent"])
 def test_every_dispatch_rule_and_execution_mode_runs(trace, dispatch, execution):
     topo = make_topology("h100", gpus=4, nodes=2)
