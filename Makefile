@@ -22,7 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/placer demo -o $(DEMO_DIR)
 
-test: install
+# The released serving stacks (SGLang 0.5.23, vLLM 0.34.0) in their own environment, for the
+# conformance tests in tests/stacks/; the main .venv never imports them.
+include tests/stacks/stacks.mk
+
+test: install $(STACKS_MARKER)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed; the browser test will skip"
 	$(VENV)/bin/pytest -q
@@ -34,4 +38,4 @@ bench: install
 	$(PY) benchmarks/bench_stats.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(STACKS_VENV) $(DEMO_DIR) .pytest_cache .hypothesis

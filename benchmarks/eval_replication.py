@@ -13,6 +13,10 @@ per-layer max/mean GPU load, and inter-node dispatches per token-layer
 worst split per method, and the placer-vs-EPLB differences (targets: load within 0.02 of EPLB,
 >= 40 % fewer inter-node dispatches).
 
+``--synthetic-model deepseek-v2-lite`` runs the same table on synthetic routing of that preset
+(a model SGLang 0.5.23 does load): fit on one synthetic trace, score on five perturbed held-out
+traces (one per "split"); labelled synthetic.
+
 ``--deepseek-v3`` also times the ``placer`` method on the DeepSeek-V3 shape (256 experts x 58
 MoE layers, 64 GPUs in 8 nodes, 64 redundant slots) from a synthetic trace with a 16k-token
 sample (median of ``--reps`` solves).
@@ -50,18 +54,40 @@ def load_category(folder: Path, name: str) -> np.ndarray:
     return np.stack([np.asarray(data[str(layer)], dtype=np.int16) for layer in range(len(data))], axis=1)
 
 
-def mixtral_table(folder: Path, args: argparse.Namespace) -> None:
-    model = get_model("mixtral-8x7b")
+def synthetic_splits(preset: str, tokens: int = 12000) -> tuple[object, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """(model, [(label, fit ids, held-out ids)]): one fitting trace, five perturbed held-out traces."""
+    from placer.synthetic import SCORING_PERTURBATION, perturbed, profile_for, synthesize_trace
+
+    model = get_model(preset)
+    fit = synthesize_trace(model, tokens, seed=0).expert_ids
+    splits = []
+    for seed in range(1, 6):
+        held = synthesize_trace(model, tokens, seed=seed,
+                                profile=perturbed(profile_for(model), SCORING_PERTURBATION, seed)).expert_ids
+        splits.append((f"synth-{seed}", fit, held))
+    return model, splits
+
+
+def mixtral_table(folder: Path | None, args: argparse.Namespace) -> None:
     topo = make_topology("h100", gpus=4, nodes=2)
-    ids = {c: load_category(folder, c) for c in CATEGORIES if (folder / f"experts_{c}_mixtral.json").exists()}
-    if len(ids) < 2:
-        print(f"need at least two categories in {folder}; found {sorted(ids)}")
-        return
+    if args.synthetic_model:
+        model, splits = synthetic_splits(args.synthetic_model)
+    else:
+        model = get_model("mixtral-8x7b")
+        ids = {c: load_category(folder, c) for c in CATEGORIES if (folder / f"experts_{c}_mixtral.json").exists()}
+        if len(ids) < 2:
+            print(f"need at least two categories in {folder}; found {sorted(ids)}")
+            return
+        splits = [(held, np.concatenate([v for c, v in ids.items() if c != held]), ids[held]) for held in ids]
+    e = model.num_experts
     weights = json.loads(args.weights) if args.weights else {}
     options = {"num_workers": args.workers}
     if args.iterations is not None:
         options["iterations"] = args.iterations
-    print(f"Mixtral-8x7B, {topo.num_gpus} GPUs in {topo.num_nodes} nodes, {args.redundant} redundant "
+    what = (f"{model.name} (synthetic)" if args.synthetic_model else "Mixtral-8x7B") + \
+        (" [rule only: SGLang 0.5.23 cannot load Mixtral]" if args.dispatch == "sglang-static"
+         and not args.synthetic_model else "")
+    print(f"{what}, {topo.num_gpus} GPUs in {topo.num_nodes} nodes, {args.redundant} redundant "
           f"slots, dispatch {args.dispatch}; fit on the other categories (sample {args.sample_size}), score on "
           f"the held-out one. placer weights: {weights or 'default'}")
     header = (f"{'held out':<10} {'method':<11} {'load max/mean median':>21} {'inter-node / tok-layer':>23} "
@@ -69,10 +95,9 @@ def mixtral_table(folder: Path, args: argparse.Namespace) -> None:
     print(header)
     print("-" * len(header))
     rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
-    for held in ids:
-        fit = np.concatenate([v for c, v in ids.items() if c != held])
-        stats = compute_stats(RoutingTrace(fit, 8, model=model), sample_size=args.sample_size)
-        test = RoutingTrace(ids[held], 8, model=model)
+    for held, fit, held_ids in splits:
+        stats = compute_stats(RoutingTrace(fit, e, model=model), sample_size=args.sample_size)
+        test = RoutingTrace(held_ids, e, model=model)
         problem = PlacementProblem(stats, model, topo, num_redundant=args.redundant, dispatch=args.dispatch,
                                    weights=weights)
         for method in METHODS:
@@ -129,6 +154,7 @@ def main() -> None:
     parser.add_argument("--sample-size", type=int, default=20000)
     parser.add_argument("--redundant", type=int, default=4)
     parser.add_argument("--dispatch", default="nearest", help="dispatch rule solved and scored under")
+    parser.add_argument("--synthetic-model", default=None, help="a preset: synthetic routing instead of Mixtral's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=None)
@@ -137,7 +163,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     folder = args.data or next((d for d in DATA_CANDIDATES if d.is_dir()), None)
-    if folder is None:
+    if args.synthetic_model:
+        mixtral_table(None, args)
+    elif folder is None:
         print("no Mixtral traces found (looked in " + ", ".join(map(str, DATA_CANDIDATES)) + ")",
               file=sys.stderr)
     else:

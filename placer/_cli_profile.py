@@ -46,16 +46,19 @@ def _summary_line(outcome) -> str:
 @click.option("--dump-dir", type=click.Path(), default=None,
               help="The server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (needed with --sglang).")
 @click.option("--vllm-r3", "r3", type=click.Path(), default=None, metavar="FILE",
-              help="Import saved R3 routed experts (.jsonl, .npy, .txt/.b64) instead of running a model.")
+              help="Import vLLM 0.34.0's saved R3 routed experts (.jsonl, .npy, .txt/.b64; logical ids, "
+                   "base64 of .npy bytes) instead of running a model.")
+@click.option("--sglang-r3", "sglang_r3", type=click.Path(), default=None, metavar="FILE",
+              help="Import SGLang's saved R3 routed experts (base64 of raw int32; physical slots).")
 @click.option("--placement", type=click.Path(), default=None,
-              help="With --vllm-r3: the placement the server ran with (ids are physical slots).")
+              help="With --sglang-r3: the placement the server ran with (its ids are physical slots).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and the sample.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics to write (.npz).")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="Also write the raw per-token trace (.parquet, chunked).")
 @click.option("--quiet", is_flag=True, help="No progress display (shown only on a terminal).")
 def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts, sglang_url, duration, dump_dir,
-            r3, placement, seed, output, trace, quiet):
+            r3, sglang_r3, placement, seed, output, trace, quiet):
     """Capture routing from a running model into statistics that stats and solve read directly.
 
     \b
@@ -63,26 +66,30 @@ def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts,
         placer profile -o stats.npz                      # the embedded model, held-out text
         placer profile --model mixtral --prompts p.jsonl --max-new-tokens 16 -o s.npz --trace t.parquet
         placer profile --sglang http://localhost:30000 --duration 60 --dump-dir /tmp -o s.npz
-        placer profile --vllm-r3 outputs.jsonl --placement p.json -o s.npz
+        placer profile --vllm-r3 outputs.jsonl --model qwen3-30b-a3b -o s.npz
+        placer profile --sglang-r3 outputs.jsonl --placement p.json -o s.npz
         placer solve stats.npz --gpus 4 -o p.json
     """
     from placer.profiling import profile as lib
 
     show = not quiet and sys.stderr.isatty()
-    if sglang_url and r3:
-        raise InvalidInputError("give one of --sglang and --vllm-r3", source="--sglang")
+    if sum(bool(x) for x in (sglang_url, r3, sglang_r3)) > 1:
+        raise InvalidInputError("give one of --sglang, --vllm-r3 and --sglang-r3", source="--sglang")
+    r3_stack = "sglang" if sglang_r3 else "vllm"
+    r3 = r3 or sglang_r3
     if (sglang_url or r3) and (prompts or trace or max_new_tokens):
         raise InvalidInputError("--prompts, --trace and --max-new-tokens apply to running a model, not to "
                                 "--sglang or --vllm-r3", source="--sglang" if sglang_url else "--vllm-r3")
-    if placement and not r3:
-        raise InvalidInputError("--placement applies to --vllm-r3 imports", source="--placement")
+    if placement and not sglang_r3:
+        raise InvalidInputError("--placement applies to --sglang-r3 imports (vLLM's R3 ids are logical already)",
+                                source="--placement")
     if sglang_url:
         if dump_dir is None:
             raise InvalidInputError("--sglang needs --dump-dir (the server's recorder directory)", source="--dump-dir")
         outcome = lib.profile_sglang(sglang_url, duration, dump_dir, model=model, seed=seed, output=output,
                                      progress=(lambda m: click.echo(f"... {m}", err=True)) if show else None)
     elif r3:
-        outcome = lib.profile_r3(r3, model=model, placement=placement, seed=seed, output=output)
+        outcome = lib.profile_r3(r3, model=model, placement=placement, seed=seed, output=output, stack=r3_stack)
     else:
         outcome = lib.profile_hf(model, prompts, batch_size=batch_size, max_length=max_length,
                                  max_new_tokens=max_new_tokens, max_prompts=max_prompts, seed=seed,

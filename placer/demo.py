@@ -135,7 +135,7 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
              time_limit_s: float = 10.0, progress: Callable[[str], None] | None = None) -> DemoOutcome:
     """Run the demo into ``output`` (created); see the module docstring."""
     from placer.ilp import PlacementProblem, solve
-    from placer.io.placements import export_placement, write_placement_json
+    from placer.io.placements import write_placement_json
     from placer.metrics import evaluate
     from placer.presets import make_topology
     from placer.profiling.stats import compute_stats

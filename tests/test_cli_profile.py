@@ -61,7 +61,8 @@ def test_profile_tiny_family_with_generate_and_trace(tmp_path, capsys):
     (["--model", "mixtral", "-o", "s.csv"], "written as .npz"),
     (["--model", "mixtral", "--trace", "t.csv"], "written as .parquet"),
     (["--sglang", "http://127.0.0.1:9"], "--sglang needs --dump-dir"),
-    (["--sglang", "http://127.0.0.1:9", "--vllm-r3", "x.npy"], "one of --sglang and --vllm-r3"),
+    (["--sglang", "http://127.0.0.1:9", "--vllm-r3", "x.npy"], "one of --sglang, --vllm-r3 and --sglang-r3"),
+    (["--vllm-r3", "x.npy", "--placement", "p.json"], "--placement applies to --sglang-r3 imports"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,10 @@ independent subproblems, solved serially, in a process pool or on Ray
 
 The search scores layers under the *expected* dispatch (:mod:`placer.ilp._ls_kernel`); the
 reported objective is :func:`~placer.ilp.objective.evaluate_objective` under the problem's
-actual dispatch table. The result is never worse on that objective than the better start: if
+actual dispatch table. Under ``sglang-static`` (SGLang 0.5.23's tables, whose fair spreads are
+per-rank random streams that do not coordinate) a third start, :func:`coordinated_map`, keeps
+the redundant slots on cold experts, and the balance cap's reference is the better of EPLB and
+that start, measured on SGLang's actual tables. The result is never worse on that objective than the better start: if
 the searched placement scores worse (possible only through the dispatch table's random fair
 spread), the better start is returned instead.
 
@@ -75,14 +78,60 @@ def balance_lower_bound(problem: PlacementProblem) -> np.ndarray:
     return np.maximum(load.sum(axis=1) / g, load.max(axis=1) / spread)
 
 
+def coordinated_map(load: np.ndarray, num_gpus: int, gpus_per_node: int, slots_per_gpu: int) -> np.ndarray:
+    """A start whose static-dispatch tables stay balanced under SGLang's uncoordinated spread.
+
+    ``load``: [L, E]. Returns int64 [L, G * slots_per_gpu]. Every expert gets one copy, packed
+    heaviest first onto the least-loaded GPU with a free slot; the redundant slots then hold
+    second copies of the coldest experts, each on the least-loaded free GPU of another node
+    when there is one (so every rank of a node reaches a copy on its node and SGLang's table
+    is deterministic there). Under ``sglang-static`` the ranks without a local or same-node
+    replica draw from per-rank random streams that do not coordinate; with the extra copies on
+    cold experts those draws move little load.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    num_layers, num_experts = load.shape
+    node = np.arange(num_gpus) // gpus_per_node
+    out = np.empty((num_layers, num_gpus * slots_per_gpu), dtype=np.int64)
+    for layer in range(num_layers):
+        row = load[layer]
+        held: list[list[int]] = [[] for _ in range(num_gpus)]
+        gpu_load = np.zeros(num_gpus)
+        home = np.empty(num_experts, dtype=np.int64)
+        for e in np.argsort(-row, kind="stable"):
+            free = np.flatnonzero([len(h) < slots_per_gpu for h in held])
+            g = int(free[np.argmin(gpu_load[free])])
+            held[g].append(int(e))
+            gpu_load[g] += row[e]
+            home[e] = g
+        cold = [int(e) for e in np.argsort(row, kind="stable")]
+        i = 0
+        while any(len(h) < slots_per_gpu for h in held):
+            e = cold[i % num_experts]
+            i += 1
+            free = np.array([g for g in range(num_gpus) if len(held[g]) < slots_per_gpu and e not in held[g]])
+            if free.size == 0:
+                continue
+            other = free[node[free] != node[home[e]]]
+            pool = other if other.size else free
+            g = int(pool[np.argmin(gpu_load[pool])])
+            held[g].append(e)
+        out[layer] = np.concatenate(held)
+    return out
+
+
 def _starts(problem: PlacementProblem) -> dict[str, np.ndarray]:
     from placer.ilp.eplb import rebalance_experts
 
     topo, model = problem.topology, problem.model
     eplb, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, model.num_groups,
                                    topo.num_nodes, topo.num_gpus)
-    return {"eplb": eplb.astype(np.int64),
-            "contiguous": contiguous_map(model.num_moe_layers, model.num_experts, problem.num_slots).astype(np.int64)}
+    starts = {"eplb": eplb.astype(np.int64),
+              "contiguous": contiguous_map(model.num_moe_layers, model.num_experts, problem.num_slots).astype(np.int64)}
+    if problem.dispatch == "sglang-static" and problem.num_redundant > 0:
+        starts["coordinated"] = coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
+                                                problem.slots_per_gpu)
+    return starts
 
 
 def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: SearchConfig,
@@ -141,6 +190,11 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     ev_eplb = evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed,
                                  weights={**w, "balance_cap": None})
     reference = ev_eplb["per_layer"]["expected_load_max_over_mean"] if w["balance_cap"] is not None else None
+    if reference is not None and "coordinated" in start_placements:
+        # sglang-static: cap against the better of EPLB and the coordinated start, per layer.
+        ev_coordinated = evaluate_objective(problem, start_placements["coordinated"], seed=dispatch_seed,
+                                            weights={**w, "balance_cap": None})
+        reference = np.minimum(reference, ev_coordinated["per_layer"]["expected_load_max_over_mean"])
     start_ev = {"eplb": ev_eplb if reference is None else
                 evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed, weights=w,
                                    reference=reference)}

@@ -185,9 +185,15 @@ def layer_load_ratio(problem, placement: Placement, seed: int = DEFAULT_DISPATCH
 
 
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread."""
+    """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread.
+
+    ``sglang-static`` has no spread to average over: SGLang 0.5.23 draws it from fixed seeds, so
+    the load its tables give is the load the stack gets (:func:`layer_load_ratio`).
+    """
     from placer.ilp._ls_anneal import expected_gpu_load
 
+    if problem.dispatch == "sglang-static":
+        return layer_load_ratio(problem, placement)
     topo = problem.topology
     load = expected_gpu_load(placement.physical_to_logical, problem.stats.load, topo.num_gpus,
                              topo.num_nodes, topo.gpus_per_node, placement.slots_per_gpu,
@@ -200,14 +206,26 @@ def _ratio(mx: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def reference_ratio(problem) -> np.ndarray:
-    """Per-layer expected max/mean GPU load of the problem's EPLB placement (the cap's reference)."""
+    """Per-layer expected max/mean GPU load of the problem's EPLB placement (the cap's reference).
+
+    Under ``sglang-static`` with redundant slots the reference is the better, per layer, of EPLB
+    and :func:`placer.ilp.joint.coordinated_map` (EPLB's hot replicas leave SGLang's
+    uncoordinated spread much load to misplace, so a cap on EPLB alone would be loose).
+    """
     from placer.ilp.eplb import rebalance_experts
 
     topo = problem.topology
     phy2log, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, problem.model.num_groups,
                                       topo.num_nodes, topo.num_gpus)
     eplb = Placement(phy2log, problem.slots_per_gpu, problem.model.num_experts)
-    return _ratio(*expected_ratio(problem, eplb))
+    ref = _ratio(*expected_ratio(problem, eplb))
+    if problem.dispatch == "sglang-static" and problem.num_redundant > 0:
+        from placer.ilp.joint import coordinated_map
+        coordinated = Placement(coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
+                                                problem.slots_per_gpu), problem.slots_per_gpu,
+                                problem.model.num_experts)
+        ref = np.minimum(ref, _ratio(*expected_ratio(problem, coordinated)))
+    return ref
 
 
 def _cc_dispatch(problem, placement: Placement, table: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,10 @@
   are merged by the caller (:func:`~placer.profiling.stats.merge_stats`).
 * ``sglang-per-token``: records with ``topk_ids_of_layer`` int [layers, tokens, 8] of PHYSICAL
   ids, -1 in unused columns, mapped to logical ids through ``last_physical_to_logical_map``.
+  As written by SGLang 0.5.23 (``_DetailSinglePassGatherer.collect`` + ``_DetailAccumulator``)
+  each record also holds ``input_ids``, ``positions``, ``extend_seq_lens``, ``forward_mode``,
+  ``misc_objects`` and ``global_physical_count`` [layers, P] (the same ids counted); the
+  ``topk_ids_of_layer`` key is what tells it from a per_pass dump.
 * ``sglang-csv``: legacy ``layer_id,expert_id,count`` rows (one file per rank).
 
 ``layers`` is the model's ``num_hidden_layers`` (dense layers included): rows are cut to
@@ -57,10 +61,12 @@ def pt_kind(path: str | os.PathLike[str], obj: Any) -> str | None:
     records = obj.get("records")
     if isinstance(records, list) and "last_physical_to_logical_map" in obj:
         first = next((r for r in records if isinstance(r, dict)), None)
+        # per_token records hold global_physical_count too (SGLang 0.5.23's
+        # _DetailSinglePassGatherer.collect), so the per-token key decides first.
+        if first is not None and "topk_ids_of_layer" in first:
+            return "sglang-per-token"
         if first is None or "global_physical_count" in first:
             return "sglang-per-pass"
-        if "topk_ids_of_layer" in first:
-            return "sglang-per-token"
     return None
 
 

@@ -165,14 +165,15 @@ def profile_sglang(url: str, duration_s: float, dump_dir: str, *, model: str | N
 
 
 def profile_r3(path: str, *, model: str | None = None, placement: str | None = None, seed: int = 0,
-               sample_size: int = DEFAULT_SAMPLE_SIZE, output: str) -> ProfileOutcome:
-    """Import saved R3 routed experts (mapped through ``placement`` when given) into statistics."""
+               sample_size: int = DEFAULT_SAMPLE_SIZE, output: str, stack: str = "vllm") -> ProfileOutcome:
+    """Import saved R3 routed experts of ``stack`` (vllm: logical ids; sglang: physical slots,
+    mapped through ``placement`` when given) into statistics."""
     from placer.profiling.vllm_r3 import import_r3
 
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     start = time.perf_counter()
-    trace = import_r3(path, model=spec_of(model), placement=placement)
+    trace = import_r3(path, model=spec_of(model), placement=placement, stack=stack)
     spec = trace.model or ModelSpec.from_shape(trace.num_layers, trace.num_experts, trace.top_k, name="r3")
     builder = StatsBuilder(trace.num_layers, trace.num_experts, trace.top_k, sample_size=sample_size,
                            seed=seed, model=spec)

@@ -1,22 +1,34 @@
-"""Import vLLM (and SGLang) R3 routed experts from saved outputs, mapping physical ids back.
+"""Import vLLM and SGLang R3 routed experts from saved outputs into a logical routing trace.
 
-R3 (``--enable-return-routed-experts``) returns per request an int32 array
-``[num_tokens, num_hidden_layers, top_k]``: vLLM as ``CompletionOutput.routed_experts`` (a numpy
-array), SGLang as base64 of raw little-endian int32 in ``meta_info["routed_experts"]``. The
-capture sits after the logical->physical remap, so with redundant experts or a non-trivial
-placement the ids are **physical** slots and must be mapped back through the placement the
-server ran with (``physical_to_logical [L, P]``).
+R3 (``--enable-return-routed-experts``) returns per request the routed expert ids
+``[num_tokens, num_hidden_layers, top_k]``. The two stacks differ in what the ids ARE:
+
+* **vLLM 0.34.0** (``stack="vllm"``, the default): LOGICAL expert ids. The router captures
+  ``topk_ids`` before its EPLB logical->physical remap
+  (``vllm/model_executor/layers/fused_moe/router/base_router.py:281-286``), so ids never need
+  mapping back, whatever redundant experts or rebalancing the server ran. A placement is
+  therefore refused: it would turn correct logical ids into wrong ones. Offline,
+  ``CompletionOutput.routed_experts`` is a numpy array (uint8 when the model has <= 256
+  experts, else uint16); the OpenAI completion/chat servers put it in
+  ``choices[i].routed_experts`` as base64 of its ``.npy`` bytes (``numpy2base64``:
+  ``np.save(..., allow_pickle=False)``), shape ``[tokens - 1, num_hidden_layers, top_k]``.
+* **SGLang** (``stack="sglang"``): PHYSICAL slot ids (captured after its remap), as base64 of
+  raw little-endian int32 in ``meta_info["routed_experts"]``. With redundant experts or a
+  non-trivial placement they are mapped back through the placement the server ran with
+  (``physical_to_logical [L, P]``); without one they are taken as logical.
 
 Saved outputs read here:
 
 * ``.npy``: one int array ``[tokens, layers, top_k]``;
-* ``.jsonl``: one object per request with ``routed_experts`` as a base64 string (reshaped with
-  the model) or a nested list ``[tokens][layers][top_k]`` (``request_id`` kept when an integer,
-  else the line index);
+* ``.jsonl``: one object per request with ``routed_experts`` as a base64 string or a nested list
+  ``[tokens][layers][top_k]`` (``request_id`` kept when an integer, else the line index);
 * ``.txt`` / ``.b64``: one base64 string per line.
 
-``layers`` is ``num_hidden_layers`` (dense rows are dropped through the model) or the MoE layer
-count. Placements: a placer placement JSON (its model is used), or a JSON object with
+A base64 string is told apart by its bytes: the ``.npy`` magic ``\\x93NUMPY`` means vLLM's form
+(any integer dtype, its own shape; read with ``allow_pickle=False``, never unpickled), anything
+else SGLang's raw int32 (reshaped with the model, so it needs one). ``layers`` is
+``num_hidden_layers`` (dense rows are dropped through the model) or the MoE layer count.
+Placements (SGLang only): a placer placement JSON (its model is used), or a JSON object with
 ``physical_to_logical_map`` (SGLang's ``--init-expert-location`` file; needs a model).
 """
 
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import os
 from pathlib import Path
@@ -63,14 +76,35 @@ def read_placement_map(path: str | os.PathLike[str], model: ModelSpec | None) ->
     return p2l, model
 
 
-def _decode_b64(path: str | os.PathLike[str], text: str, where: str, width: int) -> np.ndarray:
+NPY_MAGIC = b"\x93NUMPY"
+"""First bytes of a ``.npy`` payload: vLLM's base64 form (SGLang's is raw int32)."""
+
+STACKS = ("vllm", "sglang")
+"""What ``import_r3(stack=...)`` accepts: vLLM ids are logical, SGLang ids physical."""
+
+
+def _decode_b64(path: str | os.PathLike[str], text: str, where: str, model: ModelSpec | None) -> np.ndarray:
+    """``int64 [tokens, layers, top_k]`` of one base64 string: vLLM's ``.npy`` or SGLang's raw int32."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise fail(path, f"{where}: not valid base64") from None
+    if raw.startswith(NPY_MAGIC):
+        try:
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise fail(path, f"{where}: base64 .npy payload unreadable ({' '.join(str(exc).split())})") from None
+        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 3:
+            raise fail(path, f"{where}: base64 .npy holds {arr.dtype} {list(arr.shape)}, expected integer "
+                             "[tokens, layers, top_k]")
+        return arr.astype(np.int64)
+    if model is None:
+        raise fail(path, "base64 raw-int32 routed experts (SGLang's form) hold no shape; give --model "
+                         "(or a placer placement)")
+    width = model.num_hidden_layers * model.top_k
     if len(raw) % (4 * width):
         raise fail(path, f"{where}: {len(raw)} bytes is not a whole number of tokens of {width} int32 ids")
-    return np.frombuffer(raw, dtype="<i4").astype(np.int64)
+    return np.frombuffer(raw, dtype="<i4").astype(np.int64).reshape(-1, model.num_hidden_layers, model.top_k)
 
 
 def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,10 +139,7 @@ def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -
                 if isinstance(rec.get("request_id"), int) and not isinstance(rec.get("request_id"), bool):
                     rid = rec["request_id"]
             if isinstance(value, str):
-                if model is None:
-                    raise fail(path, "base64 routed experts hold no shape; give --model (or a placer placement)")
-                width = model.num_hidden_layers * model.top_k
-                ids = _decode_b64(path, value, f"line {n}", width).reshape(-1, model.num_hidden_layers, model.top_k)
+                ids = _decode_b64(path, value, f"line {n}", model)
             else:
                 try:
                     ids = np.asarray(value, dtype=np.int64)
@@ -128,13 +159,21 @@ def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -
 
 
 def import_r3(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
-              placement: str | os.PathLike[str] | None = None) -> RoutingTrace:
-    """The logical routing trace ``[T, L, K]`` of saved R3 outputs.
+              placement: str | os.PathLike[str] | None = None, stack: str = "vllm") -> RoutingTrace:
+    """The logical routing trace ``[T, L, K]`` of saved R3 outputs of ``stack`` (vllm or sglang).
 
-    Without ``placement`` the ids are taken as logical (true only for a trivial placement with no
-    redundant experts). With it, each MoE layer's ids are physical slots mapped through the
-    placement's ``physical_to_logical``.
+    ``stack="vllm"``: the ids are logical already; giving ``placement`` is an error (mapping
+    logical ids through a physical->logical table would corrupt them). ``stack="sglang"``: with
+    ``placement`` each MoE layer's ids are physical slots mapped through its
+    ``physical_to_logical``; without it they are taken as logical (true only for a trivial
+    placement with no redundant experts).
     """
+    if stack not in STACKS:
+        raise fail(path, f"unknown R3 stack {stack!r}; expected one of {', '.join(STACKS)}")
+    if stack == "vllm" and placement is not None:
+        raise fail(placement, "vLLM R3 ids are already logical (captured before its EPLB remap), so no placement "
+                              "maps them; drop --placement (give --model for the shape) or, for SGLang R3, "
+                              "say the stack is sglang")
     p2l = None
     if placement is not None:
         p2l, model = read_placement_map(placement, model)
@@ -150,5 +189,10 @@ def import_r3(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
     try:
         return make_trace(path, raw, model, request_ids=requests)
     except InvalidInputError as exc:
-        hint = "" if placement is not None else " (physical ids? give the serving placement with --placement)"
+        if placement is not None:
+            hint = ""
+        elif stack == "sglang":
+            hint = " (physical ids? give the serving placement with --placement)"
+        else:
+            hint = " (vLLM R3 ids are logical: is this SGLang's R3? import it as sglang with its placement)"
         raise fail(path, f"{exc.args[0].split(': ', 1)[-1]}{hint}") from None

@@ -110,6 +110,29 @@ def test_per_token_dump(tmp_path, rng, tiny):
     assert t.num_experts == 8
 
 
+def test_per_token_dump_with_global_physical_count(tmp_path, rng, tiny):
+    """SGLang 0.5.23's per_token records also hold global_physical_count [layers, P]."""
+    torch = pytest.importorskip("torch")
+    obj, want = _per_token_dump(rng)
+    for r in obj["records"]:
+        ids = r["topk_ids_of_layer"].numpy()
+        count = np.zeros(P2L.shape, dtype=np.int32)
+        for layer in range(ids.shape[0]):
+            valid = ids[layer][ids[layer] >= 0]
+            np.add.at(count[layer], valid, 1)
+        r["global_physical_count"] = torch.from_numpy(count)
+    p = tmp_path / "expert_distribution_recorder_3_0.pt"
+    _save(p, obj)
+    assert detect_format(p) == "sglang-per-token"
+    for fmt in (None, "sglang-per-token"):
+        inp = read_input(p, model=tiny, format=fmt)
+        assert inp.kind == "trace" and inp.format == "sglang-per-token"
+    np.testing.assert_array_equal(read_trace(p, model=tiny).expert_ids, want)
+    np.testing.assert_array_equal(read_trace(p, model=tiny, format="sglang-per-token").expert_ids, want)
+    with pytest.raises(InvalidInputError, match="not an SGLang per-pass dump"):
+        read_input(p, model=tiny, format="sglang-per-pass")
+
+
 def test_per_token_dump_bad(tmp_path, rng, tiny):
     torch = pytest.importorskip("torch")
     obj, _ = _per_token_dump(rng)

@@ -1,8 +1,10 @@
-"""Saved R3 routed experts (JSONL base64 / nested lists, .npy) mapped back through a placement."""
+"""Saved R3 routed experts (JSONL base64 / nested lists, .npy): vLLM's logical ids taken as they
+are (its base64-of-.npy form included), SGLang's physical ids mapped back through a placement."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
@@ -49,7 +51,7 @@ def test_jsonl_base64_and_lists_map_back_to_logical(tmp_path, placement):
     path = tmp_path / "outputs.jsonl"
     path.write_text(json.dumps({"request_id": 10, "routed_experts": base64.b64encode(pa.astype("<i4").tobytes()).decode()})
                     + "\n" + json.dumps({"routed_experts": pb.tolist()}) + "\n")
-    trace = import_r3(path, placement=placement)
+    trace = import_r3(path, placement=placement, stack="sglang")
     assert trace.model.name == "r3-test"
     assert (trace.expert_ids == np.concatenate([la, lb])).all()
     assert trace.request_ids.tolist() == [10] * 7 + [1] * 5
@@ -66,8 +68,67 @@ def test_npy_without_placement_is_taken_as_logical(tmp_path):
     r3[0, 2, 0] = 5  # a physical slot id: out of range for 4 logical experts
     np.save(path, r3)
     with pytest.raises(InvalidInputError, match="--placement") as exc:
-        import_r3(path, model=MODEL)
+        import_r3(path, model=MODEL, stack="sglang")
     assert exc.value.source == str(path)
+    with pytest.raises(InvalidInputError, match="import it as sglang") as exc:
+        import_r3(path, model=MODEL)  # vllm (the default): no placement hint, a stack hint
+    assert exc.value.source == str(path)
+
+
+def npy_b64(arr: np.ndarray) -> str:
+    """vLLM's API form: base64 of the array's .npy bytes (vllm.utils.serial_utils.numpy2base64)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "<u2", ">u2", "int32"])
+def test_vllm_npy_base64_is_logical_and_self_shaped(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    la, _ = logical_and_physical(rng, 6)
+    lb, _ = logical_and_physical(rng, 4)
+    full = [np.concatenate([np.zeros((len(x), 1, 2), int), x], axis=1).astype(dtype) for x in (la, lb)]
+    path = tmp_path / "outputs.jsonl"
+    path.write_text(json.dumps({"request_id": 3, "routed_experts": npy_b64(full[0])}) + "\n"
+                    + json.dumps({"routed_experts": npy_b64(full[1])}) + "\n")
+    trace = import_r3(path, model=MODEL)  # vLLM ids: logical, no remap, no placement
+    assert (trace.expert_ids == np.concatenate([la, lb])).all()
+    assert trace.request_ids.tolist() == [3] * 6 + [1] * 4
+    txt = tmp_path / "r3.b64"
+    txt.write_text(npy_b64(full[0][:, 1:]) + "\n")
+    no_model = import_r3(txt)  # the .npy carries its shape: no --model needed (every layer kept)
+    assert (no_model.expert_ids == la).all()
+    txt.write_text(npy_b64(full[0]) + "\n")  # vLLM's dense rows are zeros: only a model drops them
+    with pytest.raises(InvalidInputError, match="same expert twice"):
+        import_r3(txt)
+
+
+def pickled_npy_b64() -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.array([[[{"x": 1}]]], dtype=object), allow_pickle=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_vllm_refuses_a_placement_and_bad_npy_payloads(tmp_path, placement):
+    path = tmp_path / "r3.npy"
+    np.save(path, np.zeros((2, 3, 2), np.uint8))
+    with pytest.raises(InvalidInputError, match="already logical") as exc:
+        import_r3(path, placement=placement)
+    assert exc.value.source == str(placement) and "\n" not in str(exc.value)
+    with pytest.raises(InvalidInputError, match="unknown R3 stack"):
+        import_r3(path, model=MODEL, stack="trtllm")
+    bad = tmp_path / "bad.jsonl"
+    cases = [
+        (npy_b64(np.zeros((2, 3, 2), np.float32)), "float32"),
+        (npy_b64(np.zeros((6, 2), np.uint8)), "expected integer [tokens, layers, top_k]"),
+        (npy_b64(np.zeros((2, 3, 2), np.uint8))[:40], "unreadable"),
+        (pickled_npy_b64(), "Object arrays cannot be loaded"),  # never unpickled
+    ]
+    for b64, needle in cases:
+        bad.write_text(json.dumps({"routed_experts": b64}) + "\n")
+        with pytest.raises(InvalidInputError) as exc:
+            import_r3(bad, model=MODEL)
+        assert needle in str(exc.value) and exc.value.source == str(bad), (needle, exc.value)
 
 
 def test_cli_r3_with_placement_writes_stats_solve_takes(tmp_path, placement, capsys):
@@ -75,11 +136,18 @@ def test_cli_r3_with_placement_writes_stats_solve_takes(tmp_path, placement, cap
     logical, phys = logical_and_physical(rng, 40)
     path = tmp_path / "r3.npy"
     np.save(path, phys)
+    trace = import_r3(path, placement=placement, stack="sglang")
+    assert (trace.expert_ids == logical).all()
     out = tmp_path / "s.npz"
-    assert main(["profile", "--vllm-r3", str(path), "--placement", str(placement), "-o", str(out)]) == 0
+    assert main(["profile", "--sglang-r3", str(path), "--placement", str(placement), "-o", str(out)]) == 0
+    assert (read_stats_npz(out).load == np.stack([np.bincount(logical[:, layer].ravel(), minlength=4)
+                                                   for layer in range(2)])).all()
+    np.save(path, logical.astype(np.uint8))  # what vLLM returns for the same tokens: logical ids
+    out = tmp_path / "s.npz"
+    assert main(["profile", "--vllm-r3", str(path), "-o", str(out)]) == 0
     stats = read_stats_npz(out)
     expect = np.stack([np.bincount(logical[:, layer].ravel(), minlength=4) for layer in range(2)])
-    assert (stats.load == expect).all() and stats.model.moe_layer_ids == (1, 2)
+    assert (stats.load == expect).all()
     assert main(["solve", str(out), "--gpus", "2", "--method", "contiguous", "-o", str(tmp_path / "p2.json")]) == 0
     capsys.readouterr()
 
@@ -87,11 +155,14 @@ def test_cli_r3_with_placement_writes_stats_solve_takes(tmp_path, placement, cap
 def test_bad_inputs_exit_2_with_one_line(tmp_path, placement, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"routed_experts": "@@@"}\n')
+    raw = tmp_path / "raw.jsonl"  # SGLang's raw int32 form: no shape of its own
+    raw.write_text(json.dumps({"routed_experts": base64.b64encode(bytes(16)).decode()}) + "\n")
     cases = [
-        (["profile", "--vllm-r3", str(bad), "--placement", str(placement)], "not valid base64"),
+        (["profile", "--vllm-r3", str(bad), "--model", "deepseek-v2-lite"], "not valid base64"),
+        (["profile", "--vllm-r3", str(bad), "--placement", str(placement)], "--placement applies to --sglang-r3"),
         (["profile", "--vllm-r3", str(tmp_path / "missing.npy")], "file not found"),
-        (["profile", "--vllm-r3", str(bad)], "give --model"),
-        (["profile", "--placement", str(placement)], "--placement applies to --vllm-r3"),
+        (["profile", "--vllm-r3", str(raw)], "give --model"),
+        (["profile", "--placement", str(placement)], "--placement applies to --sglang-r3"),
     ]
     for args, needle in cases:
         code = main([*args, "-o", str(tmp_path / "s.npz")])
