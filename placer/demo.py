@@ -115,8 +115,8 @@ def _sglang_export(placement, model: ModelSpec, topology, path: str,
                                    num_redundant=topology.num_gpus, dispatch=stack.dispatch)
         flags = export_placement(solve(problem, "eplb", seed=0).placement, "sglang", path, model=v2,
                                  topology=topology)
-        return flags, (f"{reason}; {path} holds a {v2.name} placement (synthetic routing, eplb solved under "
-                       f"{stack.dispatch}) to show a file {stack.label} loads")
+        return flags, (f"a {v2.name} placement, synthetic routing, eplb under {stack.dispatch}: "
+                       f"{stack.label} cannot place {model.name}")
     flags = export_placement(placement, "sglang", path, model=model, topology=topology)
     return flags, f"the best placement, for {stack.label}"
 
