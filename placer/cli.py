@@ -331,21 +331,13 @@ def export(placement, stack, fmt, output):
     pf = read_placement_json(placement)
     target = _stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
     if target is not None and target.format is None and fmt is None:
-        # The stack loads no file: print the flags of its own balancer, then refuse.
-        exc = VllmLoadsNoFile(vllm_flags(pf.topology, pf.placement.num_redundant), source=output)
-        for line in exc.flags:
-            click.echo(f"  {line}")
-        raise exc
+        # The stack loads no file: refuse; main() prints the flags of its own balancer first.
+        raise VllmLoadsNoFile(vllm_flags(pf.topology, pf.placement.num_redundant), source=output)
     fmt = fmt or (target.format if target is not None else None)
     if fmt is None:
         raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
     (fmt, output), = _parse_exports((f"{fmt}={output}",))
-    try:
-        flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
-    except VllmLoadsNoFile as exc:
-        for line in exc.flags:
-            click.echo(f"  {line}")
-        raise
+    flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
     click.echo(f"exported {fmt} to {output}" + (f" for {target.label}" if target is not None else "")
                + "; serve with:")
     for line in flags:
@@ -395,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidInputError, InfeasibleError, MissingDependencyError) as exc:
         if debug:
             traceback.print_exc()
+        for line in getattr(exc, "flags", ()):  # e.g. vLLM's own EPLB flags when it loads no file
+            click.echo(f"  {line}")
         click.echo(f"placer: error: {_one_line(exc)}", err=True)
         return 2
     except (PlacerError, Exception) as exc:  # unexpected: a bug, or the environment

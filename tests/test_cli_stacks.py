@@ -113,3 +113,10 @@ def test_serve_renders_only_what_the_stack_loads():
     mixtral = get_model("mixtral-8x7b")
     docs = _render(Placement(np.tile(np.arange(8), (32, 1)), 2, 8), mixtral, topology, "nearest", "eplb", {})
     assert set(docs) == {"placer"}  # SGLang 0.5.23 cannot place Mixtral; vLLM loads no file
+
+
+def test_solve_export_for_vllm_prints_its_flags_and_exits_2(capsys, tmp_path, v2lite):
+    code, out, err = run(capsys, "solve", v2lite, "--gpus", "8", "--redundant", "8", "--method", "eplb",
+                         "-o", tmp_path / "p.json", "--export", f"vllm={tmp_path / 'v.json'}")
+    assert code == 2 and "--eplb-config '{\"num_redundant_experts\": 8}'" in out
+    assert "vllm 0.34.0 loads no placement file" in err and not (tmp_path / "v.json").exists()
