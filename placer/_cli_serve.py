@@ -21,6 +21,7 @@ from placer.cli import (
     stack_option,
 )
 from placer.errors import InvalidInputError
+from placer.stacks import resolve_dispatch
 from placer.types import DISPATCH_RULES
 
 
@@ -90,19 +91,19 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         pf = read_placement_json(initial)
         _check_against_file(pf, initial, model, cluster, gpus, nodes, gpus_per_node)
         spec, topology, init = pf.model, pf.topology, pf.placement
-        target = _stack(stack) or pf.stack
-        dispatch = dispatch or (target.dispatch if stack else pf.dispatch)
+        fallback = pf.dispatch
         redundant = init.num_redundant if redundant is None else redundant
     else:
         spec = _model(model)
         if spec is None:
             raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
         topology = _topology(cluster, gpus, nodes, gpus_per_node)
-        target = _stack(stack)
-        dispatch = dispatch or (target.dispatch if target is not None else None)
-    if target is not None:
-        target.check_model(spec)
-    policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch or "nearest",
+        fallback = "nearest"
+    target = _stack(stack)
+    dispatch = resolve_dispatch(dispatch, target, spec, fallback=fallback)
+    if target is None and initial:
+        target = pf.stack  # recorded in the placements the service writes
+    policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch,
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
                           time_limit_s=time_limit_s, seed=seed)
     config = ServeConfig(model=spec, topology=topology, policy=policy, half_life=half_life, interval_s=interval_s,

@@ -155,9 +155,8 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
     routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
     target = _stack(stack)
     if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
-        if model_spec is not None:
-            target.check_model(model_spec)
-        dispatch = dispatch or target.dispatch
+        from placer.stacks import resolve_dispatch
+        dispatch = resolve_dispatch(dispatch, target, model_spec)
         if not as_json:
             click.echo(f"dispatch {dispatch} ({target.label})")
     topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)

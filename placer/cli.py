@@ -291,10 +291,9 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
     from placer.workflow import evaluate_placement
     pf = read_placement_json(placement)
     _check_against_file(pf, placement, model, cluster, gpus, nodes, gpus_per_node)
+    from placer.stacks import resolve_dispatch
     target = _stack(stack)
-    if target is not None:
-        target.check_model(pf.model, source=placement)
-    rule = dispatch or (target.dispatch if target is not None else pf.dispatch)
+    rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
     metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
     metrics["stack"] = None if target is None else target.label
     if as_json:
@@ -321,19 +320,14 @@ def export(placement, stack, fmt, output):
     Example:
         placer export p.json --stack sglang -o sglang.json
     """
-    from placer.io.placements import (
-        VllmLoadsNoFile,
-        export_placement,
-        read_placement_json,
-        vllm_flags,
-    )
+    from placer.io.placements import export_placement, read_placement_json
     from placer.stacks import STACKS
     pf = read_placement_json(placement)
     target = _stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
-    if target is not None and target.format is None and fmt is None:
-        # The stack loads no file: refuse; main() prints the flags of its own balancer first.
-        raise VllmLoadsNoFile(vllm_flags(pf.topology, pf.placement.num_redundant), source=output)
-    fmt = fmt or (target.format if target is not None else None)
+    if fmt is None and target is not None:
+        # A stack that loads no file (vLLM) exports under its own name, which export_placement
+        # refuses with the flags of the stack's own balancer (main() prints them).
+        fmt = target.format or target.name
     if fmt is None:
         raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
     (fmt, output), = _parse_exports((f"{fmt}={output}",))

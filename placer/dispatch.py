@@ -60,12 +60,6 @@ def _check_rule(rule: str) -> None:
                                 source="--dispatch")
 
 
-def is_position_rule(rule: str) -> bool:
-    """True for the rules whose replica depends on the token's row, not its rank."""
-    _check_rule(rule)
-    return rule in POSITION_RULES
-
-
 def replica_index(token_index: np.ndarray, count: np.ndarray, rule: str) -> np.ndarray:
     """Replica rank (0-based, into the ascending slot list) for the position-based rules.
 
@@ -87,13 +81,13 @@ def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.nd
 
 
 def hidden_layer_map(placement: Placement, model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(full [H, P], moe_rows [L])``: the map over every hidden layer as SGLang loads it.
+    """``(full int64 [H, P], moe_rows [L])``: the map over every hidden layer as SGLang loads it.
 
     Dense layers get the trivial ``arange(P) % E``; without a model every layer is a MoE layer.
     """
     p2l = placement.physical_to_logical
     if model is None or model.num_hidden_layers == placement.num_layers:
-        return p2l, np.arange(placement.num_layers)
+        return p2l.astype(np.int64), np.arange(placement.num_layers)
     rows = np.asarray(model.moe_layer_ids, dtype=np.int64)
     full = np.tile(np.arange(placement.num_slots, dtype=np.int64) % placement.num_experts,
                    (model.num_hidden_layers, 1))

@@ -99,6 +99,18 @@ def get_stack(name: str, source: str = "--stack") -> Stack:
                                 + ", ".join(s.label for s in STACKS.values()), source=source) from None
 
 
+def resolve_dispatch(dispatch: str | None, stack: Stack | None, model: ModelSpec | None = None, *,
+                     fallback: str = "nearest", source: str = "--model") -> str:
+    """The rule to run: ``dispatch`` when given, else ``stack``'s, else ``fallback``.
+
+    With a stack and a model, first checks that the stack can place the model
+    (:meth:`Stack.check_model`, naming ``source``).
+    """
+    if stack is not None and model is not None:
+        stack.check_model(model, source=source)
+    return dispatch or (stack.dispatch if stack is not None else fallback)
+
+
 def stack_help() -> str:
     """One line for ``--stack``'s help."""
     return ("Serving stack to reproduce (file format, exact dispatch rule, constraints, flags): "

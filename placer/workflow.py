@@ -12,7 +12,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.profiling.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
-from placer.stacks import Stack
+from placer.stacks import Stack, resolve_dispatch
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
 MAX_TRACE_TOKENS = 4_000_000
@@ -231,9 +231,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         if model is None:
             raise InvalidInputError("give a routing input or --model PRESET", source="--model")
         stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
-    if stack is not None:
-        stack.check_model(model)
-    dispatch = dispatch or (stack.dispatch if stack is not None else "nearest")
+    dispatch = resolve_dispatch(dispatch, stack, model)
     if groups is not None:
         model = with_groups(model, groups)
         stats = replace(stats, model=model)

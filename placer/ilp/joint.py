@@ -48,7 +48,7 @@ from placer.errors import InvalidInputError
 from placer.ilp import _ls_kernel
 from placer.ilp.base import PlacementProblem, register
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
-from placer.ilp.objective import evaluate_objective, objective_weights
+from placer.ilp.objective import evaluate_objective, objective_weights, reference_ratio
 from placer.ilp.simple import contiguous_map
 from placer.types import Placement, SolveResult
 
@@ -275,10 +275,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                                  weights={**w, "balance_cap": None})
     reference = ev_eplb["per_layer"]["expected_load_max_over_mean"] if w["balance_cap"] is not None else None
     if reference is not None and "coordinated" in start_placements:
-        # sglang-static: cap against the better of EPLB and the coordinated start, per layer.
-        ev_coordinated = evaluate_objective(problem, start_placements["coordinated"], seed=dispatch_seed,
-                                            weights={**w, "balance_cap": None})
-        reference = np.minimum(reference, ev_coordinated["per_layer"]["expected_load_max_over_mean"])
+        reference = reference_ratio(problem)  # sglang-static: the better of EPLB and the coordinated start
     start_ev = {"eplb": ev_eplb if reference is None else
                 evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed, weights=w,
                                    reference=reference)}

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from placer.dispatch import hidden_layer_map
 from placer.errors import InvalidInputError
 from placer.io._common import fail, guard, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
@@ -406,11 +407,8 @@ def _read_eplb(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
 
 
 def sglang_full_map(placement: Placement, model: ModelSpec) -> np.ndarray:
-    """The [num_hidden_layers, P] map SGLang loads: dense rows are ``arange(P) % E``."""
-    full = np.tile(np.arange(placement.num_slots, dtype=np.int64) % placement.num_experts,
-                   (model.num_hidden_layers, 1))
-    full[np.asarray(model.moe_layer_ids)] = placement.physical_to_logical
-    return full
+    """The int64 [num_hidden_layers, P] map SGLang loads: dense rows are ``arange(P) % E``."""
+    return hidden_layer_map(placement, model)[0]
 
 
 def sglang_flags(path: str | os.PathLike[str], topology: Topology, num_redundant: int) -> list[str]:

@@ -76,15 +76,14 @@ def _render(placement: Placement, model: ModelSpec, topology: Topology, dispatch
                              stack=stack)
         with open(path, "rb") as f:
             docs["placer"] = f.read()
-        for fmt in ("sglang",):
-            try:
-                STACKS[fmt].check_model(model)
-            except InvalidInputError:
-                continue
-            path = os.path.join(tmp, f"{fmt}.json")
-            export_placement(placement, fmt, path, model=model, topology=topology)
-            with open(path, "rb") as f:
-                docs[fmt] = f.read()
+        try:
+            STACKS["sglang"].check_model(model)
+        except InvalidInputError:
+            return docs
+        path = os.path.join(tmp, "sglang.json")
+        export_placement(placement, "sglang", path, model=model, topology=topology)
+        with open(path, "rb") as f:
+            docs["sglang"] = f.read()
     return docs
 
 
