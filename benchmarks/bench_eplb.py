@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eplb_torch_port as port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "ilp"))
+import eplb_port as port  # noqa: E402  (the reference port the tests compare against)
 
 from placer.ilp.eplb import rebalance_experts  # noqa: E402
 

@@ -13,10 +13,11 @@ from placer.errors import InvalidInputError
 
 @click.command(context_settings=CONTEXT)
 @click.option("--placement", "placement_path", required=True, type=click.Path(dir_okay=False),
-              help="The placement to apply (a native placement file, e.g. from placer solve).")
+              help="The placement to apply: placer's JSON (e.g. from placer solve) or a serving stack's file "
+                   "(SGLang .json/.pt, vllm-ascend .json, TRT-LLM .yaml, EPLB .npz; shaped by --model).")
 @click.option("--from", "from_path", default=None, type=click.Path(dir_okay=False),
-              help="The placement the deployment starts on (same model and cluster); default: experts in "
-                   "order, redundant slots round-robin.")
+              help="The placement the deployment starts on, in any of those formats (same model and cluster); "
+                   "default: experts in order, redundant slots round-robin.")
 @click.option("--deployment", type=click.Choice(["local"]), default="local", show_default=True,
               help="Where to deploy: Ray actors on this machine (or on --ray-address).")
 @click.option("--ranks", type=click.IntRange(min=1), default=4, show_default=True,
@@ -50,12 +51,22 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
         placer apply --placement new.json --deployment local --ranks 4
         placer apply --placement new.json --from old.json --ranks 4 --model embedded
     """
-    from placer.io.placements import read_placement_json, write_placement_json
+    from placer.io.placements import (
+        detect_placement_format,
+        read_placement_file,
+        write_placement_json,
+    )
     from placer.runtime.apply import apply_live, contiguous_placement, resolve_model
 
-    new_f = read_placement_json(placement_path)
+    if detect_placement_format(placement_path) == "native":
+        new_f = read_placement_file(placement_path)
+    else:  # a stack's file holds only the map: --model gives its shape, --ranks the GPUs
+        from placer.presets import get_model, make_topology
+        from placer.runtime.apply import embedded_model
+        shape = embedded_model() if model in (None, "embedded") else get_model(model)
+        new_f = read_placement_file(placement_path, model=shape, topology=make_topology(gpus=ranks))
     if from_path is not None:
-        old_f = read_placement_json(from_path)
+        old_f = read_placement_file(from_path, model=new_f.model, topology=new_f.topology)
         for what in ("model", "topology"):
             if getattr(old_f, what) != getattr(new_f, what):
                 raise InvalidInputError(f"the placements are for different {what}s", source="--from")

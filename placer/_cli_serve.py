@@ -11,9 +11,10 @@ import click
 
 from placer.cli import (
     CONTEXT,
-    _check_against_file,
     _model,
     _parse_exports,
+    _placement_stack,
+    _read_placement,
     _stack,
     _topology,
     cluster_options,
@@ -42,7 +43,9 @@ from placer.types import DISPATCH_RULES
 @click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
               help="Also rewrite a serving-stack file on each publication (sglang, trtllm, ...). Repeatable.")
 @click.option("--initial", type=click.Path(dir_okay=False), default=None,
-              help="Placement JSON the serving stack runs now (default: contiguous, slot p holds expert p % E).")
+              help="Placement the serving stack runs now: placer's JSON or the stack's own file (SGLang .json/.pt, "
+                   "vllm-ascend .json, TRT-LLM .yaml, EPLB .npz; with --model and --gpus) (default: contiguous, "
+                   "slot p holds expert p % E).")
 @click.option("--method", default="eplb", show_default=True, help="Placement method re-solved on the window.")
 @click.option("--redundant", type=click.IntRange(min=0), default=None,
               help="Redundant slots per layer (default: the initial placement's, else 0).")
@@ -86,12 +89,12 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
     init = None
+    target = _stack(stack)
     if initial:
-        from placer.io.placements import read_placement_json
-        pf = read_placement_json(initial)
-        _check_against_file(pf, initial, model, cluster, gpus, nodes, gpus_per_node)
+        pf = _read_placement(initial, model, cluster, gpus, nodes, gpus_per_node, target)
         spec, topology, init = pf.model, pf.topology, pf.placement
         fallback = pf.dispatch
+        target = _placement_stack(pf, target)
         redundant = init.num_redundant if redundant is None else redundant
     else:
         spec = _model(model)
@@ -99,7 +102,6 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
             raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
         topology = _topology(cluster, gpus, nodes, gpus_per_node)
         fallback = "nearest"
-    target = _stack(stack)
     dispatch = resolve_dispatch(dispatch, target, spec, fallback=fallback)
     if target is None and initial:
         target = pf.stack  # recorded in the placements the service writes

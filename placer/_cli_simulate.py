@@ -153,6 +153,8 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         run_comparison,
     )
     routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
+    from placer.workflow import check_top1
+    check_top1(routing, execution=execution, methods=methods)
     target = _stack(stack)
     if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
         from placer.stacks import resolve_dispatch

@@ -117,6 +117,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     width = max(len(label) for label, v in rows if v)
     vwidth = max(len(v) for _, v in rows)
     lines = head + [""] + [f"{label.ljust(width)}  {v.rjust(vwidth)}" if v else label for label, v in rows]
+    if metrics.get("top1_note"):
+        lines.append(f"top-1 metrics n/a: {metrics['top1_note']}")
     return "\n".join(lines)
 
 
@@ -154,4 +156,5 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
             out.append("  ".join("-" * w for w in widths))
     notes = ("load med/worst: max/mean GPU load over layers; other ranks and inter-node: DeepEP-style "
              "sends per token-layer; cc x-GPU: top-1 transitions that change GPU / tokens x (L-1)")
-    return "\n".join(out + [notes])
+    top1 = list(dict.fromkeys(row["metrics"]["top1_note"] for row in rows if row["metrics"].get("top1_note")))
+    return "\n".join(out + [notes] + [f"cc x-GPU n/a: {note}" for note in top1])

@@ -89,6 +89,26 @@ def _check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_nod
                                     f"({topo.name}, {topo.num_nodes} x {topo.gpus_per_node} GPUs)", source=path)
 
 
+def _read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None):
+    """Any placement file (placer's, SGLang's, vllm-ascend's, TRT-LLM's, EPLB arrays).
+
+    A native file is authoritative (contradicting flags exit 2); a stack's file holds only the
+    map and takes the model and cluster from the flags.
+    """
+    from placer.io.placements import detect_placement_format, read_placement_file
+    if detect_placement_format(path) == "native":
+        pf = read_placement_file(path)
+        _check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
+        return pf
+    topology = _topology(cluster, gpus, nodes, gpus_per_node) if (cluster or gpus) else None
+    return read_placement_file(path, model=_model(model), topology=topology, stack=stack)
+
+
+def _placement_stack(pf, target):
+    """The stack whose rule scores ``pf``: ``--stack``, else a stack file's own (not a native file's)."""
+    return target if target is not None or not pf.method.startswith("file:") else pf.stack
+
+
 def _parse_exports(exports: tuple[str, ...]) -> list[tuple[str, str]]:
     from placer.io.placements import FORMATS
     out = []
@@ -167,6 +187,8 @@ def stats(inputs, model, phase, output, as_json):
     routing = gather_routing(inputs, model=_model(model), phase=phase, keep_trace=False)
     summary = summarize(routing.stats)
     summary["synthetic"] = routing.synthetic
+    summary["top1_known"] = routing.stats.has_top1
+    summary["top1_note"] = routing.top1_note
     if output:
         write_stats(routing, output)
     if as_json:
@@ -254,7 +276,8 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
     if as_json:
         _echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
                     "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
-                    "comparison": [{k: v for k, v in row.items()} for row in outcome.rows]})
+                    "comparison": [{k: v for k, v in row.items()} for row in outcome.rows],
+                    "notes": list(outcome.notes)})
         return
     gap = "" if r.gap is None else f", gap {r.gap:.2%}"
     target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
@@ -262,6 +285,8 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
                f"wrote {output}")
     if outcome.rows:
         click.echo(format_comparison(outcome.rows))
+    for note in outcome.notes:
+        click.echo(note)
     for fmt, path, flags in outcome.exported:
         click.echo(f"exported {fmt} to {path}; serve with:")
         for line in flags:
@@ -280,19 +305,21 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
              as_json):
     """Score a placement on any routing input: load balance, dispatch traffic, transitions.
 
-    The rule is --dispatch, else --stack's, else the one the file was solved under.
+    PLACEMENT is placer's JSON or the file a server loads (SGLang .json/.pt, vllm-ascend .json,
+    TRT-LLM .yaml, EPLB .npz; those need --model and --gpus). The rule is --dispatch, else
+    --stack's, else the stack file's, else the one the file was solved under.
 
     \b
     Example:
         placer evaluate p.json experts_math_mixtral.json --stack vllm
+        placer evaluate sglang.json trace.npz --model deepseek-v2-lite --gpus 16 --nodes 2
     """
-    from placer.io.placements import read_placement_json
     from placer.metrics import format_table
     from placer.workflow import evaluate_placement
-    pf = read_placement_json(placement)
-    _check_against_file(pf, placement, model, cluster, gpus, nodes, gpus_per_node)
-    from placer.stacks import resolve_dispatch
     target = _stack(stack)
+    pf = _read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
+    from placer.stacks import resolve_dispatch
+    target = _placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
     metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
     metrics["stack"] = None if target is None else target.label
@@ -305,24 +332,28 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("placement", type=click.Path())
+@model_option
+@cluster_options
 @stack_option
 @click.option("--format", "fmt", default=None,
               help="sglang, vllm-ascend, trtllm or eplb (default: --stack's, else the file's stack's).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="File to write (SGLang: .json or .pt).")
-def export(placement, stack, fmt, output):
-    """Convert a placement JSON into the file a serving stack loads, and print its flags.
+def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, output):
+    """Convert a placement into the file a serving stack loads, and print its flags.
 
-    A placement solved for another stack's rule (or for none) is re-checked against the target's
+    PLACEMENT is placer's JSON or another stack's file (then give --model and --gpus). A
+    placement solved for another stack's rule (or for none) is re-checked against the target's
     constraints, and the command says how to re-score it under the target's rule.
 
     \b
     Example:
         placer export p.json --stack sglang -o sglang.json
+        placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml
     """
-    from placer.io.placements import export_placement, read_placement_json
+    from placer.io.placements import export_placement
     from placer.stacks import STACKS
-    pf = read_placement_json(placement)
+    pf = _read_placement(placement, model, cluster, gpus, nodes, gpus_per_node)
     target = _stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
     if fmt is None and target is not None:
         # A stack that loads no file (vLLM) exports under its own name, which export_placement
@@ -336,7 +367,7 @@ def export(placement, stack, fmt, output):
                + "; serve with:")
     for line in flags:
         click.echo(f"  {line}")
-    if target is not None and target.dispatch != pf.dispatch:
+    if target is not None and target.dispatch is not None and target.dispatch != pf.dispatch:
         click.echo(f"note: {placement} was solved and scored under dispatch {pf.dispatch}; {target.label} runs "
                    f"{target.dispatch}: re-score with 'placer evaluate {placement} TRACE --stack {target.name}' "
                    f"or re-solve with --stack {target.name}")

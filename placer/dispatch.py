@@ -1,8 +1,8 @@
 """Replica dispatch: which physical slot serves a token's logical expert.
 
 One rule is used by metrics, solvers, simulator and runtime alike, so load and traffic are
-always computed under the same choice of replica. Two rules reproduce a released stack bit for
-bit; ``nearest`` is placer's idealised rule.
+always computed under the same choice of replica. Four rules reproduce a released stack's
+choice; ``nearest`` is placer's idealised rule.
 
 Rank-based rules (each (rank, layer, logical expert) has one fixed replica,
 :func:`dispatch_table`):
@@ -20,6 +20,12 @@ Rank-based rules (each (rank, layer, logical expert) has one fixed replica,
   different ranks do not coordinate. The stream runs through every hidden layer in order,
   dense layers too (their rows are the trivial ``arange(P) % E`` that placer's SGLang export
   writes), so the model's layer layout is needed for exact tables.
+- ``vllm-ascend``: vllm-ascend 0.23.0.post1's static EPLB with tensor parallel size 1 (the
+  flags placer prints): the tokens of EP rank ``r`` use replica ``r % n`` of an expert with
+  ``n`` replicas, replicas in ascending slot order (``generate_log2phy_map`` in
+  ``vllm_ascend/eplb/core/eplb_utils.py``, run on CPU against these tables in
+  ``tests/stacks/test_vllm_ascend_stack.py``). With TP ``T > 1`` the release picks
+  ``(r % T + r // T + expert) % n`` instead, which placer does not score.
 - ``nearest`` (placer's idealised rule, not any stack's): a replica on the token's own GPU, else
   one on the same node, else a spread over all replicas, all coordinated across ranks: the
   ranks that need a remote replica are dealt to the candidates in equal numbers (the remainder
@@ -196,6 +202,16 @@ def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.nd
     return table
 
 
+def _ascend_table(placement: Placement) -> np.ndarray:
+    """vllm-ascend: rank ``g`` sends expert ``e`` to its replica ``g % n`` (ascending slots)."""
+    log2phy, cnt = placement.log2phy(), placement.logcnt()  # [L, E, X], [L, E]
+    ranks = np.arange(placement.num_gpus)[None, :, None]
+    pick = ranks % cnt[:, None, :]  # [L, G, E]
+    layer = np.arange(placement.num_layers)[:, None, None]
+    expert = np.arange(placement.num_experts)[None, None, :]
+    return log2phy[layer, expert, pick]
+
+
 def dispatch_table(placement: Placement, topology: Topology, rule: str = "nearest",
                    seed: int = DEFAULT_DISPATCH_SEED, *, model: ModelSpec | None = None) -> np.ndarray:
     """The replica each rank sends each logical expert to, for the rank-based rules.
@@ -222,6 +238,8 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
         table = sglang_static_table(full, topology.num_gpus, topology.num_nodes, seed,
                                     placement.num_experts)
         table = np.ascontiguousarray(table[rows])
+    elif rule == "vllm-ascend":
+        table = _ascend_table(placement)
     else:
         table = _nearest_table(placement, topology, seed)
     table.setflags(write=False)

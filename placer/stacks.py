@@ -42,16 +42,22 @@ SGLANG_PLACEABLE = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", 
 class Stack:
     """One serving stack at one release.
 
-    ``dispatch``: the rule its released code runs (:data:`placer.types.DISPATCH_RULES`);
+    ``dispatch``: the rule its released code runs (:data:`placer.types.DISPATCH_RULES`), or None
+    when placer does not reproduce it (then a rule must be named with ``--dispatch``);
     ``format``: the placement file it loads (a :data:`placer.io.placements.FORMATS` entry), or
-    None when it loads none.
+    None when it loads none; ``distinct_per_gpu``: it cannot use two copies of one expert on one
+    GPU (solvers never place them, export refuses them); ``checked``: how the rule, format and
+    flags were checked ("run": the release's own code runs in ``tests/stacks``; "transcribed":
+    read from its source, which cannot run here).
     """
 
     name: str
     release: str
-    dispatch: str
+    dispatch: str | None
     format: str | None
     summary: str
+    distinct_per_gpu: bool = False
+    checked: str = "run"
 
     @property
     def label(self) -> str:
@@ -87,6 +93,12 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           "--init-expert-location file, static dispatch over DeepEP (--moe-a2a-backend deepep)"),
     Stack("vllm", "0.34.0", "vllm", None,
           "no placement file: vLLM's own EPLB re-balances every step_interval steps"),
+    Stack("vllm-ascend", "0.23.0.post1", "vllm-ascend", "vllm-ascend",
+          "eplb_config.expert_map_path JSON per MoE layer and device; rank r uses copy r % n; one copy "
+          "per device", distinct_per_gpu=True),
+    Stack("trtllm", "1.2", None, "trtllm",
+          "moe_config.load_balancer YAML keyed by decoder layer; needs attention DP and EP > 1; its replica "
+          "choice is not reproduced (name --dispatch)", checked="transcribed"),
 )}
 
 
@@ -108,10 +120,20 @@ def resolve_dispatch(dispatch: str | None, stack: Stack | None, model: ModelSpec
     """
     if stack is not None and model is not None:
         stack.check_model(model, source=source)
-    return dispatch or (stack.dispatch if stack is not None else fallback)
+    if dispatch:
+        return dispatch
+    if stack is None:
+        return fallback
+    if stack.dispatch is None:
+        raise InvalidInputError(f"placer does not reproduce {stack.label}'s replica choice (its kernel source "
+                                "cannot be installed here); name the rule to score under with --dispatch "
+                                "(e.g. nearest, placer's idealised rule, or vllm, a hash spread over copies)",
+                                source="--stack")
+    return stack.dispatch
 
 
 def stack_help() -> str:
     """One line for ``--stack``'s help."""
-    return ("Serving stack to reproduce (file format, exact dispatch rule, constraints, flags): "
-            + "; ".join(f"{s.label}" for s in STACKS.values()) + ".")
+    return ("Serving stack to reproduce (file format, dispatch rule, constraints, flags): "
+            + "; ".join(f"{s.label}" + (" (transcribed)" if s.checked == "transcribed" else "")
+                        for s in STACKS.values()) + ".")

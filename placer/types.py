@@ -29,9 +29,12 @@ PHASES = ("prefill", "decode")
 """Phase codes in ``RoutingTrace.phase``: 0 prefill, 1 decode, -1 unknown."""
 PHASE_CODES = {"prefill": 0, "decode": 1, "unknown": -1}
 TRACE_ORDERS = ("sorted", "unknown")
-DISPATCH_RULES = ("nearest", "sglang-static", "sglang-dynamic", "vllm")
-"""Replica rules of :mod:`placer.dispatch`; the last two choose by the token's row in the batch."""
+DISPATCH_RULES = ("nearest", "sglang-static", "sglang-dynamic", "vllm", "vllm-ascend")
+"""Replica rules of :mod:`placer.dispatch`; ``POSITION_RULES`` choose by the token's row in the batch."""
 POSITION_RULES = ("sglang-dynamic", "vllm")
+# Rules of stacks that cannot use two copies of one expert on one GPU (vllm-ascend keeps one
+# local slot per expert): problems under them keep copies on distinct GPUs.
+DISTINCT_RULES = ("vllm-ascend",)
 EXECUTION_MODES = ("standard", "context-coherent")
 SOLVE_STATUSES = ("optimal", "feasible", "timeout", "infeasible")
 
@@ -470,6 +473,11 @@ class Placement:
     num_experts : int
         E; every logical expert has at least one slot in every layer.
 
+    replica_rank : int64 [L, P] or None
+        Replica rank of each slot among its expert's slots (0 for the first replica created), as
+        DeepSeek's ``eplb.py`` returns it (``phyrank``); it orders ``log2phy(order="replica")``.
+        None means ascending slot order (also what an ascending ``replica_rank`` is stored as).
+
     Example: ``Placement([[0, 1, 2, 3, 0, 1]], slots_per_gpu=3, num_experts=4)`` puts experts
     {0, 1, 2} on GPU 0 and {3, 0, 1} on GPU 1 (experts 0 and 1 replicated).
     """
@@ -477,6 +485,7 @@ class Placement:
     physical_to_logical: np.ndarray
     slots_per_gpu: int
     num_experts: int
+    replica_rank: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         from placer.validate import check_structure
@@ -484,6 +493,30 @@ class Placement:
         p2l = _as_int_array("physical_to_logical", self.physical_to_logical, 2, np.int32)
         object.__setattr__(self, "physical_to_logical", _freeze(p2l))
         check_structure(p2l, int(self.slots_per_gpu), int(self.num_experts))
+        if self.replica_rank is not None:
+            rank = _as_int_array("replica_rank", self.replica_rank, 2, np.int64)
+            if rank.shape != p2l.shape:
+                raise _bad("replica_rank", f"shape {list(rank.shape)} differs from the map's {list(p2l.shape)}")
+            slot_rank = self._slot_ranks()
+            keys = p2l.astype(np.int64) * p2l.shape[1] + rank  # (expert, rank) per layer
+            if rank.min() < 0 or rank.max() >= p2l.shape[1] or not np.array_equal(np.sort(keys, axis=1),
+                                                    np.sort(p2l.astype(np.int64) * p2l.shape[1] + slot_rank,
+                                                            axis=1)):
+                raise _bad("replica_rank", "each expert's slots must carry the ranks 0..replicas-1 once each")
+            object.__setattr__(self, "replica_rank",
+                               None if np.array_equal(rank, slot_rank) else _freeze(rank))
+
+    def _slot_ranks(self) -> np.ndarray:
+        """Rank of each slot among its expert's slots in ascending slot order. int64 [L, P]."""
+        p2l = self.physical_to_logical
+        order = np.argsort(p2l, axis=1, kind="stable")
+        experts = np.take_along_axis(p2l, order, axis=1).astype(np.int64)
+        cnt = self.logcnt()
+        starts = np.concatenate([np.zeros((self.num_layers, 1), np.int64), np.cumsum(cnt, axis=1)[:, :-1]], axis=1)
+        ranks_sorted = np.arange(self.num_slots)[None, :] - np.take_along_axis(starts, experts, axis=1)
+        out = np.empty_like(ranks_sorted)
+        np.put_along_axis(out, order, ranks_sorted, axis=1)
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -512,25 +545,35 @@ class Placement:
         np.add.at(out, (rows, self.physical_to_logical.ravel()), 1)
         return out
 
-    def log2phy(self) -> np.ndarray:
-        """Slots of every logical expert, ascending, right-padded with -1. Shape: int64 [L, E, X]."""
+    def log2phy(self, order: str = "slot", width: int | None = None) -> np.ndarray:
+        """Slots of every logical expert, right-padded with -1. Shape: int64 [L, E, X].
+
+        ``order="slot"``: ascending slot (how SGLang and vLLM enumerate replicas of a map they
+        load); ``order="replica"``: by ``replica_rank`` (DeepSeek ``eplb.py``'s ``log2phy``),
+        ascending slot where the placement carries none. ``width`` X defaults to the largest
+        replica count; DeepSeek's arrays use ``P - E + 1``.
+        """
+        if order not in ("slot", "replica"):
+            raise _bad("order", f"must be 'slot' or 'replica', got {order!r}")
         cnt = self.logcnt()
-        width = int(cnt.max())
-        out = np.full((self.num_layers, self.num_experts, width), -1, dtype=np.int64)
-        order = np.argsort(self.physical_to_logical, axis=1, kind="stable")  # slots grouped by expert
-        experts = np.take_along_axis(self.physical_to_logical, order, axis=1)
-        starts = np.concatenate([np.zeros((self.num_layers, 1), np.int64), np.cumsum(cnt, axis=1)[:, :-1]], axis=1)
-        rank = np.arange(self.num_slots)[None, :] - np.take_along_axis(starts, experts.astype(np.int64), axis=1)
-        layer = np.repeat(np.arange(self.num_layers), self.num_slots)
-        out[layer, experts.ravel(), rank.ravel()] = order.ravel()
-        return out
+        need = int(cnt.max())
+        width = need if width is None else int(width)
+        if width < need:
+            raise _bad("width", f"{width} is below the largest replica count {need}")
+        rank = self._slot_ranks() if order == "slot" or self.replica_rank is None else self.replica_rank
+        out = np.full((self.num_layers, self.num_experts * width), -1, dtype=np.int64)
+        p2l = self.physical_to_logical.astype(np.int64)
+        np.put_along_axis(out, p2l * width + rank,
+                          np.broadcast_to(np.arange(self.num_slots, dtype=np.int64), p2l.shape), axis=1)
+        return out.reshape(self.num_layers, self.num_experts, width)
 
     def gpu_experts(self) -> np.ndarray:
         """Logical experts on each GPU in local-slot order. Shape: int32 [L, G, slots_per_gpu]."""
         return self.physical_to_logical.reshape(self.num_layers, self.num_gpus, self.slots_per_gpu)
 
     def layers(self, start: int, stop: int) -> Placement:
-        return Placement(self.physical_to_logical[start:stop], self.slots_per_gpu, self.num_experts)
+        rank = None if self.replica_rank is None else self.replica_rank[start:stop]
+        return Placement(self.physical_to_logical[start:stop], self.slots_per_gpu, self.num_experts, rank)
 
 
 @dataclass(frozen=True)

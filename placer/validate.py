@@ -54,10 +54,21 @@ def _structure_violations(p2l: np.ndarray, slots_per_gpu: int, num_experts: int)
 
 def placement_violations(placement: Placement, model: ModelSpec | None = None,
                          topology: Topology | None = None, *,
-                         memory_limit_bytes: float | None = None) -> list[str]:
-    """Every invariant ``placement`` breaks for this model and cluster (empty when valid)."""
+                         memory_limit_bytes: float | None = None,
+                         distinct_per_gpu: bool = False) -> list[str]:
+    """Every invariant ``placement`` breaks for this model and cluster (empty when valid).
+
+    ``distinct_per_gpu``: no GPU may hold two copies of one expert in a layer (vllm-ascend keeps
+    one local slot per expert and mis-routes the second copy).
+    """
     out = _structure_violations(placement.physical_to_logical, placement.slots_per_gpu,
                                 placement.num_experts)
+    if distinct_per_gpu and not out:
+        dup = duplicate_copies(placement)
+        if dup:
+            layer, gpu, expert = dup[0]
+            out.append(f"layer {layer}: GPU {gpu} holds expert {expert} twice ({len(dup)} such "
+                       "(layer, GPU, expert) duplicates; vllm-ascend keeps one local slot per expert)")
     if model is not None:
         if placement.num_layers != model.num_moe_layers:
             out.append(f"placement has {placement.num_layers} layers, model {model.name} has "
@@ -77,6 +88,14 @@ def placement_violations(placement: Placement, model: ModelSpec | None = None,
     return out
 
 
+def duplicate_copies(placement: Placement) -> list[tuple[int, int, int]]:
+    """(layer, GPU, expert) for every expert held more than once by one GPU, sorted."""
+    per_gpu = np.sort(placement.gpu_experts(), axis=2)
+    layer, gpu, pos = np.nonzero(per_gpu[:, :, 1:] == per_gpu[:, :, :-1])
+    found = {(int(a), int(b), int(per_gpu[a, b, c])) for a, b, c in zip(layer, gpu, pos, strict=True)}
+    return sorted(found)
+
+
 def expert_memory_per_gpu(placement: Placement, model: ModelSpec) -> float:
     """Bytes of routed-expert weights on each GPU (every slot holds one expert copy)."""
     return float(placement.slots_per_gpu * placement.num_layers * model.expert_weight_bytes)
@@ -84,14 +103,16 @@ def expert_memory_per_gpu(placement: Placement, model: ModelSpec) -> float:
 
 def check_placement(placement: Placement, model: ModelSpec | None = None,
                     topology: Topology | None = None, *,
-                    memory_limit_bytes: float | None = None) -> Placement:
+                    memory_limit_bytes: float | None = None, distinct_per_gpu: bool = False) -> Placement:
     """Raise :class:`PlacementError` on the first violated invariant; return ``placement``.
 
     Checks: every logical expert at least once per layer, equal slots per GPU, ids in range,
     layer and expert counts match the model, GPU count matches the cluster, and the expert
-    weights fit in GPU memory when sizes are known.
+    weights fit in GPU memory when sizes are known; with ``distinct_per_gpu``, no GPU holds two
+    copies of one expert.
     """
-    violations = placement_violations(placement, model, topology, memory_limit_bytes=memory_limit_bytes)
+    violations = placement_violations(placement, model, topology, memory_limit_bytes=memory_limit_bytes,
+                                      distinct_per_gpu=distinct_per_gpu)
     if violations:
         raise PlacementError(violations[0], source="placement")
     return placement

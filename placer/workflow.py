@@ -33,10 +33,46 @@ class Routing:
     model: ModelSpec
     sources: tuple[str, ...]
     synthetic: bool
+    top1_source: str | None = None
+    """The first input whose top-1 expert is unknown (None when every input's is known)."""
+    top1_reason: str | None = None
+    """Why that input's top-1 is unknown (see :func:`top1_reason`)."""
 
     @property
     def data(self) -> RoutingTrace | RoutingStats:
         return self.trace if self.trace is not None else self.stats
+
+    @property
+    def top1_note(self) -> str | None:
+        """``"SOURCE: why"`` when the top-1 expert of the routing is unknown, else None."""
+        return None if self.top1_reason is None else f"{self.top1_source}: {self.top1_reason}"
+
+
+TOP1_METHODS = ("exflow",)
+"""Methods whose objective is top-1 transitions: they refuse routing whose top-1 is unknown."""
+
+
+def top1_reason(format: str, kind: str) -> str:
+    """Why an input of ``format`` (``kind`` "trace" or "stats") has no known top-1 expert."""
+    if format == "megatron-jsonl":
+        from placer.io.external import MEGATRON_ASCENDING_NOTE
+        return MEGATRON_ASCENDING_NOTE
+    if kind == "stats":
+        return "the statistics hold no top-1 transitions (counts only, or built from routing of unknown order)"
+    return "the trace's expert order is unknown and it carries no gate weights; top-1 unknown"
+
+
+def check_top1(routing: Routing | None, *, execution: str = "standard", methods: Sequence[str] = ()) -> None:
+    """Refuse (InvalidInputError naming the input) when ``execution`` or one of ``methods`` needs each
+    token's top-1 expert and ``routing`` does not know it; nothing to check without routing."""
+    if routing is None or routing.top1_reason is None:
+        return
+    needs = [f"method {m}" for m in dict.fromkeys(methods) if m in TOP1_METHODS]
+    if execution == "context-coherent":
+        needs.insert(0, "context-coherent execution")
+    if needs:
+        raise InvalidInputError(f"{' and '.join(needs)} needs the top-1 expert of each token, but "
+                                f"{routing.top1_reason}", source=str(routing.top1_source))
 
 
 def agree_model(explicit: ModelSpec | None, found: Sequence[tuple[str, ModelSpec | None]]) -> ModelSpec | None:
@@ -90,9 +126,12 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
     kept: list[RoutingTrace] = []
     count_only: list[RoutingStats] = []
     kept_tokens = 0
+    top1_source = top1_why = None
     for r in read:
         if r.kind == "stats":
             assert r.stats is not None
+            if top1_why is None and not r.stats.has_top1:
+                top1_source, top1_why = r.source, top1_reason(r.format, "stats")
             if phase != "all" and r.stats.phase != phase:
                 raise InvalidInputError(f"holds {r.stats.phase} counts only; cannot select phase {phase!r}",
                                         source=r.source)
@@ -109,6 +148,8 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
                                         f"E={model.num_experts}, top_k={model.top_k})", source=r.source)
             chunk = RoutingTrace(chunk.expert_ids, model.num_experts, chunk.order, chunk.gate_weights,
                                  chunk.request_ids, chunk.phase, chunk.home_rank, model)
+            if top1_why is None and not chunk.has_top1:
+                top1_source, top1_why = r.source, top1_reason(r.format, "trace")
             if builder is None:
                 builder = StatsBuilder(model.num_moe_layers, model.num_experts, model.top_k,
                                        sample_size=sample_size, seed=seed, model=model)
@@ -132,7 +173,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
         trace = _concat(kept, model)
     synthetic = any(r.synthetic for r in read)
     return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),
-                   synthetic=synthetic)
+                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why)
 
 
 
@@ -173,6 +214,8 @@ class SolveOutcome:
     exported: list[tuple[str, str, list[str]]]
     stack: Stack | None = None
     dispatch: str = "nearest"
+    notes: tuple[str, ...] = ()
+    """Lines the command prints about the solve (e.g. an objective term the routing could not give)."""
 
 
 COMPARE_WITH = ("contiguous", "eplb")
@@ -239,11 +282,18 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     if holdout:
         say(f"reading {len(holdout)} held-out input(s)")
         held = gather_routing(holdout, model=model, phase=phase)
+    check_top1(routing, execution=execution, methods=[method])
+    check_top1(held, execution=execution)
+    notes = []
+    if method == "exact" and routing is not None and routing.top1_note is not None:
+        notes.append(f"note: exact solved without its inter-layer affinity term (balance only): "
+                     f"{routing.top1_note}")
     problem_weights = dict(weights or {})
     if objective is not None:
         problem_weights["objective"] = objective
     problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
-                               execution=execution, weights=problem_weights)
+                               execution=execution, weights=problem_weights,
+                               distinct_per_gpu=True if stack is not None and stack.distinct_per_gpu else None)
     options = method_options(method, execution, backend=backend, ray_address=ray_address, num_workers=num_workers)
     limit = f", time limit {time_limit_s:g} s" if time_limit_s is not None else ""
     say(f"solving with {method} on {topology.num_gpus} GPUs in {topology.num_nodes} node(s), "
@@ -257,6 +307,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         m = evaluate(placement, topology, model, data_routing.data, dispatch=dispatch, execution=execution)
         m["data"]["synthetic"] = data_routing.synthetic
         m["data"]["inputs"] = list(data_routing.sources)
+        if not m["top1_known"]:
+            m["top1_note"] = data_routing.top1_note
         return m
 
     candidates = [result] + [solve(problem, m, seed=seed) for m in compare
@@ -279,7 +331,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     exported = [(fmt, path, export_placement(result.placement, fmt, path, model=model, topology=topology))
                 for fmt, path in exports]
     return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported, stack=stack,
-                        dispatch=dispatch)
+                        dispatch=dispatch, notes=tuple(notes))
 
 
 def with_groups(model: ModelSpec, groups: int) -> ModelSpec:
@@ -295,8 +347,11 @@ def evaluate_placement(placement_file, inputs: Sequence[str], *, dispatch: str, 
     from placer.metrics import evaluate
 
     routing = gather_routing(inputs, model=placement_file.model, phase=phase)
+    check_top1(routing, execution=execution)
     metrics = evaluate(placement_file.placement, placement_file.topology, routing.model, routing.data,
                        dispatch=dispatch, execution=execution)
     metrics["data"]["synthetic"] = routing.synthetic
     metrics["data"]["inputs"] = list(routing.sources)
+    if not metrics["top1_known"]:
+        metrics["top1_note"] = routing.top1_note
     return metrics

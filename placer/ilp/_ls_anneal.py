@@ -116,6 +116,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     S = int(L.prm[3]) * int(L.prm[2])  # slots per node
     gn = L.gpu_node
     cdf = L.cdf
+    distinct = prm[14] != 0.0
     for it in range(it0, it1):
         r = rand[it]
         kind = 0 if r[0] < p_swap else (1 if r[0] < p_swap + p_guided else 2)
@@ -137,6 +138,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             b = p2l[p2]
             if sg[p1] == sg[p2] or a == b:
                 continue
+            if distinct and (_holds(cslot, cnt, a, sg[p2], sg) or _holds(cslot, cnt, b, sg[p1], sg)):
+                continue
         else:
             if cnt[a] < 2:
                 continue
@@ -148,6 +151,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
                 x = p2l[p3]
                 b = min(np.searchsorted(cdf[x], r[2], side="right"), E - 1)
             if b == a:
+                continue
+            if distinct and _holds(cslot, cnt, b, sg[p1], sg):
                 continue
         ca_n = cnt[a]
         cb_n = cnt[b]
@@ -216,6 +221,15 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     if probe:
         return float(pos_n)
     return float(accepted)
+
+
+@_njit
+def _holds(cslot, cnt, e, g, sg):
+    """Whether GPU ``g`` holds a copy of expert ``e``."""
+    for j in range(cnt[e]):
+        if sg[cslot[e, j]] == g:
+            return True
+    return False
 
 
 @_njit

@@ -42,10 +42,13 @@ import numpy as np
 from placer._numba import HAVE_NUMBA  # noqa: F401  (re-exported: joint.py reports the backend)
 from placer._numba import njit as _njit
 
-RULE_CODES = {"nearest": 0, "sglang-static": 0, "sglang-dynamic": 2, "vllm": 2}
+# vllm-ascend (replica ``rank % copies``, a fixed table) is searched with the uniform model of the
+# position rules: over uniform home ranks it spreads an expert's load evenly over its copies.
+RULE_CODES = {"nearest": 0, "sglang-static": 0, "sglang-dynamic": 2, "vllm": 2, "vllm-ascend": 2}
 # Scalars of a layer problem, packed in one float64 array ``prm`` (numba-friendly):
-# 0 G, 1 N, 2 gpn, 3 spg, 4 E, 5 P, 6 K, 7 rule, 8 w_bal, 9 w_nv, 10 w_rdma, 11 lam, 12 pen, 13 cap
-NPARAM = 14
+# 0 G, 1 N, 2 gpn, 3 spg, 4 E, 5 P, 6 K, 7 rule, 8 w_bal, 9 w_nv, 10 w_rdma, 11 lam, 12 pen, 13 cap,
+# 14 distinct (1: no move may put two copies of one expert on one GPU)
+NPARAM = 15
 
 
 class Layer(NamedTuple):

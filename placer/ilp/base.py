@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from placer.errors import InfeasibleError, InvalidInputError
 from placer.types import (
     DISPATCH_RULES,
+    DISTINCT_RULES,
     EXECUTION_MODES,
     ModelSpec,
     RoutingStats,
@@ -40,7 +41,9 @@ class PlacementProblem:
 
     ``stats`` may be load-only for balance methods. ``num_redundant`` is R, so every GPU holds
     ``(E + R) / G`` slots. ``memory_limit_bytes`` bounds routed-expert weights per GPU
-    (default: the cluster's GPU memory).
+    (default: the cluster's GPU memory). ``distinct_per_gpu``: no GPU may hold two copies of one
+    expert in a layer (vllm-ascend's constraint); every method honours it. None (the default)
+    turns it on for the rules of stacks that need it (:data:`placer.types.DISTINCT_RULES`).
     """
 
     stats: RoutingStats
@@ -51,8 +54,11 @@ class PlacementProblem:
     execution: str = "standard"
     memory_limit_bytes: float | None = None
     weights: dict[str, float] = field(default_factory=dict)
+    distinct_per_gpu: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.distinct_per_gpu is None:  # as the dispatch rule needs (vllm-ascend's)
+            object.__setattr__(self, "distinct_per_gpu", self.dispatch in DISTINCT_RULES)
         if self.stats.load.shape != (self.model.num_moe_layers, self.model.num_experts):
             raise InvalidInputError(
                 f"statistics have shape {self.stats.load.shape} (layers, experts), model {self.model.name} "
@@ -62,6 +68,10 @@ class PlacementProblem:
         if self.execution not in EXECUTION_MODES:
             raise InvalidInputError(f"unknown execution mode {self.execution!r}", source="--execution")
         check_feasible(self.model, self.topology, self.num_redundant, self.memory_limit_bytes)
+        if self.distinct_per_gpu and self.slots_per_gpu > self.model.num_experts:
+            raise InfeasibleError(f"{self.slots_per_gpu} slots per GPU cannot hold distinct experts: the model has "
+                                  f"{self.model.num_experts}; at most --redundant "
+                                  f"{self.model.num_experts * self.topology.num_gpus - self.model.num_experts}")
 
     @property
     def num_slots(self) -> int:
@@ -119,7 +129,7 @@ def solve(problem: PlacementProblem, method: str = "contiguous", *, time_limit_s
     result = func(problem, time_limit_s=time_limit_s, seed=seed, **options)
     if result.placement is not None:
         check_placement(result.placement, problem.model, problem.topology,
-                        memory_limit_bytes=problem.memory_limit_bytes)
+                        memory_limit_bytes=problem.memory_limit_bytes, distinct_per_gpu=problem.distinct_per_gpu)
     if not result.wall_time_s:
         from dataclasses import replace
         result = replace(result, wall_time_s=time.perf_counter() - start)

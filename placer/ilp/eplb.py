@@ -48,7 +48,8 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+def balanced_packing(weight: np.ndarray, num_packs: int,
+                     keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pack the n items of each row into ``num_packs`` packs of exactly n / num_packs items.
 
     Greedy: items in descending weight order (ties: lowest index first), each into the lightest
@@ -58,6 +59,11 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     ----------
     weight : float [X, n]
     num_packs : int, dividing n
+    keys : int [X, n] or None
+        Not in the reference. Items with equal keys (copies of one expert) avoid sharing a pack:
+        each goes to the lightest pack with room that holds no item of its key, or, when every
+        pack with room does, to the lightest with room (:func:`placer.ilp.distinct.separate_copies`
+        repairs those afterwards).
 
     Returns
     -------
@@ -87,8 +93,17 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     rank_of_sorted = np.empty((num_items, num_rows), dtype=np.int64)
     sorted_w_t = np.ascontiguousarray(sorted_w.T)
     inf = np.float32(np.inf)
+    rows = np.arange(num_rows)
+    if keys is not None:
+        sorted_k_t = np.ascontiguousarray(np.take_along_axis(np.asarray(keys, dtype=np.int64), order, axis=1).T)
+        has = np.zeros((num_rows, num_packs, int(sorted_k_t.max()) + 1), dtype=bool)
     for j in range(num_items):
-        pack = key.argmin(axis=1)
+        if keys is None:
+            pack = key.argmin(axis=1)
+        else:
+            free = np.where(has[rows, :, sorted_k_t[j]], inf, key)
+            pack = np.where(np.isinf(free).all(axis=1), key.argmin(axis=1), free.argmin(axis=1))
+            has[rows, pack, sorted_k_t[j]] = True
         flat = base + pack
         count = pack_items[flat]
         pack_of_sorted[j] = pack
@@ -107,8 +122,8 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     return pack_index, rank_in_pack
 
 
-def replicate_experts(weight: np.ndarray,
-                      num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replicate_experts(weight: np.ndarray, num_phy: int,
+                      max_count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spread ``num_log`` experts over ``num_phy`` replicas, minimising the max per-replica load.
 
     Slot i < num_log holds expert i; each later slot goes to ``argmax(w / cnt)`` (ties: lowest
@@ -118,6 +133,8 @@ def replicate_experts(weight: np.ndarray,
     ----------
     weight : float [X, num_log]
     num_phy : int >= num_log
+    max_count : int or None
+        Not in the reference: no expert gets more copies (the GPUs they must sit on apart).
 
     Returns
     -------
@@ -136,6 +153,9 @@ def replicate_experts(weight: np.ndarray,
     logcnt = np.ones((num_rows, num_log), dtype=np.int64)
     share = w.copy()  # w / logcnt, kept up to date one entry per row and step
     rows = np.arange(num_rows)
+    if max_count is not None and num_phy > max_count * num_log:
+        raise InvalidInputError(f"{num_phy} slots cannot hold {num_log} experts with at most {max_count} "
+                                "copies each", source="eplb")
     for i in range(num_log, num_phy):
         idx = share.argmax(axis=1)
         count = logcnt[rows, idx]
@@ -143,16 +163,23 @@ def replicate_experts(weight: np.ndarray,
         rank[:, i] = count
         logcnt[rows, idx] = count + 1
         share[rows, idx] = w[rows, idx] / (count + 1).astype(np.float32)
+        if max_count is not None:
+            share[rows, idx] = np.where(count + 1 >= max_count, -np.inf, share[rows, idx])
     return phy2log, rank, logcnt
 
 
 def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int, num_groups: int,
-                                   num_nodes: int,
-                                   num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                                   num_nodes: int, num_gpus: int,
+                                   distinct: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hierarchical EPLB: groups to nodes, replication within nodes, replicas to GPUs.
 
     ``weight`` float32 [L, E]. Returns phy2log int64 [L, P], phyrank int64 [L, P] and
     logcnt int64 [L, E]; slot p lives on GPU ``p // (P / num_gpus)``.
+
+    ``distinct`` (not in the reference; vllm-ascend's constraint): no GPU holds two copies of
+    one expert. An expert gets at most as many copies as its node has GPUs, the packing skips
+    GPUs that hold the expert already, and :func:`placer.ilp.distinct.separate_copies` swaps
+    away the few duplicates the greedy packing cannot avoid.
     """
     num_layers, num_logical = weight.shape
     _check_sizes(num_logical, num_physical_experts, num_groups, num_nodes, num_gpus)
@@ -171,13 +198,14 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
 
     # Step 2: replicate experts within each node; rows are (layer, node).
     tokens_per_mlog = np.take_along_axis(weight, mlog2log, axis=1).reshape(-1, log_per_node)
-    phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog,
-                                                   num_physical_experts // num_nodes)
+    gpus_per_node = num_gpus // num_nodes
+    phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_physical_experts // num_nodes,
+                                                   gpus_per_node if distinct else None)
 
     # Step 3: pack each node's replicas onto its GPUs by per-replica load.
     tokens_per_phy = np.take_along_axis(tokens_per_mlog / mlogcnt.astype(np.float32), phy2mlog,
                                         axis=1)
-    pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
+    pack_index, rank_in_pack = balanced_packing(tokens_per_phy, gpus_per_node, phy2mlog if distinct else None)
     pphy2phy = _inverse(pack_index * phy_per_gpu + rank_in_pack)
 
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1)
@@ -187,6 +215,10 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
     pphy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
     pphyrank = np.take_along_axis(phyrank, pphy2phy, axis=1).reshape(num_layers, -1)
     logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=1)
+    if distinct:
+        from placer.ilp.distinct import separate_copies
+        share = weight.astype(np.float64) / logcnt
+        pphy2log, pphyrank = separate_copies(pphy2log, phy_per_gpu, share, gpus_per_node, pphyrank)
     return pphy2log, pphyrank, logcnt
 
 
@@ -281,15 +313,22 @@ def solve_eplb(problem: PlacementProblem, *, time_limit_s: float | None = None, 
                **_) -> SolveResult:
     """DeepSeek EPLB on the problem's expert loads (deterministic; time limit and seed unused).
 
+    With ``problem.distinct_per_gpu`` (vllm-ascend) copies of one expert land on distinct GPUs
+    (see :func:`rebalance_experts_hierarchical`); the placement then differs from the reference's.
+
     Hierarchical policy when the model's ``num_groups`` is a multiple of the node count,
     global otherwise. The objective is the median over layers of the max/mean GPU load with
     each expert's load split evenly over its replicas.
     """
     topo = problem.topology
     load = problem.stats.load
-    phy2log, _, _ = rebalance_experts(load, problem.num_slots, problem.model.num_groups,
-                                      topo.num_nodes, topo.num_gpus)
-    placement = Placement(phy2log, problem.slots_per_gpu, problem.model.num_experts)
+    num_groups, num_nodes = problem.model.num_groups, topo.num_nodes
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1  # the global policy, as rebalance_experts falls back to
+    phy2log, phyrank, _ = rebalance_experts_hierarchical(
+        np.ascontiguousarray(load, dtype=np.float32), problem.num_slots, num_groups, num_nodes, topo.num_gpus,
+        distinct=problem.distinct_per_gpu)
+    placement = Placement(phy2log, problem.slots_per_gpu, problem.model.num_experts, phyrank)
     ratio = gpu_load_ratio(load, phy2log, topo.num_gpus)
     hierarchical = problem.model.num_groups % topo.num_nodes == 0
     return SolveResult(placement=placement, status="feasible", objective=float(np.median(ratio)),

@@ -208,13 +208,26 @@ def _starts(problem: PlacementProblem) -> dict[str, np.ndarray]:
     from placer.ilp.eplb import rebalance_experts
 
     topo, model = problem.topology, problem.model
-    eplb, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, model.num_groups,
-                                   topo.num_nodes, topo.num_gpus)
+    if problem.distinct_per_gpu:
+        from placer.ilp.eplb import rebalance_experts_hierarchical
+        groups, nodes = (model.num_groups, topo.num_nodes) if model.num_groups % topo.num_nodes == 0 else (1, 1)
+        eplb, _, _ = rebalance_experts_hierarchical(np.asarray(problem.stats.load, np.float32), problem.num_slots,
+                                                    groups, nodes, topo.num_gpus, distinct=True)
+    else:
+        eplb, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, model.num_groups,
+                                       topo.num_nodes, topo.num_gpus)
     starts = {"eplb": eplb.astype(np.int64),
               "contiguous": contiguous_map(model.num_moe_layers, model.num_experts, problem.num_slots).astype(np.int64)}
-    if problem.dispatch == "sglang-static" and problem.num_redundant > 0:
+    if problem.dispatch in ("sglang-static", "vllm-ascend") and problem.num_redundant > 0:
         starts["coordinated"] = coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
                                                 problem.slots_per_gpu)
+    if problem.distinct_per_gpu:  # every start obeys the constraint the search keeps
+        from placer.ilp.distinct import separate_copies
+        load = np.asarray(problem.stats.load, dtype=np.float64)
+        for name, start in starts.items():
+            cnt = np.zeros_like(load)
+            np.add.at(cnt, (np.repeat(np.arange(start.shape[0]), start.shape[1]), start.ravel()), 1)
+            starts[name] = separate_copies(start, problem.slots_per_gpu, load / cnt)[0]
     return starts
 
 
@@ -266,7 +279,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                        num_slots=problem.num_slots, top_k=problem.stats.top_k, rule=problem.dispatch,
                        w_bal=w["balance"], w_nv=w["traffic_nvlink"], w_rdma=w["traffic_rdma"],
                        pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
-                       iterations=iters, seed=int(seed))
+                       iterations=iters, seed=int(seed), distinct=problem.distinct_per_gpu)
     start_maps = _starts(problem)
     names = list(start_maps)  # eplb first: the cap's reference
     spg, e = problem.slots_per_gpu, model.num_experts

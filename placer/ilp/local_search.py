@@ -39,7 +39,8 @@ class SearchConfig:
     increases of ``probe`` random moves, cooled geometrically by ``temp_ratio`` per cycle;
     ``p_swap`` / ``p_guided`` are the shares of uniform and co-activation-guided swaps (the rest
     re-replicates); starts whose primary exceeds the best start's by more than ``start_margin``
-    (relative) are kept as candidates but not annealed.
+    (relative) are kept as candidates but not annealed. ``distinct``: no move puts two copies of
+    one expert on one GPU (the starts must already be so).
     """
 
     num_gpus: int
@@ -65,12 +66,13 @@ class SearchConfig:
     probe: int = 200
     start_margin: float = 0.25
     cycles: int = 16
+    distinct: bool = False
 
     def params(self, cap: float) -> np.ndarray:
         p = np.zeros(K.NPARAM)
         p[:] = [self.num_gpus, self.num_nodes, self.gpus_per_node, self.slots_per_gpu, self.num_experts,
                 self.num_slots, self.top_k, K.RULE_CODES[self.rule], self.w_bal, self.w_nv, self.w_rdma,
-                self.lam, self.pen, cap]
+                self.lam, self.pen, cap, float(self.distinct)]
         return p
 
 

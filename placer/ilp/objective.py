@@ -192,7 +192,7 @@ def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarra
     """
     from placer.ilp._ls_anneal import expected_gpu_load
 
-    if problem.dispatch == "sglang-static":
+    if problem.dispatch in ("sglang-static", "vllm-ascend"):  # fixed tables: nothing to average
         return layer_load_ratio(problem, placement)
     topo = problem.topology
     load = expected_gpu_load(placement.physical_to_logical, problem.stats.load, topo.num_gpus,
@@ -208,22 +208,17 @@ def _ratio(mx: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def reference_ratio(problem) -> np.ndarray:
     """Per-layer expected max/mean GPU load of the problem's EPLB placement (the cap's reference).
 
-    Under ``sglang-static`` with redundant slots the reference is the better, per layer, of EPLB
+    Under ``sglang-static`` and ``vllm-ascend`` with redundant slots the reference is the better, per layer, of EPLB
     and :func:`placer.ilp.joint.coordinated_map` (EPLB's hot replicas leave SGLang's
     uncoordinated spread much load to misplace, so a cap on EPLB alone would be loose).
     """
-    from placer.ilp.eplb import rebalance_experts
+    from placer.ilp.base import solve
 
-    topo = problem.topology
-    phy2log, _, _ = rebalance_experts(problem.stats.load, problem.num_slots, problem.model.num_groups,
-                                      topo.num_nodes, topo.num_gpus)
-    eplb = Placement(phy2log, problem.slots_per_gpu, problem.model.num_experts)
+    eplb = solve(problem, "eplb").placement  # distinct copies per GPU when the problem says so
     ref = _ratio(*expected_ratio(problem, eplb))
-    if problem.dispatch == "sglang-static" and problem.num_redundant > 0:
-        from placer.ilp.joint import coordinated_map
-        coordinated = Placement(coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
-                                                problem.slots_per_gpu), problem.slots_per_gpu,
-                                problem.model.num_experts)
+    if problem.dispatch in ("sglang-static", "vllm-ascend") and problem.num_redundant > 0:
+        from placer.ilp.joint import _starts
+        coordinated = Placement(_starts(problem)["coordinated"], problem.slots_per_gpu, problem.model.num_experts)
         ref = np.minimum(ref, _ratio(*expected_ratio(problem, coordinated)))
     return ref
 

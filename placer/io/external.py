@@ -1,8 +1,10 @@
 """Readers of routing files other tools write: HD-MoE JSON, R3 routed experts, Megatron JSONL,
 and plain load matrices (CSV or npz).
 
-Every per-token format here is taken as ``order="sorted"`` (column 0 the top-1 expert): its
-producer uses a sorted ``torch.topk``.
+Every per-token format here but one is taken as ``order="sorted"`` (column 0 the top-1
+expert): its producer uses a sorted ``torch.topk``. Megatron JSONL written from the training
+router's boolean ``routing_map`` lists experts in ascending id order instead; see
+:func:`read_megatron_jsonl` for how such a file is told apart and read as ``order="unknown"``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import binascii
 import csv
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -139,6 +141,21 @@ def read_r3_base64(path: str | os.PathLike[str], model: ModelSpec | None) -> Rou
 # --------------------------------------------------------------------------------------------
 
 
+MEGATRON_PROB_KEYS = ("top_probs", "probs")
+"""Record keys read as gate probabilities, first found wins: a list shaped like
+``top_indices`` ([num_tokens][topk]), entry ``[t][k]`` the gate probability of expert
+``top_indices[t][k]``."""
+
+MEGATRON_ASCENDING_NOTE = ("the trace lists experts in ascending id order (Megatron training router); "
+                           "top-1 unknown")
+"""Why a Megatron trace read as ``order="unknown"`` has no top-1 expert."""
+
+
+def _ascending_rows(ids: np.ndarray) -> bool:
+    """Whether every row of ``ids`` [tokens, K] is strictly ascending (vacuously true for 0 rows)."""
+    return bool(np.all(ids[:, 1:] > ids[:, :-1]))
+
+
 def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
     """Megatron ``router_trace_rank{r}.jsonl``: one record per (step, block, layer).
 
@@ -147,9 +164,32 @@ def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -
     decoder-layer index: with a model it must be one of ``model.moe_layer_ids``, without one
     the sorted set of layers seen is the MoE layers. Every group needs every layer, with one
     token count. Records with ``mtp_idx`` (multi-token prediction) are skipped.
+
+    **Expert order.** Megatron's training router (``TopKRouter``) returns a boolean
+    ``routing_map`` [tokens, experts]; a trace taken as ``routing_map.nonzero()`` lists each
+    token's experts in ascending expert id, not by gate score, so column 0 is not the top-1
+    expert. An inference router's trace (``torch.topk`` indices) lists them by score. The rule:
+
+    * top-k 1: ``order="sorted"`` (one expert per token: order cannot be wrong);
+    * otherwise, when every row of every record read is strictly ascending, the file is a
+      training-router trace: ``order="unknown"`` (loads and co-activation stay exact; the
+      top-1 expert and the top-1 inter-layer transitions are unknown);
+    * any row that is not ascending proves score order: ``order="sorted"``.
+
+    The one ambiguity: a score-ordered trace whose rows all happen to be ascending is read as
+    ``"unknown"`` (top-1 lost, never wrong). A random row is ascending with probability about
+    1/K!, so with many tokens this has negligible probability; it can happen with a handful.
+
+    **Gate probabilities.** A record may carry them under ``"top_probs"`` (or ``"probs"``; the
+    first of :data:`MEGATRON_PROB_KEYS` present), shaped like ``top_indices``; they become
+    ``gate_weights``, and then the top-1 expert is known whatever the id order: the order is
+    ``"sorted"`` when every row's probabilities are non-increasing, else ``"unknown"`` with the
+    top-1 taken from the probabilities. Either every record read carries them or none does.
     """
     require_file(path)
-    groups: dict[tuple[Any, ...], dict[int, np.ndarray]] = {}
+    groups: dict[tuple[Any, ...], dict[int, tuple[np.ndarray, np.ndarray | None]]] = {}
+    ascending = True  # every row of every record read so far strictly ascending
+    with_probs: bool | None = None  # whether the records carry probabilities (None: none read yet)
     with guard(path, "Megatron JSONL"), open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -179,10 +219,16 @@ def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -
                 raise fail(path, f"line {n}: num_tokens {rec['num_tokens']} but {ids.shape[0]} rows of top_indices")
             if "topk" in rec and int(rec["topk"]) != ids.shape[1]:
                 raise fail(path, f"line {n}: topk {rec['topk']} but rows of {ids.shape[1]} ids")
+            probs = _megatron_probs(path, n, rec, ids)
+            if with_probs is not None and with_probs != (probs is not None):
+                raise fail(path, f"line {n}: some records carry gate probabilities "
+                                 f"({' or '.join(MEGATRON_PROB_KEYS)}) and others do not")
+            with_probs = probs is not None
+            ascending = ascending and _ascending_rows(ids)
             group = groups.setdefault(key, {})
             if layer in group:
                 raise fail(path, f"line {n}: layer {layer} appears twice in step {rec['step']}")
-            group[layer] = ids
+            group[layer] = (ids, probs)
         if not groups:
             raise fail(path, "holds no router trace records")
         if model is not None:
@@ -194,19 +240,48 @@ def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -
             layers = list(model.moe_layer_ids)
         else:
             layers = sorted({layer for g in groups.values() for layer in g})
-        parts = []
+        parts, prob_parts = [], []
         for key, g in groups.items():
             absent = [x for x in layers if x not in g]
             if absent:
                 raise fail(path, f"step {key[1]} (rank {key[0]}, block {key[2]}) lacks layer {absent[0]}")
-            counts = {g[x].shape for x in layers}
+            counts = {g[x][0].shape for x in layers}
             if len(counts) != 1:
                 raise fail(path, f"step {key[1]} (rank {key[0]}, block {key[2]}) has different token "
                                  f"counts or top-k across layers: {sorted(counts)}")
-            parts.append(np.stack([g[x] for x in layers], axis=1))
+            parts.append(np.stack([g[x][0] for x in layers], axis=1))
+            if with_probs:
+                prob_parts.append(np.stack([cast(np.ndarray, g[x][1]) for x in layers], axis=1))
         if len({p.shape[2] for p in parts}) != 1:
             raise fail(path, "top-k differs between steps")
-        return make_trace(path, np.concatenate(parts), model)
+        ids = np.concatenate(parts)
+        top_k, tokens = ids.shape[2], ids.shape[0]
+        if with_probs:
+            weights = np.concatenate(prob_parts)
+            order = "sorted" if bool(np.all(weights[..., 1:] <= weights[..., :-1])) else "unknown"
+            return make_trace(path, ids, model, order=order, gate_weights=weights)
+        order = "unknown" if top_k > 1 and tokens > 0 and ascending else "sorted"
+        return make_trace(path, ids, model, order=order)
+
+
+def _megatron_probs(path: str | os.PathLike[str], n: int, rec: dict[str, Any],
+                    ids: np.ndarray) -> np.ndarray | None:
+    """The record's gate probabilities [tokens, K] (see :data:`MEGATRON_PROB_KEYS`), or None."""
+    name = next((k for k in MEGATRON_PROB_KEYS if k in rec), None)
+    if name is None:
+        return None
+    try:
+        probs = np.asarray(rec[name], dtype=np.float64)
+    except (ValueError, TypeError):
+        raise fail(path, f"line {n}: {name} is ragged or not numeric") from None
+    if probs.size == 0:
+        probs = probs.reshape(ids.shape)
+    if probs.shape != ids.shape:
+        raise fail(path, f"line {n}: {name} has shape {list(probs.shape)}, expected the shape of "
+                         f"top_indices {list(ids.shape)}")
+    if not np.all(np.isfinite(probs)):
+        raise fail(path, f"line {n}: {name} holds NaN or infinite values")
+    return probs
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,22 +7,14 @@ whose rules it was solved under, or null), ``method``, ``status``, ``solve_secon
 ``metrics``; its JSON Schema is ``placer/schemas/placement.schema.json``. Version 1 files (no
 ``stack``) are still read.
 
-Serving formats (``FORMATS``):
+Serving formats (``FORMATS``, written and read by :mod:`placer.io.stack_files`): ``sglang``,
+``vllm`` (read only: vLLM 0.34.0 loads no placement file, so exporting for it raises
+:class:`VllmLoadsNoFile`, which carries the flags that turn on vLLM's own EPLB),
+``vllm-ascend``, ``trtllm`` and ``eplb``. :func:`read_placement_file` reads any of them, or a
+native file, detected from the suffix and the content.
 
-* ``sglang`` (SGLang 0.5.23's ``--init-expert-location``): ``{"physical_to_logical_map": [[P
-  ids]] * num_hidden_layers}`` and nothing else, as ``.json`` or, for a ``.pt`` path, a
-  ``torch.save`` of the same dict holding an int64 tensor (SGLang loads it with
-  ``weights_only=True``); dense-layer rows are the trivial ``arange(P) % E``. Other suffixes are
-  refused (SGLang would parse the path as inline JSON).
-* ``vllm``: read only (files of earlier placer versions). vLLM 0.34.0 loads no placement file;
-  exporting for it raises :class:`VllmLoadsNoFile`, which carries the flags that turn on vLLM's
-  own EPLB.
-* ``vllm-ascend``: ``{"moe_layer_count": L, "layer_list": [{"layer_id", "device_count",
-  "device_list": [{"device_id", "device_expert": [ids in local-slot order]}]}]}``.
-* ``trtllm``: YAML ``num_slots: P``, ``layer_updates_per_iter: 0``,
-  ``initial_global_assignments: {MoE layer index: [P ids]}`` (written and read as a small
-  fixed YAML subset; PyYAML is not needed).
-* ``eplb``: npz ``phy2log`` [L, P], ``log2phy`` [L, E, X] (-1 padded), ``logcnt`` [L, E].
+A native file also holds ``replica_rank`` ([MoE layers, P]) when the placement carries replica
+ranks (DeepSeek EPLB's creation order, kept for the ``eplb`` export's ``log2phy``).
 """
 
 from __future__ import annotations
@@ -30,18 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from placer.dispatch import hidden_layer_map
 from placer.errors import InvalidInputError
+from placer.io import stack_files as sf
 from placer.io._common import fail, guard, require_file
-from placer.io.atomic import atomic_path, atomic_write_text
+from placer.io.atomic import atomic_write_text
 from placer.stacks import STACKS, Stack, get_stack
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, Topology
 from placer.validate import check_placement
@@ -51,6 +41,7 @@ READABLE_VERSIONS = (1, 2)
 FORMATS = ("sglang", "vllm", "vllm-ascend", "trtllm", "eplb")
 NATIVE_KEYS = ("schema_version", "physical_to_logical_map", "slots_per_gpu", "model", "topology",
                "dispatch", "stack", "method", "status", "solve_seconds", "metrics")
+OPTIONAL_KEYS = ("replica_rank",)
 WRITABLE_FORMATS = ("sglang", "vllm-ascend", "trtllm", "eplb")
 WRITABLE_STATUSES = ("optimal", "feasible", "timeout")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "placement.schema.json"
@@ -107,7 +98,7 @@ def _jsonable(value: Any, where: str) -> Any:
     raise InvalidInputError(f"cannot store {type(value).__name__} in JSON", source=where)
 
 
-def _dumps(doc: dict[str, Any], row_keys: tuple[str, ...] = ("physical_to_logical_map",)) -> str:
+def _dumps(doc: dict[str, Any], row_keys: tuple[str, ...] = ("physical_to_logical_map", "replica_rank")) -> str:
     """JSON with 2-space indent, except that each row of a list-of-lists key stays on one line."""
     lines = []
     for i, (key, value) in enumerate(doc.items()):
@@ -138,7 +129,7 @@ def _map(path: str | os.PathLike[str], value: Any, what: str = "physical_to_logi
 
 
 def _placement(path: str | os.PathLike[str], p2l: np.ndarray, model: ModelSpec,
-               topology: Topology) -> Placement:
+               topology: Topology, rank: np.ndarray | None = None) -> Placement:
     """A checked Placement from a MoE-layer map, slots split evenly over the cluster's GPUs."""
     if p2l.ndim != 2:
         raise fail(path, f"map has shape {list(p2l.shape)}, expected [layers, slots]")
@@ -146,7 +137,7 @@ def _placement(path: str | os.PathLike[str], p2l: np.ndarray, model: ModelSpec,
     if num_slots % topology.num_gpus:
         raise fail(path, f"{num_slots} slots per layer do not split evenly over {topology.num_gpus} GPUs")
     with guard(path, "placement"):
-        placement = Placement(p2l, num_slots // topology.num_gpus, model.num_experts)
+        placement = Placement(p2l, num_slots // topology.num_gpus, model.num_experts, rank)
         return check_placement(placement, model, topology)
 
 
@@ -173,6 +164,7 @@ def write_placement_json(path: str | os.PathLike[str], placement: Placement, *, 
                                 source=where)
     doc = {"schema_version": SCHEMA_VERSION,
            "physical_to_logical_map": placement.physical_to_logical.tolist(),
+           **({} if placement.replica_rank is None else {"replica_rank": placement.replica_rank.tolist()}),
            "slots_per_gpu": placement.slots_per_gpu,
            "model": _jsonable(model.to_dict(), where), "topology": _jsonable(topology.to_dict(), where),
            "dispatch": dispatch, "stack": None if stack is None else stack.to_dict(),
@@ -190,10 +182,10 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
         doc = {**doc, "stack": None}
     missing = [k for k in NATIVE_KEYS if k not in doc]
     if missing:
-        hint = " (an SGLang export? read it with import_placement(..., 'sglang'))" \
+        hint = " (an SGLang export: placer commands read it given --model and --gpus)" \
             if list(doc) == ["physical_to_logical_map"] else ""
         raise fail(path, f"placement file lacks key(s) {', '.join(missing)}{hint}")
-    extra = [k for k in doc if k not in NATIVE_KEYS]
+    extra = [k for k in doc if k not in NATIVE_KEYS and k not in OPTIONAL_KEYS]
     if extra:
         raise fail(path, f"placement file has unknown key(s) {', '.join(extra)}")
     if doc["schema_version"] not in READABLE_VERSIONS:
@@ -219,7 +211,8 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
         model = ModelSpec.from_dict(doc["model"])
         topology = Topology.from_dict(doc["topology"])
         p2l = _map(path, doc["physical_to_logical_map"])
-        placement = Placement(p2l, doc["slots_per_gpu"], model.num_experts)
+        rank = _map(path, doc["replica_rank"], "replica_rank") if "replica_rank" in doc else None
+        placement = Placement(p2l, doc["slots_per_gpu"], model.num_experts, rank)
         check_placement(placement, model, topology)
     return PlacementFile(placement, model, topology, doc["dispatch"], doc["method"], doc["status"],
                          float(doc["solve_seconds"]), doc["metrics"], stack)
@@ -241,226 +234,89 @@ def export_placement(placement: Placement, fmt: str, path: str | os.PathLike[str
     """Write ``placement`` in serving format ``fmt``; return the serving flags matching the file.
 
     The lines are flags (one per line) to add to the server's launch command, and notes
-    starting with ``#``. The placement is checked first (:func:`check_placement`).
+    starting with ``#``. The placement is checked first (:func:`check_placement`), and against
+    the target stack's constraints (vllm-ascend: one copy of an expert per GPU).
     """
     _check_format(fmt, path)
     check_placement(placement, model, topology)
-    p2l = placement.physical_to_logical
-    num_layers, num_slots = p2l.shape
-    g, r = topology.num_gpus, placement.num_redundant
     if fmt == "vllm":
-        raise VllmLoadsNoFile(vllm_flags(topology, r), source=str(path))
+        raise VllmLoadsNoFile(sf.vllm_flags(topology, placement.num_redundant), source=str(path))
     if fmt == "sglang":
-        return _export_sglang(placement, path, model, topology)
+        return sf.write_sglang(placement, path, model, topology)
     if fmt == "vllm-ascend":
-        experts = placement.gpu_experts()
-        doc = {"moe_layer_count": num_layers, "layer_list": [
-            {"layer_id": layer, "device_count": g, "device_list": [
-                {"device_id": d, "device_expert": experts[layer, d].tolist()} for d in range(g)]}
-            for layer in range(num_layers)]}
-        atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
-        config = {"eplb_config": {"expert_map_path": str(path)}}
-        return ["--additional-config " + shlex.quote(json.dumps(config))]
+        return sf.write_ascend(placement, path, topology)
     if fmt == "trtllm":
-        lines = [f"# placer expert placement for TensorRT-LLM's MoE load balancer: model {model.name}, "
-                 f"{g} GPUs", f"num_slots: {num_slots}", "layer_updates_per_iter: 0",
-                 "initial_global_assignments:"]
-        lines += [f"  {layer}: [{', '.join(str(int(x)) for x in row)}]" for layer, row in enumerate(p2l)]
-        atomic_write_text(path, "\n".join(lines) + "\n")
-        return [f"--ep_size {g}",
-                f"# reference {path} from the YAML passed to --extra_llm_api_options as "
-                "'moe_config: {load_balancer: PATH}' (older releases: 'moe_load_balancer: PATH')"]
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, phy2log=p2l.astype(np.int64), log2phy=placement.log2phy(), logcnt=placement.logcnt())
-    return [f"# DeepSeek EPLB arrays in {path}: phy2log [{num_layers}, {num_slots}], log2phy, logcnt; "
-            "no serving flags"]
+        return sf.write_trtllm(placement, path, model, topology)
+    return sf.write_eplb(placement, path)
 
 
 def import_placement(path: str | os.PathLike[str], fmt: str, *, model: ModelSpec,
                      topology: Topology) -> Placement:
     """Read a placement written in serving format ``fmt`` (checked against model and cluster)."""
     _check_format(fmt, path)
+    rank = None
     if fmt == "sglang":
-        return _placement(path, _read_sglang(path, model), model, topology)
-    if fmt == "vllm":
-        return _placement(path, _read_vllm(path, model, topology), model, topology)
-    if fmt == "vllm-ascend":
-        return _placement(path, _read_ascend(path, topology), model, topology)
-    if fmt == "trtllm":
-        return _placement(path, _read_trtllm(path, model), model, topology)
-    return _placement(path, _read_eplb(path, model), model, topology)
-
-
-def _read_sglang(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
-    doc = _load_json(path, "SGLang placement JSON")
-    if not isinstance(doc, dict) or "physical_to_logical_map" not in doc:
-        raise fail(path, "expected a JSON object with the key physical_to_logical_map")
-    if len(doc) != 1:
-        raise fail(path, f"SGLang rejects keys other than physical_to_logical_map; found "
-                         f"{', '.join(k for k in doc if k != 'physical_to_logical_map')}")
-    p2l = _map(path, doc["physical_to_logical_map"])
-    if p2l.shape[0] == model.num_hidden_layers:
-        return p2l[np.asarray(model.moe_layer_ids)]
-    if p2l.shape[0] == model.num_moe_layers:
-        return p2l
-    raise fail(path, f"{p2l.shape[0]} rows; {model.name} needs {model.num_hidden_layers} (one per hidden layer)")
-
-
-def _read_vllm(path: str | os.PathLike[str], model: ModelSpec, topology: Topology) -> np.ndarray:
-    doc = _load_json(path, "vLLM placement JSON")
-    if not isinstance(doc, dict) or "physical_to_logical_map" not in doc:
-        raise fail(path, "expected a JSON object with the key physical_to_logical_map")
-    p2l = _map(path, doc["physical_to_logical_map"])
-    if "ep_size" in doc and doc["ep_size"] != topology.num_gpus:
-        raise fail(path, f"ep_size {doc['ep_size']} does not match the cluster's {topology.num_gpus} GPUs")
-    r = p2l.shape[1] - model.num_experts
-    if "num_redundant_experts" in doc and doc["num_redundant_experts"] != r:
-        raise fail(path, f"num_redundant_experts {doc['num_redundant_experts']} but the map has "
-                         f"{p2l.shape[1]} slots for {model.num_experts} experts (R={r})")
-    return p2l
-
-
-def _read_ascend(path: str | os.PathLike[str], topology: Topology) -> np.ndarray:
-    doc = _load_json(path, "vllm-ascend expert map")
-    with guard(path, "vllm-ascend expert map"):
-        if not isinstance(doc, dict) or not isinstance(doc.get("layer_list"), list):
-            raise fail(path, "expected {'moe_layer_count': L, 'layer_list': [...]}")
-        layers = doc["layer_list"]
-        if doc.get("moe_layer_count") != len(layers):
-            raise fail(path, f"moe_layer_count {doc.get('moe_layer_count')} but {len(layers)} layers listed")
-        rows = []
-        for i, layer in enumerate(layers):
-            if layer["layer_id"] != i:
-                raise fail(path, f"layer_list[{i}] has layer_id {layer['layer_id']}, expected {i}")
-            devices = sorted(layer["device_list"], key=lambda d: d["device_id"])
-            if [d["device_id"] for d in devices] != list(range(len(devices))) or \
-                    layer["device_count"] != len(devices):
-                raise fail(path, f"layer {i}: device ids must be 0..device_count-1")
-            if len(devices) != topology.num_gpus:
-                raise fail(path, f"layer {i} has {len(devices)} devices, the cluster {topology.num_gpus} GPUs")
-            lists = [d["device_expert"] for d in devices]
-            if len({len(x) for x in lists}) != 1:
-                raise fail(path, f"layer {i}: devices hold different numbers of experts")
-            rows.append([x for lst in lists for x in lst])
-        return _map(path, rows, "device_expert")
-
-
-_YAML_INT = re.compile(r"^([A-Za-z_]+):\s*(\d+)?\s*$")
-_YAML_ROW = re.compile(r"^\s+(\d+):\s*\[([\d,\s]*)\]\s*$")
-
-
-def _read_trtllm(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
-    """The YAML subset placer writes. Layer keys are MoE ordinals 0..L-1; keys equal to
-    ``model.moe_layer_ids`` (absolute decoder-layer indices) are accepted too."""
-    require_file(path)
-    with guard(path, "TRT-LLM YAML"), open(path, encoding="utf-8") as f:
-        scalars: dict[str, int | None] = {}
-        rows: dict[int, list[int]] = {}
-        for n, raw in enumerate(f, start=1):
-            line = raw.split("#", 1)[0].rstrip()
-            if not line.strip():
-                continue
-            m_row = _YAML_ROW.match(line)
-            m_key = _YAML_INT.match(line)
-            if m_row and "initial_global_assignments" in scalars:
-                layer = int(m_row.group(1))
-                if layer in rows:
-                    raise fail(path, f"line {n}: layer {layer} listed twice")
-                rows[layer] = [int(x) for x in m_row.group(2).split(",") if x.strip()]
-            elif m_key:
-                scalars[m_key.group(1)] = int(m_key.group(2)) if m_key.group(2) else None
-            else:
-                raise fail(path, f"line {n}: not in placer's TRT-LLM YAML subset: {line.strip()!r}")
-        if "num_slots" not in scalars or not rows:
-            raise fail(path, "expected num_slots and initial_global_assignments")
-        keys = sorted(rows)
-        if keys != list(range(len(rows))) and keys != list(model.moe_layer_ids):
-            raise fail(path, f"initial_global_assignments layers must be 0..{len(rows) - 1} or the "
-                             f"MoE layer ids of {model.name}")
-        p2l = _map(path, [rows[i] for i in keys], "initial_global_assignments")
-        if p2l.shape[1] != scalars["num_slots"]:
-            raise fail(path, f"num_slots {scalars['num_slots']} but layers list {p2l.shape[1]} ids")
-        return p2l
-
-
-def _read_eplb(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
-    require_file(path)
-    with guard(path, "EPLB npz"), np.load(path, allow_pickle=False) as z:
-        if "phy2log" not in z.files:
-            raise fail(path, f"EPLB npz lacks phy2log (has {', '.join(sorted(z.files))})")
-        p2l = np.asarray(z["phy2log"])
-        if p2l.ndim != 2 or not np.issubdtype(p2l.dtype, np.integer):
-            raise fail(path, f"phy2log must be an integer [layers, slots] array, got {p2l.dtype} "
-                             f"{list(p2l.shape)}")
-        p2l = p2l.astype(np.int64)
-        if "logcnt" in z.files and p2l.size and p2l.min() >= 0 and p2l.max() < model.num_experts:
-            cnt = np.zeros((p2l.shape[0], model.num_experts), dtype=np.int64)
-            np.add.at(cnt, (np.repeat(np.arange(p2l.shape[0]), p2l.shape[1]), p2l.ravel()), 1)
-            if z["logcnt"].shape != cnt.shape or not np.array_equal(z["logcnt"], cnt):
-                raise fail(path, "logcnt does not match phy2log")
-        return p2l
-
-
-# --------------------------------------------------------------------------------------------
-# SGLang and vLLM: files and flags their releases accept
-# --------------------------------------------------------------------------------------------
-
-
-def sglang_full_map(placement: Placement, model: ModelSpec) -> np.ndarray:
-    """The int64 [num_hidden_layers, P] map SGLang loads: dense rows are ``arange(P) % E``."""
-    return hidden_layer_map(placement, model)[0]
-
-
-def sglang_flags(path: str | os.PathLike[str], topology: Topology, num_redundant: int) -> list[str]:
-    """SGLang 0.5.23 flags that load ``path`` with static dispatch (checked by its own start-up code).
-
-    Static dispatch needs an a2a backend (DeepEP): with the default ``--moe-a2a-backend none``
-    SGLang rejects ``static`` and would resolve to ``dynamic``. ``--tp-size`` must equal the EP
-    size (``tp_size == moe_ep_size * moe_dp_size * moe_tp_size``).
-    """
-    g = topology.num_gpus
-    flags = [f"--tp-size {g}", f"--ep-size {g}", "--moe-a2a-backend deepep",
-             "--ep-dispatch-algorithm static", f"--ep-num-redundant-experts {num_redundant}",
-             f"--init-expert-location {shlex.quote(str(path))}"]
-    if topology.num_nodes > 1:
-        flags += [f"--nnodes {topology.num_nodes}", "--node-rank NODE_RANK", "--dist-init-addr HEAD_IP:PORT",
-                  f"# on each of the {topology.num_nodes} nodes, NODE_RANK 0..{topology.num_nodes - 1}; "
-                  f"{topology.gpus_per_node} GPUs per node"]
-    return flags
-
-
-def _export_sglang(placement: Placement, path: str | os.PathLike[str], model: ModelSpec,
-                   topology: Topology) -> list[str]:
-    stack = STACKS["sglang"]
-    stack.check_model(model, source=str(path))
-    suffix = Path(path).suffix.lower()
-    full = sglang_full_map(placement, model)
-    if suffix == ".json":
-        atomic_write_text(path, _dumps({"physical_to_logical_map": full.tolist()}))
-    elif suffix == ".pt":
-        try:
-            import torch
-        except ImportError:
-            from placer.errors import MissingDependencyError
-            raise MissingDependencyError("writing a .pt placement needs torch (pip install 'placer[profile]'), "
-                                         "or write .json") from None
-        with atomic_path(path) as tmp:
-            torch.save({"physical_to_logical_map": torch.from_numpy(full)}, tmp)
+        p2l = sf.read_sglang(path, model)
+    elif fmt == "vllm":
+        p2l = sf.read_vllm(path, model, topology)
+    elif fmt == "vllm-ascend":
+        p2l = sf.read_ascend(path, model, topology)
+    elif fmt == "trtllm":
+        p2l = sf.read_trtllm(path, model)
     else:
-        raise InvalidInputError(f"{stack.label} reads --init-expert-location as .json or .pt (any other path "
-                                "is parsed as inline JSON); name the file *.json or *.pt", source=str(path))
-    note = stack.model_note(model)
-    return sglang_flags(path, topology, placement.num_redundant) + [
-        f"# {stack.label}: static dispatch per EP rank (placer's sglang-static rule reproduces its tables)"] + (
-        [f"# {note}"] if note else [])
+        p2l, rank = sf.read_eplb(path, model)
+    return _placement(path, p2l, model, topology, rank)
 
 
-def vllm_flags(topology: Topology, num_redundant: int) -> list[str]:
-    """vLLM 0.34.0 flags that turn on its own EPLB with ``num_redundant`` redundant experts."""
-    g = topology.num_gpus
-    flags = [f"--tensor-parallel-size {g}", "--enable-expert-parallel", "--enable-eplb",
-             "--eplb-config " + shlex.quote(json.dumps({"num_redundant_experts": num_redundant}))]
-    if topology.num_nodes > 1:
-        flags.append(f"# EP size is TP x DP = {g}; spread it over the {topology.num_nodes} nodes as vLLM's "
-                     "multi-node guide says (e.g. --data-parallel-size with --tensor-parallel-size per node)")
-    return flags
+def detect_placement_format(path: str | os.PathLike[str]) -> str:
+    """``native`` or a :data:`FORMATS` entry, from the suffix and (for JSON) the top-level keys."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".pt":
+        return "sglang"
+    if suffix in (".yaml", ".yml"):
+        return "trtllm"
+    if suffix == ".npz":
+        return "eplb"
+    if suffix != ".json":
+        raise InvalidInputError(f"cannot tell the placement format from the suffix {suffix or '(none)'!r}: "
+                                "placer reads .json (placer, SGLang, vllm-ascend), .pt (SGLang), "
+                                ".yaml (TensorRT-LLM) and .npz (DeepSeek EPLB arrays)", source=str(path))
+    doc = _load_json(path, "placement JSON")
+    keys = set(doc) if isinstance(doc, dict) else set()
+    if "schema_version" in keys:
+        return "native"
+    if keys == {"physical_to_logical_map"}:
+        return "sglang"
+    if "layer_list" in keys:
+        return "vllm-ascend"
+    if "physical_to_logical_map" in keys:
+        return "vllm"
+    raise fail(path, "not a placement file placer knows (placer: schema_version; SGLang: "
+                     "physical_to_logical_map; vllm-ascend: moe_layer_count and layer_list)")
+
+
+def read_placement_file(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
+                        topology: Topology | None = None, stack: Stack | None = None) -> PlacementFile:
+    """Any placement file: placer's own or a serving stack's, detected from suffix and content.
+
+    A native file carries its model, cluster, rule and stack (``model``/``topology`` are not
+    used). A stack's file carries only the map: ``model`` and ``topology`` are required, and the
+    stack is the file's (SGLang, vllm-ascend, TRT-LLM; none for EPLB arrays) unless ``stack``
+    names another whose format it is. ``dispatch`` is the stack's rule, else ``nearest``.
+    """
+    fmt = detect_placement_format(path)
+    if fmt == "native":
+        return read_placement_json(path)
+    owner = next((s for s in STACKS.values() if s.format == fmt), None)
+    if stack is not None and owner is not None and stack is not owner:
+        raise InvalidInputError(f"this is a {owner.label} file ({fmt}); --stack {stack.name} loads "
+                                f"{stack.format or 'no file'}", source=str(path))
+    if model is None or topology is None:
+        raise InvalidInputError(f"a {fmt} placement file holds only the map: give --model and the cluster "
+                                "(--gpus, --nodes or --cluster)", source=str(path))
+    placement = import_placement(path, fmt, model=model, topology=topology)
+    used = stack or owner
+    if used is not None and used.distinct_per_gpu:
+        check_placement(placement, model, topology, distinct_per_gpu=True)
+    rule = used.dispatch if used is not None and used.dispatch is not None else "nearest"
+    return PlacementFile(placement, model, topology, rule, f"file:{fmt}", "feasible", 0.0, {}, used)

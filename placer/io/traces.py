@@ -18,6 +18,9 @@ name                          extension    content
 ``megatron-jsonl``            .jsonl       Megatron ``router_trace_rank{r}.jsonl``
 ``load-csv``                  .csv         load matrix [L, E] (counts)
 ``load-npz``                  .npz         load matrix [L, E] (counts)
+``trtllm-stats``              directory    TensorRT-LLM expert statistics: ``meta_info.json``
+                                           + ``rank{r}.safetensors`` (counts); the directory
+                                           or its ``meta_info.json``
 ============================  ===========  ==================================================
 
 Count-only formats give ``RoutingInput(kind="stats")``, the others ``kind="trace"``. The native
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io import external, native, sglang
+from placer.io import external, native, sglang, trtllm_stats
 from placer.io._common import chunker, fail, guard, load_torch, require_file
 from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
@@ -49,12 +52,14 @@ __all__ = ["FORMATS", "STATS_FORMATS", "TRACE_FORMATS", "RoutingInput", "concat_
 
 TRACE_FORMATS = ("placer-npz", "parquet", "hdmoe-json", "sglang-per-token", "r3-npy", "r3-base64",
                  "megatron-jsonl")
-STATS_FORMATS = ("placer-stats", "sglang-stat", "sglang-per-pass", "sglang-csv", "load-csv", "load-npz")
+STATS_FORMATS = ("placer-stats", "sglang-stat", "sglang-per-pass", "sglang-csv", "load-csv", "load-npz",
+                 "trtllm-stats")
 FORMATS = ("placer-npz", "placer-stats", "parquet", "hdmoe-json", "sglang-stat", "sglang-per-pass",
            "sglang-per-token", "sglang-csv", "r3-npy", "r3-base64", "megatron-jsonl", "load-csv",
-           "load-npz")
+           "load-npz", "trtllm-stats")
 _SUPPORTED = ("supported: placer .npz/.parquet, HD-MoE .json, SGLang .pt (stat, per_pass, "
-              "per_token) and legacy .csv, R3 .npy/.txt/.b64, Megatron .jsonl, load matrix .csv/.npz")
+              "per_token) and legacy .csv, R3 .npy/.txt/.b64, Megatron .jsonl, load matrix .csv/.npz, "
+              "TensorRT-LLM expert-statistic directory (meta_info.json + rank*.safetensors)")
 
 
 @dataclass(frozen=True)
@@ -122,8 +127,19 @@ _BASE64 = re.compile(rb"^[A-Za-z0-9+/=\s]+$")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format of a routing input (one of ``FORMATS``), from its extension and content."""
+    """The format of a routing input (one of ``FORMATS``), from its extension and content.
+
+    A directory is a routing input only as TensorRT-LLM expert statistics (``meta_info.json`` or
+    ``rank{r}.safetensors`` in it), as is a file named ``meta_info.json``.
+    """
+    if Path(path).is_dir():
+        if trtllm_stats.is_stats_dir(path):
+            return "trtllm-stats"
+        raise fail(path, "is a directory, not a file (the only directory input is TensorRT-LLM "
+                         "expert statistics: meta_info.json + rank*.safetensors)")
     require_file(path)
+    if Path(path).name == trtllm_stats.META_FILE:
+        return "trtllm-stats"
     ext = Path(path).suffix.lower()
     if ext == ".npz":
         return _detect_npz(path)
@@ -169,7 +185,7 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
 
     Parameters
     ----------
-    path : the file.
+    path : the file (or a TensorRT-LLM expert-statistic directory).
     model : when given, shapes and ids are checked against it (layers, E, top-k), dense
         layers are dropped through ``model.moe_layer_ids`` and traces carry it. A model in the
         file header must agree with it.
@@ -188,6 +204,11 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
         raise fail(path, f"chunk_tokens must be positive, got {chunk_tokens}")
     if format is not None and format not in FORMATS:
         raise fail(path, f"unknown format {format!r}; formats: {', '.join(FORMATS)}")
+    if format is None and Path(path).is_dir():
+        format = detect_format(path)
+    if format == "trtllm-stats" and Path(path).is_dir():  # the one directory input
+        stats = trtllm_stats.read_trtllm_stats(path, model)
+        return RoutingInput("stats", None, stats, stats.model, format, source)
     require_file(path)
     obj: Any = None
     if format is None:
@@ -231,6 +252,7 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
         "sglang-stat": lambda: sglang.read_sglang_stat(path, obj, model),
         "sglang-per-pass": lambda: sglang.read_sglang_per_pass(path, obj, model),
         "sglang-per-token": lambda: sglang.read_sglang_per_token(path, obj, model),
+        "trtllm-stats": lambda: trtllm_stats.read_trtllm_stats(path, model),
     }
     result = readers[format]()
     if isinstance(result, RoutingStats):

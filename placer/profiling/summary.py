@@ -83,6 +83,8 @@ def format_summary(summary: dict) -> str:
     if has_aff:
         tail += (f"; next-layer top-1 among the 2 most likely successors {summary['mean']['affinity']:.3f} "
                  f"vs {summary['mean']['marginal']:.3f} for the 2 most loaded (means over transitions)")
+    elif summary.get("top1_note"):
+        tail += f"; top-1 affinity n/a: {summary['top1_note']}"
     else:
         tail += "; affinity unavailable (top-1 order unknown or counts only)"
     lines.append(tail)

@@ -34,7 +34,12 @@ def read_observation(path: str, model: ModelSpec) -> Observation:
         assert inp.stats is not None
         return observation_from_stats(inp.stats, path)
     assert inp.chunks is not None
-    return observation_from_stats(compute_stats(inp.chunks(), sample_size=0), path)
+    stats = compute_stats(inp.chunks(), sample_size=0)
+    if not stats.has_top1 and stats.num_layers > 1:
+        from placer.workflow import top1_reason
+        log.warning("%s: %s; the window's top-1 transitions come from other inputs only", path,
+                    top1_reason(inp.format, "trace"))
+    return observation_from_stats(stats, path)
 
 
 @dataclass

@@ -45,17 +45,17 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
                          topology: Topology | None, stats: RoutingStats | None, redundant: int = 0,
                          dispatch: str = "nearest", execution: str = "standard",
                          seed: int = 0) -> tuple[list[Candidate], ModelSpec, Topology]:
-    """Read ``paths`` (native placement files) and solve ``methods``; all share one model and cluster.
+    """Read ``paths`` (placement files of any stack) and solve ``methods``; all share one model and cluster.
 
-    A file's model and cluster are authoritative; ``model``/``topology`` given alongside must
-    agree. Methods need ``stats`` for the load (balance-only methods accept none) and a
+    A native file's model and cluster are authoritative; ``model``/``topology`` given alongside
+    must agree. A serving stack's file holds only the map: it needs ``model`` and ``topology``. Methods need ``stats`` for the load (balance-only methods accept none) and a
     ``topology``.
     """
-    from placer.io.placements import read_placement_json
+    from placer.io.placements import read_placement_file
 
     found: list[tuple[str, Placement, str | None, str | None, str, str]] = []
     for path in paths:
-        pf = read_placement_json(path)
+        pf = read_placement_file(path, model=model, topology=topology)
         if model is not None and (pf.model.num_moe_layers, pf.model.num_experts, pf.model.top_k) != \
                 (model.num_moe_layers, model.num_experts, model.top_k):
             raise InvalidInputError(f"placement is for {pf.model.name}, not {model.name}", source=path)

@@ -51,10 +51,11 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
     from placer.io.placements import read_placement_json
     from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
     from placer.simulator.runner import placement_candidates, routing_identity, run_comparison
-    from placer.workflow import gather_routing
+    from placer.workflow import check_top1, gather_routing
 
     model = get_model(spec.model) if spec.model else None
     routing = gather_routing(list(spec.inputs), model=model) if spec.inputs else None
+    check_top1(routing, execution=spec.config.execution, methods=spec.methods)
     if routing is not None and model is None:
         model = routing.model
     topology = make_topology(spec.cluster or DEFAULT_CLUSTER, gpus=gpus) if gpus is not None else None

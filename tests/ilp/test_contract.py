@@ -76,3 +76,34 @@ def test_method_contract(method, case):
         np.testing.assert_array_equal(again.placement.physical_to_logical,
                                       result.placement.physical_to_logical,
                                       err_msg=f"{method} is not deterministic for a fixed seed")
+
+
+# (experts, gpus, nodes, redundant): instances where copies could share a GPU.
+DISTINCT_CASES = [(8, 4, 2, 4), (6, 2, 2, 2), (8, 4, 1, 12), (4, 2, 1, 4)]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("case", DISTINCT_CASES, ids=lambda c: f"E{c[0]}-G{c[1]}-N{c[2]}-R{c[3]}")
+def test_method_keeps_copies_on_distinct_gpus(method, case):
+    """vllm-ascend's constraint (``distinct_per_gpu``): every method honours it or refuses the instance."""
+    from dataclasses import replace
+
+    from placer.validate import duplicate_copies
+
+    for seed in (0, 1):
+        problem = replace(_problem(*case, "standard", seed=seed), distinct_per_gpu=True, dispatch="vllm-ascend")
+        result = _run(problem, method, seed)
+        if result is None:
+            return
+        assert duplicate_copies(result.placement) == [], method
+        check_placement(result.placement, problem.model, problem.topology, distinct_per_gpu=True)
+
+
+def test_distinct_infeasible_sizes():
+    from dataclasses import replace
+
+    from placer.errors import InfeasibleError
+
+    problem = _problem(4, 2, 1, 8, "standard", seed=0)  # 6 slots per GPU, 4 experts
+    with pytest.raises(InfeasibleError, match="6 slots per GPU cannot hold distinct experts: the model has 4"):
+        replace(problem, distinct_per_gpu=True)

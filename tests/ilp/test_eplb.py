@@ -18,7 +18,7 @@ from placer.profiling.stats import load_only_stats
 from placer.types import ModelSpec, Placement
 from placer.validate import check_placement
 
-PORT_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "eplb_torch_port.py"
+PORT_PATH = Path(__file__).resolve().parent / "eplb_port.py"
 
 # README of deepseek-ai/EPLB @ d52c72d5, "Interface and Example" (hierarchical policy).
 README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -225,3 +225,69 @@ def test_solve_deepseek_v3(gpus, nodes, redundant):
     contiguous = solve(problem, "contiguous").placement.physical_to_logical
     base = np.median(gpu_load_ratio(load, contiguous, gpus))
     assert result.objective <= base + 1e-12
+
+
+# (layers, experts, replicas, groups, nodes, gpus) for the export comparison: both policies.
+EXPORT_SHAPES = [(6, 64, 80, 4, 2, 16), (5, 64, 96, 1, 2, 16), (4, 32, 48, 8, 2, 8)]
+
+
+@pytest.mark.parametrize("shape", EXPORT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_export_arrays_equal_eplb_py(port, shape, monkeypatch, tmp_path):
+    """solve --method eplb, through the native file, exported as EPLB arrays: all three arrays equal
+    eplb.py's (the loop-structure port) on tie-free loads, log2phy in replica-rank order."""
+    from placer.io.placements import (
+        export_placement,
+        import_placement,
+        read_placement_json,
+        write_placement_json,
+    )
+
+    torch, mod = port
+    monkeypatch.setattr(mod, "STABLE_SORT", True)  # replicas of one expert tie; see test_equals_torch_port
+    layers, experts, replicas, groups, nodes, gpus = shape
+    weight = _weights(layers, experts, seed=sum(shape))
+    model = ModelSpec(name="m", num_hidden_layers=layers, moe_layer_ids=tuple(range(layers)), num_experts=experts,
+                      top_k=4, num_groups=groups)
+    topo = make_topology("h100", gpus=gpus, nodes=nodes)
+    problem = PlacementProblem(load_only_stats(weight, top_k=4), model, topo, num_redundant=replicas - experts)
+    result = solve(problem, "eplb")
+    write_placement_json(tmp_path / "p.json", result.placement, model=model, topology=topo, dispatch="nearest",
+                         method="eplb", status="feasible", solve_seconds=0.0)
+    placement = read_placement_json(tmp_path / "p.json").placement
+    export_placement(placement, "eplb", tmp_path / "e.npz", model=model, topology=topo)
+    ref = [t.numpy() for t in mod.rebalance_experts(torch.from_numpy(weight), replicas, groups, nodes, gpus)]
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as z:
+        for name, want in zip(("phy2log", "log2phy", "logcnt"), ref, strict=True):
+            np.testing.assert_array_equal(z[name], want, err_msg=name)
+    # ascending slot order differs from replica order somewhere (else this test shows nothing)
+    assert not np.array_equal(placement.log2phy("slot", replicas - experts + 1), ref[1])
+    back = import_placement(tmp_path / "e.npz", "eplb", model=model, topology=topo)
+    np.testing.assert_array_equal(back.log2phy("replica", replicas - experts + 1), ref[1])
+
+
+def test_replica_rank_is_checked():
+    with pytest.raises(InvalidInputError, match="ranks 0..replicas-1 once each"):
+        Placement([[0, 1, 0, 1]], 2, 2, replica_rank=[[0, 0, 0, 1]])
+    p = Placement([[0, 1, 0, 1]], 2, 2, replica_rank=[[1, 0, 0, 1]])
+    assert p.log2phy("replica").tolist() == [[[2, 0], [1, 3]]]
+    assert p.log2phy().tolist() == [[[0, 2], [1, 3]]]
+    assert Placement([[0, 1, 0, 1]], 2, 2, replica_rank=[[0, 0, 1, 1]]).replica_rank is None  # ascending
+
+
+@pytest.mark.parametrize("gpus, nodes, redundant", [(16, 2, 16), (16, 2, 48), (8, 1, 56)])
+def test_distinct_per_gpu(gpus, nodes, redundant):
+    """vllm-ascend's constraint: no GPU holds two copies of an expert; with it EPLB still balances."""
+    from placer.validate import duplicate_copies
+
+    model = get_model("deepseek-v2-lite")
+    load = np.random.default_rng(gpus).lognormal(0, 1.5, (model.num_moe_layers, 64)) * 1000
+    topo = make_topology("h100", gpus=gpus, nodes=nodes)
+    plain = solve(PlacementProblem(load_only_stats(load, top_k=6), model, topo, num_redundant=redundant), "eplb")
+    problem = PlacementProblem(load_only_stats(load, top_k=6), model, topo, num_redundant=redundant,
+                               distinct_per_gpu=True)
+    result = solve(problem, "eplb")
+    assert duplicate_copies(plain.placement), "the plain greedy stacks copies on this load"
+    assert duplicate_copies(result.placement) == []
+    group = gpus // nodes if result.terms["hierarchical"] else gpus  # copies stay inside a node's GPUs
+    assert result.placement.logcnt().max() <= group
+    assert result.objective <= plain.objective * 1.10 + 1e-9

@@ -35,7 +35,7 @@ def tiny_placement(tiny):
     # 3 MoE layers, E=8, 4 GPUs x 3 slots (R=4)
     p2l = [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3],
            [7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 0, 1],
-           [0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 1, 2]]
+           [0, 7, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]]
     return Placement(p2l, 3, 8), Topology(name="t", num_nodes=2, gpus_per_node=2)
 
 
@@ -249,8 +249,13 @@ def test_vllm_ascend_matches_documented_example(tmp_path, readme):
     assert layer0["layer_id"] == 0 and layer0["device_count"] == 8
     assert [d["device_expert"] for d in layer0["device_list"]] == [
         [5, 6], [5, 7], [8, 4], [3, 4], [10, 9], [10, 2], [0, 1], [11, 1]]
-    config = json.dumps({"eplb_config": {"expert_map_path": str(p)}})
-    assert flags == [f"--additional-config '{config}'"]
+    # vllm-ascend reads layers and devices by list position: position j is EP rank j.
+    assert [d["device_id"] for d in layer0["device_list"]] == list(range(8))
+    config = json.dumps({"eplb_config": {"expert_map_path": str(p), "num_redundant_experts": 4}})
+    assert flags[:4] == ["--data-parallel-size 8", "--tensor-parallel-size 1", "--enable-expert-parallel",
+                         f"--additional-config '{config}'"]
+    assert "--data-parallel-size-local 4" in flags  # 2 nodes x 4
+    assert any("rank r sends an expert with n copies to copy r % n" in f for f in flags)
 
 
 def test_vllm_and_eplb_contents(tmp_path, readme):
@@ -268,8 +273,9 @@ def test_vllm_and_eplb_contents(tmp_path, readme):
         np.testing.assert_array_equal(z["phy2log"], README["expected_phy2log"])
         np.testing.assert_array_equal(z["logcnt"], [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
                                                     [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
-        assert z["log2phy"].shape == (2, 12, 2) and z["log2phy"][0, 5].tolist() == [0, 2]
-        assert z["log2phy"][0, 0].tolist() == [12, -1]
+        # DeepSeek's width P - E + 1; a map without replica ranks lists copies by ascending slot
+        assert z["log2phy"].shape == (2, 12, 5) and z["log2phy"][0, 5].tolist() == [0, 2, -1, -1, -1]
+        assert z["log2phy"][0, 0].tolist() == [12, -1, -1, -1, -1]
 
 
 def test_trtllm_yaml(tmp_path, readme):
@@ -278,13 +284,15 @@ def test_trtllm_yaml(tmp_path, readme):
     export_placement(placement, "trtllm", p, model=model, topology=topology)
     text = p.read_text()
     assert "num_slots: 16\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n" in text
-    assert "  0: [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]\n" in text
+    key = model.moe_layer_ids[0]  # TensorRT-LLM looks layers up by decoder-layer index
+    assert f"  {key}: [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]\n" in text
     try:
         import yaml
     except ImportError:
         return
     doc = yaml.safe_load(text)
-    assert doc["num_slots"] == 16 and doc["initial_global_assignments"][1] == README["expected_phy2log"][1]
+    assert doc["num_slots"] == 16
+    assert doc["initial_global_assignments"][model.moe_layer_ids[1]] == README["expected_phy2log"][1]
 
 
 def test_unknown_format(tmp_path, readme):
@@ -322,5 +330,36 @@ def test_trtllm_accepts_absolute_layer_keys(tmp_path, tiny, tiny_placement):
     got = import_placement(p, "trtllm", model=tiny, topology=topology)
     np.testing.assert_array_equal(got.physical_to_logical, rows)
     p.write_text("num_slots: 12\ninitial_global_assignments:\n  5: " + str(rows[0]) + "\n")
-    with pytest.raises(InvalidInputError, match="must be 0..0 or the MoE layer ids of tiny"):
+    with pytest.raises(InvalidInputError, match="lists layers 5..5; TensorRT-LLM looks up tiny's MoE layers by "
+                                                "decoder-layer index 1..3"):
         import_placement(p, "trtllm", model=tiny, topology=topology)
+    # MoE ordinals 0..L-1 (what earlier placer versions wrote) would shift every layer by one
+    p.write_text("num_slots: 12\ninitial_global_assignments:\n"
+                 + "".join(f"  {i}: {row}\n" for i, row in enumerate(rows)))
+    with pytest.raises(InvalidInputError, match="these keys are MoE ordinals"):
+        import_placement(p, "trtllm", model=tiny, topology=topology)
+
+
+def test_trtllm_reads_pyyaml_block_style(tmp_path, tiny, tiny_placement):
+    yaml = pytest.importorskip("yaml")
+    placement, topology = tiny_placement
+    p = tmp_path / "lb.yaml"
+    rows = placement.physical_to_logical.tolist()
+    # TensorRT-LLM's generate_eplb_config.py writes with yaml.dump (block lists, sorted keys)
+    p.write_text(yaml.dump({"num_slots": 12, "layer_updates_per_iter": 0,
+                            "initial_global_assignments": dict(zip((1, 2, 3), rows, strict=True))}))
+    got = import_placement(p, "trtllm", model=tiny, topology=topology)
+    np.testing.assert_array_equal(got.physical_to_logical, rows)
+
+
+def test_vllm_ascend_refuses_two_copies_on_one_device(tmp_path, tiny):
+    placement = Placement([[0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 1, 2]] * 3, 3, 8)
+    topology = Topology(name="t", num_nodes=2, gpus_per_node=2)
+    p = tmp_path / "a.json"
+    with pytest.raises(InvalidInputError, match="layer 0: GPU 0 holds expert 0 twice .3 such duplicates.; "
+                                                "vllm-ascend 0.23.0.post1 keeps one local slot per expert"):
+        export_placement(placement, "vllm-ascend", p, model=tiny, topology=topology)
+    assert not p.exists()
+    with pytest.raises(InvalidInputError, match="does not end in .json"):
+        export_placement(Placement([[0, 7, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]] * 3, 3, 8), "vllm-ascend",
+                         tmp_path / "a.txt", model=tiny, topology=topology)

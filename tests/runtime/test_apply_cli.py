@@ -7,7 +7,7 @@ import pytest
 
 from placer.cli import main
 from placer.ilp import PlacementProblem, solve
-from placer.io.placements import read_placement_json, write_placement_json
+from placer.io.placements import export_placement, read_placement_json, write_placement_json
 from placer.presets import make_topology
 from placer.profiling.stats import compute_stats
 from placer.synthetic import synthesize_trace
@@ -29,7 +29,10 @@ def test_apply_migrates_live_with_verified_outputs(ray_session, tmp_path, monkey
         placement = solve(PlacementProblem(stats, model, topology, 4), "eplb").placement
         write_placement_json(name, placement, model=model, topology=topology, dispatch="nearest",
                              method="eplb", status="feasible", solve_seconds=0.0)
-    code = main(["apply", "--placement", "new.json", "--from", "old.json", "--deployment", "local",
+    # The running server's file (TensorRT-LLM's YAML) as --from, DeepSeek's EPLB arrays as the target.
+    export_placement(read_placement_json("old.json").placement, "trtllm", "old.yaml", model=model, topology=topology)
+    export_placement(read_placement_json("new.json").placement, "eplb", "new.npz", model=model, topology=topology)
+    code = main(["apply", "--placement", "new.npz", "--from", "old.yaml", "--deployment", "local",
                  "--ranks", "4", "--tokens", "32", "--warmup", "2", "-o", "running.json"])
     out = capsys.readouterr().out
     assert code == 0, out

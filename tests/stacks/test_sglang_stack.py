@@ -21,7 +21,8 @@ from stacks_support import STACKS_DIR, run_probe
 
 from placer.dispatch import dispatch_table
 from placer.ilp import PlacementProblem, solve
-from placer.io.placements import export_placement, sglang_full_map
+from placer.io.placements import export_placement
+from placer.io.stack_files import sglang_full_map
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import compute_stats
 from placer.stacks import ARCHITECTURES, SGLANG_PLACEABLE

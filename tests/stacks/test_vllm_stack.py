@@ -122,7 +122,7 @@ def test_vllm_encoded_r3_reads_back_logical(tmp_path, probe, experts, redundant,
 
 @pytest.mark.parametrize("gpus,redundant", [(8, 8), (4, 0), (16, 32)])
 def test_vllm_accepts_the_eplb_flags_placer_prints(probe, gpus, redundant):
-    from placer.io.placements import vllm_flags
+    from placer.io.stack_files import vllm_flags
     from placer.presets import make_topology
 
     flags = [f for f in vllm_flags(make_topology(gpus=gpus), redundant) if not f.startswith("#")]

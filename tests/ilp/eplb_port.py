@@ -1,6 +1,6 @@
 """A straightforward torch port of deepseek-ai/EPLB ``eplb.py`` @ d52c72d5 (MIT licence).
 
-Used ONLY as the reference by ``benchmarks/bench_eplb.py`` and ``tests/ilp/test_eplb.py``; the
+Used ONLY as the reference by ``tests/ilp/test_eplb.py`` and ``benchmarks/bench_eplb.py``; the
 ``placer`` package never imports it. The loop structure (a Python loop per row and item in
 ``balanced_packing``, a tensor op per redundant slot in ``replicate_experts``) is kept as in the
 original, so its timings are those of the reference implementation.
