@@ -15,6 +15,8 @@ $(PY):
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev,profile,runtime,kernels]'
+	@# Compile every numba kernel once (into its on-disk cache), so no run compiles inside a time limit.
+	$(PY) -m placer._warm || echo "numba warm-up failed: the first runs compile their kernels"
 	touch $@
 
 install: $(VENV)/.installed

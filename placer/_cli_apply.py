@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from placer.cli import CONTEXT
+from placer.cli import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
 
 
@@ -30,7 +30,7 @@ from placer.errors import InvalidInputError
               help="Batches served before the migration (and as many after it).")
 @click.option("--max-experts-per-round", type=click.IntRange(min=1), default=1, show_default=True,
               help="Chunk size: experts one pair of ranks exchanges per round (one round per step).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.5), default=5.0, show_default=True,
               help="Process-group timeout in seconds (how fast a dead rank is noticed).")
 @click.option("--ray-address", default=None, help="Ray cluster to use (default: the local one, started if needed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")

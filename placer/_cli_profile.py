@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from placer.cli import CONTEXT
+from placer.cli import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
 
 
@@ -41,7 +41,7 @@ def _summary_line(outcome) -> str:
 @click.option("--max-prompts", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--sglang", "sglang_url", default=None, metavar="URL",
               help="Record a live SGLang server (http://HOST:PORT) instead of running a model.")
-@click.option("--duration", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--duration", type=FiniteFloat(min=0), default=60.0, show_default=True,
               help="Seconds to record with --sglang.")
 @click.option("--dump-dir", type=click.Path(), default=None,
               help="The server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (needed with --sglang).")

@@ -11,6 +11,7 @@ import click
 
 from placer.cli import (
     CONTEXT,
+    FiniteFloat,
     _model,
     _parse_exports,
     _placement_stack,
@@ -52,17 +53,17 @@ from placer.types import DISPATCH_RULES
 @click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
               help="Replica dispatch rule (default: --stack's, else the initial placement's, else nearest).")
 @stack_option
-@click.option("--half-life", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+@click.option("--half-life", type=FiniteFloat(min=0, min_open=True), default=8.0, show_default=True,
               help="Window half-life in observations.")
-@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+@click.option("--threshold", type=FiniteFloat(min=0), default=0.05, show_default=True,
               help="Publish only when the predicted step-time gain minus migration cost exceeds this fraction.")
-@click.option("--horizon", "horizon_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+@click.option("--horizon", "horizon_s", type=FiniteFloat(min=0, min_open=True), default=600.0,
               show_default=True, help="Seconds a new placement is expected to serve (amortises migration).")
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0, min_open=True), default=5.0,
+@click.option("--interval", "interval_s", type=FiniteFloat(min=0, min_open=True), default=5.0,
               show_default=True, help="Seconds between directory scans and between evaluations.")
 @click.option("--tokens-per-rank", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per rank per simulated step.")
-@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-clock limit of each solve (seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
 @click.option("--verbose", is_flag=True, help="Log every request.")

@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from placer.cli import CONTEXT, _echo_json, _stack, cluster_options, model_option, stack_option
+from placer.cli import (
+    CONTEXT,
+    FiniteFloat,
+    _echo_json,
+    _stack,
+    cluster_options,
+    model_option,
+    stack_option,
+)
 
 KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")
 
@@ -16,9 +24,12 @@ def _floats(text: str | None, flag: str) -> list[float]:
     if text is None:
         return []
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InvalidInputError(f"expected comma-separated numbers, got {text!r}", source=flag) from None
+    if not all(0 < v < float("inf") for v in values):
+        raise InvalidInputError(f"must be positive finite numbers, got {text!r}", source=flag)
+    return values
 
 
 def _ints(text: str | None, flag: str) -> list[int]:
@@ -39,8 +50,10 @@ def workload_options(func):
         click.option("--workload", type=click.Choice(["serving", "replay"]), default="serving", show_default=True,
                      help="serving: Poisson arrivals and continuous batching; replay: fixed decode batches "
                           "(a trace's tokens in order, else routing sampled from the input)."),
-        click.option("--rate", type=float, default=20.0, show_default=True, help="Requests per second (serving)."),
-        click.option("--duration", "duration_s", type=float, default=60.0, show_default=True,
+        click.option("--rate", type=FiniteFloat(min=0, min_open=True), default=20.0, show_default=True,
+                     help="Requests per second (serving)."),
+        click.option("--duration", "duration_s", type=FiniteFloat(min=0, min_open=True), default=60.0,
+                     show_default=True,
                      help="Seconds of arrivals (serving); the run drains for as long again at most."),
         click.option("--prompt-len", type=int, default=1024, show_default=True, help="Mean prompt tokens."),
         click.option("--output-len", type=int, default=256, show_default=True, help="Mean output tokens."),
@@ -152,6 +165,9 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         routing_identity,
         run_comparison,
     )
+    if output is not None:  # before any work
+        from placer.io.atomic import check_writable
+        check_writable(output, directory=True)
     routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
     from placer.workflow import check_top1
     check_top1(routing, execution=execution, methods=methods)
@@ -284,8 +300,10 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         placer simulate sweep --model mixtral-8x7b --gpus 4,8 --rates 5,10 --method contiguous \\
             --method eplb --duration 10 -o sweep/
     """
+    from placer.io.atomic import check_writable
     from placer.simulator.config import SimConfig, kernel_preset
     from placer.simulator.sweep import SweepSpec, run_sweep
+    check_writable(output, directory=True)  # before any work
     gpu_counts = _ints(gpus_list, "--gpus") or [None]
     rate_list = _floats(rates, "--rates") or [rate]
     wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,

@@ -1,13 +1,18 @@
 """The ``placer`` command line: parse, one library call with the same parameter names, write.
 
 Bad input exits 2 with one line naming the input and the problem; unexpected errors exit 1.
-Neither prints a traceback unless ``--debug`` is given.
+Neither prints a traceback unless ``--debug`` is given. SIGINT exits 130 and SIGTERM 143, both
+after removing temp files and stopping worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -17,6 +22,16 @@ from placer.errors import InfeasibleError, InvalidInputError, MissingDependencyE
 from placer.types import DISPATCH_RULES, EXECUTION_MODES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number (click's FLOAT and FloatRange let NaN and inf through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +124,15 @@ def _placement_stack(pf, target):
     return target if target is not None or not pf.method.startswith("file:") else pf.stack
 
 
-def _parse_exports(exports: tuple[str, ...]) -> list[tuple[str, str]]:
+def _parse_exports(exports: tuple[str, ...], flag: str = "--export") -> list[tuple[str, str]]:
     from placer.io.placements import FORMATS
     out = []
     for item in exports:
         fmt, sep, path = item.partition("=")
         if not sep or not path:
-            raise InvalidInputError(f"expected FORMAT=PATH, got {item!r}", source="--export")
+            raise InvalidInputError(f"expected FORMAT=PATH, got {item!r}", source=flag)
         if fmt not in FORMATS:
-            raise InvalidInputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", source="--export")
+            raise InvalidInputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", source=flag)
         out.append((fmt, path))
     return out
 
@@ -149,7 +164,7 @@ def cli(debug: bool) -> None:
 @model_option
 @click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--perturb", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+@click.option("--perturb", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="Perturb the preset's expert popularity (lognormal sigma), for held-out scoring.")
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), default=None, help="Tag tokens with a phase.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz or .parquet).")
@@ -184,6 +199,9 @@ def stats(inputs, model, phase, output, as_json):
     """
     from placer.profiling.summary import format_summary, summarize
     from placer.workflow import gather_routing, write_stats
+    if output:  # before any work
+        from placer.io.atomic import check_writable
+        check_writable(output)
     routing = gather_routing(inputs, model=_model(model), phase=phase, keep_trace=False)
     summary = summarize(routing.stats)
     summary["synthetic"] = routing.synthetic
@@ -212,8 +230,8 @@ def _parse_weights(text: str | None) -> dict[str, float]:
             out[key.strip()] = float(value)
         except ValueError:
             raise InvalidInputError(f"{value!r} is not a number", source="--weights") from None
-        if not out[key.strip()] >= 0:
-            raise InvalidInputError(f"weights must be non-negative, got {value}", source="--weights")
+        if not 0 <= out[key.strip()] < math.inf:
+            raise InvalidInputError(f"weights must be non-negative finite numbers, got {value}", source="--weights")
     return out
 
 
@@ -234,8 +252,9 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @click.option("--weights", default=None, metavar="K=V,...", help="Objective weights, e.g. balance=1,traffic=0.5.")
 @click.option("--backend", type=click.Choice(["cpsat", "pulp", "pulp-cbc", "pulp-highs", "local", "exact"]),
               default=None, help="Solver backend of ILP methods (pulp = CBC).")
-@click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock limit in seconds; the best valid placement found is returned.")
+@click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Wall-clock limit in seconds from process start (reading, numba compilation and scoring "
+                   "included); the best valid placement found is returned.")
 @click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None,
               help="Local processes for layer subproblems.")
 @click.option("--ray-address", default=None, help="Run layer subproblems on this Ray cluster (e.g. auto).")
@@ -257,6 +276,7 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
         placer solve trace.npz --stack sglang --gpus 16 --nodes 2 --redundant 16 \\
             --holdout held.npz -o p.json --export sglang=s.json
     """
+    from placer._clock import process_start_time
     from placer.metrics import format_comparison
     from placer.workflow import solve_placement
 
@@ -271,7 +291,7 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
         dispatch=dispatch, stack=_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
         method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=_parse_weights(weights),
         backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
-        exports=_parse_exports(exports), progress=progress)
+        exports=_parse_exports(exports), progress=progress, started_at=process_start_time())
     r = outcome.result
     if as_json:
         _echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
@@ -361,7 +381,7 @@ def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, ou
         fmt = target.format or target.name
     if fmt is None:
         raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
-    (fmt, output), = _parse_exports((f"{fmt}={output}",))
+    (fmt, output), = _parse_exports((f"{fmt}={output}",), "--format" if stack is None else "--stack")
     flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
     click.echo(f"exported {fmt} to {output}" + (f" for {target.label}" if target is not None else "")
                + "; serve with:")
@@ -391,13 +411,35 @@ cli.add_command(_serve)
 # Entry point: error triage
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM raises ``SystemExit(143)`` (in the main thread) so that it unwinds like SIGINT:
+    temp files are removed and worker processes stopped; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input exits 2 with one line, unexpected errors exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="placer", standalone_mode=False)
-    except click.exceptions.Abort:
+        with _terminate_as_exit():
+            cli.main(args=args, prog_name="placer", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
+            click.echo("placer: interrupted", err=True)  # temp files removed, workers stopped
+            return 130
         click.echo("placer: aborted", err=True)
         return 1
     except click.exceptions.Exit as exc:

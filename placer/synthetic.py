@@ -218,7 +218,7 @@ def perturbed(profile: SyntheticProfile, amount: float, seed: int) -> SyntheticP
     fitted on the unperturbed profile. ``amount = 0`` returns the profile unchanged.
     """
     if not math.isfinite(amount) or amount < 0:
-        raise InvalidInputError(f"perturbation amount must be >= 0, got {amount}", source="profile")
+        raise InvalidInputError(f"must be a finite number >= 0, got {amount}", source="--perturb")
     if amount == 0:
         return profile
     return replace(profile, perturb_sigma=float(amount), perturb_seed=int(seed))

@@ -5,6 +5,9 @@ Every CLI command calls one of these functions with the same parameter names as 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -181,9 +184,13 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
 def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: float = 0.0,
                     phase: str | None = None, output: str) -> int:
     """Write a synthetic trace (native .npz, or chunked .parquet) marked synthetic; return tokens written."""
+    from placer.io.atomic import check_writable
     from placer.io.traces import write_trace_npz, write_trace_parquet
     from placer.synthetic import perturbed, profile_for, synthesize
 
+    if not output.endswith((".npz", ".parquet")):
+        raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
+    check_writable(output)
     profile = profile_for(model)
     if perturb > 0:
         profile = perturbed(profile, perturb, seed)
@@ -247,13 +254,15 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
                     weights: dict[str, float] | None = None, backend: str | None = None,
                     ray_address: str | None = None, num_workers: int | None = None,
                     holdout: Sequence[str] = (), compare: Sequence[str] = COMPARE_WITH,
-                    output: str, exports: Sequence[tuple[str, str]] = (), progress=None) -> SolveOutcome:
+                    output: str, exports: Sequence[tuple[str, str]] = (), progress=None,
+                    started_at: float | None = None) -> SolveOutcome:
     """Gather inputs, solve, score on the fitting (and held-out) data against the baselines, write
     the placement and its exports.
 
     ``stack`` (:mod:`placer.stacks`) sets the rule solved and scored under (``dispatch``
     overrides it; neither: ``nearest``), checks that the stack can place the model, and is
-    recorded in the placement file.
+    recorded in the placement file. ``started_at`` (``time.time()`` seconds; the CLI passes its
+    process start): ``time_limit_s`` counts from then, the scoring included, not from the solve.
     """
     from placer.ilp import METHODS, PlacementProblem, solve
     from placer.io.placements import export_placement, write_placement_json
@@ -263,6 +272,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     say = progress or (lambda message: None)
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
+    from placer.io.atomic import check_writable
+    for path in [output, *(path for _, path in exports)]:  # before any work: nothing is half done
+        check_writable(path)
     routing = None
     if inputs:
         say(f"reading {len(inputs)} input(s)")
@@ -298,8 +310,14 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     limit = f", time limit {time_limit_s:g} s" if time_limit_s is not None else ""
     say(f"solving with {method} on {topology.num_gpus} GPUs in {topology.num_nodes} node(s), "
         f"{problem.slots_per_gpu} slots per GPU{limit}")
-    result = solve(problem, method, time_limit_s=time_limit_s, seed=seed, **options)
-    say(f"{method}: {result.status} in {result.wall_time_s:.2f} s; scoring")
+    # Checked after the sizes and the stack (those errors name a flag): a placement fitted to no
+    # routing would be any placement, reported as optimal.
+    if routing is None:
+        raise InvalidInputError("no routing input: pass a trace or statistics, or make one with `placer synth`",
+                                source="INPUTS")
+    if not np.any(routing.stats.load):
+        raise InvalidInputError("holds no routing (every expert load is zero): pass a trace or statistics, "
+                                "or make one with `placer synth`", source=", ".join(routing.sources))
 
     def score(placement, data_routing):
         if data_routing is None:
@@ -311,25 +329,49 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
             m["top1_note"] = data_routing.top1_note
         return m
 
-    candidates = [result] + [solve(problem, m, seed=seed) for m in compare
-                             if m != method and (routing is not None or m != "eplb")]
+    def scores(placement) -> dict:
+        return {label: score(placement, data_routing) for label, data_routing in (("fit", routing), ("holdout", held))}
+
+    # The baselines are scored first: with ``started_at`` the time limit counts from then (the
+    # CLI: process start), and the solve is left what remains after scoring its own result.
+    t_score = time.time()
+    baselines = [(r, scores(r.placement)) for r in (solve(problem, m, seed=seed) for m in compare
+                                                   if m != method and (routing is not None or m != "eplb"))]
+    score_s = (time.time() - t_score) / max(1, len(baselines))
+    solve_limit = time_limit_s
+    if time_limit_s is not None and started_at is not None:
+        solve_limit = max(0.01, started_at + time_limit_s - time.time() - 1.2 * score_s - 0.3)
+    result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
+    say(f"{method}: {result.status} in {result.wall_time_s:.2f} s; scoring")
+    scored = scores(result.placement)
     rows = []
-    for r in candidates:
-        for label, data_routing in (("fit", routing), ("holdout", held)):
-            metrics = score(r.placement, data_routing)
+    for r, r_scores in [(result, scored), *baselines]:
+        for label, metrics in r_scores.items():
             if metrics is not None:
                 rows.append({"method": r.method, "data": label, "status": r.status, "gap": r.gap,
                              "solve_seconds": r.wall_time_s, "metrics": metrics})
-    metrics = score(result.placement, routing) or {}
+    metrics = dict(scored["fit"] or {})
     if held is not None:
-        metrics["holdout"] = score(result.placement, held)
+        metrics["holdout"] = scored["holdout"]
     metrics["objective"] = {"value": result.objective, "terms": dict(result.terms), "bound": result.bound,
                             "gap": result.gap, "backend": result.backend}
+    # The exports first (a stack may refuse the placement): on a refusal nothing is left behind.
+    exported, created = [], []
+    try:
+        for fmt, path in exports:
+            new = not os.path.exists(path)
+            exported.append((fmt, path, export_placement(result.placement, fmt, path, model=model,
+                                                         topology=topology)))
+            if new:
+                created.append(path)
+    except BaseException:
+        for path in created:  # files this call created (an overwritten one's old content is gone)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
     write_placement_json(output, result.placement, model=model, topology=topology, dispatch=dispatch,
                          method=result.method, status=result.status, solve_seconds=result.wall_time_s,
                          metrics=metrics, stack=stack)
-    exported = [(fmt, path, export_placement(result.placement, fmt, path, model=model, topology=topology))
-                for fmt, path in exports]
     return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported, stack=stack,
                         dispatch=dispatch, notes=tuple(notes))
 

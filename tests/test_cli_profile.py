@@ -10,7 +10,6 @@ import pytest
 
 from placer.cli import main
 from placer.io.native import read_stats_npz
-from placer.profiling import embedded
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(120)
@@ -22,7 +21,6 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.skipif(not embedded.WEIGHTS_FILE.is_file(), reason="embedded model not shipped yet")
 def test_profile_embedded_default_then_stats_and_solve_without_model(tmp_path, capsys):
     out = tmp_path / "stats.npz"
     code, text, err = run(capsys, "profile", "--max-prompts", "6", "--quiet", "-o", out)

@@ -480,14 +480,14 @@ def test_empty_trace():
     json.dumps(out, allow_nan=False)
 
 
-def test_performance_mixtral_shape():
-    import time
+def test_mixtral_shape_runs():
+    """A Mixtral-sized trace (50k tokens x 32 layers) evaluates; its speed is measured in
+    benchmarks/, never by a timed unit test."""
     rng = np.random.default_rng(0)
     ids = np.argsort(rng.random((50_000, 32, 8), dtype=np.float32), axis=-1)[..., :2]
     trace = RoutingTrace(ids, 8)
     placement = Placement(np.tile(np.arange(8), (32, 1)), 2, 8)
     topology = Topology("t", 1, 4)
     model = _model(32, 8, 2)
-    start = time.perf_counter()
-    metrics.evaluate(placement, topology, model, trace)
-    assert time.perf_counter() - start < 2.0
+    m = metrics.evaluate(placement, topology, model, trace)
+    assert m["load_max_over_mean_median"] >= 1.0

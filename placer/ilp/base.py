@@ -27,12 +27,40 @@ Method = Callable[..., SolveResult]
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str) -> Callable[[Method], Method]:
-    """Decorator adding a method to the registry under ``name``."""
+def register(name: str, forwards_to: str | None = None) -> Callable[[Method], Method]:
+    """Decorator adding a method to the registry under ``name``.
+
+    A method declares its options as keyword parameters; one that passes ``**options`` on to
+    another function names it in ``forwards_to`` (``"module:function"``, imported when asked;
+    its keyword parameters are then accepted too).
+    :func:`solve` refuses any other option, naming the method and the option.
+    """
     def wrap(func: Method) -> Method:
         METHODS[name] = func
+        func.forwards_to = forwards_to  # type: ignore[attr-defined]
         return func
     return wrap
+
+
+_COMMON = ("time_limit_s", "seed")
+
+
+def method_options(method: str) -> tuple[str, ...]:
+    """The options ``method`` accepts (beyond ``time_limit_s`` and ``seed``), sorted."""
+    import importlib
+    import inspect
+
+    func = METHODS[method]
+    targets: list = [func]
+    forwards = getattr(func, "forwards_to", None)
+    if forwards:
+        module, _, name = forwards.partition(":")
+        targets.append(getattr(importlib.import_module(module), name))
+    names: set[str] = set()
+    for f in targets:
+        params = inspect.signature(f).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return tuple(sorted(names - set(_COMMON) - {"problem", "method"}))
 
 
 @dataclass(frozen=True)
@@ -93,24 +121,31 @@ def check_feasible(model: ModelSpec, topology: Topology, num_redundant: int,
         raise InfeasibleError(f"{g} GPUs need at least {g} slots per layer but there are {e} experts + "
                               f"{num_redundant} redundant = {p}; nearest feasible: --redundant {g - e} "
                               f"or --gpus {_largest_divisor_at_most(p, g)}")
+    limit = memory_limit_bytes if memory_limit_bytes is not None else topology.memory_bytes
     if p % g:
         up = (-p) % g
         down = p % g
-        hint = f"--redundant {num_redundant + up}"
-        if num_redundant - down >= 0:
-            hint = f"--redundant {num_redundant - down} or {hint}"
+        options = [r for r in (num_redundant - down, num_redundant + up) if r >= 0]
+        if model.sizes_known:  # only settings whose slots fit GPU memory
+            fit_r = int(limit // (model.num_moe_layers * model.expert_weight_bytes)) * g - e
+            if fit_r >= 0 and not [r for r in options if r <= fit_r]:
+                raise InfeasibleError(f"{e} experts + {num_redundant} redundant = {p} slots per layer do not split "
+                                      f"evenly over {g} GPUs, and --redundant {num_redundant} exceeds what fits in "
+                                      f"GPU memory; the largest that fits on {g} GPUs is --redundant {fit_r}")
+        hint = " or ".join(f"--redundant {r}" for r in options)
         raise InfeasibleError(f"{e} experts + {num_redundant} redundant = {p} slots per layer do not split "
                               f"evenly over {g} GPUs; nearest feasible: {hint}")
-    limit = memory_limit_bytes if memory_limit_bytes is not None else topology.memory_bytes
     if model.sizes_known:
         per_slot = model.num_moe_layers * model.expert_weight_bytes
         need = p // g * per_slot
         if need > limit:
             fit = int(limit // per_slot)
-            raise InfeasibleError(
-                f"{p // g} slots per GPU need {need / 1e9:.1f} GB of expert weights, more than the "
-                f"{limit / 1e9:.1f} GB available; at most {fit} slots per GPU fit"
-                + (f" (e.g. --gpus {-(-e // fit)} or more)" if fit > 0 else ""))
+            head = (f"{p // g} slots per GPU need {need / 1e9:.1f} GB of expert weights, more than the "
+                    f"{limit / 1e9:.1f} GB available; at most {fit} slots per GPU fit")
+            if num_redundant > 0 and fit * g >= e:  # the redundancy is what does not fit
+                raise InfeasibleError(f"{head}: --redundant {num_redundant} exceeds what fits in GPU memory; "
+                                      f"the largest that fits on {g} GPUs is --redundant {fit * g - e}")
+            raise InfeasibleError(head + (f" (e.g. --gpus {-(-e // fit)} or more)" if fit > 0 else ""))
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -125,6 +160,11 @@ def solve(problem: PlacementProblem, method: str = "contiguous", *, time_limit_s
     except KeyError:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}",
                                 source="--method") from None
+    unknown = sorted(set(options) - set(method_options(method)))
+    if unknown:
+        known = method_options(method)
+        raise InvalidInputError(f"method {method} takes no option {unknown[0]!r} (its options: "
+                                f"{', '.join(known) if known else 'none'})", source="--method")
     start = time.perf_counter()
     result = func(problem, time_limit_s=time_limit_s, seed=seed, **options)
     if result.placement is not None:
@@ -136,4 +176,5 @@ def solve(problem: PlacementProblem, method: str = "contiguous", *, time_limit_s
     return result
 
 
-__all__ = ["METHODS", "PlacementProblem", "check_feasible", "expert_memory_per_gpu", "register", "solve"]
+__all__ = ["METHODS", "PlacementProblem", "check_feasible", "expert_memory_per_gpu", "method_options", "register",
+           "solve"]

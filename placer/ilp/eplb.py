@@ -309,8 +309,7 @@ def gpu_load_ratio(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np
 
 
 @register("eplb")
-def solve_eplb(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
-               **_) -> SolveResult:
+def solve_eplb(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0) -> SolveResult:
     """DeepSeek EPLB on the problem's expert loads (deterministic; time limit and seed unused).
 
     With ``problem.distinct_per_gpu`` (vllm-ascend) copies of one expert land on distinct GPUs

@@ -393,4 +393,4 @@ def solve_exact(problem: PlacementProblem, *, time_limit_s: float | None = None,
     return solve_coherent(problem, time_limit_s=time_limit_s, seed=seed, backend="exact", **options)
 
 
-register("exact")(solve_exact)
+register("exact", forwards_to="placer.ilp.coherent:solve_coherent")(solve_exact)

@@ -323,7 +323,7 @@ def _placement(gpu: np.ndarray, num_gpus: int) -> Placement:
 def solve_exflow(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
                  backend: str = "auto", deterministic_time: float | None = None, num_workers: int = 1,
                  scheme: str = "bipartition", token_batch: int | None = None,
-                 subsolve_time_s: float | None = 60.0, **_) -> SolveResult:
+                 subsolve_time_s: float | None = 60.0) -> SolveResult:
     """ExFlow's staged affinity ILP (see the module docstring).
 
     ``subsolve_time_s`` caps every sub-solve's wall time (the repository's 60 s; None: no cap).

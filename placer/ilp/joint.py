@@ -25,8 +25,11 @@ The search scores each layer on at most ``search_tokens`` (1024) token types of 
 sample (a random prefix of it when there are more; Mixtral's 4 GPUs x 28 expert pairs are 112
 types, so small models use the whole sample); the reported objective uses the whole sample.
 
-Options (``solve(problem, "placer", ...)``): ``time_limit_s`` (wall clock, checked between
-chunks of annealing steps; status "timeout" when it cut the search, "feasible" otherwise),
+Options (``solve(problem, "placer", ...)``): ``time_limit_s`` (wall clock from the call, numba
+compilation on a cold cache included (:mod:`placer._warm`), checked between chunks of annealing
+steps; the search stops early enough for the final evaluation; when the limit passes before the
+search can start, the best start is returned; status "timeout" when it cut the search,
+"feasible" otherwise),
 ``seed``, ``iterations`` (annealing steps per layer and annealed start, the deterministic
 budget; default :func:`default_iterations`), ``search_tokens``, ``num_workers`` (local
 processes, default ``min(2, cpus)``), ``ray_address`` (run layer groups on Ray),
@@ -252,7 +255,7 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     return tasks
 
 
-@register("placer")
+@register("placer", forwards_to="placer.ilp.coherent:solve_coherent")
 def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
                  num_workers: int | None = None, ray_address: str | None = None,
                  iterations: int | None = None, search_tokens: int = DEFAULT_SEARCH_TOKENS,
@@ -265,6 +268,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     if options:
         raise InvalidInputError(f"unknown options for method placer: {', '.join(sorted(options))}",
                                 source="--method")
+    from placer._warm import ensure_search_kernels
     from placer.ilp.parallel import run_layer_search
 
     deadline = None if time_limit_s is None else time.time() + float(time_limit_s)
@@ -284,6 +288,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     names = list(start_maps)  # eplb first: the cap's reference
     spg, e = problem.slots_per_gpu, model.num_experts
     start_placements = {n: Placement(start_maps[n], spg, e) for n in names}
+    t_eval = time.time()
     ev_eplb = evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed,
                                  weights={**w, "balance_cap": None})
     reference = ev_eplb["per_layer"]["expected_load_max_over_mean"] if w["balance_cap"] is not None else None
@@ -292,16 +297,28 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     start_ev = {"eplb": ev_eplb if reference is None else
                 evaluate_objective(problem, start_placements["eplb"], seed=dispatch_seed, weights=w,
                                    reference=reference)}
-    tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens)
-    results = run_layer_search(tasks, cfg, deadline, num_workers=num_workers, ray_address=ray_address)
-    placement = Placement(np.stack([r.p2l for r in results]), spg, e)
-
-    ev = evaluate_objective(problem, placement, seed=dispatch_seed, weights=w, reference=reference)
-    for n in names[1:]:
+    eval_s = time.time() - t_eval
+    for n in names[1:]:  # before the search: after it, one evaluation is left
+        if deadline is not None and time.time() + eval_s > deadline:
+            break  # out of time: the starts scored so far (always EPLB's)
+        t_eval = time.time()
         start_ev[n] = evaluate_objective(problem, start_placements[n], seed=dispatch_seed, weights=w,
                                          reference=reference)
-    best_start = min(names, key=lambda n: start_ev[n]["total"])
-    chosen = "search"
+        eval_s = min(eval_s, time.time() - t_eval)
+    # The search stops early enough for the last evaluation to end by the deadline.
+    search_deadline = None if deadline is None else deadline - 1.5 * eval_s - 0.1
+    ready = ((search_deadline is None or time.time() < search_deadline)
+             and ensure_search_kernels(search_deadline))  # compiles on a cold numba cache
+    if ready:
+        tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens)
+        results = run_layer_search(tasks, cfg, search_deadline, num_workers=num_workers,
+                                   ray_address=ray_address)
+        placement = Placement(np.stack([r.p2l for r in results]), spg, e)
+        ev = evaluate_objective(problem, placement, seed=dispatch_seed, weights=w, reference=reference)
+    else:  # the deadline passed (e.g. while the kernels compiled): the best start, status "timeout"
+        results, placement, ev = [], start_placements["eplb"], start_ev["eplb"]
+    best_start = min(start_ev, key=lambda n: start_ev[n]["total"])
+    chosen = "search" if ready else "eplb"
     if ev["total"] > start_ev[best_start]["total"]:
         placement, ev, chosen = start_placements[best_start], start_ev[best_start], best_start
     assert ev["total"] <= min(s["total"] for s in start_ev.values())
@@ -310,11 +327,11 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     obj = float(ev["total"])
     gap = max(0.0, (obj - lb) / max(abs(obj), 1e-300)) if obj > 0 else 0.0
     terms = {k: float(ev[k]) for k in _REPORTED}
-    terms.update({f"start_{n}": float(start_ev[n]["total"]) for n in names})
+    terms.update({f"start_{n}": float(start_ev[n]["total"]) for n in start_ev})
     terms["returned_start"] = float(names.index(chosen)) if chosen != "search" else -1.0
     terms["search_primary"] = float(sum(r.primary for r in results))
     terms["iterations"] = float(sum(r.iterations for r in results))
-    timed_out = any(r.timed_out for r in results)
+    timed_out = not ready or any(r.timed_out for r in results)
     backend = "numba" if _ls_kernel.HAVE_NUMBA else "python"
     if ray_address:
         backend += "+ray"

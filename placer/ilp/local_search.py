@@ -153,6 +153,8 @@ def search_layer(task: LayerTask, cfg: SearchConfig, deadline: float | None = No
     for si, p2l in enumerate(starts):
         primary = start_primaries[si]
         best_p2l = p2l.copy()
+        if iters > 0 and deadline is not None and time.time() > deadline:
+            timed_out = True  # no start anneals past the deadline
         if iters > 0 and not timed_out and primary <= floor + cfg.start_margin * abs(floor):
             traffic, mx, sd = A.init_state(p2l, lay, st, wk)
             energy = primary + cfg.lam * cfg.w_bal * sd

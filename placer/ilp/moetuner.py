@@ -532,7 +532,7 @@ def _check_supported(problem: PlacementProblem, transitions: str) -> np.ndarray 
 def solve_moetuner(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
                    backend: str = "cpsat", deterministic_time: float | None = None,
                    num_workers: int = 1, transitions: str = "pair", exact_max_gpus: int = 8,
-                   subsolve_time_s: float | None = 60.0, **_) -> SolveResult:
+                   subsolve_time_s: float | None = 60.0) -> SolveResult:
     """MoETuner's two ILPs (see the module docstring); ILP1's objective is the primary one.
 
     ``transitions``: ``"pair"`` (all top-k pairs, default) or ``"top1"``. ``exact_max_gpus``:

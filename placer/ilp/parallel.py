@@ -13,6 +13,11 @@ wall-clock deadline, when one is set, may cut different layers short).
   (``ray.init(address=...)``; ``"auto"`` joins the local cluster). When Ray is already
   initialised in this process the existing connection is used and the address is ignored.
   Each task asks for one CPU; numba's on-disk cache makes workers after the first cheap.
+
+The caller (:func:`placer.ilp.joint.solve_placer`) loads or compiles the search kernels in this
+process first (:func:`placer._warm.ensure_search_kernels`): forked workers inherit them and
+forkserver / spawned ones load them from the cache, so no worker compiles outside the time
+limit. On an exception (SIGINT, SIGTERM) the local workers are killed at once.
 """
 
 from __future__ import annotations
@@ -60,9 +65,24 @@ def run_local(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None 
     groups = layer_groups(tasks, workers * GROUPS_PER_WORKER)
     if workers == 1 or len(groups) <= 1:
         return search_group(tasks, cfg, deadline)
-    with ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=_pool_context()) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=_pool_context())
+    try:
         futures = [pool.submit(search_group, g, cfg, deadline) for g in groups]
-        return [r for f in futures for r in f.result()]
+        results = [r for f in futures for r in f.result()]
+    except BaseException:  # SIGINT / SIGTERM or a failed group: stop the workers now, not at their end
+        _kill_workers(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            proc.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 _REMOTE = None

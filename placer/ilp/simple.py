@@ -1,7 +1,8 @@
 """The serving stacks' default placements: ``contiguous`` and ``round-robin``.
 
 Both ignore routing statistics. With redundant slots they follow vLLM's initial map
-(``[0..E-1] + [i % E for i in range(R)]``), then lay the slots out per GPU.
+(``[0..E-1] + [i % E for i in range(R)]``), then lay the slots out per GPU; where a GPU would
+hold two copies of one expert and the problem forbids it (vllm-ascend), copies are swapped apart.
 """
 
 from __future__ import annotations
@@ -26,20 +27,27 @@ def round_robin_map(num_layers: int, num_experts: int, num_gpus: int, slots_per_
 
 
 def _result(problem: PlacementProblem, p2l: np.ndarray, method: str) -> SolveResult:
+    if problem.distinct_per_gpu:  # the layout wraps when a GPU holds more than E / G slots
+        from placer.ilp.distinct import separate_copies
+        load = np.asarray(problem.stats.load, dtype=np.float64)
+        cnt = np.zeros_like(load)
+        np.add.at(cnt, (np.repeat(np.arange(p2l.shape[0]), p2l.shape[1]), p2l.ravel()), 1)
+        p2l = separate_copies(p2l, problem.slots_per_gpu, load / cnt)[0]
     placement = Placement(p2l, problem.slots_per_gpu, problem.model.num_experts)
     return SolveResult(placement=placement, status="feasible", objective=float("nan"), method=method,
                        backend="numpy")
 
 
 @register("contiguous")
-def solve_contiguous(problem: PlacementProblem, **_) -> SolveResult:
+def solve_contiguous(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0) -> SolveResult:
     """Contiguous blocks of experts per GPU (Megatron, DeepSpeed, vLLM ``linear``)."""
     return _result(problem, contiguous_map(problem.model.num_moe_layers, problem.model.num_experts,
                                            problem.num_slots), "contiguous")
 
 
 @register("round-robin")
-def solve_round_robin(problem: PlacementProblem, **_) -> SolveResult:
+def solve_round_robin(problem: PlacementProblem, *, time_limit_s: float | None = None,
+                      seed: int = 0) -> SolveResult:
     """Experts dealt to GPUs in turn (vLLM ``round_robin``)."""
     return _result(problem, round_robin_map(problem.model.num_moe_layers, problem.model.num_experts,
                                             problem.topology.num_gpus, problem.slots_per_gpu), "round-robin")

@@ -21,6 +21,8 @@ from placer.errors import InvalidInputError, MissingDependencyError
 from placer.types import ModelSpec, RoutingTrace
 
 SCHEMA_VERSION = 1
+MAX_EXPERT_ID = int(np.iinfo(np.int16).max)
+"""Largest expert id a routing trace holds (ids are stored as int16)."""
 HEADER_KEY = "header"
 """Key of the JSON header (a uint8 array of UTF-8 JSON bytes) in native npz files."""
 
@@ -125,6 +127,54 @@ def int_array(path: str | os.PathLike[str], value: Any, what: str, ndim: int | t
     return arr.astype(np.int64)
 
 
+def _first_non_integer(value: Any) -> Any:
+    """The first leaf of nested lists that is not an integer (bools, strings, fractions), else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif type(item) is float:
+            if not (np.isfinite(item) and item.is_integer()):
+                return item
+        elif type(item) is not int:
+            return item
+    return None
+
+
+def json_ids(path: str | os.PathLike[str], value: Any, where: str, may_hold_bool: bool = True) -> np.ndarray:
+    """Expert ids parsed from JSON (nested lists) as int64, never truncated.
+
+    Fractional, string, boolean and null ids are errors (``np.asarray`` would truncate
+    ``1.5``, turn ``true`` into 1, or keep strings); whole floats (``2.0``) are accepted.
+    ``may_hold_bool=False`` (the JSON text holds no ``true``/``false``) skips the per-element
+    scan for booleans mixed into integer lists.
+    """
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        bad = _first_non_integer(value)
+        if bad is not None:
+            raise fail(path, f"{where}: expert id {json.dumps(bad)} is not an integer") from None
+        raise fail(path, f"{where} is ragged (rows of different lengths)") from None
+    kind = arr.dtype.kind
+    if kind in "iu" and not may_hold_bool:
+        return arr.astype(np.int64)
+    if kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        if np.abs(arr).max() < 2.0 ** 63:
+            return arr.astype(np.int64)
+    bad = _first_non_integer(value) if arr.size else None
+    if bad is not None:
+        text = json.dumps(bad) if isinstance(bad, (bool, str, float, type(None))) else repr(bad)
+        raise fail(path, f"{where}: expert id {text} is not an integer")
+    if kind not in "iu":
+        if kind == "O":  # integers beyond int64, or ragged rows
+            raise fail(path, f"{where} is ragged or holds integers beyond 64 bits")
+        if arr.size:
+            raise fail(path, f"{where}: expert ids must be integers, got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
 def check_load(path: str | os.PathLike[str], load: np.ndarray, what: str = "load matrix") -> np.ndarray:
     """A load matrix [L, E]: numeric, finite, non-negative; int64 when integral else float64."""
     arr = to_numpy(path, load, what)
@@ -139,6 +189,10 @@ def check_load(path: str | os.PathLike[str], load: np.ndarray, what: str = "load
     if f.min() < 0:
         layer = int(np.argwhere(f < 0)[0, 0])
         raise fail(path, f"{what} has negative values (layer row {layer}, min {f.min():g})")
+    if f.max() >= 2.0 ** 63:  # would wrap to negative as int64
+        layer = int(np.argwhere(f >= 2.0 ** 63)[0, 0])
+        raise fail(path, f"{what} value {f.max():g} out of range (layer row {layer}; counts must be "
+                         f"below 2**63)")
     return arr.astype(np.int64) if np.all(f == np.round(f)) else f
 
 
@@ -234,6 +288,9 @@ def make_trace(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec |
     e = num_experts if num_experts is not None else num_experts_of(path, ids, model)
     check_shape(path, model, ids.shape[1], e, ids.shape[2])
     check_ids(path, ids, e, model)
+    if ids.size and int(ids.max()) > MAX_EXPERT_ID:  # before the int16 cast wraps it
+        raise fail(path, f"expert id {int(ids.max())} out of range [0, {MAX_EXPERT_ID + 1}) "
+                         "(placer stores expert ids as int16)")
     with guard(path, "routing data"):
         return RoutingTrace(ids.astype(np.int16), e, order, model=model, **optional)
 

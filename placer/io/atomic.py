@@ -20,11 +20,39 @@ def _target(path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise InvalidInputError(f"cannot write: directory {str(parent)!r} does not exist",
-                                source=str(path))
+        what = f"{str(parent)!r} is not a directory" if parent.exists() else \
+            f"directory {str(parent)!r} does not exist"
+        raise InvalidInputError(f"cannot write: {what}", source=str(path))
     if target.is_dir():
         raise InvalidInputError("cannot write: the path is a directory", source=str(path))
     return target
+
+
+def check_writable(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Refuse, before any work is done, an output that cannot be written (exit 2 naming ``path``).
+
+    A file needs an existing, writable parent directory and must not be a directory. A
+    ``directory`` output (created with its parents when missing) must not be a file, and its
+    nearest existing ancestor must be a writable directory.
+    """
+    if not directory:
+        target = _target(path)
+        parent = target.parent if str(target.parent) else Path(".")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidInputError(f"cannot write: permission denied in directory {str(parent)!r}",
+                                    source=str(path))
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError("cannot write: the path exists and is not a directory", source=str(path))
+    ancestor = target
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidInputError(f"cannot write: {str(ancestor)!r} is not a directory", source=str(path))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write: permission denied in directory {str(ancestor)!r}",
+                                source=str(path))
 
 
 def _fsync_file(path: str) -> None:

@@ -14,6 +14,8 @@ import binascii
 import csv
 import json
 import os
+import re
+import sys
 from typing import Any, cast
 
 import numpy as np
@@ -23,6 +25,7 @@ from placer.io._common import (
     check_shape,
     fail,
     guard,
+    json_ids,
     make_trace,
     moe_rows,
     require_file,
@@ -46,7 +49,9 @@ def read_hdmoe_json(path: str | os.PathLike[str], model: ModelSpec | None) -> Ro
     """
     require_file(path)
     with guard(path, "HD-MoE JSON"), open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        text = f.read()
+        data = json.loads(text)
+        may_hold_bool = "true" in text or "false" in text
         if not isinstance(data, dict) or not data:
             raise fail(path, "expected a JSON object {layer: [[expert ids] per token]}")
         try:
@@ -64,10 +69,7 @@ def read_hdmoe_json(path: str | os.PathLike[str], model: ModelSpec | None) -> Ro
             value = data[key]
             if not isinstance(value, list):
                 raise fail(path, f"layer {n}: expected a list of expert-id lists")
-            try:
-                arr = np.asarray(value, dtype=np.int64)
-            except (ValueError, TypeError):
-                raise fail(path, f"layer {n}: ragged or non-integer expert lists") from None
+            arr = json_ids(path, value, f"layer {n}", may_hold_bool)
             if arr.ndim != 2:
                 raise fail(path, f"layer {n}: expected [tokens, top_k] ids, got shape {list(arr.shape)}")
             if per_layer and arr.shape[0] != per_layer[0].shape[0]:
@@ -207,10 +209,8 @@ def read_megatron_jsonl(path: str | os.PathLike[str], model: ModelSpec | None) -
                 raise fail(path, f"line {n}: record lacks {', '.join(missing)}")
             key = (rec.get("rank"), rec["step"], rec.get("block"), rec.get("stage"))
             layer = int(rec["layer"])
-            try:
-                ids = np.asarray(rec["top_indices"], dtype=np.int64)
-            except (ValueError, TypeError):
-                raise fail(path, f"line {n}: top_indices is ragged or not integer") from None
+            ids = json_ids(path, rec["top_indices"], f"line {n}: top_indices",
+                           "true" in line or "false" in line)
             if ids.size == 0:
                 ids = ids.reshape(0, int(rec.get("topk", 1)))
             if ids.ndim != 2:
@@ -291,6 +291,9 @@ def _megatron_probs(path: str | os.PathLike[str], n: int, rec: dict[str, Any],
 
 def _load_stats(path: str | os.PathLike[str], load: np.ndarray, model: ModelSpec | None) -> RoutingStats:
     load = check_load(path, load)
+    if not np.any(load):
+        raise fail(path, "load matrix is all zeros (no routing): pass a trace or statistics, "
+                         "or make one with `placer synth`")
     load = moe_rows(path, load, 0, model)
     check_shape(path, model, load.shape[0], load.shape[1], None)
     # Without a model top-k is unknown: the counts are taken per token-slot (top_k 1).
@@ -305,16 +308,87 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+_EXPERT_COLUMN = re.compile(r"^\s*expert[\s_-]*(\d+)\s*$", re.IGNORECASE)
+_LAYER_COLUMNS = ("layer", "layer_id", "layer_idx", "layer_index")
+
+
+def _labelled_load(path: str | os.PathLike[str], header: list[str],
+                   rows: list[list[str]]) -> tuple[np.ndarray, str] | None:
+    """The load matrix of a CSV with a header naming its columns, and a note saying how it was read.
+
+    Load columns: the ``Expert_<n>`` columns (in expert order) when there are any, else every
+    all-numeric column. A ``Layer`` column gives each row's layer: rows of one layer are summed,
+    layers in ascending order. Other columns (labels such as a language) are ignored. None when
+    the header is plain (every column numeric, no layer column): the rows are the matrix.
+    """
+    width = len(header)
+    for n, r in enumerate(rows, start=2):
+        if len(r) != width:
+            raise fail(path, f"row {n} has {len(r)} values, the header has {width} columns")
+    names = [h.strip() for h in header]
+    layer_col = next((i for i, h in enumerate(names) if h.lower() in _LAYER_COLUMNS), None)
+    numeric = [i for i in range(width) if i != layer_col and all(_is_number(r[i]) for r in rows)]
+    experts = {int(m.group(1)): i for i, h in enumerate(names) if (m := _EXPERT_COLUMN.match(h))}
+    if experts:
+        missing = sorted(set(range(len(experts))) - set(experts))
+        if missing or len(experts) != sum(1 for h in names if _EXPERT_COLUMN.match(h)):
+            raise fail(path, f"expert columns must be Expert_0..Expert_{len(experts) - 1} once each"
+                             + (f"; Expert_{missing[0]} is missing" if missing else "; one appears twice"))
+        cols = [experts[e] for e in range(len(experts))]
+        for i in cols:
+            bad = next((n for n, r in enumerate(rows, start=2) if not _is_number(r[i])), None)
+            if bad is not None:
+                raise fail(path, f"row {bad}, column {names[i]}: non-numeric value {rows[bad - 2][i]!r}")
+        used = f"columns {names[cols[0]]}..{names[cols[-1]]}" if len(cols) > 1 else f"column {names[cols[0]]}"
+    else:
+        cols = numeric
+        if layer_col is None and len(cols) == width:
+            return None
+        if not cols:
+            raise fail(path, "holds no numeric load columns")
+        used = f"the numeric columns {', '.join(names[i] for i in cols)}"
+    values = np.asarray([[float(r[i]) for i in cols] for r in rows], dtype=np.float64)
+    ignored = [names[i] for i in range(width) if i not in cols and i != layer_col]
+    note = f"load from {used} ({len(cols)} experts)"
+    if layer_col is not None:
+        layers = []
+        for n, r in enumerate(rows, start=2):
+            cell = r[layer_col].strip()
+            if not (_is_number(cell) and float(cell).is_integer() and float(cell) >= 0):
+                raise fail(path, f"row {n}, column {names[layer_col]}: {cell!r} is not a layer number")
+            layers.append(int(float(cell)))
+        order = sorted(set(layers))
+        index = np.searchsorted(np.asarray(order), np.asarray(layers))
+        summed = np.zeros((len(order), len(cols)), dtype=np.float64)
+        np.add.at(summed, index, values)
+        values = summed
+        if len(order) < len(rows):
+            note += f", {len(rows)} rows summed per {names[layer_col]} into {len(order)} layers"
+        else:
+            note += f", rows ordered by {names[layer_col]}"
+    if ignored:
+        note += f"; ignored columns: {', '.join(ignored)}"
+    return values, note
+
+
 def read_load_csv(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingStats:
     """A load matrix [L, E] as CSV: numeric rows, optionally under one non-numeric header row.
 
     NaN, negative, non-numeric and ragged rows are errors. Rows equal to the model's hidden
-    layer count are cut to its MoE layers.
+    layer count are cut to its MoE layers. A header may label the columns: then the
+    ``Expert_<n>`` columns (else the numeric ones) are the load, a ``Layer`` column sums rows
+    per layer, and label columns are ignored; one note line on stderr says which were used.
     """
     require_file(path)
-    with guard(path, "load CSV"), open(path, newline="", encoding="utf-8") as f:
+    with guard(path, "load CSV"), open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
         if rows and not all(_is_number(c) for c in rows[0]):
+            if len(rows) > 1:
+                labelled = _labelled_load(path, rows[0], rows[1:])
+                if labelled is not None:
+                    values, note = labelled
+                    sys.stderr.write(f"placer: note: {path}: {note}\n")
+                    return _load_stats(path, values, model)
             rows = rows[1:]
         if not rows:
             raise fail(path, "holds no numeric rows")

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io._common import fail, guard, make_trace, moe_rows, require_file
+from placer.io._common import fail, guard, json_ids, make_trace, moe_rows, require_file
 from placer.types import ModelSpec, RoutingTrace
 
 
@@ -141,10 +141,7 @@ def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -
             if isinstance(value, str):
                 ids = _decode_b64(path, value, f"line {n}", model)
             else:
-                try:
-                    ids = np.asarray(value, dtype=np.int64)
-                except (ValueError, TypeError):
-                    raise fail(path, f"line {n}: routed_experts is ragged or not integer") from None
+                ids = json_ids(path, value, f"line {n}: routed_experts", "true" in text or "false" in text)
                 if ids.ndim != 3:
                     raise fail(path, f"line {n}: routed_experts has shape {list(ids.shape)}, expected "
                                      "[tokens, layers, top_k]")

@@ -93,6 +93,29 @@ class ApplyOutcome:
     final: Placement
 
 
+class ReferenceCache:
+    """The single-process reference output of the last batch asked for (a retried batch is
+    asked for again), recomputed for any other batch.
+
+    The cache holds the batch itself and compares identity while holding it. It used to be
+    keyed by ``id(batch)``: once a batch was freed, a later batch could be allocated at the
+    same address, get the same id and be checked against the stale reference of the earlier
+    one (a wrong "mismatch" that depended on allocation timing, seen under CPU load).
+    """
+
+    def __init__(self, compute: Callable[[np.ndarray], np.ndarray]):
+        self.compute = compute
+        self._batch: np.ndarray | None = None
+        self._output: np.ndarray | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._batch is not x:
+            self._output = self.compute(x)
+            self._batch = x  # held: its id cannot be reused while it is cached
+        assert self._output is not None
+        return self._output
+
+
 def _stream(seed: int, tokens: int, hidden: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     while True:
@@ -130,14 +153,7 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
     say(f"starting {ranks} rank actors")
     with dep:
         start_s = time.perf_counter() - start
-        ref_cache: dict[int, np.ndarray] = {}
-
-        def reference(x: np.ndarray) -> np.ndarray:
-            key = id(x)
-            if key not in ref_cache:
-                ref_cache.clear()
-                ref_cache[key] = reference_forward(dep.weights, torch.from_numpy(x)).numpy()
-            return ref_cache[key]
+        reference = ReferenceCache(lambda x: reference_forward(dep.weights, torch.from_numpy(x)).numpy())
 
         stream = _stream(seed + 1, tokens, model.hidden_size)
         batches = verified = 0

@@ -198,10 +198,10 @@ class ServiceState:
     last_decision: dict[str, Any] | None = None
 
 
-def _identity(model: ModelSpec, topology: Topology, placement: Placement) -> dict[str, Any]:
+def _identity(model: ModelSpec, topology: Topology, placement: Placement | None) -> dict[str, Any]:
     return {"model": model.name, "moe_layers": model.num_moe_layers, "experts": model.num_experts,
             "top_k": model.top_k, "gpus": topology.num_gpus, "gpus_per_node": topology.gpus_per_node,
-            "slots": placement.num_slots}
+            "slots": None if placement is None else placement.num_slots}
 
 
 def save_state(path: str | os.PathLike[str], state: ServiceState, model: ModelSpec, topology: Topology) -> None:
@@ -250,13 +250,20 @@ def load_state(path: str | os.PathLike[str], model: ModelSpec, topology: Topolog
         return None
     meta, arrays = _read(path)
     try:
+        got = meta["identity"]
         p2l = np.asarray(arrays["physical_to_logical"])
-        placement = Placement(p2l, int(meta["slots_per_gpu"]), model.num_experts)
-        want = _identity(model, topology, placement)
-        if meta["identity"] != want:
-            got = meta["identity"]
-            raise InvalidInputError(f"was written for {got.get('model')} ({got.get('moe_layers')} MoE layers, "
-                                    f"E={got.get('experts')}, top_k={got.get('top_k')}) on {got.get('gpus')} GPUs "
+        want = _identity(model, topology, None)
+        if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items() if k != "slots"):
+            # Before the placement is built: another model's map would fail with a shape error instead.
+            want["slots"] = None
+        else:
+            placement = Placement(p2l, int(meta["slots_per_gpu"]), model.num_experts)
+            want = _identity(model, topology, placement)
+        if got != want:
+            got = got if isinstance(got, dict) else {}
+            raise InvalidInputError(f"the state file was written for {got.get('model')} "
+                                    f"({got.get('moe_layers')} MoE layers, E={got.get('experts')}, "
+                                    f"top_k={got.get('top_k')}) on {got.get('gpus')} GPUs "
                                     f"with {got.get('slots')} slots per layer, not {want['model']} "
                                     f"({want['moe_layers']} MoE layers, E={want['experts']}, top_k={want['top_k']}) "
                                     f"on {want['gpus']} GPUs; pass another --state", source=path)

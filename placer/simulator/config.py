@@ -169,10 +169,10 @@ class ServingWorkload:
     kind: str = field(default="serving", init=False)
 
     def __post_init__(self) -> None:
-        if not self.rate > 0:
-            raise InvalidInputError(f"must be positive, got {self.rate}", source="--rate")
-        if not self.duration_s > 0:
-            raise InvalidInputError(f"must be positive, got {self.duration_s}", source="--duration")
+        if not 0 < self.rate < float("inf"):
+            raise InvalidInputError(f"must be a positive finite number, got {self.rate}", source="--rate")
+        if not 0 < self.duration_s < float("inf"):
+            raise InvalidInputError(f"must be a positive finite number, got {self.duration_s}", source="--duration")
         for flag, v in (("--prompt-len", self.prompt_len), ("--output-len", self.output_len),
                         ("--token-budget", self.token_budget), ("--max-running", self.max_running)):
             if v < 1:

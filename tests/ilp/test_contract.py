@@ -46,13 +46,19 @@ def _problem(experts, gpus, nodes, redundant, execution, seed):
     return PlacementProblem(stats, model, topology, num_redundant=redundant, execution=execution)
 
 
+# The only refusals a method may make, and the phrase that says why: methods that place no
+# replicas refuse redundant slots. Any other InvalidInputError fails the contract.
+REFUSALS = {"moetuner": "places no replicas", "exflow": "places no replicas",
+            "exact": "needs no redundant slots"}
+
+
 def _run(problem, method, seed):
     try:
         return solve(problem, method, seed=seed)
     except InvalidInputError as exc:
-        in_domain = problem.num_redundant == 0 and problem.execution == "context-coherent"
-        assert not in_domain, f"{method} refused a no-replica context-coherent instance: {exc}"
-        assert str(exc), "a refusal must say why"
+        allowed = REFUSALS.get(method)
+        assert allowed is not None and problem.num_redundant > 0 and allowed in str(exc), \
+            f"{method} refused an instance in its domain: {exc}"
         return None
 
 
@@ -63,7 +69,7 @@ def test_method_contract(method, case):
         problem = _problem(*case, seed=seed)
         result = _run(problem, method, seed)
         if result is None:
-            return
+            continue
         assert result.status in SOLVE_STATUSES and result.status != "infeasible"
         check_placement(result.placement, problem.model, problem.topology)
         assert result.placement.num_slots == problem.num_slots
@@ -94,7 +100,7 @@ def test_method_keeps_copies_on_distinct_gpus(method, case):
         problem = replace(_problem(*case, "standard", seed=seed), distinct_per_gpu=True, dispatch="vllm-ascend")
         result = _run(problem, method, seed)
         if result is None:
-            return
+            continue
         assert duplicate_copies(result.placement) == [], method
         check_placement(result.placement, problem.model, problem.topology, distinct_per_gpu=True)
 
@@ -107,3 +113,33 @@ def test_distinct_infeasible_sizes():
     problem = _problem(4, 2, 1, 8, "standard", seed=0)  # 6 slots per GPU, 4 experts
     with pytest.raises(InfeasibleError, match="6 slots per GPU cannot hold distinct experts: the model has 4"):
         replace(problem, distinct_per_gpu=True)
+
+
+@pytest.mark.parametrize("method, option", [("eplb", "backend"), ("eplb", "num_workers"), ("contiguous", "backend"),
+                                            ("moetuner", "ray_address"), ("exflow", "iterations")])
+def test_solve_refuses_options_a_method_does_not_declare(method, option):
+    from placer.ilp.base import method_options
+
+    problem = _problem(8, 4, 1, 0, "standard", seed=0)
+    with pytest.raises(InvalidInputError, match=f"method {method} takes no option '{option}'"):
+        solve(problem, method, **{option: 1})
+    assert option not in method_options(method)
+
+
+def test_cli_refuses_flags_the_method_ignores(capsys, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cli_helpers import one_line_exit2
+
+    from placer.cli import main
+
+    trace = tmp_path / "t.npz"
+    assert main(["synth", "--model", "mixtral-8x7b", "--tokens", "200", "-o", str(trace)]) == 0
+    capsys.readouterr()
+    one_line_exit2(capsys, "solve", trace, "--gpus", "4", "--method", "eplb", "--backend", "cpsat", "-o",
+                   tmp_path / "p.json", needle="method eplb takes no option 'backend'")
+    one_line_exit2(capsys, "solve", trace, "--gpus", "4", "--method", "eplb", "--workers", "8", "-o",
+                   tmp_path / "p.json", needle="method eplb takes no option 'num_workers'")
+    assert not (tmp_path / "p.json").exists()

@@ -309,7 +309,6 @@ def test_load_only_stats_balance_only():
 
 
 def test_context_coherent_delegates():
-    pytest.importorskip("placer.ilp.coherent")
     problem = _problem(redundant=0, execution="context-coherent", layers=3)
     result = solve(problem, "placer", seed=0)
     check_placement(result.placement, problem.model, problem.topology)

@@ -103,3 +103,25 @@ def test_apply_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, ar
     assert main(["apply", "--placement", "new.json", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_reference_cache_recomputes_for_every_other_batch():
+    """The reference of a batch is reused only for that same batch (a retry), never for a later
+    batch that happens to reuse a freed batch's id (the cause of wrong "mismatches" under load)."""
+    from placer.runtime.apply import ReferenceCache
+
+    calls = []
+
+    def compute(x):
+        calls.append(1)
+        return x * 2
+
+    cache = ReferenceCache(compute)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # batches freed and reallocated in place: CPython reuses their ids
+        x = np.empty((32, 128), np.float32)  # (an id-keyed cache returned 199 stale results here)
+        x[:] = rng.standard_normal((32, 128))
+        np.testing.assert_array_equal(cache(x), x * 2)
+        np.testing.assert_array_equal(cache(x), x * 2)  # a retry of the same batch: cached
+        del x
+    assert len(calls) == 200
