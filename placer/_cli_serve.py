@@ -109,9 +109,16 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch,
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
                           time_limit_s=time_limit_s, seed=seed)
+    export_list = tuple(_parse_exports(exports))
+    from placer.io.atomic import check_writable
+    from placer.presets import check_problem_size
+    check_problem_size(spec, topology, simulate=True)  # the policy simulates each candidate placement
+    for out_path in (output, state_path, *(p for _, p in export_list)):
+        if out_path:  # written later by the running service: refuse now, before binding
+            check_writable(out_path)
     config = ServeConfig(model=spec, topology=topology, policy=policy, half_life=half_life, interval_s=interval_s,
                          watch_dir=watch_dir, state_path=state_path, output_path=output,
-                         exports=tuple(_parse_exports(exports)), initial=init, initial_source=initial or "",
+                         exports=export_list, initial=init, initial_source=initial or "",
                          host=host, port=port, token=token or None, stack=target)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s placer serve: %(levelname)s %(message)s")

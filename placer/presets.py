@@ -110,3 +110,32 @@ def make_topology(cluster: str = DEFAULT_CLUSTER, *, gpus: int | None = None,
     assert nodes is not None and gpus_per_node is not None
     return Topology(name=cluster.lower(), num_nodes=int(nodes), gpus_per_node=int(gpus_per_node),
                     nvlink_latency_s=3e-6, nic_latency_s=15e-6, **params)
+
+
+MAX_CLUSTER_WORK = 1e11
+"""Most element operations placer takes on for one placement's dispatch tables (beyond: hours)."""
+
+
+def check_problem_size(model: ModelSpec, topology: Topology, *, simulate: bool = False,
+                       source: str = "--gpus") -> None:
+    """Refuse, before any work, a cluster too large for this machine (naming ``source``).
+
+    The dispatch table of a placement is int64 ``[layers, GPUs, experts]`` and building it takes
+    about ``layers x experts x GPUs x nodes`` operations; the simulator adds float64 ``[layers,
+    GPUs, GPUs]`` traffic matrices (about four alive at once).
+    """
+    from placer.io._common import check_memory, human_bytes
+    layers, g, e = model.num_moe_layers, topology.num_gpus, model.num_experts
+    what = f"{g} GPUs"
+    nbytes = 8.0 * layers * g * e
+    if simulate:
+        nbytes += 4 * 8.0 * layers * g * g
+        what += f" (simulated [layers, GPUs, GPUs] traffic of {model.name})"
+    else:
+        what += f" (dispatch tables of {model.name})"
+    check_memory(source, nbytes, f"{what} need about")
+    work = float(layers) * e * g * max(1, topology.num_nodes)
+    if work > MAX_CLUSTER_WORK:
+        raise InvalidInputError(f"{g} GPUs: building the dispatch tables of {model.name} takes about {work:.1e} "
+                                f"operations ({human_bytes(nbytes)} of arrays); placer refuses more than "
+                                f"{MAX_CLUSTER_WORK:.0e}", source=source)

@@ -119,7 +119,7 @@ def is_placement_json(path: str | os.PathLike[str]) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and all(k in doc for k in NATIVE_KEYS)
 

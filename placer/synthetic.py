@@ -573,10 +573,23 @@ def synthesize(model: ModelSpec, num_tokens: int, *, seed: int = 0,
     return chunks()
 
 
+def check_trace_memory(model: ModelSpec, num_tokens: int, *, copies: int = 1,
+                       source: str = "num_tokens") -> None:
+    """Refuse (naming ``source``) a synthetic trace held in memory that does not fit the memory available.
+
+    A token takes ``layers x top_k`` int16 ids and float32 gate weights; ``copies`` of the
+    trace are alive at once.
+    """
+    from placer.io._common import check_memory
+    nbytes = float(num_tokens) * model.num_moe_layers * model.top_k * (2 + 4) * copies
+    check_memory(source, nbytes, f"{num_tokens:,} tokens of {model.name} in memory need about")
+
+
 def synthesize_trace(model: ModelSpec, num_tokens: int, *, seed: int = 0,
                      profile: SyntheticProfile | None = None, phase: str | None = None) -> RoutingTrace:
     """All of :func:`synthesize`'s tokens in one trace (identical to the concatenated chunks)."""
     st, key, code = _prepare(model, num_tokens, seed, profile, phase)
+    check_trace_memory(model, num_tokens)
     ids = np.empty((num_tokens, model.num_moe_layers, model.top_k), np.int16)
     w = np.empty(ids.shape, np.float32)
     _fill(st, key, 0, ids, w)

@@ -186,11 +186,22 @@ def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: fl
     """Write a synthetic trace (native .npz, or chunked .parquet) marked synthetic; return tokens written."""
     from placer.io.atomic import check_writable
     from placer.io.traces import write_trace_npz, write_trace_parquet
-    from placer.synthetic import perturbed, profile_for, synthesize
+    from placer.synthetic import check_trace_memory, perturbed, profile_for, synthesize
 
     if not output.endswith((".npz", ".parquet")):
         raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
     check_writable(output)
+    if output.endswith(".npz"):  # built whole in memory (the chunks and their concatenation)
+        check_trace_memory(model, tokens, copies=2, source="--tokens")
+    else:  # streamed to disk: at least ~2 bytes per id and gate weight even compressed
+        import shutil
+
+        from placer.io._common import human_bytes
+        folder = os.path.dirname(os.path.abspath(output))
+        need, free = 2.0 * tokens * model.num_moe_layers * model.top_k, shutil.disk_usage(folder).free
+        if need > free:
+            raise InvalidInputError(f"{tokens:,} tokens of {model.name} need at least about {human_bytes(need)} "
+                                    f"on disk; {human_bytes(free)} free in {folder}", source="--tokens")
     profile = profile_for(model)
     if perturb > 0:
         profile = perturbed(profile, perturb, seed)
@@ -287,6 +298,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
             raise InvalidInputError("give a routing input or --model PRESET", source="--model")
         stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
     dispatch = resolve_dispatch(dispatch, stack, model)
+    from placer.presets import check_problem_size
+    check_problem_size(model, topology)
     if groups is not None:
         model = with_groups(model, groups)
         stats = replace(stats, model=model)

@@ -7,9 +7,11 @@ writes its inputs under ``tmp_path`` and returns the argv of ``placer``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,54 @@ def _serve_other_models_state(tmp_path):
     return ["serve", "--model", "deepseek-v2-lite", "--gpus", "8", "--state", state]
 
 
+def _npy_bytes(shape, data: bytes = b"\0" * 64, descr: str = "<f8") -> bytes:
+    """A .npy whose header declares ``shape`` but whose data is ``data`` (numpy's header writer)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue() + data
+
+
+def _npz_declaring(shape, data: bytes = b"\0" * 64):
+    def make(tmp_path):
+        p = tmp_path / "load.npz"
+        with zipfile.ZipFile(p, "w") as zf:
+            zf.writestr("load.npy", _npy_bytes(shape, data))
+        return ["stats", p]
+    return make
+
+
+def _npy_declaring(tmp_path):
+    p = tmp_path / "r3.npy"
+    p.write_bytes(_npy_bytes((10**6, 10**3, 10**3), descr="<i8"))
+    return ["stats", p]
+
+
+def _r3_b64_declaring(tmp_path):
+    p = tmp_path / "outputs.jsonl"
+    payload = base64.b64encode(_npy_bytes((10**6, 10**3, 10**3), descr="<i8")).decode()
+    p.write_text(json.dumps({"request_id": 0, "routed_experts": payload}) + "\n")
+    return ["profile", "--vllm-r3", p, *MIXTRAL, "-o", tmp_path / "s.npz"]
+
+
+DEEP = 200_000
+
+
+def _deep_file(text: str, name: str, *argv: str):
+    """A file holding ``text`` (``{deep}`` becomes a DEEP-deep nested list), run as ``argv`` ({file}, {tmp})."""
+    def make(tmp_path):
+        p = tmp_path / name
+        p.write_text(text.replace("{deep}", "[" * DEEP + "]" * DEEP))
+        return [a.replace("{file}", str(p)).replace("{tmp}", str(tmp_path)) for a in argv]
+    return make
+
+
+def _solve_huge_cluster(tmp_path):
+    trace = tmp_path / "ds.npz"
+    _quiet("synth", "--model", "deepseek-v3", "--tokens", "20", "-o", trace)
+    return ["solve", trace, "--model", "deepseek-v3", "--gpus", "65536", "--redundant", "65280",
+            "--method", "contiguous", "-o", tmp_path / "p.json"]
+
+
 LABELLED = ("Layer,Language,Expert_1,Expert_0\n"
             "0,English,1,2\n0,Hebrew,3,4\n1,English,5,6\n1,Hebrew,7,8\n")
 
@@ -185,6 +235,38 @@ CASES = [
     ("csv-labelled-non-numeric", _csv("Layer,Expert_0,Expert_1\n0,1,x\n"), 2,
      "row 2, column Expert_1: non-numeric value 'x'"),
     ("csv-labelled-missing-expert", _csv("Layer,Expert_0,Expert_2\n0,1,2\n"), 2, "Expert_1 is missing"),
+    # 7. tiny files that declare huge arrays: sized from the header before anything is allocated
+    ("npz-declares-8TB", _npz_declaring((10**6, 10**6)), 2, "load.npz: member load.npy declares an array of 8.0 TB; "),
+    ("npz-member-truncated", _npz_declaring((4, 4), b"\0" * 16), 2,
+     "member load.npy is truncated or corrupt: its header declares [4, 4] float64 (128 B), it holds 16 B"),
+    ("npy-declares-8TB", _npy_declaring, 2, "r3.npy: declares an array of 8.0 TB; "),
+    ("r3-base64-npy-declares-8TB", _r3_b64_declaring, 2, "line 1: .npy payload declares an array of 8.0 TB; "),
+    ("sglang-csv-huge-expert-id", _csv("layer_id,expert_id,count\n0,1000000000000,5\n0,1,3\n", "counts.csv"), 2,
+     "expert id 1000000000000 means a [1, 1000000000001] load matrix: reading it needs about 32.0 TB; "),
+    # 8. work sized by a flag: estimated, and refused with both figures, before it starts
+    ("synth-1e12-tokens", _argv("synth", *MIXTRAL, "--tokens", "1000000000000", "-o", "{tmp}/t.npz"), 2,
+     "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b in memory need about 768.0 TB; "),
+    ("synth-1e12-tokens-parquet", _argv("synth", *MIXTRAL, "--tokens", "1000000000000", "-o", "{tmp}/t.parquet"), 2,
+     "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b need at least about 128.0 TB on disk; "),
+    ("simulate-65536-gpus", _argv("simulate", "run", "--model", "deepseek-v3", "--gpus", "65536", "--redundant",
+                                  "65280", "--method", "contiguous"), 2,
+     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 8.0 TB; "),
+    ("solve-65536-gpus", _solve_huge_cluster, 2, "--gpus: 65536 GPUs"),
+    ("serve-65536-gpus", _argv("serve", "--model", "deepseek-v3", "--gpus", "65536", "--redundant", "65280"), 2,
+     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 8.0 TB; "),
+    # 9. deeply nested JSON
+    ("hdmoe-nested-too-deeply", _deep_file('{"0": [{deep}]}', "trace.json", "stats", "{file}"), 2,
+     "trace.json: corrupt or malformed HD-MoE JSON: nested too deeply"),
+    ("placement-nested-too-deeply", _deep_file("{deep}", "p.json", "export", "{file}", "--format", "eplb", "-o",
+                                               "{tmp}/e.npz"), 2, "p.json: corrupt or malformed placement JSON: nested too deeply"),
+    ("serve-state-nested-too-deeply", _deep_file('{"kind": {deep}}', "state.json", "serve", *MIXTRAL, "--gpus", "8",
+                                                 "--state", "{file}"), 2,
+     "state.json: cannot read the state file (JSON nested too deeply)"),
+    # 10. serve's outputs are checked at start-up, before it binds
+    ("serve-output-missing-dir", _argv("serve", *MIXTRAL, "--gpus", "8", "-o", "{tmp}/nodir/p.json"), 2,
+     "nodir/p.json: cannot write: directory"),
+    ("serve-state-missing-dir", _argv("serve", *MIXTRAL, "--gpus", "8", "--state", "{tmp}/nodir/s.json"), 2,
+     "nodir/s.json: cannot write: directory"),
 ]
 
 
@@ -218,3 +300,69 @@ def test_whole_float_ids_are_still_read(tmp_path):
     p = _hdmoe(tmp_path, {"0": [[0, 1.0], [2, 3]], "1": [[1, 2], [3, 0]]})
     trace = next(iter(read_input(p).chunks()))
     assert trace.expert_ids[0, 0].tolist() == [0, 1]
+
+
+def test_npz_that_inflates_beyond_memory_is_refused(capsys, tmp_path, monkeypatch):
+    """A small zip whose member inflates past the memory available (here: 1 MB) is refused unread."""
+    import placer.io._common as common
+    monkeypatch.setattr(common, "memory_available", lambda: 10**6)
+    p = tmp_path / "bomb.npz"
+    np.savez_compressed(p, load=np.zeros((1000, 1000)))  # 8 MB of zeros in a few kB
+    assert p.stat().st_size < 100_000
+    code, out, err = run(capsys, "stats", p)
+    assert code == 2, (code, out, err)
+    assert err.strip() == f"placer: error: {p}: member load.npy declares an array of 8.0 MB; 1.0 MB available"
+
+
+def _ones(layers=4, experts=8) -> list[list[float]]:
+    return [[1.0] * experts for _ in range(layers)]
+
+
+# Bodies POSTed to serve's /stats: (id, body bytes, expected HTTP status, expected phrase of the error).
+POSTS = [
+    ("post-nested-too-deeply", b'{"load": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400,
+     "body is not valid JSON (nested too deeply)"),
+    ("post-load-1e308", json.dumps({"load": [[1e308] * 8] * 4}).encode(), 400,
+     "load holds 1e+308, above the largest count accepted (1e+15)"),
+    ("post-load-one-huge-entry", json.dumps({"load": [[1e16] + [1.0] * 7] + _ones(3)}).encode(), 400,
+     "load holds 1e+16, above the largest count accepted"),
+    ("post-num-tokens-1e308", json.dumps({"load": _ones(), "num_tokens": 1e308}).encode(), 400,
+     "num_tokens must be a non-negative number up to 1e+15"),
+    ("post-top1-1e308", json.dumps({"load": _ones(), "top1_transitions": [[[1e308] * 8] * 8] * 3}).encode(), 400,
+     "top1_transitions holds 1e+308"),
+]
+
+
+@pytest.mark.timeout(60)
+def test_bad_posts_to_serve():
+    import urllib.error
+    import urllib.request
+
+    from placer.presets import make_topology
+    from placer.serve import PolicyConfig, ServeConfig, Service
+    from placer.types import ModelSpec
+
+    model = ModelSpec("tiny-moe", 4, tuple(range(4)), 8, 2, hidden_size=1024, expert_ffn_size=2048)
+    service = Service(ServeConfig(model=model, topology=make_topology("h100", gpus=4),
+                                  policy=PolicyConfig(threshold=0.05, seed=0), half_life=4.0, interval_s=0.05,
+                                  host="127.0.0.1", port=0, token=None))
+    host, port = service.start()
+    try:
+        for name, body, status, phrase in POSTS:
+            req = urllib.request.Request(f"http://{host}:{port}/stats", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    got, reply = resp.status, resp.read()
+            except urllib.error.HTTPError as exc:
+                got, reply = exc.code, exc.read()
+            assert got == status, (name, got, reply)
+            assert reply.count(b"\n") <= 1, (name, reply)
+            error = json.loads(reply)["error"]
+            assert phrase in error and "Traceback" not in error, (name, error)
+        req = urllib.request.Request(f"http://{host}:{port}/stats", data=json.dumps({"load": _ones()}).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:  # the service survived and takes good posts
+            assert resp.status == 202
+    finally:
+        service.stop()

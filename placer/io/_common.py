@@ -66,6 +66,8 @@ def guard(path: str | os.PathLike[str], what: str = "file") -> Iterator[None]:
         raise fail(path, "permission denied") from None
     except OSError as exc:
         raise fail(path, f"cannot read {what}: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise fail(path, f"corrupt or malformed {what}: nested too deeply") from None
     except Exception as exc:
         if isinstance(exc, _data_errors()):
             raise fail(path, f"corrupt, truncated or malformed {what}: {_detail(exc)}") from None
@@ -323,3 +325,112 @@ def json_header(path: str | os.PathLike[str], raw: bytes | np.ndarray) -> dict[s
 
 def header_bytes(header: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo, else free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as e.g. ``8.0 TB`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def check_memory(source: str | os.PathLike[str], nbytes: float, what: str = "declares an array of") -> None:
+    """Refuse, naming ``source``, work that needs ``nbytes`` when that exceeds the memory available."""
+    avail = memory_available()
+    if avail is not None and nbytes > avail:
+        raise fail(source, f"{what} {human_bytes(nbytes)}; {human_bytes(avail)} available")
+
+
+def _npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, header length) of the ``.npy`` stream ``fp`` at its start; None for unknown versions."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:  # pragma: no cover - np.load reports it
+        return None
+    return tuple(int(d) for d in shape), dtype, fp.tell()
+
+
+def check_arrays(path: str | os.PathLike[str]) -> None:
+    """Check the array headers of an ``.npy`` or ``.npz`` file before ``np.load`` allocates them.
+
+    Each array's declared size (shape x itemsize) must match the bytes the file (or the zip
+    member) holds, and all of them together must fit in the memory available.
+    """
+    total = 0
+    with guard(path, "array file"):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.filename.endswith(".npy"):
+                        continue
+                    with zf.open(info) as member:
+                        head = _npy_header(member)
+                    if head is None or head[1].hasobject:
+                        continue
+                    shape, dtype, start = head
+                    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    check_memory(path, nbytes, f"member {info.filename} declares an array of")
+                    if info.file_size != start + nbytes:
+                        raise fail(path, f"member {info.filename} is truncated or corrupt: its header declares "
+                                         f"{list(shape)} {dtype} ({human_bytes(nbytes)}), it holds "
+                                         f"{human_bytes(max(info.file_size - start, 0))}")
+                    total += nbytes
+        else:
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":
+                    return
+                f.seek(0)
+                head = _npy_header(f)
+            if head is None or head[1].hasobject:
+                return
+            shape, dtype, start = head
+            total = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            check_memory(path, total)
+            size = os.path.getsize(path)
+            if size < start + total:
+                raise fail(path, f"truncated or corrupt .npy: its header declares {list(shape)} {dtype} "
+                                 f"({human_bytes(total)}), the file holds {human_bytes(max(size - start, 0))}")
+    check_memory(path, total, "declares arrays of")
+
+
+def load_arrays(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``np.load(path, allow_pickle=False, **kwargs)`` after :func:`check_arrays`."""
+    check_arrays(path)
+    return np.load(path, allow_pickle=False, **kwargs)
+
+
+def check_npy_bytes(path: str | os.PathLike[str], raw: bytes, where: str) -> None:
+    """Check an in-memory ``.npy`` payload's declared array against its length and the memory available."""
+    import io
+    try:
+        head = _npy_header(io.BytesIO(raw))
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise fail(path, f"{where}: .npy payload unreadable ({_detail(exc)})") from None
+    if head is None or head[1].hasobject:
+        return
+    shape, dtype, start = head
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    check_memory(path, nbytes, f"{where}: .npy payload declares an array of")
+    if len(raw) < start + nbytes:
+        raise fail(path, f"{where}: .npy payload is truncated: its header declares {list(shape)} {dtype} "
+                         f"({human_bytes(nbytes)}), it holds {human_bytes(max(len(raw) - start, 0))}")

@@ -26,6 +26,7 @@ from placer.io._common import (
     fail,
     guard,
     json_ids,
+    load_arrays,
     make_trace,
     moe_rows,
     require_file,
@@ -97,7 +98,7 @@ def read_r3_npy(path: str | os.PathLike[str], model: ModelSpec | None) -> Routin
     """R3 ``.npy`` int [tokens, num_hidden_layers, top_k]; dense layers dropped via the model."""
     require_file(path)
     with guard(path, "R3 .npy"):
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        arr = load_arrays(path, mmap_mode="r")
         if arr.ndim != 3:
             raise fail(path, f"R3 array has shape {list(arr.shape)}, expected [tokens, layers, top_k]")
         if not np.issubdtype(arr.dtype, np.integer):
@@ -415,7 +416,7 @@ def load_npz_key(path: str | os.PathLike[str], names: list[str]) -> str | None:
 def read_load_npz(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingStats:
     """A load matrix [L, E] in an npz (key ``weight`` or ``load`` or the only array)."""
     require_file(path)
-    with guard(path, "load npz"), np.load(path, allow_pickle=False) as z:
+    with guard(path, "load npz"), load_arrays(path) as z:
         key = load_npz_key(path, list(z.files))
         if key is None:
             raise fail(path, f"npz holds arrays {sorted(z.files)}; expected one load matrix "

@@ -41,6 +41,7 @@ from placer.io._common import (
     guard,
     header_bytes,
     json_header,
+    load_arrays,
     require_file,
     resolve_model,
 )
@@ -126,7 +127,7 @@ def _write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -
 def npz_header(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The placer header of an npz file, or None when it has none."""
     require_file(path)
-    with guard(path, "npz file"), np.load(path, allow_pickle=False) as z:
+    with guard(path, "npz file"), load_arrays(path) as z:
         if HEADER_KEY not in z.files:
             return None
         return json_header(path, z[HEADER_KEY])
@@ -234,7 +235,7 @@ def stats_npz_input(path: str | os.PathLike[str], phase: str, model: ModelSpec |
             raise fail(path, f"phase {phase!r} is absent; the file holds: {', '.join(phases)}")
         wanted = [phase] if phase in phases else list(phases)
         out = []
-        with np.load(path, allow_pickle=False) as z:
+        with load_arrays(path) as z:
             for p in wanted:
                 fields = {n: z[f"{p}/{n}"] for n in STATS_ARRAYS if f"{p}/{n}" in z.files}
                 if "load" not in fields:

@@ -31,6 +31,7 @@ import numpy as np
 
 from placer.io._common import (
     check_load,
+    check_memory,
     check_shape,
     fail,
     guard,
@@ -97,7 +98,19 @@ def _p2l(path: str | os.PathLike[str], obj: dict[str, Any], model: ModelSpec | N
     if p2l.min() < 0 or p2l.max() >= e:
         bad = int(p2l.min()) if p2l.min() < 0 else int(p2l.max())
         raise fail(path, f"last_physical_to_logical_map holds logical id {bad} outside [0, {e})")
+    _check_load_size(path, p2l.shape[0], e, model)
     return p2l, e
+
+
+_LOAD_COPIES = 4
+"""Copies of a [layers, E] load matrix alive at once while it is read and checked."""
+
+
+def _check_load_size(path: str | os.PathLike[str], num_rows: int, e: int, model: ModelSpec | None) -> None:
+    """Refuse a load matrix sized by a huge expert id (no model) before it is allocated."""
+    if model is None:
+        check_memory(path, _LOAD_COPIES * 8.0 * num_rows * e,
+                     f"expert id {e - 1} means a [{num_rows}, {e}] load matrix: reading it needs about")
 
 
 def read_sglang_per_pass(path: str | os.PathLike[str], obj: dict[str, Any], model: ModelSpec | None) -> RoutingStats:
@@ -214,6 +227,7 @@ def read_sglang_csv(path: str | os.PathLike[str], model: ModelSpec | None) -> Ro
             raise fail(path, f"expert id {int(experts.max())} out of range [0, {e})"
                              + (f" for {model.name}" if model is not None else ""))
         num_rows = int(layers.max()) + 1
+        _check_load_size(path, num_rows, e, model)
         if model is not None:
             if num_rows > model.num_hidden_layers:
                 raise fail(path, f"layer id {num_rows - 1} out of range for {model.name} "

@@ -33,7 +33,7 @@ import numpy as np
 
 from placer.dispatch import hidden_layer_map
 from placer.errors import InfeasibleError, InvalidInputError
-from placer.io._common import fail, guard, load_torch, require_file
+from placer.io._common import fail, guard, load_arrays, load_torch, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
 from placer.stacks import STACKS
 from placer.types import ModelSpec, Placement, Topology
@@ -342,7 +342,7 @@ def write_eplb(placement: Placement, path: str | os.PathLike[str]) -> list[str]:
 def read_eplb(path: str | os.PathLike[str], model: ModelSpec) -> tuple[np.ndarray, np.ndarray | None]:
     """(phy2log, replica ranks from log2phy or None) of an EPLB npz."""
     require_file(path)
-    with guard(path, "EPLB npz"), np.load(path, allow_pickle=False) as z:
+    with guard(path, "EPLB npz"), load_arrays(path) as z:
         if "phy2log" not in z.files:
             raise fail(path, f"EPLB npz lacks phy2log (has {', '.join(sorted(z.files))})")
         p2l = np.asarray(z["phy2log"])

@@ -42,7 +42,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.io import external, native, sglang, trtllm_stats
-from placer.io._common import chunker, fail, guard, load_torch, require_file
+from placer.io._common import chunker, fail, guard, load_arrays, load_torch, require_file
 from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 
@@ -115,7 +115,7 @@ def _detect_npz(path: str | os.PathLike[str]) -> str:
             if kind == "stats":
                 return "placer-stats"
             raise fail(path, f"placer npz header has unknown kind {kind!r}")
-        with np.load(path, allow_pickle=False) as z:
+        with load_arrays(path) as z:
             names = list(z.files)
         if external.load_npz_key(path, names) is not None:
             return "load-npz"

@@ -45,7 +45,16 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io._common import fail, guard, json_ids, make_trace, moe_rows, require_file
+from placer.io._common import (
+    check_npy_bytes,
+    fail,
+    guard,
+    json_ids,
+    load_arrays,
+    make_trace,
+    moe_rows,
+    require_file,
+)
 from placer.types import ModelSpec, RoutingTrace
 
 
@@ -90,6 +99,7 @@ def _decode_b64(path: str | os.PathLike[str], text: str, where: str, model: Mode
     except (binascii.Error, ValueError):
         raise fail(path, f"{where}: not valid base64") from None
     if raw.startswith(NPY_MAGIC):
+        check_npy_bytes(path, raw, where)
         try:
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -113,7 +123,7 @@ def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -
     ext = Path(path).suffix.lower()
     if ext == ".npy":
         with guard(path, "R3 .npy"):
-            arr = np.load(path, allow_pickle=False)
+            arr = load_arrays(path)
         if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
             raise fail(path, f"R3 array must be integer [tokens, layers, top_k], got {arr.dtype} {list(arr.shape)}")
         return arr.astype(np.int64), np.zeros(arr.shape[0], np.int64)

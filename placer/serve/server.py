@@ -178,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = json.loads(raw)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise InvalidInputError(f"body is not valid JSON ({exc})", source="POST /stats") from None
+            except RecursionError:
+                raise InvalidInputError("body is not valid JSON (nested too deeply)", source="POST /stats") from None
             obs = parse_observation(payload, service.config.model)
             count = service.ingest(obs)
         except InvalidInputError as exc:

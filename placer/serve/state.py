@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.io._common import load_arrays
 from placer.io.atomic import atomic_path, atomic_write_text
 from placer.types import ModelSpec, Placement, RoutingStats, Topology
 from placer.validate import check_placement
@@ -49,8 +50,16 @@ class Observation:
     top1: np.ndarray | None = None
 
 
-def _matrix(value: Any, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
-    """A finite, non-negative float64 array of exactly ``shape`` (one clear error otherwise)."""
+MAX_POSTED_COUNT = 1e15
+"""Largest count one posted entry may hold (larger values are refused: their sums overflow)."""
+
+
+def _matrix(value: Any, shape: tuple[int, ...], name: str, source: str,
+            limit: float | None = None) -> np.ndarray:
+    """A finite, non-negative float64 array of exactly ``shape`` (one clear error otherwise).
+
+    ``limit``: the largest value an entry may hold.
+    """
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError):  # ragged nesting
@@ -67,6 +76,9 @@ def _matrix(value: Any, shape: tuple[int, ...], name: str, source: str) -> np.nd
         raise InvalidInputError(f"{name} contains NaN or infinite values", source=source)
     if arr.size and arr.min() < 0:
         raise InvalidInputError(f"{name} contains negative values (min {arr.min():g})", source=source)
+    if limit is not None and arr.size and arr.max() > limit:
+        raise InvalidInputError(f"{name} holds {arr.max():g}, above the largest count accepted ({limit:g})",
+                                source=source)
     return arr
 
 
@@ -81,20 +93,21 @@ def parse_observation(payload: Any, model: ModelSpec, source: str = "POST /stats
     if "load" not in payload:
         raise InvalidInputError("body lacks 'load' (a [layers, experts] matrix)", source=source)
     num_layers, e = model.num_moe_layers, model.num_experts
-    load = _matrix(payload["load"], (num_layers, e), "load", source)
+    load = _matrix(payload["load"], (num_layers, e), "load", source, MAX_POSTED_COUNT)
     if not load.any():
         raise InvalidInputError("load is all zero", source=source)
     tokens = payload.get("num_tokens")
     if tokens is not None:
         if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not math.isfinite(tokens) \
-                or tokens < 0:
-            raise InvalidInputError(f"num_tokens must be a non-negative number, got {tokens!r}", source=source)
+                or tokens < 0 or tokens > MAX_POSTED_COUNT:
+            raise InvalidInputError(f"num_tokens must be a non-negative number up to {MAX_POSTED_COUNT:g}, "
+                                    f"got {tokens!r}", source=source)
         tokens = float(tokens)
     top1 = payload.get("top1_transitions")
     if top1 is not None:
         if num_layers < 2:
             raise InvalidInputError("top1_transitions need at least two MoE layers", source=source)
-        top1 = _matrix(top1, (num_layers - 1, e, e), "top1_transitions", source)
+        top1 = _matrix(top1, (num_layers - 1, e, e), "top1_transitions", source, MAX_POSTED_COUNT)
     return Observation(load=load, source=source, num_tokens=tokens, top1=top1)
 
 
@@ -224,7 +237,7 @@ def save_state(path: str | os.PathLike[str], state: ServiceState, model: ModelSp
 def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
+            with load_arrays(path) as z:
                 arrays = {k: z[k] for k in z.files if k != "meta"}
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else None
         else:
@@ -232,6 +245,9 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
                 doc = json.load(f)
             meta = doc if isinstance(doc, dict) else None
             arrays = doc.get("arrays", {}) if isinstance(doc, dict) else {}
+    except RecursionError:
+        raise InvalidInputError("cannot read the state file (JSON nested too deeply); repair or delete it",
+                                source=path) from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise InvalidInputError(f"cannot read the state file ({type(exc).__name__}: {exc}); repair or "
                                 "delete it", source=path) from None

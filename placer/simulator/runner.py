@@ -52,6 +52,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
     ``topology``.
     """
     from placer.io.placements import read_placement_file
+    from placer.presets import check_problem_size
 
     found: list[tuple[str, Placement, str | None, str | None, str, str]] = []
     for path in paths:
@@ -71,6 +72,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
         if model is None or topology is None:
             raise InvalidInputError("solving a placement needs the model and cluster (--model, --gpus)",
                                     source="--method")
+        check_problem_size(model, topology, simulate=True)
         if stats is None:
             if not model.sizes_known and model.name == "custom":
                 stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
@@ -88,6 +90,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
         raise InvalidInputError("give at least one --placement FILE or --method NAME", source="--placement")
     if model is None or topology is None:
         raise InvalidInputError("the model and cluster are unknown", source="--model")
+    check_problem_size(model, topology, simulate=True)
     labels = _unique_labels([name for name, *_ in found])
     return [Candidate(label, p, path, method, status if status != "infeasible" else "feasible", rule)
             for label, (_, p, path, method, status, rule) in zip(labels, found, strict=True)], model, topology
