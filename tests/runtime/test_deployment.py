@@ -127,8 +127,12 @@ def test_rank_killed_mid_migration_loses_no_request(deployment, ray_session):
     for x, y in zip(stream, outputs, strict=True):
         np.testing.assert_allclose(y, ref(x), rtol=1e-4, atol=1e-4)
     assert report.mismatches == []
-    (rec,) = report.recoveries
-    assert rec.restarted == [victim] and report.failed_steps == [kill_at + 1]
+    # One recovery restarted the killed rank, detected at the next step. On a loaded machine a
+    # collective may also time out and rebuild the groups once more: allowed, but it restarts no rank.
+    killed = [rec for rec in report.recoveries if rec.restarted]
+    assert len(killed) == 1, report.recoveries
+    (rec,) = killed
+    assert rec.restarted == [victim] and kill_at + 1 in report.failed_steps
     assert rec.detect_s < deployment.timeout_s + 2
     assert ray.get(deployment.actors[victim].ping.remote())[1] != log["pid"]
     # The uncommitted layer stayed on the old placement after the fault, then committed.
