@@ -51,11 +51,15 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
         placer apply --placement new.json --deployment local --ranks 4
         placer apply --placement new.json --from old.json --ranks 4 --model embedded
     """
+    from placer.io.atomic import check_writable
     from placer.io.placements import (
         detect_placement_format,
         read_placement_file,
         write_placement_json,
     )
+
+    if output:  # before the deployment starts and the migration runs
+        check_writable(output)
     from placer.runtime.apply import apply_live, contiguous_placement, resolve_model
 
     if detect_placement_format(placement_path) == "native":

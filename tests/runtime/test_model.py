@@ -93,6 +93,7 @@ def test_apply_model_defaults_to_the_embedded_shapes():
     pytest.param(["--ranks", "2"], "--ranks: the placement spans 4 GPUs", id="ranks"),
     pytest.param(["--model", "mixtral-8x7b"], "--model: model mixtral-8x7b has 32 MoE layers", id="model"),
     pytest.param(["--from", "missing.json"], "missing.json", id="from-missing"),
+    pytest.param(["-o", "/dev/null/now.json"], "/dev/null/now.json: cannot write", id="output-before-work"),
 ])
 def test_apply_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
