@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from placer.errors import InfeasibleError
+from placer.types import Placement
 
 
 def separate_copies(p2l: np.ndarray, slots_per_gpu: int, share: np.ndarray,
@@ -78,6 +79,12 @@ def separate_copies(p2l: np.ndarray, slots_per_gpu: int, share: np.ndarray,
             if ranks is not None:
                 ranks[gpu, pos], ranks[other, q] = ranks[other, q], ranks[gpu, pos]
     return out, moved
+
+
+def separate_by_load(p2l: np.ndarray, slots_per_gpu: int, load: np.ndarray) -> np.ndarray:
+    """:func:`separate_copies` with each copy carrying its expert's ``load`` [L, E] over its copy count."""
+    cnt = Placement(p2l, slots_per_gpu, load.shape[1]).logcnt()
+    return separate_copies(p2l, slots_per_gpu, np.asarray(load, dtype=np.float64) / cnt)[0]
 
 
 def _first_duplicate(held: np.ndarray) -> tuple[int, int] | None:

@@ -225,12 +225,9 @@ def _starts(problem: PlacementProblem) -> dict[str, np.ndarray]:
         starts["coordinated"] = coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
                                                 problem.slots_per_gpu)
     if problem.distinct_per_gpu:  # every start obeys the constraint the search keeps
-        from placer.ilp.distinct import separate_copies
-        load = np.asarray(problem.stats.load, dtype=np.float64)
+        from placer.ilp.distinct import separate_by_load
         for name, start in starts.items():
-            cnt = np.zeros_like(load)
-            np.add.at(cnt, (np.repeat(np.arange(start.shape[0]), start.shape[1]), start.ravel()), 1)
-            starts[name] = separate_copies(start, problem.slots_per_gpu, load / cnt)[0]
+            starts[name] = separate_by_load(start, problem.slots_per_gpu, problem.stats.load)
     return starts
 
 

@@ -28,11 +28,8 @@ def round_robin_map(num_layers: int, num_experts: int, num_gpus: int, slots_per_
 
 def _result(problem: PlacementProblem, p2l: np.ndarray, method: str) -> SolveResult:
     if problem.distinct_per_gpu:  # the layout wraps when a GPU holds more than E / G slots
-        from placer.ilp.distinct import separate_copies
-        load = np.asarray(problem.stats.load, dtype=np.float64)
-        cnt = np.zeros_like(load)
-        np.add.at(cnt, (np.repeat(np.arange(p2l.shape[0]), p2l.shape[1]), p2l.ravel()), 1)
-        p2l = separate_copies(p2l, problem.slots_per_gpu, load / cnt)[0]
+        from placer.ilp.distinct import separate_by_load
+        p2l = separate_by_load(p2l, problem.slots_per_gpu, problem.stats.load)
     placement = Placement(p2l, problem.slots_per_gpu, problem.model.num_experts)
     return SolveResult(placement=placement, status="feasible", objective=float("nan"), method=method,
                        backend="numpy")

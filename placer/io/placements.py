@@ -30,7 +30,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.io import stack_files as sf
-from placer.io._common import fail, guard, require_file
+from placer.io._common import fail, guard
 from placer.io.atomic import atomic_write_text
 from placer.stacks import STACKS, Stack, get_stack
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, Topology
@@ -112,22 +112,6 @@ def _dumps(doc: dict[str, Any], row_keys: tuple[str, ...] = ("physical_to_logica
     return "{\n" + "\n".join(lines) + "\n}\n"
 
 
-def _load_json(path: str | os.PathLike[str], what: str) -> Any:
-    require_file(path)
-    with guard(path, what), open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _map(path: str | os.PathLike[str], value: Any, what: str = "physical_to_logical_map") -> np.ndarray:
-    if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
-        raise fail(path, f"{what} must be a non-empty list of lists of ints")
-    if any(not isinstance(x, int) or isinstance(x, bool) for r in value for x in r):
-        raise fail(path, f"{what} must hold only integers")
-    if len({len(r) for r in value}) != 1:
-        raise fail(path, f"{what} rows have different lengths")
-    return np.asarray(value, dtype=np.int64)
-
-
 def _placement(path: str | os.PathLike[str], p2l: np.ndarray, model: ModelSpec,
                topology: Topology, rank: np.ndarray | None = None) -> Placement:
     """A checked Placement from a MoE-layer map, slots split evenly over the cluster's GPUs."""
@@ -175,7 +159,7 @@ def write_placement_json(path: str | os.PathLike[str], placement: Placement, *, 
 
 def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
     """Read and fully validate a native placement file."""
-    doc = _load_json(path, "placement JSON")
+    doc = sf.load_json(path, "placement JSON")
     if not isinstance(doc, dict):
         raise fail(path, "placement file must be a JSON object")
     if doc.get("schema_version") == 1:
@@ -210,8 +194,8 @@ def read_placement_json(path: str | os.PathLike[str]) -> PlacementFile:
     with guard(path, "placement JSON"):
         model = ModelSpec.from_dict(doc["model"])
         topology = Topology.from_dict(doc["topology"])
-        p2l = _map(path, doc["physical_to_logical_map"])
-        rank = _map(path, doc["replica_rank"], "replica_rank") if "replica_rank" in doc else None
+        p2l = sf.int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map")
+        rank = sf.int_rows(path, doc["replica_rank"], "replica_rank") if "replica_rank" in doc else None
         placement = Placement(p2l, doc["slots_per_gpu"], model.num_experts, rank)
         check_placement(placement, model, topology)
     return PlacementFile(placement, model, topology, doc["dispatch"], doc["method"], doc["status"],
@@ -281,7 +265,7 @@ def detect_placement_format(path: str | os.PathLike[str]) -> str:
         raise InvalidInputError(f"cannot tell the placement format from the suffix {suffix or '(none)'!r}: "
                                 "placer reads .json (placer, SGLang, vllm-ascend), .pt (SGLang), "
                                 ".yaml (TensorRT-LLM) and .npz (DeepSeek EPLB arrays)", source=str(path))
-    doc = _load_json(path, "placement JSON")
+    doc = sf.load_json(path, "placement JSON")
     keys = set(doc) if isinstance(doc, dict) else set()
     if "schema_version" in keys:
         return "native"

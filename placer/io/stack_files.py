@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,8 @@ from placer.types import ModelSpec, Placement, Topology
 from placer.validate import duplicate_copies
 
 
-def _int_rows(path: str | os.PathLike[str], value: object, what: str) -> np.ndarray:
+def int_rows(path: str | os.PathLike[str], value: object, what: str) -> np.ndarray:
+    """A non-empty JSON list of equal-length integer lists as int64 [rows, cols] (bad input names ``path``)."""
     if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
         raise fail(path, f"{what} must be a non-empty list of lists of ints")
     if any(not isinstance(x, int) or isinstance(x, bool) for r in value for x in r):
@@ -50,7 +52,8 @@ def _int_rows(path: str | os.PathLike[str], value: object, what: str) -> np.ndar
     return np.asarray(value, dtype=np.int64)
 
 
-def _load_json(path: str | os.PathLike[str], what: str) -> object:
+def load_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The parsed JSON of ``path``; a missing, truncated or malformed file is bad input."""
     require_file(path)
     with guard(path, what), open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -133,13 +136,13 @@ def read_sglang(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
         if not np.issubdtype(p2l.dtype, np.integer):
             raise fail(path, f"physical_to_logical_map must be integer, got {p2l.dtype}")
         return _sglang_rows(path, p2l.astype(np.int64), model)
-    doc = _load_json(path, "SGLang placement JSON")
+    doc = load_json(path, "SGLang placement JSON")
     if not isinstance(doc, dict) or "physical_to_logical_map" not in doc:
         raise fail(path, "expected a JSON object with the key physical_to_logical_map")
     if len(doc) != 1:
         raise fail(path, f"SGLang rejects keys other than physical_to_logical_map; found "
                          f"{', '.join(k for k in doc if k != 'physical_to_logical_map')}")
-    return _sglang_rows(path, _int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map"), model)
+    return _sglang_rows(path, int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map"), model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,10 +163,10 @@ def vllm_flags(topology: Topology, num_redundant: int) -> list[str]:
 
 def read_vllm(path: str | os.PathLike[str], model: ModelSpec, topology: Topology) -> np.ndarray:
     """A vLLM-style ``{"physical_to_logical_map", ...}`` file of earlier placer versions."""
-    doc = _load_json(path, "vLLM placement JSON")
+    doc = load_json(path, "vLLM placement JSON")
     if not isinstance(doc, dict) or "physical_to_logical_map" not in doc:
         raise fail(path, "expected a JSON object with the key physical_to_logical_map")
-    p2l = _int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map")
+    p2l = int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map")
     if "ep_size" in doc and doc["ep_size"] != topology.num_gpus:
         raise fail(path, f"ep_size {doc['ep_size']} does not match the cluster's {topology.num_gpus} GPUs")
     r = p2l.shape[1] - model.num_experts
@@ -225,7 +228,7 @@ def write_ascend(placement: Placement, path: str | os.PathLike[str], topology: T
 
 def read_ascend(path: str | os.PathLike[str], model: ModelSpec, topology: Topology) -> np.ndarray:
     """A vllm-ascend expert map, read by list position as vllm-ascend reads it."""
-    doc = _load_json(path, "vllm-ascend expert map")
+    doc = load_json(path, "vllm-ascend expert map")
     if not isinstance(doc, dict) or not isinstance(doc.get("layer_list"), list) or \
             not isinstance(doc.get("moe_layer_count"), int):
         raise fail(path, "expected {'moe_layer_count': L, 'layer_list': [...]}")
@@ -247,7 +250,7 @@ def read_ascend(path: str | os.PathLike[str], model: ModelSpec, topology: Topolo
             raise fail(path, f"layer_list[{i}]: devices list different numbers of experts (vllm-ascend needs "
                              "equal lists)")
         rows.append([x for lst in lists for x in lst])
-    return _int_rows(path, rows, "device_expert")
+    return int_rows(path, rows, "device_expert")
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def read_trtllm(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
                          + (" (these keys are MoE ordinals, as earlier placer versions wrote them: every layer would "
                             "get the next one's placement; re-export)" if shifted else ""))
     by_key = {int(k): v for k, v in assign.items()}
-    p2l = _int_rows(path, [by_key[k] for k in keys], "initial_global_assignments")
+    p2l = int_rows(path, [by_key[k] for k in keys], "initial_global_assignments")
     if "num_slots" in doc and doc["num_slots"] != p2l.shape[1]:
         raise fail(path, f"num_slots {doc['num_slots']} but layers list {p2l.shape[1]} ids")
     return p2l
