@@ -128,16 +128,47 @@ STANDARD_COUNTS = ("intra_node_ranks", "inter_node_nodes", "remote_node_ranks", 
                    "token_slots_off_gpu", "token_slots_off_node")
 
 
-def standard_counts(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int) -> dict[str, np.ndarray]:
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (int64 result)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    as_bytes = np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, 8)
+    return _BYTE_BITS[as_bytes].sum(axis=-1, dtype=np.int64)
+
+
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+MASK_GPUS = 64
+"""Up to this many GPUs, the distinct GPUs of a token-layer are counted as bits of one uint64."""
+
+
+def gpu_masks(gpu: np.ndarray) -> np.ndarray:
+    """Bit g set where any of the last axis is GPU g: uint64 [...] from int [..., K] (GPUs < 64)."""
+    return np.bitwise_or.reduce(np.left_shift(np.uint64(1), gpu.astype(np.uint64)), axis=-1)
+
+
+def standard_counts(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int,
+                    num_gpus: int | None = None) -> dict[str, np.ndarray]:
     """Per-layer sums over a chunk of standard (DeepEP normal) dispatch counts.
 
     ``gpu``: int64 [t, L, K] GPU of each chosen replica, ``home``: int64 [t]. Returns int64 [L]
-    per name in :data:`STANDARD_COUNTS`.
+    per name in :data:`STANDARD_COUNTS`. ``num_gpus`` (when known and at most
+    :data:`MASK_GPUS`) selects the bit-mask path; both paths give the same counts.
     """
     h = home[:, None, None]
-    home_node = h // gpus_per_node
     off_gpu = (gpu != h).sum(axis=(0, 2))
-    off_node = (gpu // gpus_per_node != home_node).sum(axis=(0, 2))
+    off_node = (gpu // gpus_per_node != h // gpus_per_node).sum(axis=(0, 2))
+    if num_gpus is not None and num_gpus <= MASK_GPUS and num_gpus % gpus_per_node == 0:
+        counts = _standard_counts_masks(gpu, home, gpus_per_node, num_gpus)
+    else:
+        counts = _standard_counts_sorted(gpu, home, gpus_per_node)
+    counts["token_slots_off_gpu"] = off_gpu
+    counts["token_slots_off_node"] = off_node
+    return counts
+
+
+def _standard_counts_sorted(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int) -> dict[str, np.ndarray]:
+    h = home[:, None, None]
+    home_node = h // gpus_per_node
     gs = np.sort(gpu, axis=-1)
     ns = gs // gpus_per_node  # sorted too: node is monotone in GPU
     first = first_of_run(gs)
@@ -151,8 +182,31 @@ def standard_counts(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int) -> di
         "inter_node_nodes": nodes.sum(axis=(0, 2)),
         "remote_node_ranks": remote.sum(axis=(0, 2)),
         "remote_landing_ranks": landing.sum(axis=(0, 2)),
-        "token_slots_off_gpu": off_gpu,
-        "token_slots_off_node": off_node,
+    }
+
+
+def _standard_counts_masks(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int,
+                           num_gpus: int) -> dict[str, np.ndarray]:
+    """The same counts from one uint64 of destination GPUs per token-layer (no sort)."""
+    one, gpn = np.uint64(1), gpus_per_node
+    mask = gpu_masks(gpu)  # [t, L]
+    h = home.astype(np.uint64)
+    node_bits = np.uint64((1 << gpn) - 1)
+    home_node = (node_bits << (h // np.uint64(gpn) * np.uint64(gpn)))[:, None]
+    lane = h % np.uint64(gpn)  # the landing GPU of each remote node has home's local index
+    lanes = np.zeros(home.shape, dtype=np.uint64)
+    for node in range(num_gpus // gpn):
+        lanes |= one << (lane + np.uint64(node * gpn))
+    local = mask & home_node
+    remote = mask & ~home_node
+    nodes = np.zeros(mask.shape, dtype=np.int64)  # nodes hit other than home's
+    for node in range(num_gpus // gpn):
+        nodes += ((remote >> np.uint64(node * gpn)) & node_bits) != 0
+    return {
+        "intra_node_ranks": _popcount(local & ~(one << h)[:, None]).sum(axis=0),
+        "inter_node_nodes": nodes.sum(axis=0),
+        "remote_node_ranks": _popcount(remote).sum(axis=0),
+        "remote_landing_ranks": _popcount(remote & lanes[:, None]).sum(axis=0),
     }
 
 
@@ -196,11 +250,14 @@ def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: n
     top1, others = coherent_gpus(placement, topology, ids, home, index, rule, seed, table)
     prev = np.concatenate([home[:, None], top1[:, :-1]], axis=1)
     node1 = top1 // gpn
-    os_ = np.sort(others, axis=-1)
-    other = first_of_run(os_) & (os_ != top1[:, :, None])
+    if topology.num_gpus <= MASK_GPUS:
+        other_gpus = _popcount(gpu_masks(others) & ~np.left_shift(np.uint64(1), top1.astype(np.uint64))).sum(axis=0)
+    else:
+        os_ = np.sort(others, axis=-1)
+        other_gpus = (first_of_run(os_) & (os_ != top1[:, :, None])).sum(axis=(0, 2))
     return {
         "state_moves": (top1 != prev).sum(axis=0),
-        "other_gpus": other.sum(axis=(0, 2)),
+        "other_gpus": other_gpus,
         "cross_gpu": (top1[:, 1:] != top1[:, :-1]).sum(axis=0),
         "cross_node": (node1[:, 1:] != node1[:, :-1]).sum(axis=0),
     }

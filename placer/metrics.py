@@ -132,7 +132,7 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
 
     def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
         gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
-        return core.standard_counts(gpu, home, gpn)
+        return core.standard_counts(gpu, home, gpn, topology.num_gpus)
 
     c = core.accumulate(tokens, core.STANDARD_COUNTS, count, num_layers)
     t, k, tb = tokens.num_tokens, tokens.ids.shape[2], model.token_bytes

@@ -185,6 +185,30 @@ def test_dispatch_traffic_matches_bruteforce(case):
         assert out["inter_node_nodes_per_token_layer"] == 0 and out["rdma_bytes_per_token_layer"] == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(1, 1), (2, 1), (8, 2), (16, 8), (64, 8), (64, 16), (72, 8), (256, 16)]),
+       st.integers(1, 6), st.integers(1, 4), st.integers(1, 9), st.integers(0, 2**31))
+def test_standard_counts_masks_equal_sorted(shape, t, num_layers, k, seed):
+    """The uint64 bit-mask path (<= 64 GPUs) and the sorting path count the same, popcount
+    fallback included; beyond 64 GPUs the sorting path is used."""
+    from placer import _metrics_core as core
+
+    num_gpus, gpn = shape
+    rng = np.random.default_rng(seed)
+    gpu = rng.integers(0, num_gpus, size=(t, num_layers, k))
+    home = rng.integers(0, num_gpus, size=t)
+    sorted_ = core.standard_counts(gpu, home, gpn)
+    masked = core.standard_counts(gpu, home, gpn, num_gpus)
+    assert set(sorted_) == set(masked) == set(core.STANDARD_COUNTS)
+    for name in sorted_:
+        np.testing.assert_array_equal(sorted_[name], masked[name], err_msg=name)
+    if num_gpus <= core.MASK_GPUS:
+        masks = core.gpu_masks(gpu)
+        bits = core._BYTE_BITS[np.ascontiguousarray(masks).view(np.uint8).reshape(*masks.shape, 8)].sum(-1)
+        np.testing.assert_array_equal(core._popcount(masks), bits)
+        np.testing.assert_array_equal(bits, [[len(set(row)) for row in tok] for tok in gpu.tolist()])
+
+
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_context_coherent_matches_bruteforce(case):

@@ -184,14 +184,52 @@ def layer_load_ratio(problem, placement: Placement, seed: int = DEFAULT_DISPATCH
     return load.max(axis=1), load.mean(axis=1)
 
 
+def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
+                      slots_per_gpu: int, rule: str) -> np.ndarray:
+    """Per-GPU load [L, G] expected over the rule's random fair spread (home ranks uniform).
+
+    ``p2l`` int [L, P], ``load`` [L, E] token-slots per expert. The numpy form of the search
+    kernel's :func:`placer.ilp._ls_anneal.expected_gpu_load` (equal to it; no compilation, so
+    scoring a placement on a cold numba cache costs no compile time). Each GPU serves its
+    own home tokens (1/G of an expert's load) from a local copy; the rest spreads over copies:
+    ``nearest``/``sglang-static`` first over the copies in the home node (a node without one
+    spreads over all copies), the position rules (``rule`` code 2) evenly over all copies.
+    """
+    from placer.ilp._ls_kernel import RULE_CODES
+
+    code = RULE_CODES[rule]
+    p2l = np.asarray(p2l, dtype=np.int64)
+    load = np.asarray(load, dtype=np.float64)
+    num_layers, num_slots = p2l.shape
+    num_experts = load.shape[1]
+    g, n, gpn = num_gpus, num_nodes, gpus_per_node
+    slot_gpu = np.arange(num_slots) // slots_per_gpu
+    copies = np.zeros((num_layers, num_experts, g))  # copies of each expert per GPU
+    np.add.at(copies, (np.arange(num_layers)[:, None], p2l, slot_gpu[None, :]), 1.0)
+    total = copies.sum(axis=2, keepdims=True)  # c: copies of the expert
+    per_copy = np.divide(load[:, :, None], total, out=np.zeros_like(total), where=total > 0)
+    if code == 2:
+        return (copies * per_copy).sum(axis=1)
+    share = (load / g)[:, :, None]  # each GPU's home tokens of the expert
+    holds = (copies > 0).astype(np.float64)
+    assert code == 0, rule  # the kernel's only other code
+    out = holds * share
+    by_node = copies.reshape(num_layers, num_experts, n, gpn)
+    copy_n = by_node.sum(axis=3)  # [L, E, N]
+    need = gpn - holds.reshape(num_layers, num_experts, n, gpn).sum(axis=3)  # non-holders per node
+    local = np.divide(need * share, copy_n, out=np.zeros_like(copy_n), where=copy_n > 0)
+    out += (by_node * local[:, :, :, None]).reshape(num_layers, num_experts, g)
+    spill = (need * share * (copy_n == 0)).sum(axis=2, keepdims=True)  # nodes without a copy
+    out += copies * np.divide(spill, total, out=np.zeros_like(total), where=total > 0)
+    return out.sum(axis=1)
+
+
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread.
 
     ``sglang-static`` has no spread to average over: SGLang 0.5.23 draws it from fixed seeds, so
     the load its tables give is the load the stack gets (:func:`layer_load_ratio`).
     """
-    from placer.ilp._ls_anneal import expected_gpu_load
-
     if problem.dispatch in ("sglang-static", "vllm-ascend"):  # fixed tables: nothing to average
         return layer_load_ratio(problem, placement)
     topo = problem.topology
@@ -237,7 +275,7 @@ def _cc_dispatch(problem, placement: Placement, table: np.ndarray | None, seed: 
         if others.shape[2] == 0:
             continue
         for layer in range(num_layers):
-            c = core.standard_counts(others[:, layer:layer + 1], top1[:, layer], gpn)
+            c = core.standard_counts(others[:, layer:layer + 1], top1[:, layer], gpn, topo.num_gpus)
             nv[layer] += c["intra_node_ranks"][0] + c["remote_node_ranks"][0] - c["remote_landing_ranks"][0]
             rdma[layer] += c["inter_node_nodes"][0]
     n = max(tokens.num_tokens, 1)

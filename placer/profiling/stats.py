@@ -68,9 +68,12 @@ class StatsBuilder:
         self._top1_known = True
         self._has_phase_info = False
         self._next_index = 0
+        self._final = False
 
     def update(self, trace: RoutingTrace) -> None:
         """Add one chunk; its tokens continue the stream's token index."""
+        if self._final:
+            raise RuntimeError("StatsBuilder.update after result(final=True)")
         if (trace.num_layers, trace.num_experts, trace.top_k) != (self.num_layers, self.num_experts, self.top_k):
             raise InvalidInputError(
                 f"chunk shape L={trace.num_layers}, E={trace.num_experts}, K={trace.top_k} differs from "
@@ -108,8 +111,12 @@ class StatsBuilder:
         if self.sample_size > 0:
             _reservoir_add(acc, ids, index, home, keys, self.sample_size)
 
-    def result(self, phase: str = "all") -> RoutingStats:
-        """The statistics of ``phase``: "all", "prefill", "decode" or "unknown"."""
+    def result(self, phase: str = "all", *, final: bool = False) -> RoutingStats:
+        """The statistics of ``phase``: "all", "prefill", "decode" or "unknown".
+
+        ``final``: the builder's count arrays become the result's (no copy) and the builder
+        takes no more updates.
+        """
         if phase == "all":
             accs = list(self._phases.values())
         else:
@@ -119,7 +126,9 @@ class StatsBuilder:
                 raise InvalidInputError(f"cannot select phase {phase!r}: the input records no phases",
                                         source="--phase")
             accs = [self._phases[c] for c in (PHASE_CODES[phase],) if c in self._phases]
-        stats = [_to_stats(a, self.top_k, phase, self.model, self._top1_known) for a in accs]
+        stats = [_to_stats(a, self.top_k, phase, self.model, self._top1_known, copy=not final) for a in accs]
+        if final:
+            self._final = True
         if not stats:
             return _to_stats(_Accumulator(self.num_layers, self.num_experts, self.top_k, self._top1_known),
                              self.top_k, phase, self.model, self._top1_known)
@@ -151,11 +160,12 @@ def _reservoir_add(acc: _Accumulator, ids: np.ndarray, index: np.ndarray, home: 
 
 
 def _to_stats(acc: _Accumulator, top_k: int, phase: str, model: ModelSpec | None,
-              top1_known: bool) -> RoutingStats:
+              top1_known: bool, copy: bool = True) -> RoutingStats:
+    own = (lambda a: a.copy()) if copy else (lambda a: a)
     return RoutingStats(
-        load=acc.load.copy(), num_tokens=acc.num_tokens, top_k=top_k,
-        top1_transitions=acc.top1.copy() if (top1_known and acc.top1 is not None) else None,
-        pair_transitions=acc.pairs.copy(), coactivation=acc.coact.copy(),
+        load=own(acc.load), num_tokens=acc.num_tokens, top_k=top_k,
+        top1_transitions=own(acc.top1) if (top1_known and acc.top1 is not None) else None,
+        pair_transitions=own(acc.pairs), coactivation=own(acc.coact),
         sample_ids=acc.sample_ids, sample_token_index=acc.sample_index,
         sample_home_rank=acc.sample_home, sample_keys=acc.sample_keys, phase=phase, model=model)
 
@@ -177,7 +187,14 @@ def merge_stats(stats: Iterable[RoutingStats], *, sample_size: int | None = None
 
     def total(name: str) -> np.ndarray | None:
         arrays = [getattr(s, name) for s in items]
-        return None if any(a is None for a in arrays) else np.sum(arrays, axis=0)
+        if any(a is None for a in arrays):
+            return None
+        if len(arrays) == 1:  # frozen already: shared, not copied
+            return arrays[0]
+        out = arrays[0].astype(np.result_type(*arrays))  # a copy, summed in place: no [n, ...] stack
+        for a in arrays[1:]:
+            out += a
+        return out
 
     sample = [s for s in items if s.sample_ids is not None]
     size = sample_size if sample_size is not None else max((s.sample_size for s in sample), default=0)

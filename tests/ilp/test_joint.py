@@ -100,6 +100,26 @@ def test_search_model_is_exact_without_replicas(rule):
     np.testing.assert_allclose(expected, sl, rtol=1e-12)
 
 
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31),
+       st.sampled_from(["nearest", "sglang-dynamic", "vllm"]))
+def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, rule):
+    """The objective's numpy expected GPU load (no compilation) == the search kernel's."""
+    from placer.ilp.objective import expected_gpu_load
+
+    rng = np.random.default_rng(seed)
+    gpus = nodes * gpn
+    slots = gpus * spg
+    experts = int(rng.integers(1, slots + 1))
+    p2l = np.stack([rng.permutation(np.concatenate([rng.permutation(experts),
+                                                    rng.integers(0, experts, slots - experts)]))
+                    for _ in range(layers)])
+    load = rng.integers(0, 1000, size=(layers, experts)).astype(np.float64)
+    want = A.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule)
+    got = expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1), rtol=1e-12)  # every token-slot served once
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_incremental_state_matches_direct_computation(rule):
     """Per-token state after many annealing moves == from-scratch expected counts."""

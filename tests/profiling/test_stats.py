@@ -146,6 +146,23 @@ def test_merge_equals_concatenation(trace):
     _same_counts(merge_stats([ba.result(), b]), merged)
 
 
+def test_final_result_hands_over_the_counts(trace):
+    """``result(final=True)`` equals ``result()``, shares the builder's arrays, and ends updates."""
+    b = StatsBuilder(16, 64, 8, sample_size=100, seed=4)
+    b.update(trace)
+    copied = b.result()
+    final = b.result(final=True)
+    _same_counts(copied, final)
+    _same_sample(copied, final)
+    assert not final.coactivation.flags.writeable
+    with pytest.raises(RuntimeError, match="after result"):
+        b.update(trace)
+    a, c = _chunks(trace, [1000, 2000])
+    merged = merge_stats([compute_stats(a), compute_stats(c)])
+    _same_counts(merged, compute_stats(trace))
+    assert merge_stats([final]).coactivation is final.coactivation  # one input: shared, not summed
+
+
 def test_phase_filtering(trace):
     b = StatsBuilder(16, 64, 8, sample_size=100)
     for c in _chunks(trace, [1000, 2000]):
