@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -158,59 +159,60 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         placer simulate run --model deepseek-v3 --cluster h200 --gpus 64 --method eplb \\
             --redundant 64 --rate 20 --duration 30 -o sim/
     """
-    from placer.simulator.config import SimConfig, kernel_preset
-    from placer.simulator.runner import (
-        comparison_table,
-        placement_candidates,
-        routing_identity,
-        run_comparison,
-    )
-    if output is not None:  # before any work
-        from placer.io.atomic import check_writable
-        check_writable(output, directory=True)
-    routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
-    from placer.workflow import check_top1
-    check_top1(routing, execution=execution, methods=methods)
-    target = _stack(stack)
-    if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
-        from placer.stacks import resolve_dispatch
-        dispatch = resolve_dispatch(dispatch, target, model_spec)
-        if not as_json:
-            click.echo(f"dispatch {dispatch} ({target.label})")
-    topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
-    if topology is None and cluster is not None and not placements:
-        from placer.errors import InvalidInputError
-        raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
-    candidates, model_spec, topology = placement_candidates(
-        placements, methods, model=model_spec, topology=topology,
-        stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
-        execution=execution, seed=seed)
-    wl = _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
-                   iterations, tokens_per_rank, context_len)
-    config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
-                       dispatch=dispatch, seed=seed)
-    if cluster is not None and topology.name != cluster.lower():
-        from placer.errors import InvalidInputError
-        raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
-                                source="--cluster")
-    data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
-    total = duration_s if workload == "serving" else (iterations or 100)
-    tick, done = _progress(total, "s" if workload == "serving" else "steps")
-    runs = run_comparison(candidates, topology, model_spec, routing=data,
-                          routing_info=routing_identity(sources, data, model_spec, synthetic), workload=wl,
-                          config=config, level=level, output=output, progress=tick)
-    done()
-    if output is not None:
-        from placer.report import render_full_report
-        render_full_report(output, f"{output}/report.html")
-    if as_json:
-        _echo_json({r.label: r.summary for r in runs})
-        return
-    click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
-               f"{execution}, {kernel}, {workload}")
-    click.echo(comparison_table(runs))
-    if output is not None:
-        click.echo(f"results in {output}/ (report: {output}/report.html)")
+    from placer.io.atomic import output_directory
+
+    # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
+    with output_directory(output) if output is not None else contextlib.nullcontext():
+        from placer.simulator.config import SimConfig, kernel_preset
+        from placer.simulator.runner import (
+            comparison_table,
+            placement_candidates,
+            routing_identity,
+            run_comparison,
+        )
+        routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
+        from placer.workflow import check_top1
+        check_top1(routing, execution=execution, methods=methods)
+        target = _stack(stack)
+        if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
+            from placer.stacks import resolve_dispatch
+            dispatch = resolve_dispatch(dispatch, target, model_spec)
+            if not as_json:
+                click.echo(f"dispatch {dispatch} ({target.label})")
+        topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
+        if topology is None and cluster is not None and not placements:
+            from placer.errors import InvalidInputError
+            raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
+        candidates, model_spec, topology = placement_candidates(
+            placements, methods, model=model_spec, topology=topology,
+            stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
+            execution=execution, seed=seed)
+        wl = _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
+                       iterations, tokens_per_rank, context_len)
+        config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
+                           dispatch=dispatch, seed=seed)
+        if cluster is not None and topology.name != cluster.lower():
+            from placer.errors import InvalidInputError
+            raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
+                                    source="--cluster")
+        data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
+        total = duration_s if workload == "serving" else (iterations or 100)
+        tick, done = _progress(total, "s" if workload == "serving" else "steps")
+        runs = run_comparison(candidates, topology, model_spec, routing=data,
+                              routing_info=routing_identity(sources, data, model_spec, synthetic), workload=wl,
+                              config=config, level=level, output=output, progress=tick)
+        done()
+        if output is not None:
+            from placer.report import render_full_report
+            render_full_report(output, f"{output}/report.html")
+        if as_json:
+            _echo_json({r.label: r.summary for r in runs})
+            return
+        click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
+                   f"{execution}, {kernel}, {workload}")
+        click.echo(comparison_table(runs))
+        if output is not None:
+            click.echo(f"results in {output}/ (report: {output}/report.html)")
 
 
 def _routing(inputs, model_name, placements=()):
@@ -300,21 +302,22 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         placer simulate sweep --model mixtral-8x7b --gpus 4,8 --rates 5,10 --method contiguous \\
             --method eplb --duration 10 -o sweep/
     """
-    from placer.io.atomic import check_writable
-    from placer.simulator.config import SimConfig, kernel_preset
-    from placer.simulator.sweep import SweepSpec, run_sweep
-    check_writable(output, directory=True)  # before any work
-    gpu_counts = _ints(gpus_list, "--gpus") or [None]
-    rate_list = _floats(rates, "--rates") or [rate]
-    wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,
-                   max_running, iterations, tokens_per_rank, context_len)
-    config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
-                       dispatch=dispatch, seed=seed)
-    spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
-                     model=model, cluster=cluster, workload=wl, config=config, level=level)
-    table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
-    if as_json:
-        _echo_json(table.to_dict(orient="records"))
-        return
-    click.echo(table.to_string(index=False))
-    click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html)")
+    from placer.io.atomic import output_directory
+    # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
+    with output_directory(output):
+        from placer.simulator.config import SimConfig, kernel_preset
+        from placer.simulator.sweep import SweepSpec, run_sweep
+        gpu_counts = _ints(gpus_list, "--gpus") or [None]
+        rate_list = _floats(rates, "--rates") or [rate]
+        wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,
+                       max_running, iterations, tokens_per_rank, context_len)
+        config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
+                           dispatch=dispatch, seed=seed)
+        spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
+                         model=model, cluster=cluster, workload=wl, config=config, level=level)
+        table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
+        if as_json:
+            _echo_json(table.to_dict(orient="records"))
+            return
+        click.echo(table.to_string(index=False))
+        click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html)")

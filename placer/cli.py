@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -411,22 +412,63 @@ cli.add_command(_serve)
 # Entry point: error triage
 # ---------------------------------------------------------------------------------------------
 
+_NUMBA_SERIALIZE = os.path.join("numba", "core", "serialize.py")
+_NUMBA_PACKAGE = os.sep + "numba" + os.sep
+
+
+def _signal_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def _after_numba(frame):
+    """The frame that called a numba kernel when ``frame`` runs in the Python helper the
+    kernel calls to box its result or build an exception (``numba.core.serialize``); else None."""
+    inside = False
+    while frame is not None and _NUMBA_PACKAGE in frame.f_code.co_filename:
+        inside = inside or frame.f_code.co_filename.endswith(_NUMBA_SERIALIZE)
+        frame = frame.f_back
+    return frame if inside else None
+
+
 @contextlib.contextmanager
-def _terminate_as_exit():
-    """SIGTERM raises ``SystemExit(143)`` (in the main thread) so that it unwinds like SIGINT:
-    temp files are removed and worker processes stopped; the previous handler comes back after."""
+def _interrupts_as_exceptions():
+    """SIGINT raises ``KeyboardInterrupt`` and SIGTERM ``SystemExit(143)`` (in the main thread),
+    so that both unwind alike: temp files are removed and worker processes stopped. The previous
+    handlers come back after.
+
+    Neither is raised inside the Python helper a numba kernel calls while it boxes its result:
+    an exception there crashes the process (SIGSEGV; numba 0.68). It is raised instead at the
+    next line of the code that called the kernel, through a one-shot trace function (or, when
+    a tracer such as coverage is active, by sending the signal again 5 ms later).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        caller = _after_numba(frame)
+        if caller is None:
+            raise _signal_exception(signum)
+        if sys.gettrace() is not None:  # another tracer: do not replace it
+            retry = threading.Timer(0.005, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
 
-    previous = signal.signal(signal.SIGTERM, handler)
+        def at_next_line(traced, event, arg):
+            sys.settrace(None)
+            caller.f_trace = None
+            raise _signal_exception(signum)
+
+        caller.f_trace = at_next_line
+        sys.settrace(lambda *args: None)  # turns tracing on; new frames stay untraced
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        with _terminate_as_exit():
+        with _interrupts_as_exceptions():
             cli.main(args=args, prog_name="placer", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):

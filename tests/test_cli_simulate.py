@@ -191,3 +191,37 @@ def test_dispatch_defaults_to_the_placement_files_rule(capsys, tmp_path, trace):
                        "--tokens-per-rank", "8", "-o", out)
     assert code == 0, err
     assert read_results(out).inputs["config"]["dispatch"] == "sglang-static"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("command, sig, code", [("run", "SIGINT", 130), ("sweep", "SIGTERM", 143)])
+def test_interrupted_run_or_sweep_leaves_no_output_directory(tmp_path, command, sig, code):
+    """Ctrl-C or SIGTERM after the results directory is started: exit 130 / 143, and the directory
+    (created by the run, with its parent) is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "new" / "sim"
+    args = ["--model", "mixtral-8x7b", "--method", "contiguous", "--method", "eplb", "--duration", "100000",
+            "--rate", "50", "-o", str(out)]
+    args = (["run", "--gpus", "8"] if command == "run" else ["sweep", "--gpus", "8", "--workers", "1"]) + args
+    proc = subprocess.Popen([sys.executable, "-m", "placer", "simulate", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and \
+                not any(p.suffix == ".json" for p in out.rglob("*")):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        assert any(p.suffix == ".json" for p in out.rglob("*")), "the run never wrote into its directory"
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == code, stderr
+        assert "Traceback" not in stderr
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -120,3 +120,44 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def output_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A results directory that holds a whole run's output or nothing from it.
+
+    Checked with :func:`check_writable` first, then created with its parents; yields ``path``.
+    When the body raises
+    (a bad input found late, Ctrl-C, SIGTERM's ``SystemExit``), whatever the run added is
+    removed: the directory and any parents it created when they did not exist, else the entries
+    that were not there before (entries it replaced keep their new content). Every file inside
+    is written atomically, so no file is ever half written.
+    """
+    import shutil
+
+    check_writable(path, directory=True)
+    target = Path(path)
+    created = []  # the directories this run creates, outermost last
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    before = set() if created else {entry.name for entry in target.iterdir()}
+    try:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
+        yield str(path)
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        elif target.is_dir():
+            for entry in target.iterdir():
+                if entry.name not in before:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            entry.unlink()
+        raise

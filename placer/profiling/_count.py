@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # numba is a core dependency; the numpy reference keeps things working without it.
-    from numba import njit
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only without numba
-    HAVE_NUMBA = False
+from placer._numba import HAVE_NUMBA, njit  # numba is a core dependency; numpy without it
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -54,7 +49,7 @@ def accumulate_numpy(ids: np.ndarray, load: np.ndarray, top1: np.ndarray | None,
 
 
 if HAVE_NUMBA:
-    @njit(cache=True, nogil=True)
+    @njit
     def _ids_in_range(ids, e):
         flat = ids.ravel()
         for i in range(flat.shape[0]):
@@ -63,7 +58,7 @@ if HAVE_NUMBA:
                 return False
         return True
 
-    @njit(cache=True, nogil=True)
+    @njit
     def _kernel_direct(ids, load, top1, has_top1, pairs, coact):
         """Small chunks: increment the int64 totals directly."""
         t, num_layers, k = ids.shape
@@ -88,7 +83,7 @@ if HAVE_NUMBA:
                         for b in range(k):
                             row[ids[i, layer + 1, b]] += 1
 
-    @njit(cache=True, nogil=True)
+    @njit
     def _kernel_scratch(ids, load, top1, has_top1, pairs, coact, segment):
         """Large chunks: int32 scratch per layer (coact upper triangle), flushed per layer.
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from placer.errors import InvalidInputError
-from placer.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from placer.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, output_directory
 
 
 def test_write_and_overwrite(tmp_path):
@@ -54,6 +54,33 @@ def test_directory_target_is_an_input_error(tmp_path):
     with pytest.raises(InvalidInputError, match="directory") as exc:
         atomic_write_text(tmp_path, "x")
     assert str(tmp_path) in str(exc.value)
+
+
+def test_output_directory_leaves_nothing_on_failure(tmp_path):
+    """A failed run removes the directories it created (parents included) or the entries it added."""
+    new = tmp_path / "a" / "b"
+    with pytest.raises(KeyboardInterrupt), output_directory(new) as out:
+        os.makedirs(os.path.join(out, "point"))
+        atomic_write_text(os.path.join(out, "point", "m.json"), "{}")
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+    old = tmp_path / "old"
+    old.mkdir()
+    atomic_write_text(old / "keep.txt", "kept")
+    with pytest.raises(SystemExit), output_directory(old) as out:
+        atomic_write_text(os.path.join(out, "keep.txt"), "replaced")
+        os.makedirs(os.path.join(out, "run", "deep"))
+        atomic_write_text(os.path.join(out, "new.csv"), "x")
+        raise SystemExit(143)
+    assert sorted(os.listdir(old)) == ["keep.txt"] and (old / "keep.txt").read_text() == "replaced"
+
+    with output_directory(tmp_path / "ok") as out:  # success keeps everything
+        atomic_write_text(os.path.join(out, "r.csv"), "y")
+    assert os.listdir(tmp_path / "ok") == ["r.csv"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidInputError, match="not a directory"), output_directory(tmp_path / "file"):
+        pass
 
 
 def test_import_does_not_import_torch():
