@@ -126,7 +126,7 @@ STORM = """
 import os, signal, threading, time
 import numpy as np
 from numba import njit
-from placer.cli import _interrupts_as_exceptions
+from placer.cli.main import interrupts_as_exceptions
 
 @njit
 def pair(n):  # returns arrays: compiled code calls numba's Python unpickle helper to box them
@@ -143,7 +143,7 @@ def storm():
     done.set()
 
 counts = {"interrupts": 0, "errors": 0}
-with _interrupts_as_exceptions():
+with interrupts_as_exceptions():
     threading.Thread(target=storm, daemon=True).start()
     while not done.is_set():
         try:

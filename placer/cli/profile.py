@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from placer.cli import CONTEXT, FiniteFloat
+from placer.cli.options import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
 
 

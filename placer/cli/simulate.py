@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from placer.cli import (
+from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
-    _echo_json,
-    _stack,
     cluster_options,
+    echo_json,
     model_option,
+    resolve_stack,
     stack_option,
 )
 
@@ -173,7 +173,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
         from placer.workflow import check_top1
         check_top1(routing, execution=execution, methods=methods)
-        target = _stack(stack)
+        target = resolve_stack(stack)
         if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
             from placer.stacks import resolve_dispatch
             dispatch = resolve_dispatch(dispatch, target, model_spec)
@@ -206,7 +206,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             from placer.report import render_full_report
             render_full_report(output, f"{output}/report.html")
         if as_json:
-            _echo_json({r.label: r.summary for r in runs})
+            echo_json({r.label: r.summary for r in runs})
             return
         click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
                    f"{execution}, {kernel}, {workload}")
@@ -216,9 +216,9 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
 
 
 def _routing(inputs, model_name, placements=()):
-    from placer.cli import _model
+    from placer.cli.options import resolve_model
     from placer.workflow import gather_routing
-    model = _model(model_name)
+    model = resolve_model(model_name)
     if not inputs:
         if model is None and not placements:
             from placer.errors import InvalidInputError
@@ -239,8 +239,8 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
                 raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
                                         source="--cluster")
         return None
-    from placer.cli import _topology
-    return _topology(cluster, gpus, nodes, gpus_per_node)
+    from placer.cli.options import resolve_topology
+    return resolve_topology(cluster, gpus, nodes, gpus_per_node)
 
 
 @simulate.command(context_settings=CONTEXT)
@@ -270,7 +270,7 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
                         experts=experts, kernel=kernel, routing=routing, groups=groups, topk_groups=topk_groups,
                         seed=seed)
     if as_json:
-        _echo_json(out)
+        echo_json(out)
         return
     for key, value in out.items():
         click.echo(f"{key:>22}  {value}")
@@ -317,7 +317,7 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
                          model=model, cluster=cluster, workload=wl, config=config, level=level)
         table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
         if as_json:
-            _echo_json(table.to_dict(orient="records"))
+            echo_json(table.to_dict(orient="records"))
             return
         click.echo(table.to_string(index=False))
         click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html)")

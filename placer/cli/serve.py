@@ -9,17 +9,17 @@ import threading
 
 import click
 
-from placer.cli import (
+from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
-    _model,
-    _parse_exports,
-    _placement_stack,
-    _read_placement,
-    _stack,
-    _topology,
     cluster_options,
     model_option,
+    parse_exports,
+    placement_stack,
+    read_placement,
+    resolve_model,
+    resolve_stack,
+    resolve_topology,
     stack_option,
 )
 from placer.errors import InvalidInputError
@@ -90,18 +90,18 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
     init = None
-    target = _stack(stack)
+    target = resolve_stack(stack)
     if initial:
-        pf = _read_placement(initial, model, cluster, gpus, nodes, gpus_per_node, target)
+        pf = read_placement(initial, model, cluster, gpus, nodes, gpus_per_node, target)
         spec, topology, init = pf.model, pf.topology, pf.placement
         fallback = pf.dispatch
-        target = _placement_stack(pf, target)
+        target = placement_stack(pf, target)
         redundant = init.num_redundant if redundant is None else redundant
     else:
-        spec = _model(model)
+        spec = resolve_model(model)
         if spec is None:
             raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
-        topology = _topology(cluster, gpus, nodes, gpus_per_node)
+        topology = resolve_topology(cluster, gpus, nodes, gpus_per_node)
         fallback = "nearest"
     dispatch = resolve_dispatch(dispatch, target, spec, fallback=fallback)
     if target is None and initial:
@@ -109,7 +109,7 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch,
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
                           time_limit_s=time_limit_s, seed=seed)
-    export_list = tuple(_parse_exports(exports))
+    export_list = tuple(parse_exports(exports))
     from placer.io.atomic import check_writable
     from placer.presets import check_problem_size
     check_problem_size(spec, topology, simulate=True)  # the policy simulates each candidate placement

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from placer.cli import CONTEXT
+from placer.cli.options import CONTEXT
 
 
 @click.command(context_settings=CONTEXT)

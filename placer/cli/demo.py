@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from placer.cli import CONTEXT
+from placer.cli.options import CONTEXT
 
 
 @click.command(context_settings=CONTEXT)

@@ -1,0 +1,150 @@
+"""Options and helpers shared by the ``placer`` subcommands: presets, cluster size, stack,
+placement files, exports, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import click
+
+from placer.errors import InvalidInputError
+from placer.types import DISPATCH_RULES, EXECUTION_MODES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number (click's FLOAT and FloatRange let NaN and inf through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options: every command uses the same names for the same things.
+# ---------------------------------------------------------------------------------------------
+
+def model_option(func: Callable) -> Callable:
+    from placer.presets import MODELS
+    return click.option("--model", "model", metavar="PRESET",
+                        help=f"Model preset ({', '.join(MODELS)}). Optional when an input names its model.")(func)
+
+
+def cluster_options(func: Callable) -> Callable:
+    from placer.presets import CLUSTERS, DEFAULT_CLUSTER
+    for deco in reversed([
+        click.option("--cluster", default=None, metavar="PRESET",
+                     help=f"GPU kind ({', '.join(CLUSTERS)}; default {DEFAULT_CLUSTER}, nodes of 8)."),
+        click.option("--gpus", type=int, default=None, help="Number of GPUs (EP ranks)."),
+        click.option("--nodes", type=int, default=None, help="Number of nodes."),
+        click.option("--gpus-per-node", type=int, default=None,
+                     help="GPUs per node (any two of gpus, nodes, gpus-per-node give the third)."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def stack_option(func: Callable) -> Callable:
+    from placer.stacks import STACKS, stack_help
+    return click.option("--stack", type=click.Choice(list(STACKS)), default=None, help=stack_help())(func)
+
+
+def resolve_stack(name: str | None):
+    from placer.stacks import get_stack
+    return None if name is None else get_stack(name)
+
+
+def routing_options(func: Callable) -> Callable:
+    for deco in reversed([
+        click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
+                     help="Replica dispatch rule; overrides --stack's (default: the stack's, else nearest, "
+                          "placer's idealised same GPU / same node / coordinated spread)."),
+        click.option("--execution", type=click.Choice(EXECUTION_MODES), default="standard", show_default=True,
+                     help="standard expert parallelism, or ExFlow's context-coherent execution."),
+        click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
+                     help="Use only tokens of this phase."),
+    ]):
+        func = deco(func)
+    return func
+
+
+def resolve_model(name: str | None):
+    from placer.presets import get_model
+    return get_model(name) if name else None
+
+
+def resolve_topology(cluster, gpus, nodes, gpus_per_node):
+    from placer.presets import DEFAULT_CLUSTER, make_topology
+    return make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
+
+
+def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node) -> None:
+    """A placement file's model and topology are authoritative: a contradicting flag exits 2."""
+    if model is not None and model != pf.model.name:
+        raise InvalidInputError(f"--model {model} contradicts the placement's model {pf.model.name}", source=path)
+    topo = pf.topology
+    for flag, given, actual in (("--cluster", cluster, topo.name), ("--gpus", gpus, topo.num_gpus),
+                                ("--nodes", nodes, topo.num_nodes), ("--gpus-per-node", gpus_per_node, topo.gpus_per_node)):
+        if given is not None and given != actual:
+            raise InvalidInputError(f"{flag} {given} contradicts the placement's cluster "
+                                    f"({topo.name}, {topo.num_nodes} x {topo.gpus_per_node} GPUs)", source=path)
+
+
+def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None):
+    """Any placement file (placer's, SGLang's, vllm-ascend's, TRT-LLM's, EPLB arrays).
+
+    A native file is authoritative (contradicting flags exit 2); a stack's file holds only the
+    map and takes the model and cluster from the flags.
+    """
+    from placer.io.placements import detect_placement_format, read_placement_file
+    if detect_placement_format(path) == "native":
+        pf = read_placement_file(path)
+        check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
+        return pf
+    topology = resolve_topology(cluster, gpus, nodes, gpus_per_node) if (cluster or gpus) else None
+    return read_placement_file(path, model=resolve_model(model), topology=topology, stack=stack)
+
+
+def placement_stack(pf, target):
+    """The stack whose rule scores ``pf``: ``--stack``, else a stack file's own (not a native file's)."""
+    return target if target is not None or not pf.method.startswith("file:") else pf.stack
+
+
+def parse_exports(exports: tuple[str, ...], flag: str = "--export") -> list[tuple[str, str]]:
+    from placer.io.placements import FORMATS
+    out = []
+    for item in exports:
+        fmt, sep, path = item.partition("=")
+        if not sep or not path:
+            raise InvalidInputError(f"expected FORMAT=PATH, got {item!r}", source=flag)
+        if fmt not in FORMATS:
+            raise InvalidInputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", source=flag)
+        out.append((fmt, path))
+    return out
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+
+def parse_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("balance", "traffic", "affinity"):
+            raise InvalidInputError(f"expected balance=X,traffic=Y,affinity=Z, got {item!r}", source="--weights")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise InvalidInputError(f"{value!r} is not a number", source="--weights") from None
+        if not 0 <= out[key.strip()] < math.inf:
+            raise InvalidInputError(f"weights must be non-negative finite numbers, got {value}", source="--weights")
+    return out

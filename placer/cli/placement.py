@@ -1,0 +1,184 @@
+"""``placer solve``, ``placer evaluate`` and ``placer export``: placements, their scores, the
+serving stacks' files."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from placer.cli.options import (
+    CONTEXT,
+    FiniteFloat,
+    cluster_options,
+    echo_json,
+    model_option,
+    parse_exports,
+    parse_weights,
+    placement_stack,
+    read_placement,
+    resolve_model,
+    resolve_stack,
+    resolve_topology,
+    routing_options,
+    stack_option,
+)
+from placer.errors import InvalidInputError
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path())
+@model_option
+@cluster_options
+@routing_options
+@stack_option
+@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Redundant expert slots per layer (R); (E + R) must divide evenly over the GPUs.")
+@click.option("--groups", type=click.IntRange(min=1), default=None,
+              help="Expert groups (group-limited routing; EPLB's hierarchical policy packs groups onto nodes).")
+@click.option("--method", default="placer", show_default=True,
+              help="placer (joint objective), exact, eplb, moetuner, exflow, contiguous, round-robin.")
+@click.option("--objective", type=click.Choice(["balance", "traffic", "affinity", "joint"]), default=None,
+              help="Terms of the placer objective (default joint).")
+@click.option("--weights", default=None, metavar="K=V,...", help="Objective weights, e.g. balance=1,traffic=0.5.")
+@click.option("--backend", type=click.Choice(["cpsat", "pulp", "pulp-cbc", "pulp-highs", "local", "exact"]),
+              default=None, help="Solver backend of ILP methods (pulp = CBC).")
+@click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Wall-clock limit in seconds from process start (reading, numba compilation and scoring "
+                   "included); the best valid placement found is returned.")
+@click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None,
+              help="Local processes for layer subproblems.")
+@click.option("--ray-address", default=None, help="Run layer subproblems on this Ray cluster (e.g. auto).")
+@click.option("--holdout", multiple=True, type=click.Path(), metavar="TRACE",
+              help="Score on these inputs too (not used for fitting). Repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Placement JSON to write.")
+@click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
+              help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
+def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack, redundant, groups,
+          method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, seed, output,
+          exports, as_json, quiet):
+    """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
+
+    \b
+    Example:
+        placer solve trace.npz --stack sglang --gpus 16 --nodes 2 --redundant 16 \\
+            --holdout held.npz -o p.json --export sglang=s.json
+    """
+    from placer._clock import process_start_time
+    from placer.metrics import format_comparison
+    from placer.workflow import solve_placement
+
+    show = not quiet and not as_json and sys.stderr.isatty()
+
+    def progress(message: str) -> None:
+        if show:
+            click.echo(f"... {message}", err=True)
+
+    outcome = solve_placement(
+        inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node),
+        dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
+        method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=parse_weights(weights),
+        backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
+        exports=parse_exports(exports), progress=progress, started_at=process_start_time())
+    r = outcome.result
+    if as_json:
+        echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
+                    "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
+                    "comparison": [{k: v for k, v in row.items()} for row in outcome.rows],
+                    "notes": list(outcome.notes)})
+        return
+    gap = "" if r.gap is None else f", gap {r.gap:.2%}"
+    target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
+    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s; {target}dispatch {outcome.dispatch}; "
+               f"wrote {output}")
+    if outcome.rows:
+        click.echo(format_comparison(outcome.rows))
+    for note in outcome.notes:
+        click.echo(note)
+    for fmt, path, flags in outcome.exported:
+        click.echo(f"exported {fmt} to {path}; serve with:")
+        for line in flags:
+            click.echo(f"  {line}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("placement", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_option
+@cluster_options
+@routing_options
+@stack_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack,
+             as_json):
+    """Score a placement on any routing input: load balance, dispatch traffic, transitions.
+
+    PLACEMENT is placer's JSON or the file a server loads (SGLang .json/.pt, vllm-ascend .json,
+    TRT-LLM .yaml, EPLB .npz; those need --model and --gpus). The rule is --dispatch, else
+    --stack's, else the stack file's, else the one the file was solved under.
+
+    \b
+    Example:
+        placer evaluate p.json experts_math_mixtral.json --stack vllm
+        placer evaluate sglang.json trace.npz --model deepseek-v2-lite --gpus 16 --nodes 2
+    """
+    from placer.metrics import format_table
+    from placer.workflow import evaluate_placement
+    target = resolve_stack(stack)
+    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
+    from placer.stacks import resolve_dispatch
+    target = placement_stack(pf, target)
+    rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
+    metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
+    metrics["stack"] = None if target is None else target.label
+    if as_json:
+        echo_json(metrics)
+    else:
+        click.echo(f"dispatch {rule}" + (f" ({target.label})" if target is not None else ""))
+        click.echo(format_table(metrics))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("placement", type=click.Path())
+@model_option
+@cluster_options
+@stack_option
+@click.option("--format", "fmt", default=None,
+              help="sglang, vllm-ascend, trtllm or eplb (default: --stack's, else the file's stack's).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="File to write (SGLang: .json or .pt).")
+def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, output):
+    """Convert a placement into the file a serving stack loads, and print its flags.
+
+    PLACEMENT is placer's JSON or another stack's file (then give --model and --gpus). A
+    placement solved for another stack's rule (or for none) is re-checked against the target's
+    constraints, and the command says how to re-score it under the target's rule.
+
+    \b
+    Example:
+        placer export p.json --stack sglang -o sglang.json
+        placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml
+    """
+    from placer.io.placements import export_placement
+    from placer.stacks import STACKS
+    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node)
+    target = resolve_stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
+    if fmt is None and target is not None:
+        # A stack that loads no file (vLLM) exports under its own name, which export_placement
+        # refuses with the flags of the stack's own balancer (main() prints them).
+        fmt = target.format or target.name
+    if fmt is None:
+        raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
+    (fmt, output), = parse_exports((f"{fmt}={output}",), "--format" if stack is None else "--stack")
+    flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
+    click.echo(f"exported {fmt} to {output}" + (f" for {target.label}" if target is not None else "")
+               + "; serve with:")
+    for line in flags:
+        click.echo(f"  {line}")
+    if target is not None and target.dispatch is not None and target.dispatch != pf.dispatch:
+        click.echo(f"note: {placement} was solved and scored under dispatch {pf.dispatch}; {target.label} runs "
+                   f"{target.dispatch}: re-score with 'placer evaluate {placement} TRACE --stack {target.name}' "
+                   f"or re-solve with --stack {target.name}")

@@ -1,0 +1,72 @@
+"""``placer synth`` and ``placer stats``: synthetic routing and routing statistics."""
+
+from __future__ import annotations
+
+import click
+
+from placer.cli.options import (
+    CONTEXT,
+    FiniteFloat,
+    echo_json,
+    model_option,
+    resolve_model,
+)
+from placer.errors import InvalidInputError
+
+
+@click.command(context_settings=CONTEXT)
+@model_option
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--perturb", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
+              help="Perturb the preset's expert popularity (lognormal sigma), for held-out scoring.")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]), default=None, help="Tag tokens with a phase.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz or .parquet).")
+def synth(model, tokens, seed, perturb, phase, output):
+    """Write a deterministic synthetic routing trace for a model preset (labelled synthetic).
+
+    \b
+    Example:
+        placer synth --model deepseek-v3 --tokens 100000 --seed 1 --perturb 0.3 -o trace.npz
+    """
+    from placer.workflow import write_synthetic
+    spec = resolve_model(model)
+    if spec is None:
+        raise InvalidInputError("synth needs --model PRESET", source="--model")
+    written = write_synthetic(spec, tokens, seed=seed, perturb=perturb, phase=phase, output=output)
+    click.echo(f"wrote {written:,} synthetic tokens of {spec.name} routing to {output}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_option
+@click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
+              help="Use only tokens of this phase.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the statistics (.npz).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def stats(inputs, model, phase, output, as_json):
+    """Merge routing inputs of any supported format and print per-layer skew and affinity.
+
+    \b
+    Example:
+        placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
+    """
+    from placer.profiling.summary import format_summary, summarize
+    from placer.workflow import gather_routing, write_stats
+    if output:  # before any work
+        from placer.io.atomic import check_writable
+        check_writable(output)
+    routing = gather_routing(inputs, model=resolve_model(model), phase=phase, keep_trace=False)
+    summary = summarize(routing.stats)
+    summary["synthetic"] = routing.synthetic
+    summary["top1_known"] = routing.stats.has_top1
+    summary["top1_note"] = routing.top1_note
+    if output:
+        write_stats(routing, output)
+    if as_json:
+        echo_json(summary)
+    else:
+        label = " (synthetic)" if routing.synthetic else ""
+        click.echo(f"{routing.model.name}{label}: " + format_summary(summary))
+        if output:
+            click.echo(f"wrote statistics to {output}")
