@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from placer.dispatch import dispatch_table, slot_load
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import export_placement
 from placer.io.stack_files import sglang_full_map
+from placer.metrics.dispatch import dispatch_table, slot_load
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import load_only_stats
 

@@ -13,6 +13,11 @@ from typing import Any
 from placer.errors import InvalidInputError, MissingDependencyError
 
 CONNECT_TIMEOUT_S = 5.0
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+"""Ray starts its workers at niceness 15 by default: beside any busy process they get a few
+percent of a core (a layer search on Ray took minutes on a 2-core machine with two busy
+processes). A local instance placer starts runs them at the caller's priority; a cluster's own
+configuration is left alone."""
 
 
 def import_ray(what: str) -> Any:
@@ -38,7 +43,7 @@ def _reachable(address: str, timeout_s: float) -> bool:
 def init(address: str | None, what: str, **kwargs: Any) -> Any:
     """``ray.init`` once per process (an initialised Ray is reused, the address then ignored).
 
-    ``address`` None starts a local instance. Raises InvalidInputError (source
+    ``address`` None starts a local instance (workers at niceness 0, :data:`LOCAL_SYSTEM_CONFIG`). Raises InvalidInputError (source
     ``--ray-address``) when the cluster cannot be reached.
     """
     ray = import_ray(what)
@@ -46,6 +51,8 @@ def init(address: str | None, what: str, **kwargs: Any) -> Any:
         return ray
     if address is not None and not _reachable(address, CONNECT_TIMEOUT_S):
         raise InvalidInputError(f"no Ray cluster answers at {address}", source="--ray-address")
+    if address is None:  # a local instance: its workers do this job, at the caller's priority
+        kwargs = {**kwargs, "_system_config": {**LOCAL_SYSTEM_CONFIG, **kwargs.get("_system_config", {})}}
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:

@@ -1,7 +1,7 @@
 """Serving stacks placer targets, each pinned to the release whose code it reproduces.
 
 A :class:`Stack` bundles what ``--stack`` selects at once: the placement file format the
-stack loads (or None: it loads none), its exact dispatch rule (:mod:`placer.dispatch`), the
+stack loads (or None: it loads none), its exact dispatch rule (:mod:`placer.metrics.dispatch`), the
 models it can place, and the release the rule, format and flags were checked against (the
 tests in ``tests/stacks/`` run that release's own code). The flags themselves are written next
 to the file by :func:`placer.io.placements.export_placement`.

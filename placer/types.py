@@ -30,7 +30,7 @@ PHASES = ("prefill", "decode")
 PHASE_CODES = {"prefill": 0, "decode": 1, "unknown": -1}
 TRACE_ORDERS = ("sorted", "unknown")
 DISPATCH_RULES = ("nearest", "sglang-static", "sglang-dynamic", "vllm", "vllm-ascend")
-"""Replica rules of :mod:`placer.dispatch`; ``POSITION_RULES`` choose by the token's row in the batch."""
+"""Replica rules of :mod:`placer.metrics.dispatch`; ``POSITION_RULES`` choose by the token's row in the batch."""
 POSITION_RULES = ("sglang-dynamic", "vllm")
 # Rules of stacks that cannot use two copies of one expert on one GPU (vllm-ascend keeps one
 # local slot per expert): problems under them keep copies on distinct GPUs.

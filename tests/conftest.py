@@ -29,7 +29,12 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from placer._ray import (
+            LOCAL_SYSTEM_CONFIG,  # workers at the tests' priority, as placer starts them
+        )
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     if started:
         ray.shutdown()

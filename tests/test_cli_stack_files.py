@@ -66,7 +66,7 @@ def test_export_refuses_duplicates_for_vllm_ascend(capsys, tmp_path, v2lite):
 
 
 def test_vllm_ascend_rule_is_rank_mod_copies():
-    from placer.dispatch import dispatch_table
+    from placer.metrics.dispatch import dispatch_table
     from placer.types import Placement
 
     # expert 0 on GPUs 0, 1 and 3 (slots 0, 2, 7); ranks 0..3 take copies r % 3: slots 0, 2, 7, 0

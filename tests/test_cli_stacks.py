@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from cli_helpers import one_line_exit2, run
 
-from placer.dispatch import dispatch_table
 from placer.io.placements import read_placement_json
 from placer.metrics import gpu_load
+from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model
 from placer.workflow import gather_routing
 

@@ -1,4 +1,4 @@
-"""The replica dispatch rule (placer.dispatch): properties on random placements."""
+"""The replica dispatch rule (placer.metrics.dispatch): properties on random placements."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placer.dispatch import default_home_ranks, dispatch_table, select_slots, slot_load
 from placer.errors import InvalidInputError
+from placer.metrics.dispatch import default_home_ranks, dispatch_table, select_slots, slot_load
 from placer.types import Placement, Topology
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placer.dispatch import dispatch_table, sglang_static_table
+from placer.metrics.dispatch import dispatch_table, sglang_static_table
 from placer.types import ModelSpec, Placement, Topology
 
 

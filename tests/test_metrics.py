@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placer import metrics
-from placer.dispatch import dispatch_table
 from placer.errors import InvalidInputError
+from placer.metrics.dispatch import dispatch_table
 from placer.profiling.stats import compute_stats, load_only_stats
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, RoutingTrace, Topology
 
@@ -191,7 +191,7 @@ def test_dispatch_traffic_matches_bruteforce(case):
 def test_standard_counts_masks_equal_sorted(shape, t, num_layers, k, seed):
     """The uint64 bit-mask path (<= 64 GPUs) and the sorting path count the same, popcount
     fallback included; beyond 64 GPUs the sorting path is used."""
-    from placer import _metrics_core as core
+    from placer.metrics import core
 
     num_gpus, gpn = shape
     rng = np.random.default_rng(seed)

@@ -312,7 +312,7 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
                       slots_per_gpu: int, rule: str) -> np.ndarray:
     """Per-GPU load [L, G] expected over the rule's random fair spread (home ranks uniform).
 
-    Equals :func:`placer.dispatch.slot_load` summed per GPU whenever the rule makes no random
+    Equals :func:`placer.metrics.dispatch.slot_load` summed per GPU whenever the rule makes no random
     choice (e.g. no replicas; always for ``vllm``), and its mean over dispatch seeds otherwise.
     """
     return _expected_gpu_load(np.ascontiguousarray(p2l, np.int64), np.ascontiguousarray(load, np.float64),

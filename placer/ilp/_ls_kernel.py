@@ -3,7 +3,7 @@
 The search model of a layer (the "expected dispatch" model):
 
 - tokens start on their home rank (the stats' sample); the rule maps (rank, expert) to a
-  *distribution* over the expert's copies, the expectation of :mod:`placer.dispatch` over its
+  *distribution* over the expert's copies, the expectation of :mod:`placer.metrics.dispatch` over its
   seeded fair spread: ``nearest`` uses the home GPU's copy, else the home node's copies
   uniformly, else all copies uniformly; ``sglang-static`` is searched with
   ``nearest``'s model (it differs only where a node holds several but not all copies: SGLang
@@ -14,7 +14,7 @@ The search model of a layer (the "expected dispatch" model):
   different experts are independent, so per token ``E[#distinct GPUs used] = sum_x 1 - prod_k
   (1 - p_k(x))`` (nodes alike) is exact in expectation. Where no random choice is involved (no
   replicas, or replicas every rank reaches deterministically) the model equals the metrics.
-- GPU load is the expected :func:`placer.dispatch.slot_load` (home ranks uniform).
+- GPU load is the expected :func:`placer.metrics.dispatch.slot_load` (home ranks uniform).
 
 Per token type and GPU (node) the state keeps the number of the token's experts that surely use
 it, the number that may, and the product of ``1 - p`` over the latter, so a move re-evaluates

@@ -46,13 +46,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from placer.dispatch import DEFAULT_DISPATCH_SEED
 from placer.errors import InvalidInputError
 from placer.ilp import _ls_kernel
 from placer.ilp.base import PlacementProblem, register
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import evaluate_objective, objective_weights, reference_ratio
 from placer.ilp.simple import contiguous_map
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement, SolveResult
 
 __all__ = ["balance_lower_bound", "default_iterations", "solve_placer"]

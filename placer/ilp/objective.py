@@ -4,7 +4,7 @@ Per MoE layer ``l`` the objective adds, in **seconds per token of the batch** (t
 the cluster; all three are what one layer costs the slowest GPU, per batch token):
 
 (a) **balance** ``w_bal * max_g load[l, g] / T``: token-slots the most loaded GPU serves per
-    batch token (load from ``stats.load`` under :func:`placer.dispatch.slot_load`, i.e. the
+    batch token (load from ``stats.load`` under :func:`placer.metrics.dispatch.slot_load`, i.e. the
     problem's dispatch rule and seed) times ``t_slot = 6 * hidden * ffn / (bf16_flops * 0.5)``,
     the compute-bound time of one expert on one token (gate, up, down: 3 GEMMs of 2 h I FLOPs,
     at half of dense peak).
@@ -70,9 +70,9 @@ from typing import Any
 
 import numpy as np
 
-from placer import _metrics_core as core
-from placer.dispatch import DEFAULT_DISPATCH_SEED
 from placer.errors import InvalidInputError
+from placer.metrics import core
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement
 
 OBJECTIVE_MODES = ("joint", "balance", "traffic", "affinity")

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from placer.dispatch import hidden_layer_map
 from placer.errors import InfeasibleError, InvalidInputError
 from placer.io._common import fail, guard, load_arrays, load_torch, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
+from placer.metrics.dispatch import hidden_layer_map
 from placer.stacks import STACKS
 from placer.types import ModelSpec, Placement, Topology
 from placer.validate import duplicate_copies

@@ -8,7 +8,7 @@ Semantics (shared by every implementation):
 - ``slot_map`` sends logical expert ids to physical slots. It is either int ``[E]`` (one map
   for all tokens: a row ``dispatch_table(...)[layer, rank]`` of the rank-based rules ``nearest``
   and ``sglang-static``) or int ``[T, E]`` (one map per token: the position-based rules
-  ``sglang-dynamic`` and ``vllm``). :func:`slot_map` builds either from a placement through :mod:`placer.dispatch`.
+  ``sglang-dynamic`` and ``vllm``). :func:`slot_map` builds either from a placement through :mod:`placer.metrics.dispatch`.
 - ``permute`` writes ``T * K`` rows sorted by slot, and within a slot by (token, k): row
   ``r`` holds token ``r``'s input where ``order`` is the stable argsort of the flat slot ids.
   ``row_map[t, k]`` is the row holding copy ``k`` of token ``t``; ``slot_counts[p]`` is the
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, replica_index
 from placer.errors import InvalidInputError
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, replica_index
 from placer.types import POSITION_RULES, Placement, Topology
 
 
@@ -39,14 +39,14 @@ def slot_map(placement: Placement, topology: Topology, layer: int, *, rank: int 
     rank : int, the calling rank (home GPU of its tokens); required for ``nearest`` and
         ``sglang-static``.
     positions : int array, shape (T,), token rows; required for the position rules.
-    rule, seed : the dispatch rule and its seed, as in :func:`placer.dispatch.dispatch_table`.
+    rule, seed : the dispatch rule and its seed, as in :func:`placer.metrics.dispatch.dispatch_table`.
     table : int64 array, shape (L, G, E), optional precomputed ``dispatch_table`` (reuse it
         across layers and steps: computing it is the costly part).
 
     Returns
     -------
     ndarray of int64, shape (E,) for the rank-based rules, (T, E) for the position rules.
-    Agrees with :func:`placer.dispatch.select_slots` for every token.
+    Agrees with :func:`placer.metrics.dispatch.select_slots` for every token.
     """
     if not 0 <= layer < placement.num_layers:
         raise InvalidInputError(f"layer {layer} out of range [0, {placement.num_layers})",

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from placer.dispatch import dispatch_table
 from placer.errors import InvalidInputError, PlacerError
+from placer.metrics.dispatch import dispatch_table
 from placer.runtime.model import ExpertWeights, init_weights
 from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
@@ -69,7 +69,7 @@ class Deployment:
     weights : ExpertWeights, optional
         The authoritative weights (default: :func:`init_weights` with ``seed``).
     dispatch : str
-        Replica rule (:mod:`placer.dispatch`): ``nearest``, ``sglang-static``, ``sglang-dynamic`` or ``vllm``.
+        Replica rule (:mod:`placer.metrics.dispatch`): ``nearest``, ``sglang-static``, ``sglang-dynamic`` or ``vllm``.
     timeout_s : float
         Process-group timeout: how long a collective waits for a dead peer.
     max_restarts : int

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from placer.dispatch import KNUTH_MULTIPLIER
+from placer.metrics.dispatch import KNUTH_MULTIPLIER
 
 __all__ = ["EPRank"]
 
@@ -192,7 +192,7 @@ class EPRank:
             else:  # position rules: replica by global token row (this rank's rows are rank, rank+G, ...)
                 _, rule, log2phy, cnt = spec
                 pos = self.rank + g * torch.arange(x.shape[0], device=self.device)
-                if rule == "vllm":  # vLLM 0.34.0's Knuth hash (placer.dispatch.replica_index)
+                if rule == "vllm":  # vLLM 0.34.0's Knuth hash (placer.metrics.dispatch.replica_index)
                     pos = (pos * KNUTH_MULTIPLIER) & 0xFFFFFFFF
                 smap = log2phy[torch.arange(self.num_experts, device=self.device)[None, :],
                                pos[:, None] % cnt[None, :]]

@@ -3,7 +3,7 @@
 Two paths give the same :class:`Traffic` record:
 
 - token level (:func:`token_traffic`): exact, from every token's top-k logical ids and home
-  rank, through the shared dispatch rule (``placer.dispatch``). Used for trace replay and to
+  rank, through the shared dispatch rule (``placer.metrics.dispatch``). Used for trace replay and to
   cross-check the count level on small cases.
 - count level (:func:`sample_traffic`): per-token expectations measured once on a pool of
   tokens (:func:`routing_rates`), scaled by the step's tokens per rank, with the step's
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placer._metrics_core import first_of_run
 from placer._numba import njit
-from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, select_slots
 from placer.errors import InvalidInputError
+from placer.metrics.core import first_of_run
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table, select_slots
 from placer.types import POSITION_RULES, Placement, Topology
 
 

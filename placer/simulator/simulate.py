@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from placer.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
 from placer.errors import InvalidInputError
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
 from placer.simulator.collector import Collector
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
 from placer.simulator.cost import CostModel

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from placer.dispatch import slot_load
 from placer.errors import InvalidInputError
 from placer.ilp import PlacementProblem, solve
 from placer.ilp import _ls_anneal as A
@@ -16,6 +15,7 @@ from placer.ilp.local_search import SearchConfig, _layer, search_layer, token_ty
 from placer.ilp.objective import evaluate_objective, objective_weights
 from placer.ilp.simple import contiguous_map
 from placer.metrics import dispatch_traffic
+from placer.metrics.dispatch import slot_load
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import compute_stats
 from placer.types import ModelSpec, Placement, RoutingTrace

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from placer.dispatch import select_slots
 from placer.errors import InvalidInputError
 from placer.kernels import permute_reference, slot_map, split_sizes, unpermute_reference
+from placer.metrics.dispatch import select_slots
 from placer.types import Placement, Topology
 
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from placer.dispatch import dispatch_table
 from placer.errors import InvalidInputError
 from placer.ilp import PlacementProblem, solve
 from placer.ilp.simple import contiguous_map
+from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import compute_stats
 from placer.simulator.config import SimConfig, kernel_preset

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from stacks_support import STACKS_DIR, run_probe
 
-from placer.dispatch import dispatch_table
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import export_placement
 from placer.io.stack_files import sglang_full_map
+from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import compute_stats
 from placer.stacks import ARCHITECTURES, SGLANG_PLACEABLE
@@ -123,7 +123,7 @@ def test_sglang_dynamic_rule_is_sglangs_own(tmp_path):
     """``sglang-dynamic`` = SGLang 0.5.23's dynamic dispatch without an a2a backend (row in the batch
     modulo replicas), checked by running its ``_topk_ids_logical_to_physical_dynamic`` on the
     candidate lists its own metadata built from placer's file."""
-    from placer.dispatch import select_slots
+    from placer.metrics.dispatch import select_slots
     from placer.types import Topology
 
     model = get_model("qwen3-30b-a3b")

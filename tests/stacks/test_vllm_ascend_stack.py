@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from stacks_support import run_probe
 
-from placer.dispatch import dispatch_table
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import export_placement
+from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import load_only_stats
 from placer.types import Placement

@@ -165,7 +165,7 @@ def test_vllm_initial_map_is_arange_mod_e(probe, experts, redundant, gpus):
     again = np.asarray(out["compute_logical_maps"]["logical_to_physical"])
     assert (again == l2p[..., :again.shape[-1]]).all()
     # placer's vllm rule on this map = the encoded kernel over vLLM's own replica lists
-    from placer.dispatch import select_slots
+    from placer.metrics.dispatch import select_slots
     from placer.types import Placement, Topology
     rows = np.arange(500)
     ids = np.tile(np.arange(experts), 500 // experts + 1)[:500, None, None]

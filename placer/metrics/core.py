@@ -1,8 +1,8 @@
 """Kernels behind :mod:`placer.metrics`: token resolution and per-chunk counting (plain numpy).
 
 Everything here counts per layer; :mod:`placer.metrics` turns the counts into means and
-fractions. Replica choice always comes from :mod:`placer.dispatch` (its table, or
-:func:`~placer.dispatch.select_slots` for the position-based rules).
+fractions. Replica choice always comes from :mod:`placer.metrics.dispatch` (its table, or
+:func:`~placer.metrics.dispatch.select_slots` for the position-based rules).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placer.dispatch import default_home_ranks, dispatch_table, select_slots
 from placer.errors import InvalidInputError
+from placer.metrics.dispatch import default_home_ranks, dispatch_table, select_slots
 from placer.types import (
     DISPATCH_RULES,
     POSITION_RULES,

@@ -3,7 +3,7 @@
 Every function takes a placement, the cluster and routing data, either a
 :class:`~placer.types.RoutingTrace` (exact, per token) or :class:`~placer.types.RoutingStats`
 (load from the full counts, per-token metrics on the stats' reservoir sample). Replicas are
-chosen by the dispatch rule of :mod:`placer.dispatch` (``nearest`` | ``sglang-static`` | ``sglang-dynamic`` |
+chosen by the dispatch rule of :mod:`placer.metrics.dispatch` (``nearest`` | ``sglang-static`` | ``sglang-dynamic`` |
 ``vllm``); tokens start on their home rank (``trace.home_rank``, else round-robin by token index).
 
 Two execution modes are measured:
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from placer import _metrics_core as core
-from placer._metrics_report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
-from placer.dispatch import DEFAULT_DISPATCH_SEED, slot_load
 from placer.errors import InvalidInputError
+from placer.metrics import core
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, slot_load
+from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
 from placer.validate import expert_memory_per_gpu
 
@@ -60,9 +60,9 @@ def gpu_load(placement: Placement, topology: Topology, data: Data, *, dispatch: 
     """Token-slots served by each GPU at each layer. Returns float64 [L, G].
 
     From a trace: exact, every (token, k) counted on the GPU of its chosen replica. From stats:
-    :func:`placer.dispatch.slot_load` summed per GPU, the expected value when home ranks (or
+    :func:`placer.metrics.dispatch.slot_load` summed per GPU, the expected value when home ranks (or
     positions, for ``vllm``) are uniform; exact when there are no replicas. ``table``: a
-    precomputed :func:`~placer.dispatch.dispatch_table` for this placement, rule and seed.
+    precomputed :func:`~placer.metrics.dispatch.dispatch_table` for this placement, rule and seed.
     """
     num_layers, num_experts, _ = core.data_shape(data)
     core.check_shapes(placement, topology, num_layers, num_experts)
