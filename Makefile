@@ -35,6 +35,7 @@ test: install $(STACKS_MARKER)
 
 lint: install
 	$(VENV)/bin/ruff check placer tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/bench_stats.py

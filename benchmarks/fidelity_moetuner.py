@@ -27,10 +27,10 @@ def main() -> int:
         print(f"skipped: {DATA} not found")
         return 0
     from placer.ilp import PlacementProblem, solve
+    from placer.io.routing import gather_routing
     from placer.presets import get_model, make_topology
     from placer.simulator.config import ReplayWorkload, SimConfig
     from placer.simulator.simulate import simulate
-    from placer.workflow import gather_routing
 
     model = get_model("mixtral-8x7b")
     topology = make_topology("h100", gpus=4)

@@ -124,7 +124,7 @@ def check_problem_size(model: ModelSpec, topology: Topology, *, simulate: bool =
     about ``layers x experts x GPUs x nodes`` operations; the simulator adds float64 ``[layers,
     GPUs, GPUs]`` traffic matrices (about four alive at once).
     """
-    from placer.io._common import check_memory, human_bytes
+    from placer.resources import check_memory, human_bytes
     layers, g, e = model.num_moe_layers, topology.num_gpus, model.num_experts
     what = f"{g} GPUs"
     nbytes = 8.0 * layers * g * e

@@ -452,7 +452,7 @@ def render_full_report(results_dir: str | os.PathLike[str], output_html: str | o
     entries = collect_placements(paths, groups, prefix=prefix, sim_labels=sim_labels)
     source = "routing"
     if routing_inputs:
-        from placer.workflow import gather_routing
+        from placer.io.routing import gather_routing
 
         source = ", ".join(str(p) for p in routing_inputs)
         if not entries:

@@ -580,7 +580,7 @@ def check_trace_memory(model: ModelSpec, num_tokens: int, *, copies: int = 1,
     A token takes ``layers x top_k`` int16 ids and float32 gate weights; ``copies`` of the
     trace are alive at once.
     """
-    from placer.io._common import check_memory
+    from placer.resources import check_memory
     nbytes = float(num_tokens) * model.num_moe_layers * model.top_k * (2 + 4) * copies
     check_memory(source, nbytes, f"{num_tokens:,} tokens of {model.name} in memory need about")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from placer.errors import InvalidInputError
+from placer.errors import InvalidInputError, PlacementError
 
 PHASES = ("prefill", "decode")
 """Phase codes in ``RoutingTrace.phase``: 0 prefill, 1 decode, -1 unknown."""
@@ -461,6 +461,46 @@ class RoutingStats:
 # --------------------------------------------------------------------------------------------
 
 
+def check_structure(physical_to_logical: np.ndarray, slots_per_gpu: int, num_experts: int) -> None:
+    """Checks that need nothing but the map itself.
+
+    ``physical_to_logical``: int [L, P]. Raises on ids out of ``[0, E)``, a slot count that is
+    not a multiple of ``slots_per_gpu``, fewer slots than experts, or a logical expert with no
+    slot in some layer.
+    """
+    violations = structure_violations(physical_to_logical, slots_per_gpu, num_experts)
+    if violations:
+        raise PlacementError(violations[0], source="placement")
+
+
+def structure_violations(p2l: np.ndarray, slots_per_gpu: int, num_experts: int) -> list[str]:
+    out: list[str] = []
+    if p2l.ndim != 2 or p2l.shape[0] < 1:
+        return [f"physical_to_logical must be [layers, slots], got shape {p2l.shape}"]
+    num_layers, num_slots = p2l.shape
+    if slots_per_gpu < 1:
+        return [f"slots_per_gpu must be positive, got {slots_per_gpu}"]
+    if num_experts < 1:
+        return [f"num_experts must be positive, got {num_experts}"]
+    if num_slots % slots_per_gpu:
+        out.append(f"{num_slots} slots per layer are not a multiple of slots_per_gpu={slots_per_gpu} "
+                   "(every GPU needs the same number of slots)")
+    if num_slots < num_experts:
+        out.append(f"{num_slots} slots per layer cannot hold {num_experts} experts")
+    lo, hi = int(p2l.min()), int(p2l.max())
+    if lo < 0 or hi >= num_experts:
+        bad = lo if lo < 0 else hi
+        layer = int(np.argwhere((p2l < 0) | (p2l >= num_experts))[0, 0])
+        out.append(f"layer {layer}: logical id {bad} outside [0, {num_experts})")
+        return out
+    present = np.zeros((num_layers, num_experts), dtype=bool)
+    present[np.repeat(np.arange(num_layers), num_slots), p2l.ravel()] = True
+    if not present.all():
+        layer, expert = (int(x) for x in np.argwhere(~present)[0])
+        out.append(f"layer {layer}: logical expert {expert} has no slot")
+    return out
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where every physical expert lives: the one canonical map.
@@ -488,8 +528,6 @@ class Placement:
     replica_rank: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        from placer.validate import check_structure
-
         p2l = _as_int_array("physical_to_logical", self.physical_to_logical, 2, np.int32)
         object.__setattr__(self, "physical_to_logical", _freeze(p2l))
         check_structure(p2l, int(self.slots_per_gpu), int(self.num_experts))

@@ -9,47 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from placer.errors import PlacementError
-from placer.types import ModelSpec, Placement, Topology
-
-
-def check_structure(physical_to_logical: np.ndarray, slots_per_gpu: int, num_experts: int) -> None:
-    """Checks that need nothing but the map itself.
-
-    ``physical_to_logical``: int [L, P]. Raises on ids out of ``[0, E)``, a slot count that is
-    not a multiple of ``slots_per_gpu``, fewer slots than experts, or a logical expert with no
-    slot in some layer.
-    """
-    violations = _structure_violations(physical_to_logical, slots_per_gpu, num_experts)
-    if violations:
-        raise PlacementError(violations[0], source="placement")
-
-
-def _structure_violations(p2l: np.ndarray, slots_per_gpu: int, num_experts: int) -> list[str]:
-    out: list[str] = []
-    if p2l.ndim != 2 or p2l.shape[0] < 1:
-        return [f"physical_to_logical must be [layers, slots], got shape {p2l.shape}"]
-    num_layers, num_slots = p2l.shape
-    if slots_per_gpu < 1:
-        return [f"slots_per_gpu must be positive, got {slots_per_gpu}"]
-    if num_experts < 1:
-        return [f"num_experts must be positive, got {num_experts}"]
-    if num_slots % slots_per_gpu:
-        out.append(f"{num_slots} slots per layer are not a multiple of slots_per_gpu={slots_per_gpu} "
-                   "(every GPU needs the same number of slots)")
-    if num_slots < num_experts:
-        out.append(f"{num_slots} slots per layer cannot hold {num_experts} experts")
-    lo, hi = int(p2l.min()), int(p2l.max())
-    if lo < 0 or hi >= num_experts:
-        bad = lo if lo < 0 else hi
-        layer = int(np.argwhere((p2l < 0) | (p2l >= num_experts))[0, 0])
-        out.append(f"layer {layer}: logical id {bad} outside [0, {num_experts})")
-        return out
-    present = np.zeros((num_layers, num_experts), dtype=bool)
-    present[np.repeat(np.arange(num_layers), num_slots), p2l.ravel()] = True
-    if not present.all():
-        layer, expert = (int(x) for x in np.argwhere(~present)[0])
-        out.append(f"layer {layer}: logical expert {expert} has no slot")
-    return out
+from placer.types import ModelSpec, Placement, Topology, structure_violations
 
 
 def placement_violations(placement: Placement, model: ModelSpec | None = None,
@@ -61,7 +21,7 @@ def placement_violations(placement: Placement, model: ModelSpec | None = None,
     ``distinct_per_gpu``: no GPU may hold two copies of one expert in a layer (vllm-ascend keeps
     one local slot per expert and mis-routes the second copy).
     """
-    out = _structure_violations(placement.physical_to_logical, placement.slots_per_gpu,
+    out = structure_violations(placement.physical_to_logical, placement.slots_per_gpu,
                                 placement.num_experts)
     if distinct_per_gpu and not out:
         dup = duplicate_copies(placement)

@@ -304,8 +304,8 @@ def test_whole_float_ids_are_still_read(tmp_path):
 
 def test_npz_that_inflates_beyond_memory_is_refused(capsys, tmp_path, monkeypatch):
     """A small zip whose member inflates past the memory available (here: 1 MB) is refused unread."""
-    import placer.io._common as common
-    monkeypatch.setattr(common, "memory_available", lambda: 10**6)
+    import placer.resources
+    monkeypatch.setattr(placer.resources, "memory_available", lambda: 10**6)
     p = tmp_path / "bomb.npz"
     np.savez_compressed(p, load=np.zeros((1000, 1000)))  # 8 MB of zeros in a few kB
     assert p.stat().st_size < 100_000

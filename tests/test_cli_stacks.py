@@ -10,10 +10,10 @@ import pytest
 from cli_helpers import one_line_exit2, run
 
 from placer.io.placements import read_placement_json
+from placer.io.routing import gather_routing
 from placer.metrics import gpu_load
 from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model
-from placer.workflow import gather_routing
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -102,8 +102,8 @@ def test_what_if_sweep(tmp_path, monkeypatch):
 def test_bring_your_own_sglang_dump(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     _execute(ROOT / "notebooks" / "03-bring-your-own-sglang-dump.ipynb", tmp_path, monkeypatch)
+    from placer.io.routing import gather_routing
     from placer.presets import get_model
-    from placer.workflow import gather_routing
 
     model = get_model("deepseek-v2-lite")
     dumps = sorted(str(p) for p in tmp_path.glob("expert_distribution_recorder_*.pt"))

@@ -51,8 +51,9 @@ def stats(inputs, model, phase, output, as_json):
     Example:
         placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
     """
+    from placer.io.routing import gather_routing
     from placer.profiling.summary import format_summary, summarize
-    from placer.workflow import gather_routing, write_stats
+    from placer.workflow import write_stats
     if output:  # before any work
         from placer.io.atomic import check_writable
         check_writable(output)

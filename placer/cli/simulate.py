@@ -171,7 +171,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             run_comparison,
         )
         routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
-        from placer.workflow import check_top1
+        from placer.io.routing import check_top1
         check_top1(routing, execution=execution, methods=methods)
         target = resolve_stack(stack)
         if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
@@ -217,7 +217,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
 
 def _routing(inputs, model_name, placements=()):
     from placer.cli.options import resolve_model
-    from placer.workflow import gather_routing
+    from placer.io.routing import gather_routing
     model = resolve_model(model_name)
     if not inputs:
         if model is None and not placements:

@@ -247,7 +247,7 @@ def reference_ratio(problem) -> np.ndarray:
     """Per-layer expected max/mean GPU load of the problem's EPLB placement (the cap's reference).
 
     Under ``sglang-static`` and ``vllm-ascend`` with redundant slots the reference is the better, per layer, of EPLB
-    and :func:`placer.ilp.joint.coordinated_map` (EPLB's hot replicas leave SGLang's
+    and :func:`placer.ilp.starts.coordinated_map` (EPLB's hot replicas leave SGLang's
     uncoordinated spread much load to misplace, so a cap on EPLB alone would be loose).
     """
     from placer.ilp.base import solve
@@ -255,8 +255,8 @@ def reference_ratio(problem) -> np.ndarray:
     eplb = solve(problem, "eplb").placement  # distinct copies per GPU when the problem says so
     ref = _ratio(*expected_ratio(problem, eplb))
     if problem.dispatch in ("sglang-static", "vllm-ascend") and problem.num_redundant > 0:
-        from placer.ilp.joint import _starts
-        coordinated = Placement(_starts(problem)["coordinated"], problem.slots_per_gpu, problem.model.num_experts)
+        from placer.ilp.starts import start_maps
+        coordinated = Placement(start_maps(problem)["coordinated"], problem.slots_per_gpu, problem.model.num_experts)
         ref = np.minimum(ref, _ratio(*expected_ratio(problem, coordinated)))
     return ref
 

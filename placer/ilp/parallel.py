@@ -15,7 +15,7 @@ wall-clock deadline, when one is set, may cut different layers short).
   Each task asks for one CPU; numba's on-disk cache makes workers after the first cheap.
 
 The caller (:func:`placer.ilp.joint.solve_placer`) loads or compiles the search kernels in this
-process first (:func:`placer._warm.ensure_search_kernels`): forked workers inherit them and
+process first (:func:`placer.ilp.warmup.ensure_search_kernels`): forked workers inherit them and
 forkserver / spawned ones load them from the cache, so no worker compiles outside the time
 limit. On an exception (SIGINT, SIGTERM) the local workers are killed at once.
 """

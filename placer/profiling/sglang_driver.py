@@ -7,7 +7,7 @@ serves whatever traffic it gets, POSTs ``/stop_expert_distribution_record`` and
 ``$SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR`` (default ``/tmp``), so ``dump_dir`` must be that
 directory, on this machine or a shared volume. The files the dump created
 (``expert_distribution_recorder_*.pt``: one for ``stat``, one per rank for ``per_pass`` and
-``per_token``) are then read with :func:`placer.workflow.gather_routing`, which merges the ranks.
+``per_token``) are then read with :func:`placer.io.routing.gather_routing`, which merges the ranks.
 
 Only the standard library talks HTTP; the ``.pt`` files need torch (``weights_only=True``).
 """
@@ -100,8 +100,8 @@ def record(url: str, duration_s: float, dump_dir: str | os.PathLike[str], *,
 def profile_sglang(url: str, duration_s: float, dump_dir: str | os.PathLike[str], *,
                    model: ModelSpec | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None, wait_s: float = 10.0):
-    """Record a window on the server and read its dump: a :class:`placer.workflow.Routing`."""
-    from placer.workflow import gather_routing
+    """Record a window on the server and read its dump: a :class:`placer.io.routing.Routing`."""
+    from placer.io.routing import gather_routing
 
     files = record(url, duration_s, dump_dir, progress=progress, wait_s=wait_s)
     return gather_routing([str(p) for p in files], model=model, seed=seed, keep_trace=False)

@@ -36,7 +36,7 @@ def read_observation(path: str, model: ModelSpec) -> Observation:
     assert inp.chunks is not None
     stats = compute_stats(inp.chunks(), sample_size=0)
     if not stats.has_top1 and stats.num_layers > 1:
-        from placer.workflow import top1_reason
+        from placer.io.routing import top1_reason
         log.warning("%s: %s; the window's top-1 transitions come from other inputs only", path,
                     top1_reason(inp.format, "trace"))
     return observation_from_stats(stats, path)

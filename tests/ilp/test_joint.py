@@ -339,7 +339,7 @@ def test_context_coherent_delegates():
 @given(st.integers(0, 10_000), st.sampled_from([(4, 1), (4, 2), (8, 2), (6, 3)]), st.integers(1, 12))
 def test_coordinated_map_is_valid_and_keeps_extra_copies_on_cold_experts(seed, shape, redundant):
     """Valid, extra copies on the coldest experts, never two copies of an expert on one GPU."""
-    from placer.ilp.joint import coordinated_map
+    from placer.ilp.starts import coordinated_map
     gpus, nodes = shape
     experts = 12
     redundant += (-(experts + redundant)) % gpus  # slots split evenly
@@ -364,7 +364,7 @@ def test_placer_keeps_sglang_static_tables_balanced(shape):
     """Under SGLang 0.5.23's static tables EPLB's hot replicas are spread by uncoordinated per-rank
     draws. placer's result is never worse, on SGLang's actual tables, than EPLB or the coordinated
     start; with a mild skew (gamma shape 4, like real Qwen3 load) it beats EPLB clearly."""
-    from placer.ilp.joint import coordinated_map
+    from placer.ilp.starts import coordinated_map
     from placer.profiling.stats import load_only_stats
     rng = np.random.default_rng(0)
     model = ModelSpec.from_shape(6, 64, 6, name="m")

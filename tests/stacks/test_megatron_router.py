@@ -24,7 +24,7 @@ from stacks_support import run_probe
 
 from placer.io import read_input, read_trace
 from placer.io.external import MEGATRON_ASCENDING_NOTE
-from placer.workflow import gather_routing
+from placer.io.routing import gather_routing
 
 pytestmark = [pytest.mark.stacks, pytest.mark.timeout(300)]
 

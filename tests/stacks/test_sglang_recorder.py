@@ -3,7 +3,7 @@
 ``sglang_probe.py record`` (run in .venv-stacks) drives SGLang's ``ExpertDistributionRecorder``
 (its single-pass gatherer + accumulator + ``dump_record``) with the physical top-k ids fed here,
 under a placement with redundant slots; placer's public readers (``placer.io.read_input`` /
-``read_trace`` and ``placer.workflow.gather_routing``) must give back the logical ids/counts.
+``read_trace`` and ``placer.io.routing.gather_routing``) must give back the logical ids/counts.
 
 Stubs/shims inside the probe (see tests/stacks/sglang_probe.py): ``torchvision`` module stub
 (imported at module level by sglang.srt.configs -> multimodal.internvl_utils; no CPU wheel of
@@ -18,8 +18,8 @@ import pytest
 from stacks_support import STACKS_DIR, run_probe
 
 from placer.io import read_input, read_trace
+from placer.io.routing import gather_routing
 from placer.presets import get_model
-from placer.workflow import gather_routing
 
 pytestmark = pytest.mark.stacks
 

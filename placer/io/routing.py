@@ -1,0 +1,176 @@
+"""Routing gathered from inputs of any supported format: one model agreed on, statistics
+streamed, the whole trace kept when it is small enough (:func:`gather_routing`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from placer.errors import InvalidInputError
+from placer.profiling.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
+from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
+
+MAX_TRACE_TOKENS = 4_000_000
+"""Traces up to this many tokens are also kept whole, so metrics are exact on every token."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Routing gathered from one or more inputs.
+
+    ``stats`` always exists. ``trace`` holds every token when all inputs are per-token traces
+    of at most :data:`MAX_TRACE_TOKENS` tokens (after the phase filter), else it is None and
+    metrics fall back to the statistics and their sample.
+    """
+
+    stats: RoutingStats
+    trace: RoutingTrace | None
+    model: ModelSpec
+    sources: tuple[str, ...]
+    synthetic: bool
+    top1_source: str | None = None
+    """The first input whose top-1 expert is unknown (None when every input's is known)."""
+    top1_reason: str | None = None
+    """Why that input's top-1 is unknown (see :func:`top1_reason`)."""
+
+    @property
+    def data(self) -> RoutingTrace | RoutingStats:
+        return self.trace if self.trace is not None else self.stats
+
+    @property
+    def top1_note(self) -> str | None:
+        """``"SOURCE: why"`` when the top-1 expert of the routing is unknown, else None."""
+        return None if self.top1_reason is None else f"{self.top1_source}: {self.top1_reason}"
+
+
+TOP1_METHODS = ("exflow",)
+"""Methods whose objective is top-1 transitions: they refuse routing whose top-1 is unknown."""
+
+
+def top1_reason(format: str, kind: str) -> str:
+    """Why an input of ``format`` (``kind`` "trace" or "stats") has no known top-1 expert."""
+    if format == "megatron-jsonl":
+        from placer.io.external import MEGATRON_ASCENDING_NOTE
+        return MEGATRON_ASCENDING_NOTE
+    if kind == "stats":
+        return "the statistics hold no top-1 transitions (counts only, or built from routing of unknown order)"
+    return "the trace's expert order is unknown and it carries no gate weights; top-1 unknown"
+
+
+def check_top1(routing: Routing | None, *, execution: str = "standard", methods: Sequence[str] = ()) -> None:
+    """Refuse (InvalidInputError naming the input) when ``execution`` or one of ``methods`` needs each
+    token's top-1 expert and ``routing`` does not know it; nothing to check without routing."""
+    if routing is None or routing.top1_reason is None:
+        return
+    needs = [f"method {m}" for m in dict.fromkeys(methods) if m in TOP1_METHODS]
+    if execution == "context-coherent":
+        needs.insert(0, "context-coherent execution")
+    if needs:
+        raise InvalidInputError(f"{' and '.join(needs)} needs the top-1 expert of each token, but "
+                                f"{routing.top1_reason}", source=str(routing.top1_source))
+
+
+def agree_model(explicit: ModelSpec | None, found: Sequence[tuple[str, ModelSpec | None]]) -> ModelSpec | None:
+    """The one model of a command: ``--model`` and every input header must agree."""
+    model = explicit
+    for source, m in found:
+        if m is None:
+            continue
+        if model is None:
+            model = m
+        elif (m.num_moe_layers, m.num_experts, m.top_k) != (model.num_moe_layers, model.num_experts, model.top_k):
+            raise InvalidInputError(f"describes model {m.name} ({m.num_moe_layers} MoE layers, E={m.num_experts}, "
+                                    f"top_k={m.top_k}), which contradicts {model.name} ({model.num_moe_layers} "
+                                    f"MoE layers, E={model.num_experts}, top_k={model.top_k})", source=source)
+    return model
+
+
+def _filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
+    if phase == "all":
+        return chunk
+    if chunk.phase is None:
+        raise InvalidInputError(f"cannot select phase {phase!r}: the input records no phases", source=source)
+    return chunk.select_tokens(chunk.phase == PHASE_CODES[phase])
+
+
+def concat_traces(chunks: list[RoutingTrace], model: ModelSpec) -> RoutingTrace:
+    if len(chunks) == 1 and chunks[0].model == model:
+        return chunks[0]
+    def cat(name: str) -> np.ndarray | None:
+        parts = [getattr(c, name) for c in chunks]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+    sorted_order = all(c.order == "sorted" for c in chunks)
+    return RoutingTrace(np.concatenate([c.expert_ids for c in chunks]), model.num_experts,
+                        "sorted" if sorted_order else "unknown", cat("gate_weights"), cat("request_ids"),
+                        cat("phase"), cat("home_rank"), model)
+
+
+def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, phase: str = "all",
+                   sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0,
+                   keep_trace: bool = True) -> Routing:
+    """Read and merge routing inputs of any supported format into one :class:`Routing`.
+
+    Per-token inputs stream through one :class:`StatsBuilder` (memory bounded by the
+    statistics); count-only inputs (load matrices, SGLang stat dumps) merge in as counts.
+    """
+    from placer.io.traces import read_input
+
+    if not inputs:
+        raise InvalidInputError("no routing input given", source="TRACE")
+    read = [read_input(path, model=model) for path in inputs]
+    model = agree_model(model, [(r.source, r.model) for r in read])
+    builder: StatsBuilder | None = None
+    kept: list[RoutingTrace] = []
+    count_only: list[RoutingStats] = []
+    kept_tokens = 0
+    top1_source = top1_why = None
+    for r in read:
+        if r.kind == "stats":
+            assert r.stats is not None
+            if top1_why is None and not r.stats.has_top1:
+                top1_source, top1_why = r.source, top1_reason(r.format, "stats")
+            if phase != "all" and r.stats.phase != phase:
+                raise InvalidInputError(f"holds {r.stats.phase} counts only; cannot select phase {phase!r}",
+                                        source=r.source)
+            count_only.append(r.stats)
+            continue
+        for chunk in r.chunks():
+            chunk = _filter_phase(chunk, phase, r.source)
+            if model is None:
+                model = ModelSpec.from_shape(chunk.num_layers, chunk.num_experts, chunk.top_k)
+            if (chunk.num_layers, chunk.top_k) != (model.num_moe_layers, model.top_k) or \
+                    chunk.num_experts > model.num_experts:
+                raise InvalidInputError(f"routing shape [T, {chunk.num_layers}, {chunk.top_k}] with E={chunk.num_experts} "
+                                        f"does not match {model.name} ({model.num_moe_layers} MoE layers, "
+                                        f"E={model.num_experts}, top_k={model.top_k})", source=r.source)
+            if chunk.num_experts != model.num_experts or chunk.model != model:  # else: validated already
+                chunk = RoutingTrace(chunk.expert_ids, model.num_experts, chunk.order, chunk.gate_weights,
+                                     chunk.request_ids, chunk.phase, chunk.home_rank, model)
+            if top1_why is None and not chunk.has_top1:
+                top1_source, top1_why = r.source, top1_reason(r.format, "trace")
+            if builder is None:
+                builder = StatsBuilder(model.num_moe_layers, model.num_experts, model.top_k,
+                                       sample_size=sample_size, seed=seed, model=model)
+            builder.update(chunk)
+            kept_tokens += chunk.num_tokens
+            if keep_trace and kept_tokens <= MAX_TRACE_TOKENS:
+                kept.append(chunk)
+    parts = ([builder.result("all", final=True)] if builder is not None else []) + count_only
+    if model is None:
+        first = count_only[0]
+        model = ModelSpec.from_shape(first.num_layers, first.num_experts, first.top_k)
+    for s in parts:
+        if s.load.shape != (model.num_moe_layers, model.num_experts):
+            raise InvalidInputError(f"counts of shape {s.load.shape} do not match {model.name} "
+                                    f"({model.num_moe_layers} MoE layers x {model.num_experts} experts)",
+                                    source="input")
+    stats = merge_stats(parts) if len(parts) > 1 else parts[0]
+    stats = replace(stats, model=model, phase=phase)
+    trace = None
+    if keep_trace and not count_only and kept and kept_tokens <= MAX_TRACE_TOKENS:
+        trace = concat_traces(kept, model)
+    synthetic = any(r.synthetic for r in read)
+    return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),
+                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why)
