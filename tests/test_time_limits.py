@@ -171,3 +171,43 @@ def test_ctrl_c_during_numba_kernel_calls_is_a_clean_interrupt():
     interrupts, errors = map(int, done.stdout.split())
     assert errors == 0
     assert interrupts >= 100  # signals sent close together may arrive as one
+
+
+COMPILE = """
+import os, signal
+from numba import njit
+from numba.core import event
+from placer.cli.main import interrupts_as_exceptions
+
+class SignalWhileCompiling(event.Listener):  # SIGINT from inside numba's compiler
+    def on_start(self, ev):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def on_end(self, ev):
+        pass
+
+@njit
+def kernel(n):
+    return n + 1
+
+event.register("numba:compile", SignalWhileCompiling())
+interrupted = False
+with interrupts_as_exceptions():
+    try:
+        kernel(1)
+        kernel(2)
+    except KeyboardInterrupt:
+        interrupted = True
+print(interrupted, len(kernel.signatures))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_numba_compiles_waits_for_the_compilation():
+    """SIGINT during a kernel's compilation is raised once the compilation is done, at the caller's
+    next line (unguarded, numba's compiler is interrupted: no signature, and in ``placer simulate
+    run`` the interrupt could be lost while the simulation ran on)."""
+    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1"]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr

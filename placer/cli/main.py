@@ -50,8 +50,7 @@ for _command in (synth, stats, solve, evaluate, export, profile, report, simulat
 # Entry point: error triage
 # ---------------------------------------------------------------------------------------------
 
-_NUMBA_SERIALIZE = os.path.join("numba", "core", "serialize.py")
-_NUMBA_PACKAGE = os.sep + "numba" + os.sep
+_NUMBA_CODE = (os.sep + "numba" + os.sep, os.sep + "llvmlite" + os.sep)
 
 
 def _signal_exception(signum: int) -> BaseException:
@@ -59,13 +58,15 @@ def _signal_exception(signum: int) -> BaseException:
 
 
 def _after_numba(frame):
-    """The frame that called a numba kernel when ``frame`` runs in the Python helper the
-    kernel calls to box its result or build an exception (``numba.core.serialize``); else None."""
-    inside = False
-    while frame is not None and _NUMBA_PACKAGE in frame.f_code.co_filename:
-        inside = inside or frame.f_code.co_filename.endswith(_NUMBA_SERIALIZE)
+    """The frame that called into numba when numba or llvmlite is anywhere on the stack (numba
+    compiling or loading a kernel, or the Python helper a compiled kernel calls to box its
+    result, whatever library code those call); else None."""
+    caller = None
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _NUMBA_CODE):
+            caller = frame.f_back  # ends as the caller of the outermost numba frame
         frame = frame.f_back
-    return frame if inside else None
+    return caller
 
 
 @contextlib.contextmanager
@@ -74,10 +75,12 @@ def interrupts_as_exceptions():
     so that both unwind alike: temp files are removed and worker processes stopped. The previous
     handlers come back after.
 
-    Neither is raised inside the Python helper a numba kernel calls while it boxes its result:
-    an exception there crashes the process (SIGSEGV; numba 0.68). It is raised instead at the
-    next line of the code that called the kernel, through a one-shot trace function (or, when
-    a tracer such as coverage is active, by sending the signal again 5 ms later).
+    Neither is raised inside numba or llvmlite: in the Python helper a numba kernel calls to box
+    its result an exception crashes the process (SIGSEGV; numba 0.68), and during a compilation
+    it leaves half-built LLVM objects that print tracebacks as they are collected. It is raised
+    instead at the next line of the code that called into numba, through a one-shot trace
+    function (or, when a tracer such as coverage is active, by sending the signal again 5 ms
+    later).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
