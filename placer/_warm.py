@@ -48,10 +48,23 @@ def pipeline_kernels() -> None:
 
 
 def simulator_kernels() -> None:
-    """The simulator's routing rates and network model (one tiny all-to-all)."""
+    """The simulator's routing rates and network model (one tiny all-to-all, and a short
+    serving run of ``simulate run`` under a rank-table and a position rule)."""
+    from placer.ilp.simple import contiguous_map
+    from placer.presets import get_model, make_topology
     from placer.simulator.a2a import a2a_benchmark
+    from placer.simulator.config import ServingWorkload, SimConfig
+    from placer.simulator.simulate import simulate
+    from placer.types import Placement
 
     a2a_benchmark(ep=16, tokens_per_rank=4, experts=32, groups=1, topk_groups=1)
+    model = get_model("mixtral-8x7b")
+    topology = make_topology("h100", gpus=8)
+    placement = Placement(contiguous_map(model.num_moe_layers, model.num_experts, model.num_experts), 1,
+                          model.num_experts)
+    for rule in ("nearest", "vllm"):
+        simulate(placement, topology, model, workload=ServingWorkload(rate=5.0, duration_s=0.5),
+                 config=SimConfig(dispatch=rule, seed=0))
 
 
 def permute_kernels() -> None:
