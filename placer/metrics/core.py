@@ -194,14 +194,14 @@ def _standard_counts_masks(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int
     node_bits = np.uint64((1 << gpn) - 1)
     home_node = (node_bits << (h // np.uint64(gpn) * np.uint64(gpn)))[:, None]
     lane = h % np.uint64(gpn)  # the landing GPU of each remote node has home's local index
-    lanes = np.zeros(home.shape, dtype=np.uint64)
-    for node in range(num_gpus // gpn):
-        lanes |= one << (lane + np.uint64(node * gpn))
     local = mask & home_node
     remote = mask & ~home_node
+    lanes = np.zeros(home.shape, dtype=np.uint64)
     nodes = np.zeros(mask.shape, dtype=np.int64)  # nodes hit other than home's
     for node in range(num_gpus // gpn):
-        nodes += ((remote >> np.uint64(node * gpn)) & node_bits) != 0
+        first = np.uint64(node * gpn)
+        lanes |= one << (lane + first)
+        nodes += ((remote >> first) & node_bits) != 0
     return {
         "intra_node_ranks": _popcount(local & ~(one << h)[:, None]).sum(axis=0),
         "inter_node_nodes": nodes.sum(axis=0),
