@@ -95,8 +95,8 @@ def _export_onnx(tmp_path):
 
 
 def _serve_other_models_state(tmp_path):
+    from placer.app.serve.state import STATE_KIND, STATE_VERSION
     from placer.presets import get_model
-    from placer.serve.state import STATE_KIND, STATE_VERSION
     m = get_model("mixtral-8x7b")
     state = tmp_path / "state.json"
     state.write_text(json.dumps({
@@ -338,8 +338,8 @@ def test_bad_posts_to_serve():
     import urllib.error
     import urllib.request
 
+    from placer.app.serve import PolicyConfig, ServeConfig, Service
     from placer.presets import make_topology
-    from placer.serve import PolicyConfig, ServeConfig, Service
     from placer.types import ModelSpec
 
     model = ModelSpec("tiny-moe", 4, tuple(range(4)), 8, 2, hidden_size=1024, expert_ffn_size=2048)

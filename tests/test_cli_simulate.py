@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from cli_helpers import one_line_exit2, run
 
+from placer.app.sweep import SWEEP_COLUMNS
 from placer.cli import main
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import write_placement_json
 from placer.presets import get_model, make_topology
 from placer.profiling.stats import load_only_stats
 from placer.simulator.results import TABLES, read_results
-from placer.simulator.sweep import SWEEP_COLUMNS
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -100,7 +100,7 @@ def test_simulate_runs_under_the_stack_rule(capsys, tmp_path, v2lite):
 
 
 def test_serve_renders_only_what_the_stack_loads():
-    from placer.serve.service import _render
+    from placer.app.serve.service import _render
     from placer.stacks import STACKS
     from placer.types import Placement, Topology
     topology = Topology("t", 1, 4)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from placer.app.demo import DEMO_METHODS, _embedded_available, simulation_model
 from placer.cli import main
-from placer.demo import DEMO_METHODS, _embedded_available, simulation_model
 from placer.io.placements import read_placement_json
 from placer.presets import get_model
 from placer.simulator.results import read_results

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from placer.app.report import report_plot_ids
 from placer.cli import main
 from placer.io.atomic import atomic_write_bytes
-from placer.report import report_plot_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "report.png"

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
+from placer.app.report import flatten_metrics, is_placement_json, report_plot_ids
 from placer.cli import main
 from placer.io.placements import read_placement_json
-from placer.report import flatten_metrics, is_placement_json, report_plot_ids
 from placer.simulator.results import SUMMARY_KEYS, read_results
 
 BUNDLE = re.compile(r"<script>/\*\*\s*\* plotly\.js v.*?</script>", re.S)
@@ -208,9 +208,9 @@ def test_bad_input_exits_2_with_one_line(sim, tmp_path, capsys):
 
 
 def test_library_rejects_routing_of_another_shape(sim, tmp_path):
+    from placer.app.report import render_full_report
     from placer.errors import InvalidInputError
     from placer.presets import get_model
-    from placer.report import render_full_report
     from placer.synthetic import synthesize_trace
 
     other = synthesize_trace(get_model("olmoe-1b-7b"), 20, seed=0)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from placer.app.workflow import write_synthetic
 from placer.io.placements import read_placement_json
 from placer.presets import get_model
 from placer.validate import check_placement
-from placer.workflow import write_synthetic
 
 SLACK_S = 30.0
 

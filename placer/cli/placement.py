@@ -68,8 +68,8 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
             --holdout held.npz -o p.json --export sglang=s.json
     """
     from placer._clock import process_start_time
+    from placer.app.workflow import solve_placement
     from placer.metrics import format_comparison
-    from placer.workflow import solve_placement
 
     show = not quiet and not as_json and sys.stderr.isatty()
 
@@ -125,8 +125,8 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
         placer evaluate p.json experts_math_mixtral.json --stack vllm
         placer evaluate sglang.json trace.npz --model deepseek-v2-lite --gpus 16 --nodes 2
     """
+    from placer.app.workflow import evaluate_placement
     from placer.metrics import format_table
-    from placer.workflow import evaluate_placement
     target = resolve_stack(stack)
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
     from placer.stacks import resolve_dispatch

@@ -1,4 +1,4 @@
-"""``placer report``: parse, one library call (:func:`placer.report.render_full_report`), print."""
+"""``placer report``: parse, one library call (:func:`placer.app.report.render_full_report`), print."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def report(results_dir, placements, routing_inputs, no_scan, title, output):
         placer report sim/ -o report.html
         placer report sim/ --placement other.json --routing trace.npz -o report.html
     """
-    from placer.report import render_full_report
+    from placer.app.report import render_full_report
 
     if output is None:
         output = os.path.join(results_dir, "report.html")

@@ -29,7 +29,7 @@ def synth(model, tokens, seed, perturb, phase, output):
     Example:
         placer synth --model deepseek-v3 --tokens 100000 --seed 1 --perturb 0.3 -o trace.npz
     """
-    from placer.workflow import write_synthetic
+    from placer.app.workflow import write_synthetic
     spec = resolve_model(model)
     if spec is None:
         raise InvalidInputError("synth needs --model PRESET", source="--model")
@@ -51,9 +51,9 @@ def stats(inputs, model, phase, output, as_json):
     Example:
         placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
     """
+    from placer.app.workflow import write_stats
     from placer.io.routing import gather_routing
     from placer.profiling.summary import format_summary, summarize
-    from placer.workflow import write_stats
     if output:  # before any work
         from placer.io.atomic import check_writable
         check_writable(output)

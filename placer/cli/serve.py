@@ -84,8 +84,8 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         curl -X POST localhost:8000/stats -d '{"load": [[...], ...]}'
         curl 'localhost:8000/placement?format=sglang'
     """
+    from placer.app.serve import PolicyConfig, ServeConfig, Service
     from placer.ilp import METHODS
-    from placer.serve import PolicyConfig, ServeConfig, Service
 
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")

@@ -163,13 +163,13 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
 
     # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
     with output_directory(output) if output is not None else contextlib.nullcontext():
-        from placer.simulator.config import SimConfig, kernel_preset
-        from placer.simulator.runner import (
+        from placer.app.comparison import (
             comparison_table,
             placement_candidates,
             routing_identity,
             run_comparison,
         )
+        from placer.simulator.config import SimConfig, kernel_preset
         routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
         from placer.io.routing import check_top1
         check_top1(routing, execution=execution, methods=methods)
@@ -203,7 +203,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
                               config=config, level=level, output=output, progress=tick)
         done()
         if output is not None:
-            from placer.report import render_full_report
+            from placer.app.report import render_full_report
             render_full_report(output, f"{output}/report.html")
         if as_json:
             echo_json({r.label: r.summary for r in runs})
@@ -305,8 +305,8 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
     from placer.io.atomic import output_directory
     # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
     with output_directory(output):
+        from placer.app.sweep import SweepSpec, run_sweep
         from placer.simulator.config import SimConfig, kernel_preset
-        from placer.simulator.sweep import SweepSpec, run_sweep
         gpu_counts = _ints(gpus_list, "--gpus") or [None]
         rate_list = _floats(rates, "--rates") or [rate]
         wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,

@@ -1,7 +1,7 @@
 """Discrete-event simulator of expert-parallel MoE serving (docs/simulator.md).
 
-``simulate`` runs one placement; ``run_comparison`` several with the same seeds and writes the
-results layout (docs/simulator-results.md); ``render_report`` turns it into HTML;
+``simulate`` runs one placement (``placer.app.comparison`` runs several with the same seeds and
+writes the results layout, docs/simulator-results.md); ``render_report`` turns it into HTML;
 ``a2a_benchmark`` times one dispatch and combine. Importing this package imports numpy and
 pandas only.
 """
@@ -19,17 +19,11 @@ from placer.simulator.config import (
 )
 from placer.simulator.report import render_report
 from placer.simulator.results import RunOutput, SimResults, read_results, write_results
-from placer.simulator.runner import (
-    Candidate,
-    comparison_table,
-    placement_candidates,
-    run_comparison,
-)
 from placer.simulator.simulate import simulate, simulate_many
 
 __all__ = [
-    "KERNELS", "KERNEL_PRESETS", "Candidate", "ComputeParams", "NetworkParams", "ReplayWorkload", "RunOutput",
-    "ServingWorkload", "SimConfig", "SimResults", "a2a_benchmark", "comparison_table", "kernel_preset",
-    "placement_candidates", "random_routing", "read_results", "render_report", "run_comparison", "simulate",
+    "KERNELS", "KERNEL_PRESETS", "ComputeParams", "NetworkParams", "ReplayWorkload", "RunOutput",
+    "ServingWorkload", "SimConfig", "SimResults", "a2a_benchmark", "kernel_preset",
+    "random_routing", "read_results", "render_report", "simulate",
     "simulate_many", "write_results",
 ]

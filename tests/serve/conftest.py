@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from serve_helpers import MODEL, TOPOLOGY, Client
 
-from placer.serve import PolicyConfig, ServeConfig, Service
+from placer.app.serve import PolicyConfig, ServeConfig, Service
 
 
 @pytest.fixture

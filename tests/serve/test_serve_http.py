@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from serve_helpers import MODEL, TOPOLOGY, noisy_uniform, shifted_load, wait_for
 
+from placer.app.serve import PolicyConfig
 from placer.io.placements import read_placement_json
-from placer.serve import PolicyConfig
 
 REQUIRED_METRICS = ("placer_imbalance", "placer_predicted_gain", "placer_last_solve_seconds",
                     "placer_placements_published_total", "placer_observations_total", "placer_bad_inputs_total")

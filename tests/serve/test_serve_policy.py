@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 from serve_helpers import MODEL, TOPOLOGY, shifted_load
 
-from placer.errors import InvalidInputError
-from placer.ilp.simple import contiguous_map
-from placer.presets import make_topology
-from placer.runtime.plan import plan_migration
-from placer.serve import (
+from placer.app.serve import (
     Observation,
     PolicyConfig,
     ServiceState,
@@ -24,7 +20,11 @@ from placer.serve import (
     save_state,
     should_publish,
 )
-from placer.serve.policy import migration_seconds
+from placer.app.serve.policy import migration_seconds
+from placer.errors import InvalidInputError
+from placer.ilp.simple import contiguous_map
+from placer.presets import make_topology
+from placer.runtime.plan import plan_migration
 from placer.types import Placement
 
 

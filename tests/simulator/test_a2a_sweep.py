@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from placer.app.sweep import SWEEP_COLUMNS, SweepSpec, point_name, run_sweep
+from placer.app.workflow import write_synthetic
 from placer.errors import InvalidInputError
 from placer.ilp.simple import contiguous_map
 from placer.io.placements import write_placement_json
@@ -15,9 +17,7 @@ from placer.presets import get_model, make_topology
 from placer.simulator.a2a import a2a_benchmark, random_routing
 from placer.simulator.config import ReplayWorkload, ServingWorkload
 from placer.simulator.results import read_results
-from placer.simulator.sweep import SWEEP_COLUMNS, SweepSpec, point_name, run_sweep
 from placer.types import ModelSpec, Placement
-from placer.workflow import write_synthetic
 
 pytestmark = pytest.mark.timeout(60)
 

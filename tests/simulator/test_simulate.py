@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from placer.app.comparison import Candidate, comparison_table, run_comparison
 from placer.errors import InvalidInputError
 from placer.ilp.simple import contiguous_map, round_robin_map
 from placer.presets import make_topology
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig, kernel_preset
 from placer.simulator.report import render_report
 from placer.simulator.results import SUMMARY_KEYS, TABLES, read_results, write_results
-from placer.simulator.runner import Candidate, comparison_table, run_comparison
 from placer.simulator.simulate import simulate, simulate_many
 from placer.synthetic import synthesize_trace
 from placer.types import ModelSpec, Placement, RoutingTrace

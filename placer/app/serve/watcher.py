@@ -16,8 +16,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from placer.app.serve.state import Observation, observation_from_stats
 from placer.errors import PlacerError
-from placer.serve.state import Observation, observation_from_stats
 from placer.types import ModelSpec
 
 log = logging.getLogger("placer.serve")

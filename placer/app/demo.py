@@ -134,14 +134,14 @@ def simulation_model(model: ModelSpec) -> ModelSpec:
 def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: int = 96,
              time_limit_s: float = 10.0, progress: Callable[[str], None] | None = None) -> DemoOutcome:
     """Run the demo into ``output`` (created); see the module docstring."""
+    from placer.app.comparison import Candidate, routing_identity, run_comparison
+    from placer.app.report import render_full_report
     from placer.ilp import PlacementProblem, solve
     from placer.io.placements import write_placement_json
     from placer.metrics import evaluate
     from placer.presets import make_topology
     from placer.profiling.stats import compute_stats
-    from placer.report import render_full_report
     from placer.simulator.config import ReplayWorkload, SimConfig
-    from placer.simulator.runner import Candidate, routing_identity, run_comparison
 
     say = progress or (lambda message: None)
     start = time.perf_counter()

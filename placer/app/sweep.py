@@ -48,10 +48,10 @@ def point_name(gpus: int | None, rate: float | None) -> str:
 
 def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> list[dict[str, Any]]:
     """Simulate one grid point; returns its rows of the sweep table."""
+    from placer.app.comparison import placement_candidates, routing_identity, run_comparison
     from placer.io.placements import read_placement_json
     from placer.io.routing import check_top1, gather_routing
     from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
-    from placer.simulator.runner import placement_candidates, routing_identity, run_comparison
 
     model = get_model(spec.model) if spec.model else None
     routing = gather_routing(list(spec.inputs), model=model) if spec.inputs else None

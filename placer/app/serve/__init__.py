@@ -3,12 +3,18 @@
 It keeps an exponentially decayed window of routing load fed by ``POST /stats`` and by dump
 files landing in a watched directory, re-solves in the background, and publishes a new
 placement only when the simulator predicts a step-time gain larger than a threshold after the
-migration cost (:mod:`placer.serve.policy`).
+migration cost (:mod:`placer.app.serve.policy`).
 """
 
-from placer.serve.policy import Decision, PolicyConfig, evaluate, should_publish
-from placer.serve.service import PLACEMENT_FORMATS, TOKEN_ENV, ServeConfig, Service, is_local_host
-from placer.serve.state import (
+from placer.app.serve.policy import Decision, PolicyConfig, evaluate, should_publish
+from placer.app.serve.service import (
+           PLACEMENT_FORMATS,
+           TOKEN_ENV,
+           ServeConfig,
+           Service,
+           is_local_host,
+)
+from placer.app.serve.state import (
            Observation,
            ServiceState,
            Window,

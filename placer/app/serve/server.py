@@ -29,8 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from placer.app.serve.state import parse_observation
 from placer.errors import InvalidInputError
-from placer.serve.state import parse_observation
 
 log = logging.getLogger("placer.serve")
 

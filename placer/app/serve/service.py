@@ -1,6 +1,6 @@
 """The rebalancing service: window, decisions, publication, persistence, threads.
 
-Three threads besides the caller's: the HTTP server (:mod:`placer.serve.server`), the
+Three threads besides the caller's: the HTTP server (:mod:`placer.app.serve.server`), the
 directory watcher (every ``interval_s``) and the solver (every ``interval_s``, when
 observations arrived since its last evaluation; one evaluation at a time, holding no lock
 while it solves and simulates, so the HTTP server stays responsive).
@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from placer.app.serve.policy import Decision, PolicyConfig, evaluate, imbalance
+from placer.app.serve.state import Observation, ServiceState, Window, load_state, save_state
+from placer.app.serve.watcher import DirectoryWatcher
 from placer.errors import InvalidInputError, PlacerError
-from placer.serve.policy import Decision, PolicyConfig, evaluate, imbalance
-from placer.serve.state import Observation, ServiceState, Window, load_state, save_state
-from placer.serve.watcher import DirectoryWatcher
 from placer.stacks import STACKS, Stack
 from placer.types import ModelSpec, Placement, Topology
 
@@ -338,7 +338,7 @@ class Service:
 
     def start(self) -> tuple[str, int]:
         """Bind, write the current placement, start the threads; returns (host, port)."""
-        from placer.serve.server import make_server
+        from placer.app.serve.server import make_server
         self._server = make_server(self, self.config.host, self.config.port, self.config.token)
         log.info("%s", self.origin)
         self.save()
