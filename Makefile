@@ -36,6 +36,7 @@ test: install $(STACKS_MARKER)
 lint: install
 	$(VENV)/bin/ruff check placer tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) benchmarks/bench_stats.py
