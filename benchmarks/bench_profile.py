@@ -4,7 +4,7 @@ Forward passes of one batch of held-out prompts are timed without and with the
 :class:`~placer.profiling.capture.RouterRecorder` (router hooks plus the per-forward conversion
 to a sorted, padding-free RoutingTrace), alternating which goes first in each repetition, in
 the same process; then the captured chunks are fed to a
-:class:`~placer.profiling.stats.StatsBuilder` (counts, transitions, reservoir) and timed.
+:class:`~placer.stats.StatsBuilder` (counts, transitions, reservoir) and timed.
 Medians are reported.
 
 Usage:
@@ -35,7 +35,7 @@ def main() -> None:
     from placer.profiling import embedded
     from placer.profiling.capture import RouterRecorder, model_spec
     from placer.profiling.hf import _batch
-    from placer.profiling.stats import StatsBuilder
+    from placer.stats import StatsBuilder
 
     torch.set_num_threads(args.threads)
     model = embedded.load_embedded()

@@ -49,8 +49,8 @@ import numpy as np
 
 from placer.ilp import PlacementProblem, solve
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
 from placer.runtime import apply_plan, plan_migration
+from placer.stats import compute_stats
 from placer.synthetic import perturbed, profile_for, synthesize_trace
 from placer.types import ModelSpec, Placement, RoutingStats, Topology
 

@@ -66,13 +66,13 @@ import numpy as np
 from placer.ilp import solve
 from placer.ilp.base import PlacementProblem
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
 from placer.simulator.collector import Collector
 from placer.simulator.config import ReplayWorkload, SimConfig
 from placer.simulator.cost import BatchShape, CostModel, PhaseKind
 from placer.simulator.routing import Traffic, routing_rates, sample_traffic
 from placer.simulator.scheduler import ReplayScheduler
 from placer.simulator.workload import routing_pool
+from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
 from placer.types import ModelSpec, Placement, RoutingStats, Topology
 

@@ -24,7 +24,7 @@ import numpy as np
 from placer.ilp import PlacementProblem, solve
 from placer.metrics import evaluate
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.synthetic import SCORING_PERTURBATION, perturbed, profile_for, synthesize_trace
 from placer.types import RoutingTrace
 

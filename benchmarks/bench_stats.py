@@ -31,8 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from placer.presets import MODELS
-from placer.profiling import _count
-from placer.profiling.stats import StatsBuilder
+from placer.stats import StatsBuilder, _count
 from placer.synthetic import synthesize
 from placer.types import RoutingStats, RoutingTrace
 
@@ -41,7 +40,7 @@ _COMPILE_PROBE = """
 import time
 t0 = time.perf_counter()
 import numpy as np
-from placer.profiling import _count
+from placer.stats import _count
 t1 = time.perf_counter()
 L, E, K = 3, 8, 2
 ids = np.zeros((4096, L, K), np.int16); ids[..., 1] = 1

@@ -35,7 +35,7 @@ from placer.io.placements import export_placement
 from placer.io.stack_files import sglang_full_map
 from placer.metrics.dispatch import dispatch_table, slot_load
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = next((d for d in (ROOT.parent / "shared", ROOT / "shared") if d.is_dir()), ROOT.parent / "shared")

@@ -31,7 +31,7 @@ import numpy as np
 from placer.ilp import PlacementProblem, solve
 from placer.metrics import evaluate
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import RoutingTrace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hdmoe-mixtral-mtbench"

@@ -34,7 +34,7 @@ from placer.ilp import coherent as cc
 from placer.ilp import exact as _exact  # noqa: F401  (registers "exact")
 from placer.metrics import evaluate
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import RoutingTrace
 
 CATEGORIES = ("coding", "math", "reasoning", "roleplay", "writing")

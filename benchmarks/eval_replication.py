@@ -38,7 +38,7 @@ import numpy as np
 from placer.ilp import PlacementProblem, solve
 from placer.metrics import evaluate
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import RoutingTrace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ def main() -> int:
 
     from placer.ilp import PlacementProblem, solve
     from placer.presets import make_topology
-    from placer.profiling.stats import compute_stats
     from placer.runtime.apply import apply_live, embedded_model
+    from placer.stats import compute_stats
     from placer.synthetic import synthesize_trace
 
     model = embedded_model()

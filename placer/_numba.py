@@ -3,6 +3,10 @@ when numba cannot be imported (numba is a core dependency; the fallback keeps pl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+_numba_njit: Callable[..., Any] | None
 try:
     from numba import njit as _numba_njit
 

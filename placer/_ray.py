@@ -22,7 +22,7 @@ configuration is left alone."""
 
 def import_ray(what: str) -> Any:
     try:
-        import ray
+        import ray  # deferred: ray is an optional extra
     except ImportError:
         raise MissingDependencyError("ray", "runtime", what) from None
     return ray

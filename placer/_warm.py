@@ -18,18 +18,24 @@ import sys
 import time
 from collections.abc import Callable
 
+from placer.ilp import PlacementProblem, solve
+from placer.ilp.objective import evaluate_objective
+from placer.ilp.simple import contiguous_map
 from placer.ilp.warmup import search_kernels
+from placer.metrics import evaluate
+from placer.presets import get_model, make_topology
+from placer.simulator.a2a import a2a_benchmark
+from placer.simulator.config import ServingWorkload, SimConfig
+from placer.simulator.simulate import simulate
+from placer.stats import compute_stats
+from placer.synthetic import synthesize_trace
+from placer.types import Placement
 
 # --------------------------------------------------------------------------------------------
 # Tiny runs that compile (or load) each group of kernels with the signatures real runs use.
 # --------------------------------------------------------------------------------------------
 
 def _tiny_problem():
-    from placer.ilp import PlacementProblem
-    from placer.presets import get_model, make_topology
-    from placer.profiling.stats import compute_stats
-    from placer.synthetic import synthesize_trace
-
     model = get_model("olmoe-1b-7b")
     trace = synthesize_trace(model, 64, seed=0)
     return trace, PlacementProblem(compute_stats(trace), model, make_topology("h100", gpus=16), num_redundant=16)
@@ -37,26 +43,16 @@ def _tiny_problem():
 
 def pipeline_kernels() -> None:
     """Synthetic traces, statistics counts, the objective and the metrics (a tiny solve)."""
-    from placer.ilp import solve
-    from placer.ilp.objective import evaluate_objective
-    from placer.metrics import evaluate
-
     trace, problem = _tiny_problem()
-    result = solve(problem, "placer", num_workers=1, iterations=64)
-    evaluate_objective(problem, result.placement)
-    evaluate(result.placement, problem.topology, problem.model, trace)
+    placement = solve(problem, "placer", num_workers=1, iterations=64).placement
+    assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
+    evaluate_objective(problem, placement)
+    evaluate(placement, problem.topology, problem.model, trace)
 
 
 def simulator_kernels() -> None:
     """The simulator's routing rates and network model (one tiny all-to-all, and a short
     serving run of ``simulate run`` under a rank-table and a position rule)."""
-    from placer.ilp.simple import contiguous_map
-    from placer.presets import get_model, make_topology
-    from placer.simulator.a2a import a2a_benchmark
-    from placer.simulator.config import ServingWorkload, SimConfig
-    from placer.simulator.simulate import simulate
-    from placer.types import Placement
-
     a2a_benchmark(ep=16, tokens_per_rank=4, experts=32, groups=1, topk_groups=1)
     model = get_model("mixtral-8x7b")
     topology = make_topology("h100", gpus=8)
@@ -70,10 +66,10 @@ def simulator_kernels() -> None:
 def permute_kernels() -> None:
     """The CPU permute / unpermute kernels (needs torch; skipped without it)."""
     try:
-        import torch
+        import torch  # deferred: torch is an optional extra
     except ImportError:
         return
-    from placer.kernels.ops import permute, unpermute
+    from placer.kernels.ops import permute, unpermute  # deferred: imports torch, an optional extra
 
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.ones(4, 8, dtype=dtype)

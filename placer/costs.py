@@ -20,9 +20,14 @@ COMPUTE_EFFICIENCY = 0.5
 simulator reads its own efficiency from a curve over rows per expert)."""
 
 
+def ffn_flops(hidden: float, ffn: float) -> float:
+    """FLOPs of one token through a SwiGLU FFN of width ``ffn``: ``6 * hidden * ffn``."""
+    return 6.0 * hidden * ffn
+
+
 def expert_flops(model: ModelSpec) -> float:
     """FLOPs of one token on one routed expert: ``6 * hidden * ffn``."""
-    return 6.0 * model.hidden_size * model.expert_ffn_size
+    return ffn_flops(model.hidden_size, model.expert_ffn_size)
 
 
 def transfer_seconds(num_bytes, bandwidth_gbps: float):

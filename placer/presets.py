@@ -1,6 +1,6 @@
 """Model and cluster presets.
 
-Model shapes from ../shared/reference/simulator-anchors.md section 3.1 (each row there names the
+Model shapes from docs/reference/simulator.md section 3.1 (each row there names the
 config file it was read from). Cluster numbers from section 2 of the same sheet: achievable
 NVLink and NIC bandwidth per GPU per direction (nccl-tests maintainers, SimAI constants,
 DeepEP), NCCL-order latencies (nccl ``tuning.cc``), datasheet HBM bandwidth and dense peak FLOP/s.
@@ -9,6 +9,7 @@ DeepEP), NCCL-order latencies (nccl ``tuning.cc``), datasheet HBM bandwidth and 
 from __future__ import annotations
 
 from placer.errors import InvalidInputError
+from placer.resources import check_memory, human_bytes
 from placer.types import ModelSpec, Topology
 
 
@@ -124,7 +125,6 @@ def check_problem_size(model: ModelSpec, topology: Topology, *, simulate: bool =
     about ``layers x experts x GPUs x nodes`` operations; the simulator adds float64 ``[layers,
     GPUs, GPUs]`` traffic matrices (about four alive at once).
     """
-    from placer.resources import check_memory, human_bytes
     layers, g, e = model.num_moe_layers, topology.num_gpus, model.num_experts
     what = f"{g} GPUs"
     nbytes = 8.0 * layers * g * e

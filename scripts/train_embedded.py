@@ -38,8 +38,8 @@ from placer.io.atomic import atomic_write_bytes, atomic_write_text
 from placer.profiling import embedded
 from placer.profiling.capture import model_spec
 from placer.profiling.hf import LoadedModel, capture_chunks
-from placer.profiling.stats import StatsBuilder
 from placer.profiling.summary import summarize
+from placer.stats import StatsBuilder
 from placer.synthetic import routing_figures
 
 SKEW_RANGE = (1.1, 3.0)

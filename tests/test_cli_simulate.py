@@ -12,11 +12,13 @@ from cli_helpers import one_line_exit2, run
 
 from placer.app.sweep import SWEEP_COLUMNS
 from placer.cli import main
+from placer.cli.simulate import KERNEL_CHOICES
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import write_placement_json
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import load_only_stats
+from placer.simulator import KERNELS
 from placer.simulator.results import TABLES, read_results
+from placer.stats import load_only_stats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,3 +227,9 @@ def test_interrupted_run_or_sweep_leaves_no_output_directory(tmp_path, command, 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_kernel_choices_are_the_registered_builtins():
+    # The CLI lists the built-in kernels without importing the simulator (start-up time); the
+    # list must be the registry's. A kernel registered by a library user is not a CLI choice.
+    assert tuple(KERNEL_CHOICES) == tuple(KERNELS)

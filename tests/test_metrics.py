@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from placer import metrics
 from placer.errors import InvalidInputError
 from placer.metrics.dispatch import dispatch_table
-from placer.profiling.stats import compute_stats, load_only_stats
+from placer.stats import compute_stats, load_only_stats
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, RoutingTrace, Topology
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Placements come from native placement files or from solver methods run on the ro
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -14,9 +15,14 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.ilp import METHODS, PlacementProblem, solve
+from placer.io.placements import read_placement_file, write_placement_json
+from placer.presets import check_problem_size
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
 from placer.simulator.results import RunOutput, sha256_of, write_results
 from placer.simulator.simulate import simulate
+from placer.stats import compute_stats, load_only_stats
+from placer.synthetic import synthesize_trace
 from placer.types import ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
 
 
@@ -51,9 +57,6 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
     must agree. A serving stack's file holds only the map: it needs ``model`` and ``topology``. Methods need ``stats`` for the load (balance-only methods accept none) and a
     ``topology``.
     """
-    from placer.io.placements import read_placement_file
-    from placer.presets import check_problem_size
-
     found: list[tuple[str, Placement, str | None, str | None, str, str]] = []
     for path in paths:
         pf = read_placement_file(path, model=model, topology=topology)
@@ -67,8 +70,6 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
         topology = topology or pf.topology
         found.append((pf.method, pf.placement, path, pf.method, pf.status, pf.dispatch))
     if methods:
-        from placer.ilp import METHODS, PlacementProblem, solve
-        from placer.profiling.stats import load_only_stats
         if model is None or topology is None:
             raise InvalidInputError("solving a placement needs the model and cluster (--model, --gpus)",
                                     source="--method")
@@ -85,6 +86,7 @@ def placement_candidates(paths: Sequence[str], methods: Sequence[str], *, model:
                 raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}",
                                         source="--method")
             result = solve(problem, method, seed=seed)
+            assert result.placement is not None  # a posed problem is feasible (PlacementProblem checks it)
             found.append((method, result.placement, None, method, result.status, dispatch))
     if not found:
         raise InvalidInputError("give at least one --placement FILE or --method NAME", source="--placement")
@@ -102,8 +104,6 @@ SYNTHETIC_FIT_TOKENS = 20000
 def synthetic_stats(model: ModelSpec, seed: int) -> RoutingStats:
     """Statistics to solve on when there is no routing input: the model's synthetic preset at seed
     ``seed + 1`` (the simulation's own synthetic pool uses ``seed``, so they do not overlap)."""
-    from placer.profiling.stats import compute_stats
-    from placer.synthetic import synthesize_trace
     return compute_stats(synthesize_trace(model, SYNTHETIC_FIT_TOKENS, seed=seed + 1))
 
 
@@ -130,9 +130,6 @@ def run_comparison(candidates: Sequence[Candidate], topology: Topology, model: M
     the results directory names every placement it simulated.
     """
     if output is not None:
-        import os
-
-        from placer.io.placements import write_placement_json
         os.makedirs(output, exist_ok=True)
         written = []
         for c in candidates:
@@ -192,8 +189,8 @@ def comparison_table(runs: Sequence[RunOutput]) -> str:
         ratios = []
         for v in vals[1:]:
             base = vals[0]
-            ok = isinstance(v, int | float) and isinstance(base, int | float) and base
-            ratios.append(f"{v / base:.3f}" if ok else "-")
+            ratios.append(f"{v / base:.3f}" if isinstance(v, int | float) and isinstance(base, int | float)
+                          and base else "-")
         rows.append([key] + [_fmt(v) for v in vals] + ratios)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in

@@ -21,7 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from placer.errors import InvalidInputError, MissingDependencyError
+from placer.app.comparison import Candidate, routing_identity, run_comparison
+from placer.app.report import render_full_report
+from placer.errors import InvalidInputError, PlacerError
+from placer.ilp import PlacementProblem, solve
+from placer.io.atomic import atomic_write_text
+from placer.io.native import write_trace_npz
+from placer.io.placements import export_placement, write_placement_json
+from placer.io.traces import read_trace
+from placer.metrics import evaluate
+from placer.presets import get_model, make_topology
+from placer.profiling import embedded
+from placer.profiling.profile import profile_hf
+from placer.simulator.config import ReplayWorkload, SimConfig
+from placer.stacks import STACKS
+from placer.stats import compute_stats
+from placer.synthetic import SCORING_PERTURBATION, perturbed, profile_for, synthesize_trace
 from placer.types import ModelSpec, RoutingTrace
 
 DEMO_METHODS = ("contiguous", "round-robin", "eplb", "moetuner", "exflow", "exact", "placer")
@@ -46,21 +61,15 @@ class DemoOutcome:
 
 def _embedded_available() -> bool:
     try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+        import torch  # noqa: F401  # deferred: torch is an optional extra
+        import transformers  # noqa: F401  # deferred: transformers is an optional extra
     except ImportError:
         return False
-    from placer.profiling import embedded
     return embedded.WEIGHTS_FILE.exists() and embedded.CONFIG_FILE.exists()
 
 
 def _profiled(output: str, max_prompts: int, say: Callable[[str], None]) -> tuple[RoutingTrace, RoutingTrace, str]:
     """Profile the embedded model on two halves of its held-out prompts; returns (fit, holdout)."""
-    from placer.io.atomic import atomic_write_text
-    from placer.io.traces import read_trace
-    from placer.profiling import embedded
-    from placer.profiling.profile import profile_hf
-
     prompts = embedded.heldout_prompts(max_bytes=255, limit=max_prompts)
     if len(prompts) < 2:
         raise InvalidInputError("fewer than two held-out prompts found in the standard library",
@@ -79,9 +88,6 @@ def _profiled(output: str, max_prompts: int, say: Callable[[str], None]) -> tupl
 
 
 def _synthetic(output: str, say: Callable[[str], None]) -> tuple[RoutingTrace, RoutingTrace, str]:
-    from placer.io.native import write_trace_npz
-    from placer.presets import get_model
-    from placer.synthetic import SCORING_PERTURBATION, perturbed, profile_for, synthesize_trace
     model = get_model("mixtral-8x7b")
     fit = synthesize_trace(model, 20000, seed=0)
     held = synthesize_trace(model, 20000, seed=1, profile=perturbed(profile_for(model), SCORING_PERTURBATION, 1))
@@ -96,14 +102,6 @@ def _sglang_export(placement, model: ModelSpec, topology, path: str,
     """Export the demo's best placement for SGLang 0.5.23, or, for a model it cannot place (the
     demo's Mixtral), show why and export an ``eplb`` placement solved under SGLang's own rule for
     a model it places (DeepSeek-V2-Lite, synthetic routing) instead. Returns (flags, note)."""
-    from placer.errors import InvalidInputError
-    from placer.ilp import PlacementProblem, solve
-    from placer.io.placements import export_placement
-    from placer.presets import get_model
-    from placer.profiling.stats import compute_stats
-    from placer.stacks import STACKS
-    from placer.synthetic import synthesize_trace
-
     stack = STACKS["sglang"]
     try:
         stack.check_model(model)
@@ -111,10 +109,12 @@ def _sglang_export(placement, model: ModelSpec, topology, path: str,
         reason = str(exc).split(": ", 1)[-1].split("; ")[0]
         say(f"{reason}: no SGLang file for it")
         v2 = get_model("deepseek-v2-lite")
+        assert stack.dispatch is not None  # SGLang's rule
         problem = PlacementProblem(compute_stats(synthesize_trace(v2, 4000, seed=0)), v2, topology,
                                    num_redundant=topology.num_gpus, dispatch=stack.dispatch)
-        flags = export_placement(solve(problem, "eplb", seed=0).placement, "sglang", path, model=v2,
-                                 topology=topology)
+        eplb = solve(problem, "eplb", seed=0).placement
+        assert eplb is not None  # a posed problem is feasible (PlacementProblem checks it)
+        flags = export_placement(eplb, "sglang", path, model=v2, topology=topology)
         return flags, (f"a {v2.name} placement, synthetic routing, eplb under {stack.dispatch}: "
                        f"{stack.label} cannot place {model.name}")
     flags = export_placement(placement, "sglang", path, model=model, topology=topology)
@@ -123,7 +123,6 @@ def _sglang_export(placement, model: ModelSpec, topology, path: str,
 
 def simulation_model(model: ModelSpec) -> ModelSpec:
     """``model``'s routing shape at Mixtral-8x7B's layer sizes when its own sizes are tiny."""
-    from placer.presets import get_model
     mixtral = get_model("mixtral-8x7b")
     if model.hidden_size >= 1024:
         return model
@@ -134,15 +133,6 @@ def simulation_model(model: ModelSpec) -> ModelSpec:
 def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: int = 96,
              time_limit_s: float = 10.0, progress: Callable[[str], None] | None = None) -> DemoOutcome:
     """Run the demo into ``output`` (created); see the module docstring."""
-    from placer.app.comparison import Candidate, routing_identity, run_comparison
-    from placer.app.report import render_full_report
-    from placer.ilp import PlacementProblem, solve
-    from placer.io.placements import write_placement_json
-    from placer.metrics import evaluate
-    from placer.presets import make_topology
-    from placer.profiling.stats import compute_stats
-    from placer.simulator.config import ReplayWorkload, SimConfig
-
     say = progress or (lambda message: None)
     start = time.perf_counter()
     os.makedirs(output, exist_ok=True)
@@ -151,14 +141,16 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
     fit, held, routing_kind = _synthetic(output, say) if synthetic else _profiled(output, max_prompts, say)
     model = fit.model
     if model is None:
-        raise MissingDependencyError("the profiled trace carries no model description")
+        raise PlacerError("the profiled trace carries no model description")
     topology = make_topology(DEMO_CLUSTER, gpus=DEMO_GPUS)
     problem = PlacementProblem(compute_stats(fit), model, topology)
     placements_dir = os.path.join(output, "placements")
     os.makedirs(placements_dir, exist_ok=True)
-    rows, candidates = [], []
+    rows: list[dict[str, Any]] = []
+    candidates: list[Candidate] = []
     for method in DEMO_METHODS:
         result = solve(problem, method, seed=0, time_limit_s=time_limit_s if method in ("exact", "placer") else None)
+        assert result.placement is not None  # a posed problem is feasible (PlacementProblem checks it)
         metrics = {k: v for k, v in evaluate(result.placement, topology, model, held).items() if k != "per_layer"}
         path = os.path.join(placements_dir, f"{method}.json")
         write_placement_json(path, result.placement, model=model, topology=topology, dispatch="nearest",

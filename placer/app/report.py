@@ -49,9 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from placer.errors import InvalidInputError
 from placer.io.placements import NATIVE_KEYS, PlacementFile, read_placement_json
+from placer.io.routing import gather_routing
+from placer.metrics import gpu_load
+from placer.simulator.report import plot_ids, render_report
 from placer.simulator.results import METRICS_FILE, SimResults, read_results, sha256_of
 from placer.types import RoutingStats, RoutingTrace
 
@@ -179,8 +184,6 @@ def attach_gpu_load(entries: Sequence[PlacementEntry],
     """Set each entry's ``gpu_load`` from ``routing`` (its shape must match every placement)."""
     if routing is None:
         return
-    from placer.metrics import gpu_load
-
     layers = routing.num_layers
     for e in entries:
         pl = e.file.placement
@@ -337,9 +340,6 @@ def _sim_loads(groups: list[tuple[str, SimResults, Path]], prefix: bool
 
 def gpu_bars(loads: Sequence[tuple[str, np.ndarray]]) -> Any:
     """Figure: per GPU, load / mean over GPUs (all layers) and the worst layer's load / mean."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
         "load / mean load, all MoE layers", "worst MoE layer: load / that layer's mean"))
     for i, (label, grid) in enumerate(loads):
@@ -382,8 +382,6 @@ def _expert_colorscale(num_experts: int) -> Any:
 
 def placement_heatmap(entry: PlacementEntry) -> Any:
     """Figure: MoE layer x slot -> logical expert, with lines at GPU boundaries."""
-    import plotly.graph_objects as go
-
     pl = entry.file.placement
     p2l = np.asarray(pl.physical_to_logical)
     layers, slots = p2l.shape
@@ -417,8 +415,6 @@ def placement_heatmap(entry: PlacementEntry) -> Any:
 
 def report_plot_ids(num_sim_placements: int, num_placement_files: int) -> list[str]:
     """Plot div ids of a :func:`render_full_report` page, in page order."""
-    from placer.simulator.report import plot_ids
-
     return [*plot_ids(num_sim_placements), "plot-gpu-bars",
             *(f"plot-placement-{j}" for j in range(num_placement_files))]
 
@@ -440,8 +436,6 @@ def render_full_report(results_dir: str | os.PathLike[str], output_html: str | o
     or statistics on which :func:`placer.metrics.gpu_load` gives placement files their load;
     or ``routing_inputs``, routing files read with the first placement file's model.
     """
-    from placer.simulator.report import render_report
-
     items = results_items(results_dir)
     groups = [(name, read_results(path), path) for name, path in items]
     prefix = len(groups) > 1
@@ -452,8 +446,6 @@ def render_full_report(results_dir: str | os.PathLike[str], output_html: str | o
     entries = collect_placements(paths, groups, prefix=prefix, sim_labels=sim_labels)
     source = "routing"
     if routing_inputs:
-        from placer.io.routing import gather_routing
-
         source = ", ".join(str(p) for p in routing_inputs)
         if not entries:
             raise InvalidInputError("no placement file to compute the load of (give --placement "

@@ -13,8 +13,15 @@ from typing import Any
 
 import pandas as pd
 
+from placer._ray import init as ray_init
+from placer.app.comparison import placement_candidates, routing_identity, run_comparison
 from placer.errors import InvalidInputError
+from placer.io.atomic import atomic_write_text
+from placer.io.placements import read_placement_json
+from placer.io.routing import check_top1, gather_routing
+from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
+from placer.simulator.report import render_report
 
 SWEEP_COLUMNS = ("point", "gpus", "rate", "placement", "throughput_tok_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
                  "e2e_p99_s", "iteration_p99_s", "a2a_p99_s", "straggler_share", "max_link_utilisation")
@@ -48,11 +55,6 @@ def point_name(gpus: int | None, rate: float | None) -> str:
 
 def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> list[dict[str, Any]]:
     """Simulate one grid point; returns its rows of the sweep table."""
-    from placer.app.comparison import placement_candidates, routing_identity, run_comparison
-    from placer.io.placements import read_placement_json
-    from placer.io.routing import check_top1, gather_routing
-    from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
-
     model = get_model(spec.model) if spec.model else None
     routing = gather_routing(list(spec.inputs), model=model) if spec.inputs else None
     check_top1(routing, execution=spec.config.execution, methods=spec.methods)
@@ -82,9 +84,7 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
 
 
 def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], address: str) -> list[list[dict]]:
-    from placer._ray import init
-
-    ray = init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
+    ray = ray_init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
                configure_logging=False)
     task = ray.remote(num_cpus=1)(run_point)
     return ray.get([task.remote(spec, g, r, out) for g, r, out in points])
@@ -93,9 +93,6 @@ def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], addre
 def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float], *, output: str,
               workers: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
     """Run every (GPU count, rate) point; write ``output/<point>/`` and ``output/sweep.csv``."""
-    from placer.io.atomic import atomic_write_text
-    from placer.simulator.report import render_report
-
     serving = isinstance(spec.workload, ServingWorkload)
     if not serving:
         rates = rates[:1]

@@ -8,39 +8,43 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.io.atomic import check_writable
+from placer.io.placements import export_placement, write_placement_json
 from placer.io.routing import (
     Routing,
     check_top1,
     concat_traces,
     gather_routing,
 )
+from placer.io.traces import write_stats_npz, write_trace_npz, write_trace_parquet
+from placer.metrics import evaluate
+from placer.presets import check_problem_size
+from placer.profiling.summary import summarize
+from placer.resources import human_bytes
 from placer.stacks import Stack, resolve_dispatch
+from placer.stats import load_only_stats
+from placer.synthetic import check_trace_memory, perturbed, profile_for, synthesize
 from placer.types import ModelSpec
 
 
 def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: float = 0.0,
                     phase: str | None = None, output: str) -> int:
     """Write a synthetic trace (native .npz, or chunked .parquet) marked synthetic; return tokens written."""
-    from placer.io.atomic import check_writable
-    from placer.io.traces import write_trace_npz, write_trace_parquet
-    from placer.synthetic import check_trace_memory, perturbed, profile_for, synthesize
-
     if not output.endswith((".npz", ".parquet")):
         raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
     check_writable(output)
     if output.endswith(".npz"):  # built whole in memory (the chunks and their concatenation)
         check_trace_memory(model, tokens, copies=2, source="--tokens")
     else:  # streamed to disk: at least ~2 bytes per id and gate weight even compressed
-        import shutil
-
-        from placer.resources import human_bytes
         folder = os.path.dirname(os.path.abspath(output))
         need, free = 2.0 * tokens * model.num_moe_layers * model.top_k, shutil.disk_usage(folder).free
         if need > free:
@@ -61,8 +65,23 @@ def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: fl
 
 def write_stats(routing: Routing, output: str) -> None:
     """Write the statistics of ``routing`` (native stats .npz, every phase it holds)."""
-    from placer.io.traces import write_stats_npz
     write_stats_npz(output, routing.stats, synthetic=routing.synthetic)
+
+
+def summarize_routing(inputs: Sequence[str], *, model: ModelSpec | None, phase: str = "all",
+                      output: str | None = None) -> tuple[Routing, dict[str, Any]]:
+    """Merge routing ``inputs`` and summarise them (per-layer skew and affinity, whether the top-1
+    experts are known); write their statistics to ``output`` when given (checked before any work)."""
+    if output:
+        check_writable(output)
+    routing = gather_routing(inputs, model=model, phase=phase, keep_trace=False)
+    summary = summarize(routing.stats)
+    summary["synthetic"] = routing.synthetic
+    summary["top1_known"] = routing.stats.has_top1
+    summary["top1_note"] = routing.top1_note
+    if output:
+        write_stats(routing, output)
+    return routing, summary
 
 
 @dataclass(frozen=True)
@@ -119,15 +138,15 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     recorded in the placement file. ``started_at`` (``time.time()`` seconds; the CLI passes its
     process start): ``time_limit_s`` counts from then, the scoring included, not from the solve.
     """
-    from placer.ilp import METHODS, PlacementProblem, solve
-    from placer.io.placements import export_placement, write_placement_json
-    from placer.metrics import evaluate
-    from placer.profiling.stats import load_only_stats
+    from placer.ilp import (  # deferred: keeps ortools off placer synth, stats and evaluate
+        METHODS,
+        PlacementProblem,
+        solve,
+    )
 
     say = progress or (lambda message: None)
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
-    from placer.io.atomic import check_writable
     for path in [output, *(path for _, path in exports)]:  # before any work: nothing is half done
         check_writable(path)
     routing = None
@@ -142,7 +161,6 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
             raise InvalidInputError("give a routing input or --model PRESET", source="--model")
         stats = load_only_stats(np.zeros((model.num_moe_layers, model.num_experts)), model.top_k, model=model)
     dispatch = resolve_dispatch(dispatch, stack, model)
-    from placer.presets import check_problem_size
     check_problem_size(model, topology)
     if groups is not None:
         model = with_groups(model, groups)
@@ -157,7 +175,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     if method == "exact" and routing is not None and routing.top1_note is not None:
         notes.append(f"note: exact solved without its inter-layer affinity term (balance only): "
                      f"{routing.top1_note}")
-    problem_weights = dict(weights or {})
+    problem_weights: dict[str, Any] = dict(weights or {})  # the terms' weights, and "objective"
     if objective is not None:
         problem_weights["objective"] = objective
     problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
@@ -207,7 +225,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         solve_limit = max(0.01, started_at + time_limit_s - time.time() - 1.2 * score_s - 0.3)
     result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
     say(f"{method}: {result.status} in {result.wall_time_s:.2f} s; scoring")
-    scored = scores(result.placement)
+    placement = result.placement
+    assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
+    scored = scores(placement)
     rows = []
     for r, r_scores in [(result, scored), *baselines]:
         for label, metrics in r_scores.items():
@@ -224,7 +244,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     try:
         for fmt, path in exports:
             new = not os.path.exists(path)
-            exported.append((fmt, path, export_placement(result.placement, fmt, path, model=model,
+            exported.append((fmt, path, export_placement(placement, fmt, path, model=model,
                                                          topology=topology)))
             if new:
                 created.append(path)
@@ -233,7 +253,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
             with contextlib.suppress(OSError):
                 os.remove(path)
         raise
-    write_placement_json(output, result.placement, model=model, topology=topology, dispatch=dispatch,
+    write_placement_json(output, placement, model=model, topology=topology, dispatch=dispatch,
                          method=result.method, status=result.status, solve_seconds=result.wall_time_s,
                          metrics=metrics, stack=stack)
     return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported, stack=stack,
@@ -250,8 +270,6 @@ def with_groups(model: ModelSpec, groups: int) -> ModelSpec:
 def evaluate_placement(placement_file, inputs: Sequence[str], *, dispatch: str, execution: str = "standard",
                        phase: str = "all") -> dict:
     """Score a placement file's placement on routing inputs (the file's model is authoritative)."""
-    from placer.metrics import evaluate
-
     routing = gather_routing(inputs, model=placement_file.model, phase=phase)
     check_top1(routing, execution=execution)
     metrics = evaluate(placement_file.placement, placement_file.topology, routing.model, routing.data,

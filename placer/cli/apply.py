@@ -9,6 +9,7 @@ import click
 
 from placer.cli.options import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
+from placer.presets import get_model, make_topology
 
 
 @click.command(context_settings=CONTEXT)
@@ -51,22 +52,24 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
         placer apply --placement new.json --deployment local --ranks 4
         placer apply --placement new.json --from old.json --ranks 4 --model embedded
     """
-    from placer.io.atomic import check_writable
-    from placer.io.placements import (
+    from placer.io.atomic import check_writable  # deferred: keeps numba off placer --help
+    from placer.io.placements import (  # deferred: keeps numba off placer --help
         detect_placement_format,
         read_placement_file,
         write_placement_json,
     )
+    from placer.runtime.apply import (  # deferred: the runtime needs torch and ray (optional extras)
+        apply_live,
+        contiguous_placement,
+        embedded_model,
+        resolve_model,
+    )
 
     if output:  # before the deployment starts and the migration runs
         check_writable(output)
-    from placer.runtime.apply import apply_live, contiguous_placement, resolve_model
-
     if detect_placement_format(placement_path) == "native":
         new_f = read_placement_file(placement_path)
     else:  # a stack's file holds only the map: --model gives its shape, --ranks the GPUs
-        from placer.presets import get_model, make_topology
-        from placer.runtime.apply import embedded_model
         shape = embedded_model() if model in (None, "embedded") else get_model(model)
         new_f = read_placement_file(placement_path, model=shape, topology=make_topology(gpus=ranks))
     if from_path is not None:

@@ -21,7 +21,7 @@ def demo(output, synthetic, max_prompts):
     Example:
         placer demo -o demo-out
     """
-    from placer.app.demo import run_demo
+    from placer.app.demo import run_demo  # deferred: keeps ortools, pandas off placer --help
     out = run_demo(output, synthetic=synthetic, max_prompts=max_prompts, progress=click.echo)
     cols = ["method", "status", "solve_s", "holdout_load_max_mean", "holdout_other_ranks",
             "holdout_cc_cross_gpu", "sim_step_p50_ms", "sim_a2a_p99_us"]

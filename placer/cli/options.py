@@ -10,6 +10,8 @@ from collections.abc import Callable
 import click
 
 from placer.errors import InvalidInputError
+from placer.presets import CLUSTERS, DEFAULT_CLUSTER, MODELS, get_model, make_topology
+from placer.stacks import STACKS, get_stack, stack_help
 from placer.types import DISPATCH_RULES, EXECUTION_MODES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -30,13 +32,11 @@ class FiniteFloat(click.FloatRange):
 # ---------------------------------------------------------------------------------------------
 
 def model_option(func: Callable) -> Callable:
-    from placer.presets import MODELS
     return click.option("--model", "model", metavar="PRESET",
                         help=f"Model preset ({', '.join(MODELS)}). Optional when an input names its model.")(func)
 
 
 def cluster_options(func: Callable) -> Callable:
-    from placer.presets import CLUSTERS, DEFAULT_CLUSTER
     for deco in reversed([
         click.option("--cluster", default=None, metavar="PRESET",
                      help=f"GPU kind ({', '.join(CLUSTERS)}; default {DEFAULT_CLUSTER}, nodes of 8)."),
@@ -50,12 +50,10 @@ def cluster_options(func: Callable) -> Callable:
 
 
 def stack_option(func: Callable) -> Callable:
-    from placer.stacks import STACKS, stack_help
     return click.option("--stack", type=click.Choice(list(STACKS)), default=None, help=stack_help())(func)
 
 
 def resolve_stack(name: str | None):
-    from placer.stacks import get_stack
     return None if name is None else get_stack(name)
 
 
@@ -74,12 +72,10 @@ def routing_options(func: Callable) -> Callable:
 
 
 def resolve_model(name: str | None):
-    from placer.presets import get_model
     return get_model(name) if name else None
 
 
 def resolve_topology(cluster, gpus, nodes, gpus_per_node):
-    from placer.presets import DEFAULT_CLUSTER, make_topology
     return make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
 
 
@@ -101,7 +97,10 @@ def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=
     A native file is authoritative (contradicting flags exit 2); a stack's file holds only the
     map and takes the model and cluster from the flags.
     """
-    from placer.io.placements import detect_placement_format, read_placement_file
+    from placer.io.placements import (  # deferred: keeps numba off placer --help
+        detect_placement_format,
+        read_placement_file,
+    )
     if detect_placement_format(path) == "native":
         pf = read_placement_file(path)
         check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
@@ -116,7 +115,7 @@ def placement_stack(pf, target):
 
 
 def parse_exports(exports: tuple[str, ...], flag: str = "--export") -> list[tuple[str, str]]:
-    from placer.io.placements import FORMATS
+    from placer.io.placements import FORMATS  # deferred: keeps numba off placer --help
     out = []
     for item in exports:
         fmt, sep, path = item.partition("=")

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from placer._clock import process_start_time
 from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
@@ -24,6 +25,7 @@ from placer.cli.options import (
     stack_option,
 )
 from placer.errors import InvalidInputError
+from placer.stacks import STACKS, resolve_dispatch
 
 
 @click.command(context_settings=CONTEXT)
@@ -67,9 +69,8 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
         placer solve trace.npz --stack sglang --gpus 16 --nodes 2 --redundant 16 \\
             --holdout held.npz -o p.json --export sglang=s.json
     """
-    from placer._clock import process_start_time
-    from placer.app.workflow import solve_placement
-    from placer.metrics import format_comparison
+    from placer.app.workflow import solve_placement  # deferred: keeps numba off placer --help
+    from placer.metrics import format_comparison  # deferred: keeps metrics (8 ms) off placer --help
 
     show = not quiet and not as_json and sys.stderr.isatty()
 
@@ -125,11 +126,10 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
         placer evaluate p.json experts_math_mixtral.json --stack vllm
         placer evaluate sglang.json trace.npz --model deepseek-v2-lite --gpus 16 --nodes 2
     """
-    from placer.app.workflow import evaluate_placement
-    from placer.metrics import format_table
+    from placer.app.workflow import evaluate_placement  # deferred: keeps numba off placer --help
+    from placer.metrics import format_table  # deferred: keeps metrics (8 ms) off placer --help
     target = resolve_stack(stack)
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
-    from placer.stacks import resolve_dispatch
     target = placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
     metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
@@ -162,8 +162,7 @@ def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, ou
         placer export p.json --stack sglang -o sglang.json
         placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml
     """
-    from placer.io.placements import export_placement
-    from placer.stacks import STACKS
+    from placer.io.placements import export_placement  # deferred: keeps numba off placer --help
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node)
     target = resolve_stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
     if fmt is None and target is not None:

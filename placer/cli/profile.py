@@ -8,10 +8,10 @@ import click
 
 from placer.cli.options import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
+from placer.profiling.summary import summarize
 
 
 def _summary_line(outcome) -> str:
-    from placer.profiling.summary import summarize
     s = summarize(outcome.stats["all"])
     m = outcome.model
     line = (f"{m.name}: {outcome.tokens:,} tokens, {m.num_moe_layers} MoE layers, E={m.num_experts}, "
@@ -70,7 +70,7 @@ def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts,
         placer profile --sglang-r3 outputs.jsonl --placement p.json -o s.npz
         placer solve stats.npz --gpus 4 -o p.json
     """
-    from placer.profiling import profile as lib
+    from placer.profiling import profile as lib  # deferred: keeps numba off placer --help
 
     show = not quiet and sys.stderr.isatty()
     if sum(bool(x) for x in (sglang_url, r3, sglang_r3)) > 1:

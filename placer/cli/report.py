@@ -37,7 +37,7 @@ def report(results_dir, placements, routing_inputs, no_scan, title, output):
         placer report sim/ -o report.html
         placer report sim/ --placement other.json --routing trace.npz -o report.html
     """
-    from placer.app.report import render_full_report
+    from placer.app.report import render_full_report  # deferred: keeps pandas off placer --help
 
     if output is None:
         output = os.path.join(results_dir, "report.html")

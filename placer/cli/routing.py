@@ -12,6 +12,7 @@ from placer.cli.options import (
     resolve_model,
 )
 from placer.errors import InvalidInputError
+from placer.profiling.summary import format_summary
 
 
 @click.command(context_settings=CONTEXT)
@@ -29,7 +30,7 @@ def synth(model, tokens, seed, perturb, phase, output):
     Example:
         placer synth --model deepseek-v3 --tokens 100000 --seed 1 --perturb 0.3 -o trace.npz
     """
-    from placer.app.workflow import write_synthetic
+    from placer.app.workflow import write_synthetic  # deferred: keeps numba off placer --help
     spec = resolve_model(model)
     if spec is None:
         raise InvalidInputError("synth needs --model PRESET", source="--model")
@@ -51,19 +52,8 @@ def stats(inputs, model, phase, output, as_json):
     Example:
         placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
     """
-    from placer.app.workflow import write_stats
-    from placer.io.routing import gather_routing
-    from placer.profiling.summary import format_summary, summarize
-    if output:  # before any work
-        from placer.io.atomic import check_writable
-        check_writable(output)
-    routing = gather_routing(inputs, model=resolve_model(model), phase=phase, keep_trace=False)
-    summary = summarize(routing.stats)
-    summary["synthetic"] = routing.synthetic
-    summary["top1_known"] = routing.stats.has_top1
-    summary["top1_note"] = routing.top1_note
-    if output:
-        write_stats(routing, output)
+    from placer.app.workflow import summarize_routing  # deferred: keeps numba off placer --help
+    routing, summary = summarize_routing(inputs, model=resolve_model(model), phase=phase, output=output)
     if as_json:
         echo_json(summary)
     else:

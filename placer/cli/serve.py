@@ -23,6 +23,7 @@ from placer.cli.options import (
     stack_option,
 )
 from placer.errors import InvalidInputError
+from placer.presets import check_problem_size
 from placer.stacks import resolve_dispatch
 from placer.types import DISPATCH_RULES
 
@@ -84,8 +85,13 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         curl -X POST localhost:8000/stats -d '{"load": [[...], ...]}'
         curl 'localhost:8000/placement?format=sglang'
     """
-    from placer.app.serve import PolicyConfig, ServeConfig, Service
-    from placer.ilp import METHODS
+    from placer.app.serve import (  # deferred: keeps numba off placer --help
+        PolicyConfig,
+        ServeConfig,
+        Service,
+    )
+    from placer.ilp import METHODS  # deferred: keeps ortools off placer --help
+    from placer.io.atomic import check_writable  # deferred: keeps numba off placer --help
 
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}", source="--method")
@@ -110,8 +116,6 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
                           time_limit_s=time_limit_s, seed=seed)
     export_list = tuple(parse_exports(exports))
-    from placer.io.atomic import check_writable
-    from placer.presets import check_problem_size
     check_problem_size(spec, topology, simulate=True)  # the policy simulates each candidate placement
     for out_path in (output, state_path, *(p for _, p in export_list)):
         if out_path:  # written later by the running service: refuse now, before binding

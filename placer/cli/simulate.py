@@ -13,37 +13,38 @@ from placer.cli.options import (
     cluster_options,
     echo_json,
     model_option,
+    resolve_model,
     resolve_stack,
+    resolve_topology,
     stack_option,
 )
+from placer.errors import InvalidInputError
+from placer.presets import CLUSTERS
+from placer.stacks import resolve_dispatch
+from placer.types import DISPATCH_RULES, EXECUTION_MODES
 
-KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")
+KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")  # placer.simulator.KERNELS, without importing it (a test checks)
+
+
+def _numbers(text: str | None, flag: str, kind: type, what: str, valid, rule: str) -> list:
+    """The comma-separated ``kind`` values of ``text`` (none when it is None); each must be ``valid``."""
+    if text is None:
+        return []
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"expected comma-separated {what}, got {text!r}", source=flag) from None
+    if not all(valid(v) for v in values):
+        raise InvalidInputError(f"must be {rule}, got {text!r}", source=flag)
+    return values
 
 
 def _floats(text: str | None, flag: str) -> list[float]:
-    from placer.errors import InvalidInputError
-    if text is None:
-        return []
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InvalidInputError(f"expected comma-separated numbers, got {text!r}", source=flag) from None
-    if not all(0 < v < float("inf") for v in values):
-        raise InvalidInputError(f"must be positive finite numbers, got {text!r}", source=flag)
-    return values
+    return _numbers(text, flag, float, "numbers", lambda v: 0 < v < float("inf"), "positive finite numbers")
 
 
 def _ints(text: str | None, flag: str) -> list[int]:
-    from placer.errors import InvalidInputError
-    if text is None:
-        return []
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InvalidInputError(f"expected comma-separated whole numbers, got {text!r}", source=flag) from None
-    if any(v < 1 for v in values):
-        raise InvalidInputError(f"must be at least 1, got {text!r}", source=flag)
-    return values
+    return _numbers(text, flag, int, "whole numbers", lambda v: v >= 1, "at least 1")
 
 
 def workload_options(func):
@@ -75,7 +76,6 @@ def workload_options(func):
 
 
 def engine_options(func):
-    from placer.types import DISPATCH_RULES, EXECUTION_MODES
     for deco in reversed([
         click.option("--execution", type=click.Choice(EXECUTION_MODES), default="standard", show_default=True,
                      help="standard EP, or ExFlow's context-coherent execution (KV replicated, per-step all-gather)."),
@@ -93,14 +93,20 @@ def engine_options(func):
     return func
 
 
-def _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
-              iterations, tokens_per_rank, context_len):
-    from placer.simulator.config import ReplayWorkload, ServingWorkload
+def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget,
+                         max_running, iterations, tokens_per_rank, context_len, execution, kernel, congestion,
+                         dispatch, seed):
+    """The simulator's workload and configuration from the flags."""
+    from placer.simulator import config as sim  # deferred: keeps pandas off placer --help
     if workload == "replay":
-        return ReplayWorkload(tokens_per_rank=tokens_per_rank, iterations=iterations, context_len=context_len)
-    return ServingWorkload(rate=rate, duration_s=duration_s, prompt_len=prompt_len, output_len=output_len,
-                           length_dist=length_dist, token_budget=token_budget, max_running=max_running,
-                           max_steps=iterations)
+        wl = sim.ReplayWorkload(tokens_per_rank=tokens_per_rank, iterations=iterations, context_len=context_len)
+    else:
+        wl = sim.ServingWorkload(rate=rate, duration_s=duration_s, prompt_len=prompt_len, output_len=output_len,
+                                 length_dist=length_dist, token_budget=token_budget, max_running=max_running,
+                                 max_steps=iterations)
+    config = sim.SimConfig(network=sim.kernel_preset(kernel, congestion=congestion), execution=execution,
+                           dispatch=dispatch, seed=seed)
+    return wl, config
 
 
 def _progress(total: float, unit: str):
@@ -159,73 +165,66 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         placer simulate run --model deepseek-v3 --cluster h200 --gpus 64 --method eplb \\
             --redundant 64 --rate 20 --duration 30 -o sim/
     """
-    from placer.io.atomic import output_directory
+    from placer.app import comparison  # deferred: keeps the simulator off placer --help
+    from placer.io.atomic import output_directory  # deferred: keeps numba off placer --help
 
     # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
     with output_directory(output) if output is not None else contextlib.nullcontext():
-        from placer.app.comparison import (
-            comparison_table,
-            placement_candidates,
-            routing_identity,
-            run_comparison,
-        )
-        from placer.simulator.config import SimConfig, kernel_preset
-        routing, model_spec, sources, synthetic = _routing(inputs, model, placements)
-        from placer.io.routing import check_top1
-        check_top1(routing, execution=execution, methods=methods)
+        routing, model_spec, sources, synthetic = _routing(inputs, model, placements, execution, methods)
         target = resolve_stack(stack)
         if target is not None:  # the stack's exact rule for every placement (--dispatch still overrides)
-            from placer.stacks import resolve_dispatch
             dispatch = resolve_dispatch(dispatch, target, model_spec)
             if not as_json:
                 click.echo(f"dispatch {dispatch} ({target.label})")
         topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
         if topology is None and cluster is not None and not placements:
-            from placer.errors import InvalidInputError
             raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
-        candidates, model_spec, topology = placement_candidates(
+        candidates, model_spec, topology = comparison.placement_candidates(
             placements, methods, model=model_spec, topology=topology,
             stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
             execution=execution, seed=seed)
-        wl = _workload(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running,
-                       iterations, tokens_per_rank, context_len)
-        config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
-                           dispatch=dispatch, seed=seed)
+        wl, config = _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist,
+                                          token_budget, max_running, iterations, tokens_per_rank, context_len,
+                                          execution, kernel, congestion, dispatch, seed)
         if cluster is not None and topology.name != cluster.lower():
-            from placer.errors import InvalidInputError
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
         data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
         total = duration_s if workload == "serving" else (iterations or 100)
         tick, done = _progress(total, "s" if workload == "serving" else "steps")
-        runs = run_comparison(candidates, topology, model_spec, routing=data,
-                              routing_info=routing_identity(sources, data, model_spec, synthetic), workload=wl,
-                              config=config, level=level, output=output, progress=tick)
+        runs = comparison.run_comparison(
+            candidates, topology, model_spec, routing=data,
+            routing_info=comparison.routing_identity(sources, data, model_spec, synthetic), workload=wl,
+            config=config, level=level, output=output, progress=tick)
         done()
         if output is not None:
-            from placer.app.report import render_full_report
+            from placer.app.report import render_full_report  # deferred: plotly, only for -o
             render_full_report(output, f"{output}/report.html")
         if as_json:
             echo_json({r.label: r.summary for r in runs})
             return
         click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
                    f"{execution}, {kernel}, {workload}")
-        click.echo(comparison_table(runs))
+        click.echo(comparison.comparison_table(runs))
         if output is not None:
             click.echo(f"results in {output}/ (report: {output}/report.html)")
 
 
-def _routing(inputs, model_name, placements=()):
-    from placer.cli.options import resolve_model
-    from placer.io.routing import gather_routing
+def _routing(inputs, model_name, placements, execution, methods):
+    """(routing, model, sources, synthetic); refuses routing that lacks the top-1 experts ``execution``
+    or ``methods`` need."""
+    from placer.io.routing import (  # deferred: keeps numba off placer --help
+        check_top1,
+        gather_routing,
+    )
     model = resolve_model(model_name)
     if not inputs:
         if model is None and not placements:
-            from placer.errors import InvalidInputError
             raise InvalidInputError("give a routing input, --model PRESET (synthetic routing) or a --placement "
                                     "file", source="--model")
         return None, model, (), True
     routing = gather_routing(inputs, model=model)
+    check_top1(routing, execution=execution, methods=methods)
     return routing, routing.model if model is None else model, tuple(routing.sources), routing.synthetic
 
 
@@ -233,13 +232,10 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
     """The cluster of the flags, or None when no size is given (placement files then give it)."""
     if gpus is None and nodes is None and gpus_per_node is None:
         if cluster is not None:
-            from placer.errors import InvalidInputError
-            from placer.presets import CLUSTERS
             if cluster.lower() not in CLUSTERS:
                 raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
                                         source="--cluster")
         return None
-    from placer.cli.options import resolve_topology
     return resolve_topology(cluster, gpus, nodes, gpus_per_node)
 
 
@@ -265,7 +261,7 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
         placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 4096 --top-k 8 --hidden 7168 \\
             --experts 256 --kernel deepep-normal --routing group-limited --groups 8 --topk-groups 4 --json
     """
-    from placer.simulator.a2a import a2a_benchmark
+    from placer.simulator.a2a import a2a_benchmark  # deferred: keeps pandas off placer --help
     out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,
                         experts=experts, kernel=kernel, routing=routing, groups=groups, topk_groups=topk_groups,
                         seed=seed)
@@ -302,17 +298,16 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         placer simulate sweep --model mixtral-8x7b --gpus 4,8 --rates 5,10 --method contiguous \\
             --method eplb --duration 10 -o sweep/
     """
-    from placer.io.atomic import output_directory
+    from placer.app.sweep import SweepSpec, run_sweep  # deferred: keeps pandas off placer --help
+    from placer.io.atomic import output_directory  # deferred: keeps numba off placer --help
+
     # The output is checked before any work; on a failure or Ctrl-C nothing of this run is left.
     with output_directory(output):
-        from placer.app.sweep import SweepSpec, run_sweep
-        from placer.simulator.config import SimConfig, kernel_preset
         gpu_counts = _ints(gpus_list, "--gpus") or [None]
         rate_list = _floats(rates, "--rates") or [rate]
-        wl = _workload(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist, token_budget,
-                       max_running, iterations, tokens_per_rank, context_len)
-        config = SimConfig(network=kernel_preset(kernel, congestion=congestion), execution=execution,
-                           dispatch=dispatch, seed=seed)
+        wl, config = _workload_and_config(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist,
+                                          token_budget, max_running, iterations, tokens_per_rank, context_len,
+                                          execution, kernel, congestion, dispatch, seed)
         spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
                          model=model, cluster=cluster, workload=wl, config=config, level=level)
         table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)

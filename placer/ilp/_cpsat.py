@@ -7,6 +7,7 @@ never a wall-clock limit, so their outputs are reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 from ortools.sat.python import cp_model
 
@@ -60,6 +61,12 @@ def run_cpsat(model: cp_model.CpModel, *, time_limit_s: float | None = None,
         wall_time_s=float(solver.wall_time))
 
 
+@overload
+def relative_gap(objective: float, bound: float) -> float: ...
+@overload
+def relative_gap(objective: float, bound: None) -> None: ...
+@overload
+def relative_gap(objective: float, bound: float | None) -> float | None: ...
 def relative_gap(objective: float, bound: float | None) -> float | None:
     """``(objective - bound) / max(|objective|, 1e-9)``, clipped at 0; None without a bound."""
     if bound is None:

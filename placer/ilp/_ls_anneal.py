@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from placer.ilp._ls_kernel import RULE_CODES, _contrib, _njit, _traffic, expert_contrib
+from placer.ilp._ls_kernel import _contrib, _njit, _traffic, expert_contrib, make_dispatch
 
 
 @_njit
@@ -33,17 +33,17 @@ def load_terms(gload):
 
 
 @_njit
-def energy(mx, sd, traffic, prm):
-    """(primary, energy) of a layer state."""
-    primary = prm[8] * mx + traffic + prm[12] * max(0.0, mx - prm[13])
-    return primary, primary + prm[11] * prm[8] * sd
+def energy(mx, sd, traffic, w):
+    """(primary, energy) of a layer state under the :class:`~placer.ilp._ls_kernel.Weights` ``w``."""
+    primary = w.w_bal * mx + traffic + w.pen * max(0.0, mx - w.cap)
+    return primary, primary + w.lam * w.w_bal * sd
 
 
 @_njit
 def init_state(p2l, L, st, wk):
     """Build ``st`` from the slot map ``p2l``; returns (traffic, maxload, std)."""
-    E = int(L.prm[4])
-    P = int(L.prm[5])
+    E = L.num_experts
+    P = L.num_slots
     cnt, cslot = st.cnt, st.cslot
     for e in range(E):
         cnt[e] = 0
@@ -58,12 +58,9 @@ def init_state(p2l, L, st, wk):
         _contrib(L, wk, cslot, e, cnt[e], L.load[e], contrib[e])
         for g in range(gload.shape[0]):
             gload[g] += contrib[e, g]
-    st.gc[:] = 0
-    st.gu[:] = 0
-    st.gp[:] = 1.0
-    st.nc[:] = 0
-    st.nu[:] = 0
-    st.np_[:] = 1.0
+    st.rc[:] = 0
+    st.ru[:] = 0
+    st.rp[:] = 1.0
     traffic = _traffic(1, 0, 0, True, L, st, wk)
     mx, sd = load_terms(gload)
     return traffic, mx, sd
@@ -101,11 +98,11 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     applied, the positive energy changes go to ``wk.pbuf`` and their count is returned (else
     the accepted count).
     """
-    G = int(L.prm[0])
-    E = int(L.prm[4])
-    P = int(L.prm[5])
-    prm = L.prm
-    sg = L.slot_gpu
+    G = L.dispatch.num_gpus
+    E = L.num_experts
+    P = L.num_slots
+    wts = L.weights
+    sg = L.dispatch.slot_gpu
     cnt, cslot, contrib, gload = st.cnt, st.cslot, st.contrib, st.gload
     ca, cb, newload = wk.ca, wk.cb, wk.newload
     probe = temp0 < 0.0
@@ -113,10 +110,11 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     en = score[3]
     accepted = 0
     pos_n = 0
-    S = int(L.prm[3]) * int(L.prm[2])  # slots per node
-    gn = L.gpu_node
+    S = L.slots_per_node
+    gn = L.dispatch.gpu_node
     cdf = L.cdf
-    distinct = prm[14] != 0.0
+    distinct = L.distinct
+    has_traffic = wts.w_nv != 0.0 or wts.w_rdma != 0.0
     for it in range(it0, it1):
         r = rand[it]
         kind = 0 if r[0] < p_swap else (1 if r[0] < p_swap + p_guided else 2)
@@ -177,10 +175,10 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             newload[g] = gload[g] - contrib[a, g] - contrib[b, g] + ca[g] + cb[g]
         mx, sd = load_terms(newload)
         delta = 0.0
-        if prm[9] != 0.0 or prm[10] != 0.0:
+        if has_traffic:
             delta = _traffic(0, a, b, False, L, st, wk)
         new_traffic = traffic + delta
-        primary, new_en = energy(mx, sd, new_traffic, prm)
+        primary, new_en = energy(mx, sd, new_traffic, wts)
         d = new_en - en
         if probe:
             if d > 0.0 and pos_n < wk.pbuf.shape[0]:
@@ -192,7 +190,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             take = d <= 0.0 or (temp > 0.0 and r[3] < math.exp(-d / temp))
         if take:
             accepted += 1
-            if prm[9] != 0.0 or prm[10] != 0.0:
+            if has_traffic:
                 _traffic(0, a, b, True, L, st, wk)
             p2l[p1] = b
             if swap:
@@ -235,13 +233,14 @@ def _holds(cslot, cnt, e, g, sg):
 @_njit
 def token_counts_direct(t, p2l, L):
     """Reference: expected (nvlink, rdma) sends of token ``t`` computed from scratch (tests)."""
-    G = int(L.prm[0])
-    N = int(L.prm[1])
-    P = int(L.prm[5])
-    rule = int(L.prm[7])
-    gpn = int(L.prm[2])
+    G = L.dispatch.num_gpus
+    N = L.dispatch.num_nodes
+    P = L.num_slots
+    rule = L.dispatch.rule
+    gpn = L.dispatch.gpus_per_node
+    sg, gn = L.dispatch.slot_gpu, L.dispatch.gpu_node
     h = L.home[t]
-    nh = L.gpu_node[h]
+    nh = gn[h]
     gprod = np.ones(G)
     nprod = np.ones(N)
     for k in range(L.ids.shape[1]):
@@ -253,29 +252,29 @@ def token_counts_direct(t, p2l, L):
         for p in range(P):
             if p2l[p] == e:
                 c += 1
-                g = L.slot_gpu[p]
+                g = sg[p]
                 held = held or g == h
-                if L.gpu_node[g] == nh:
+                if gn[g] == nh:
                     local += 1
         for p in range(P):
             if p2l[p] == e:
-                g = L.slot_gpu[p]
+                g = sg[p]
                 if rule != 2 and held:
                     gm[h] = 1.0
                 elif rule == 0 and local > 0:
-                    if L.gpu_node[g] == nh:
+                    if gn[g] == nh:
                         gm[g] += 1.0 / local
                 else:
                     gm[g] += 1.0 / c
         nm = np.zeros(N)
         for g in range(G):
             gprod[g] *= 1.0 - min(gm[g], 1.0)
-            nm[L.gpu_node[g]] += gm[g]
+            nm[gn[g]] += gm[g]
         for n in range(N):
             nprod[n] *= 1.0 - min(nm[n], 1.0)
     nv = 0.0
     for g in range(G):
-        if g != h and (L.gpu_node[g] == nh or g % gpn != h % gpn):
+        if g != h and (gn[g] == nh or g % gpn != h % gpn):
             nv += 1.0 - gprod[g]
     rdma = 0.0
     for n in range(N):
@@ -285,17 +284,15 @@ def token_counts_direct(t, p2l, L):
 
 
 @_njit
-def _expected_gpu_load(p2l, load, G, N, gpn, spg, rule):
+def _expected_gpu_load(p2l, load, dp):
     num_layers, num_slots = p2l.shape
     num_experts = load.shape[1]
-    out = np.zeros((num_layers, G))
+    out = np.zeros((num_layers, dp.num_gpus))
     cslot = np.zeros((num_experts, num_slots - num_experts + 1), np.int64)
     cnt = np.zeros(num_experts, np.int64)
-    sg = np.arange(num_slots) // spg
-    gn = np.arange(G) // gpn
-    hold_n = np.zeros(N, np.int64)
-    copy_n = np.zeros(N, np.int64)
-    mark = np.zeros(G, np.int64)
+    hold_n = np.zeros(dp.num_nodes, np.int64)
+    copy_n = np.zeros(dp.num_nodes, np.int64)
+    mark = np.zeros(dp.num_gpus, np.int64)
     for layer in range(num_layers):
         cnt[:] = 0
         for p in range(num_slots):
@@ -303,8 +300,7 @@ def _expected_gpu_load(p2l, load, G, N, gpn, spg, rule):
             cslot[e, cnt[e]] = p
             cnt[e] += 1
         for e in range(num_experts):
-            expert_contrib(cslot, e, cnt[e], load[layer, e], G, N, gpn, rule, sg, gn, hold_n, copy_n, mark,
-                           out[layer])
+            expert_contrib(cslot, e, cnt[e], load[layer, e], dp, hold_n, copy_n, mark, out[layer])
     return out
 
 
@@ -315,5 +311,6 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
     Equals :func:`placer.metrics.dispatch.slot_load` summed per GPU whenever the rule makes no random
     choice (e.g. no replicas; always for ``vllm``), and its mean over dispatch seeds otherwise.
     """
-    return _expected_gpu_load(np.ascontiguousarray(p2l, np.int64), np.ascontiguousarray(load, np.float64),
-                              num_gpus, num_nodes, gpus_per_node, slots_per_gpu, RULE_CODES[rule])
+    p2l = np.ascontiguousarray(p2l, np.int64)
+    dp = make_dispatch(rule, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, p2l.shape[1])
+    return _expected_gpu_load(p2l, np.ascontiguousarray(load, np.float64), dp)

@@ -24,10 +24,10 @@ those experts' distributions touch.
 Energy of a layer: ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (the *primary*,
 what is optimised) plus ``lam * w_bal * std(load)``, a small smooth term that guides the
 annealer across the plateaus of the max. The best state is the one with the lowest primary
-(the smooth term only breaks ties). Traffic per token = ``sum_x W[h, x] q_x + sum_n V[h, n]
-q_n`` with ``q`` the probability that GPU ``x`` (node ``n``) receives the token: ``W`` is
-``w_nv`` for other ranks of the home node and for remote ranks other than the landing GPU (the
-one with home's local index), ``V`` is ``w_rdma`` for remote nodes (DeepEP normal kernels).
+(the smooth term only breaks ties). Traffic per token = ``sum_x cost[h, x] q_x`` over GPUs ``x``
+and nodes (``x = G + n``) with ``q`` the probability that ``x`` receives the token: ``w_nv``
+for other ranks of the home node and for remote ranks other than the landing GPU (the one with
+home's local index), ``w_rdma`` for remote nodes (DeepEP normal kernels), else 0.
 
 Moves: swap the experts of two slots on different GPUs; move a redundant slot (one whose
 expert has >= 2 copies) to another expert.
@@ -45,14 +45,39 @@ from placer._numba import njit as _njit
 # vllm-ascend (replica ``rank % copies``, a fixed table) is searched with the uniform model of the
 # position rules: over uniform home ranks it spreads an expert's load evenly over its copies.
 RULE_CODES = {"nearest": 0, "sglang-static": 0, "sglang-dynamic": 2, "vllm": 2, "vllm-ascend": 2}
-# Scalars of a layer problem, packed in one float64 array ``prm`` (numba-friendly):
-# 0 G, 1 N, 2 gpn, 3 spg, 4 E, 5 P, 6 K, 7 rule, 8 w_bal, 9 w_nv, 10 w_rdma, 11 lam, 12 pen, 13 cap,
-# 14 distinct (1: no move may put two copies of one expert on one GPU)
-NPARAM = 15
+
+# The kernels take named tuples (numba types them field by field, arrays and scalars alike):
+# :class:`Dispatch` (topology and rule), :class:`Weights` (objective), :class:`Layer` (the
+# layer's problem arrays, with the two), :class:`State` (the incremental search state) and
+# :class:`Work` (scratch). Their scalar fields are always Python ``int`` / ``float`` / ``bool``
+# (the constructors below convert), so each kernel compiles once.
+
+
+class Dispatch(NamedTuple):
+    """How a token reaches the copies of an expert: the rule and the topology."""
+
+    rule: int              # RULE_CODES value
+    num_gpus: int          # G
+    num_nodes: int         # N
+    gpus_per_node: int
+    slot_gpu: np.ndarray   # int64 [P] GPU of each slot
+    gpu_node: np.ndarray   # int64 [G] node of each GPU
+
+
+class Weights(NamedTuple):
+    """Energy of a layer: ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (primary)
+    plus ``lam * w_bal * std(load)``; traffic weighs NVLink sends by ``w_nv``, RDMA by ``w_rdma``."""
+
+    w_bal: float
+    w_nv: float
+    w_rdma: float
+    lam: float
+    pen: float
+    cap: float
 
 
 class Layer(NamedTuple):
-    """Static data of one layer search."""
+    """Static data of one layer search (the problem arrays, with its dispatch and weights)."""
 
     ids: np.ndarray       # int64 [U, K] token types' experts
     home: np.ndarray      # int64 [U]
@@ -60,46 +85,41 @@ class Layer(NamedTuple):
     load: np.ndarray      # float64 [E] token-slots per batch token
     tok_ptr: np.ndarray   # int64 [E + 1] CSR: token types of each expert
     tok_idx: np.ndarray   # int64 [U * K]
-    slot_gpu: np.ndarray  # int64 [P]
-    gpu_node: np.ndarray  # int64 [G]
-    W: np.ndarray         # float64 [G, G] cost of home h's token reaching GPU x
-    V: np.ndarray         # float64 [G, N] cost of home h's token reaching node n
+    cost: np.ndarray      # float64 [G, G + N] cost of home h's token reaching GPU x / node x - G
     cdf: np.ndarray       # float64 [E, E] row e: cumulative co-activation share of e's partners
-    prm: np.ndarray       # float64 [NPARAM]
+    num_experts: int      # E
+    num_slots: int        # P
+    slots_per_node: int
+    distinct: bool        # no move may put two copies of one expert on one GPU
+    dispatch: Dispatch
+    weights: Weights
 
 
 class State(NamedTuple):
-    """Incremental state: copy lists, expected loads, per-token reach of GPUs and nodes."""
+    """Incremental state: copy lists, expected loads, per-token reach of GPUs and nodes.
+
+    The reach arrays index GPUs ``x < G`` and nodes ``G + n`` alike (one code path for both).
+    """
 
     cnt: np.ndarray      # int64 [E] copies per expert
     cslot: np.ndarray    # int64 [E, maxc] slots of each expert (first cnt[e] valid)
     contrib: np.ndarray  # float64 [E, G] expected load each expert puts on each GPU
     gload: np.ndarray    # float64 [G]
-    gc: np.ndarray       # int32 [U, G] experts surely sent to GPU x
-    gu: np.ndarray       # int32 [U, G] experts maybe sent to GPU x
-    gp: np.ndarray       # float64 [U, G] prod (1 - p) over the latter
-    nc: np.ndarray       # int32 [U, N] same per node
-    nu: np.ndarray       # int32 [U, N]
-    np_: np.ndarray      # float64 [U, N]
+    rc: np.ndarray       # int32 [U, G + N] experts surely sent to GPU (node) x
+    ru: np.ndarray       # int32 [U, G + N] experts maybe sent to x
+    rp: np.ndarray       # float64 [U, G + N] prod (1 - p) over the latter
 
 
 class Work(NamedTuple):
     """Scratch arrays."""
 
-    og: np.ndarray       # int64 [G] distribution support
-    op: np.ndarray       # float64 [G]
-    on: np.ndarray       # int64 [N]
-    opn: np.ndarray      # float64 [N]
-    gmark: np.ndarray    # int64 [G]
-    nmark: np.ndarray    # int64 [N]
-    lc: np.ndarray       # int64 [G] local copies of a token's state
-    lu: np.ndarray
-    lp: np.ndarray       # float64 [G]
-    lnc: np.ndarray      # int64 [N]
-    lnu: np.ndarray
-    lnp: np.ndarray      # float64 [N]
-    tgl: np.ndarray      # int64 [G] touched GPUs
-    tnl: np.ndarray      # int64 [N] touched nodes
+    og: np.ndarray       # int64 [G + N] distribution support: GPUs, then their nodes (G + n)
+    op: np.ndarray       # float64 [G + N] its probabilities
+    seen: np.ndarray     # int64 [G + N] tick of the last touch
+    lc: np.ndarray       # int64 [G + N] local copy of a token's reach
+    lu: np.ndarray       # int64 [G + N]
+    lp: np.ndarray       # float64 [G + N]
+    touched: np.ndarray  # int64 [G + N] touched GPUs from 0, touched nodes from G
     hold_n: np.ndarray   # int64 [N]
     copy_n: np.ndarray   # int64 [N]
     mark: np.ndarray     # int64 [G]
@@ -113,23 +133,33 @@ class Work(NamedTuple):
     pbuf: np.ndarray     # float64 [probe] positive energy changes seen in probe mode
 
 
-def make_layer(ids, home, wt, load, prm: np.ndarray) -> Layer:
-    g, n, gpn, spg, e, p = (int(x) for x in prm[:6])
+def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, slots_per_gpu: int,
+                  num_slots: int) -> Dispatch:
+    """The :class:`Dispatch` of ``num_slots`` slots, ``slots_per_gpu`` per GPU, under ``rule``."""
+    return Dispatch(RULE_CODES[rule], int(num_gpus), int(num_nodes), int(gpus_per_node),
+                    np.arange(num_slots, dtype=np.int64) // int(slots_per_gpu),
+                    np.arange(num_gpus, dtype=np.int64) // int(gpus_per_node))
+
+
+def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,
+               weights: Weights, distinct: bool) -> Layer:
+    e, g, n, gpn = int(num_experts), dispatch.num_gpus, dispatch.num_nodes, dispatch.gpus_per_node
     flat = ids.ravel()
     order = np.argsort(flat, kind="stable")
     ptr = np.zeros(e + 1, np.int64)
     np.cumsum(np.bincount(flat, minlength=e), out=ptr[1:])
     gpus = np.arange(g)
-    node = gpus // gpn
+    node = dispatch.gpu_node
     same_node = node[:, None] == node[None, :]
     landing = (gpus[:, None] % gpn) == (gpus[None, :] % gpn)
-    w = np.where(same_node | ~landing, prm[9], 0.0)
+    w = np.where(same_node | ~landing, weights.w_nv, 0.0)  # NVLink: other ranks but the landing GPU
     np.fill_diagonal(w, 0.0)
-    v = np.where(node[:, None] == np.arange(n)[None, :], 0.0, prm[10])
+    v = np.where(node[:, None] == np.arange(n)[None, :], 0.0, weights.w_rdma)  # RDMA: remote nodes
     return Layer(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(home, np.int64),
                  np.ascontiguousarray(wt, np.float64), np.ascontiguousarray(load, np.float64), ptr,
-                 (order // max(ids.shape[1], 1)).astype(np.int64), np.arange(p, dtype=np.int64) // spg,
-                 node.astype(np.int64), w, v, partner_cdf(ids, wt, e), prm)
+                 (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),
+                 partner_cdf(ids, wt, e), e, int(dispatch.slot_gpu.shape[0]), int(slots_per_gpu) * gpn,
+                 bool(distinct), dispatch, weights)
 
 
 def partner_cdf(ids: np.ndarray, wt: np.ndarray, num_experts: int) -> np.ndarray:
@@ -153,31 +183,31 @@ def partner_cdf(ids: np.ndarray, wt: np.ndarray, num_experts: int) -> np.ndarray
 
 def make_state(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, num_types: int) -> State:
     maxc = num_slots - num_experts + 1
-    u, g, n = num_types, num_gpus, num_nodes
+    u, x = num_types, num_gpus + num_nodes
     return State(np.zeros(num_experts, np.int64), np.zeros((num_experts, maxc), np.int64),
-                 np.zeros((num_experts, g)), np.zeros(g), np.zeros((u, g), np.int32),
-                 np.zeros((u, g), np.int32), np.ones((u, g)), np.zeros((u, n), np.int32),
-                 np.zeros((u, n), np.int32), np.ones((u, n)))
+                 np.zeros((num_experts, num_gpus)), np.zeros(num_gpus), np.zeros((u, x), np.int32),
+                 np.zeros((u, x), np.int32), np.ones((u, x)))
 
 
 def make_work(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, num_types: int,
               probe: int = 256) -> Work:
     maxc = num_slots - num_experts + 1
-    g, n = num_gpus, num_nodes
+    g, n, x = num_gpus, num_nodes, num_gpus + num_nodes
     z = np.zeros
-    return Work(z(g, np.int64), z(g), z(n, np.int64), z(n), z(g, np.int64), z(n, np.int64),
-                z(g, np.int64), z(g, np.int64), z(g), z(n, np.int64), z(n, np.int64), z(n),
-                z(g, np.int64), z(n, np.int64), z(n, np.int64), z(n, np.int64), z(g, np.int64),
-                z(num_types, np.int64), z(1, np.int64), z((2, maxc), np.int64), z(2, np.int64),
-                z(g), z(g), z(g), z(max(probe, 1)))
+    return Work(z(x, np.int64), z(x), z(x, np.int64), z(x, np.int64), z(x, np.int64), z(x), z(x, np.int64),
+                z(n, np.int64), z(n, np.int64), z(g, np.int64), z(num_types, np.int64), z(1, np.int64),
+                z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)))
 
 
 @_njit
-def expert_contrib(src, row, c, le, G, N, gpn, rule, sg, gn, hold_n, copy_n, mark, out):
+def expert_contrib(src, row, c, le, dp, hold_n, copy_n, mark, out):
     """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``.
 
-    ``hold_n``/``copy_n`` [N] and ``mark`` [G] are zero workspaces (left zero).
+    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n`` [N] and ``mark`` [G] are zero workspaces
+    (left zero).
     """
+    G, N, gpn, rule = dp.num_gpus, dp.num_nodes, dp.gpus_per_node, dp.rule
+    sg, gn = dp.slot_gpu, dp.gpu_node
     share = le / G
     if rule == 2:
         for j in range(c):
@@ -222,9 +252,7 @@ def expert_contrib(src, row, c, le, G, N, gpn, rule, sg, gn, hold_n, copy_n, mar
 
 @_njit
 def _contrib(L, wk, src, row, c, le, out):
-    prm = L.prm
-    expert_contrib(src, row, c, le, int(prm[0]), int(prm[1]), int(prm[2]), int(prm[7]), L.slot_gpu,
-                   L.gpu_node, wk.hold_n, wk.copy_n, wk.mark, out)
+    expert_contrib(src, row, c, le, L.dispatch, wk.hold_n, wk.copy_n, wk.mark, out)
 
 
 @_njit
@@ -237,17 +265,20 @@ def _q(c, u, p):
 
 
 @_njit
-def _tokens(mode, a, b, write, ids, home, wt, tok_ptr, tok_idx, sg, gn, W, V, rule,
-            cnt, cslot, olds, oldc, gc, gu, gp, nc, nu, npp,
-            og, op, on, opn, gmark, nmark, lc, lu, lp, lnc, lnu, lnp, tgl, tnl, stamp, ticket):
+def _traffic(mode, a, b, write, L, st, wk):
     """Weighted traffic change of token types when expert distributions change.
 
-    ``mode`` 0: a move changed experts ``a`` and ``b`` (old copy lists in ``olds``/``oldc`` rows
-    0 and 1, new ones in ``cnt``/``cslot``); the tokens of ``a`` and ``b`` are re-evaluated.
-    ``mode`` 1: every token type gets all its experts added to an empty state (build). With
-    ``write`` the per-token state is updated. Everything is inline: calls with dozens of array
-    arguments cost more than the work per token.
+    ``mode`` 0: a move changed experts ``a`` and ``b`` (old copy lists in ``wk.olds``/``wk.oldc``
+    rows 0 and 1, new ones in ``st.cnt``/``st.cslot``); the tokens of ``a`` and ``b`` are
+    re-evaluated. ``mode`` 1: every token type gets all its experts added to an empty state
+    (build). With ``write`` the per-token state is updated. Everything is inline: a call per
+    touched GPU costs more than its work.
     """
+    ids, home, wt, tok_ptr, tok_idx, cost = L.ids, L.home, L.wt, L.tok_ptr, L.tok_idx, L.cost
+    G, rule, sg, gn = L.dispatch.num_gpus, L.dispatch.rule, L.dispatch.slot_gpu, L.dispatch.gpu_node
+    cnt, cslot, olds, oldc, rc, ru, rp = st.cnt, st.cslot, wk.olds, wk.oldc, st.rc, st.ru, st.rp
+    og, op, seen, lc, lu, lp, touched = wk.og, wk.op, wk.seen, wk.lc, wk.lu, wk.lp, wk.touched
+    stamp, ticket = wk.stamp, wk.ticket
     K = ids.shape[1]
     U = ids.shape[0]
     delta = 0.0
@@ -281,22 +312,15 @@ def _tokens(mode, a, b, write, ids, home, wt, tok_ptr, tok_idx, sg, gn, W, V, ru
                         ha = True
                     elif f == b:
                         hb = True
-                if ha:
-                    ent_src[nent] = 0
-                    ent_row[nent] = 0
-                    ent_sign[nent] = -1
-                    ent_src[nent + 1] = 1
-                    ent_row[nent + 1] = a
-                    ent_sign[nent + 1] = 1
-                    nent += 2
-                if hb:
-                    ent_src[nent] = 0
-                    ent_row[nent] = 1
-                    ent_sign[nent] = -1
-                    ent_src[nent + 1] = 1
-                    ent_row[nent + 1] = b
-                    ent_sign[nent + 1] = 1
-                    nent += 2
+                for y in range(2):  # a, then b: the old copy list out, the new one in
+                    if ha if y == 0 else hb:
+                        ent_src[nent] = 0
+                        ent_row[nent] = y
+                        ent_sign[nent] = -1
+                        ent_src[nent + 1] = 1
+                        ent_row[nent + 1] = a if y == 0 else b
+                        ent_sign[nent + 1] = 1
+                        nent += 2
             else:
                 for k in range(K):
                     ent_src[nent] = 1
@@ -314,7 +338,7 @@ def _tokens(mode, a, b, write, ids, home, wt, tok_ptr, tok_idx, sg, gn, W, V, ru
                 row = ent_row[z]
                 c = oldc[row] if ent_src[z] == 0 else cnt[row]
                 sign = ent_sign[z]
-                # distribution of this expert for home h
+                # distribution of this expert for home h: GPUs og[:m] with probabilities op[:m]
                 m = 0
                 held = False
                 if rule != 2:
@@ -349,90 +373,58 @@ def _tokens(mode, a, b, write, ids, home, wt, tok_ptr, tok_idx, sg, gn, W, V, ru
                             m += 1
                     if m == 1:
                         op[0] = 1.0
-                # per node
+                # per node: og[m:m + kn] = G + node, op the node's probability
                 kn = 0
                 for i in range(m):
-                    n = gn[og[i]]
+                    n = G + gn[og[i]]
                     found = False
-                    for j in range(kn):
-                        if on[j] == n:
-                            opn[j] += op[i]
+                    for j in range(m, m + kn):
+                        if og[j] == n:
+                            op[j] += op[i]
                             found = True
                             break
                     if not found:
-                        on[kn] = n
-                        opn[kn] = op[i]
+                        og[m + kn] = n
+                        op[m + kn] = op[i]
                         kn += 1
                 if kn == 1:
-                    opn[0] = 1.0
-                # apply to the token's local copy
-                for i in range(m):
-                    g = og[i]
+                    op[m] = 1.0
+                # apply to the token's local copy (GPUs and nodes alike)
+                for i in range(m + kn):
+                    y = og[i]
                     pr = op[i]
-                    if gmark[g] != tick:
-                        gmark[g] = tick
-                        tgl[ng] = g
-                        ng += 1
-                        lc[g] = gc[t, g]
-                        lu[g] = gu[t, g]
-                        lp[g] = gp[t, g]
-                    if pr >= 1.0:
-                        lc[g] += sign
-                    else:
-                        lu[g] += sign
-                        if lu[g] == 0:
-                            lp[g] = 1.0
-                        elif sign > 0:
-                            lp[g] *= 1.0 - pr
+                    if seen[y] != tick:
+                        seen[y] = tick
+                        if y < G:
+                            touched[ng] = y
+                            ng += 1
                         else:
-                            lp[g] /= 1.0 - pr
-                for i in range(kn):
-                    n = on[i]
-                    pr = opn[i]
-                    if nmark[n] != tick:
-                        nmark[n] = tick
-                        tnl[nn] = n
-                        nn += 1
-                        lnc[n] = nc[t, n]
-                        lnu[n] = nu[t, n]
-                        lnp[n] = npp[t, n]
+                            touched[G + nn] = y
+                            nn += 1
+                        lc[y] = rc[t, y]
+                        lu[y] = ru[t, y]
+                        lp[y] = rp[t, y]
                     if pr >= 1.0:
-                        lnc[n] += sign
+                        lc[y] += sign
                     else:
-                        lnu[n] += sign
-                        if lnu[n] == 0:
-                            lnp[n] = 1.0
+                        lu[y] += sign
+                        if lu[y] == 0:
+                            lp[y] = 1.0
                         elif sign > 0:
-                            lnp[n] *= 1.0 - pr
+                            lp[y] *= 1.0 - pr
                         else:
-                            lnp[n] /= 1.0 - pr
+                            lp[y] /= 1.0 - pr
             d = 0.0
-            for i in range(ng):
-                g = tgl[i]
-                w = W[h, g]
-                if w != 0.0:
-                    d += w * (_q(lc[g], lu[g], lp[g]) - _q(gc[t, g], gu[t, g], gp[t, g]))
-                if write:
-                    gc[t, g] = lc[g]
-                    gu[t, g] = lu[g]
-                    gp[t, g] = lp[g]
-            for i in range(nn):
-                n = tnl[i]
-                v = V[h, n]
-                if v != 0.0:
-                    d += v * (_q(lnc[n], lnu[n], lnp[n]) - _q(nc[t, n], nu[t, n], npp[t, n]))
-                if write:
-                    nc[t, n] = lnc[n]
-                    nu[t, n] = lnu[n]
-                    npp[t, n] = lnp[n]
+            for side in range(2):  # the touched GPUs, then the touched nodes
+                i0 = 0 if side == 0 else G
+                for i in range(i0, i0 + (ng if side == 0 else nn)):
+                    y = touched[i]
+                    w = cost[h, y]
+                    if w != 0.0:
+                        d += w * (_q(lc[y], lu[y], lp[y]) - _q(rc[t, y], ru[t, y], rp[t, y]))
+                    if write:
+                        rc[t, y] = lc[y]
+                        ru[t, y] = lu[y]
+                        rp[t, y] = lp[y]
             delta += wt[t] * d
     return delta
-
-
-@_njit
-def _traffic(mode, a, b, write, L, st, wk):
-    """:func:`_tokens` on a layer's arrays (returns the weighted traffic change)."""
-    return _tokens(mode, a, b, write, L.ids, L.home, L.wt, L.tok_ptr, L.tok_idx, L.slot_gpu, L.gpu_node,
-                   L.W, L.V, int(L.prm[7]), st.cnt, st.cslot, wk.olds, wk.oldc, st.gc, st.gu, st.gp,
-                   st.nc, st.nu, st.np_, wk.og, wk.op, wk.on, wk.opn, wk.gmark, wk.nmark, wk.lc, wk.lu,
-                   wk.lp, wk.lnc, wk.lnu, wk.lnp, wk.tgl, wk.tnl, wk.stamp, wk.ticket)

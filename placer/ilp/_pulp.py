@@ -34,6 +34,12 @@ def highs_available() -> bool:
     return "HiGHS" in pulp.listSolvers(onlyAvailable=True)
 
 
+def check_backend(backend: str) -> None:
+    """Raise InvalidInputError unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"unknown PuLP backend {backend!r}; known: {', '.join(BACKENDS)}", source="--backend")
+
+
 def run_pulp(prob: pulp.LpProblem, *, backend: str = "cbc", time_limit_s: float | None = None,
              threads: int = 1, gap_rel: float = 1e-6, msg: bool = False,
              warm_start: bool = False) -> PulpOutcome:
@@ -42,8 +48,7 @@ def run_pulp(prob: pulp.LpProblem, *, backend: str = "cbc", time_limit_s: float 
     ``warm_start`` passes the variables' initial values to CBC as a MIP start (PuLP's HiGHS
     interface takes none, so it is ignored there).
     """
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"unknown PuLP backend {backend!r}; known: {', '.join(BACKENDS)}", source="--backend")
+    check_backend(backend)
     start = time.perf_counter()
     bound: float | None = None
     proven = False

@@ -7,9 +7,11 @@ validator before returning it.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from placer.errors import InfeasibleError, InvalidInputError
 from placer.types import (
@@ -47,9 +49,6 @@ _COMMON = ("time_limit_s", "seed")
 
 def method_options(method: str) -> tuple[str, ...]:
     """The options ``method`` accepts (beyond ``time_limit_s`` and ``seed``), sorted."""
-    import importlib
-    import inspect
-
     func = METHODS[method]
     targets: list = [func]
     forwards = getattr(func, "forwards_to", None)
@@ -169,9 +168,8 @@ def solve(problem: PlacementProblem, method: str = "contiguous", *, time_limit_s
     result = func(problem, time_limit_s=time_limit_s, seed=seed, **options)
     if result.placement is not None:
         check_placement(result.placement, problem.model, problem.topology,
-                        memory_limit_bytes=problem.memory_limit_bytes, distinct_per_gpu=problem.distinct_per_gpu)
+                        memory_limit_bytes=problem.memory_limit_bytes, distinct_per_gpu=bool(problem.distinct_per_gpu))
     if not result.wall_time_s:
-        from dataclasses import replace
         result = replace(result, wall_time_s=time.perf_counter() - start)
     return result
 

@@ -9,12 +9,20 @@ device's other slots, so tokens go to the wrong experts. Methods that may stack 
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 
 from placer.errors import InfeasibleError
 from placer.types import Placement
 
 
+@overload
+def separate_copies(p2l: np.ndarray, slots_per_gpu: int, share: np.ndarray,
+                    gpus_per_group: int | None = None, rank: None = None) -> tuple[np.ndarray, None]: ...
+@overload
+def separate_copies(p2l: np.ndarray, slots_per_gpu: int, share: np.ndarray, gpus_per_group: int | None,
+                    rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 def separate_copies(p2l: np.ndarray, slots_per_gpu: int, share: np.ndarray,
                     gpus_per_group: int | None = None,
                     rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

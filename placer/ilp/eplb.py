@@ -1,7 +1,7 @@
 """DeepSeek's expert-parallel load balancer (EPLB) in numpy, vectorised across layers.
 
 A re-implementation of ``eplb.py`` from deepseek-ai/EPLB @ d52c72d5 (MIT licence) with the same
-semantics and outputs; see ../shared/reference/placement-anchors.md section 3.
+semantics and outputs; see docs/reference/placement.md section 3.
 
 - :func:`replicate_experts`: every redundant slot goes to the expert with the largest
   per-replica load ``w / cnt`` (lowest expert id on ties, as ``torch.max`` returns the first max).
@@ -34,6 +34,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.ilp.base import PlacementProblem, register
+from placer.ilp.distinct import separate_copies
 from placer.types import Placement, SolveResult
 
 __all__ = ["balanced_packing", "gpu_load_ratio", "rebalance_experts",
@@ -216,7 +217,6 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
     pphyrank = np.take_along_axis(phyrank, pphy2phy, axis=1).reshape(num_layers, -1)
     logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=1)
     if distinct:
-        from placer.ilp.distinct import separate_copies
         share = weight.astype(np.float64) / logcnt
         pphy2log, pphyrank = separate_copies(pphy2log, phy_per_gpu, share, gpus_per_node, pphyrank)
     return pphy2log, pphyrank, logcnt
@@ -326,7 +326,7 @@ def solve_eplb(problem: PlacementProblem, *, time_limit_s: float | None = None, 
         num_groups, num_nodes = 1, 1  # the global policy, as rebalance_experts falls back to
     phy2log, phyrank, _ = rebalance_experts_hierarchical(
         np.ascontiguousarray(load, dtype=np.float32), problem.num_slots, num_groups, num_nodes, topo.num_gpus,
-        distinct=problem.distinct_per_gpu)
+        distinct=bool(problem.distinct_per_gpu))
     placement = Placement(phy2log, problem.slots_per_gpu, problem.model.num_experts, phyrank)
     ratio = gpu_load_ratio(load, phy2log, topo.num_gpus)
     hierarchical = problem.model.num_groups % topo.num_nodes == 0

@@ -16,9 +16,10 @@ solved exactly here:
   split one layer): a Viterbi dynamic programme over the labelled partitions of every layer
   (:func:`exact_partition_dp`). Mixtral (8 experts) on 4 GPUs has 2,520 per layer.
 
-Both are pure numpy functions; the registered method ``exact`` (bottom of this file) wraps them
-for a :class:`~placer.ilp.base.PlacementProblem` through
-:func:`placer.ilp.coherent.solve_coherent`, which owns the objective weights.
+Both are pure numpy functions (OR-Tools for the assignments and the b-matching bound). The
+registered method ``exact`` (:func:`placer.ilp.coherent.solve_exact`) runs them for a
+:class:`~placer.ilp.base.PlacementProblem` through :func:`placer.ilp.coherent.solve_coherent`,
+which owns the objective weights; this module imports nothing of it.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+from ortools.graph.python import min_cost_flow
 
 from placer.errors import InvalidInputError
-from placer.ilp.base import PlacementProblem, register
-from placer.types import SolveResult
+from placer.ilp.assignment import max_weight_assignment
 
 __all__ = ["MAX_PARTITIONS", "DPResult", "assign_max", "coherent_cost", "count_partitions",
            "enumerate_partitions", "exact_one_per_gpu", "exact_partition_dp", "gpu_of_expert",
-           "pair_matching_bound", "partition_dp", "phys2log_from_gpu", "solve_exact"]
+           "pair_matching_bound", "partition_dp", "phys2log_from_gpu"]
 
 MAX_PARTITIONS = 20_000
 """Largest number of labelled partitions per layer the DP accepts (its cost is ~n^2 per layer pair)."""
@@ -118,23 +119,11 @@ def assign_max(weight: np.ndarray) -> np.ndarray:
     ``weight``: [n, n] non-negative counts. Returns int64 [n] ``sigma`` maximising
     ``sum_i weight[i, sigma[i]]``. Non-integral weights are scaled by 1e6 and rounded.
     """
-    from ortools.graph.python import linear_sum_assignment
-
     w = _integer_weights(weight)
     n = w.shape[0]
     if w.shape != (n, n):
         raise InvalidInputError(f"expected a square matrix, got {w.shape}", source="assignment")
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    top = int(w.max()) if w.size else 0
-    solver = linear_sum_assignment.SimpleLinearSumAssignment()
-    # Minimise (top - w): the same optimum, all costs non-negative.
-    tails, heads = np.divmod(np.arange(n * n, dtype=np.int64), n)
-    solver.add_arcs_with_cost(tails, heads, (top - w).ravel())
-    status = solver.solve()
-    if status != solver.OPTIMAL:
-        raise RuntimeError(f"linear sum assignment failed with status {status}")
-    return np.array([solver.right_mate(i) for i in range(n)], dtype=np.int64)
+    return max_weight_assignment(w)
 
 
 def exact_one_per_gpu(transitions: np.ndarray) -> np.ndarray:
@@ -343,8 +332,6 @@ def pair_matching_bound(transitions: np.ndarray, per_gpu: int) -> np.ndarray:
 
     ``transitions``: [L-1, E, E]. Returns float64 [L-1] upper bounds on same-GPU transitions.
     """
-    from ortools.graph.python import min_cost_flow
-
     t = np.asarray(transitions)
     num_pairs, num_experts, _ = t.shape
     out = np.zeros(num_pairs)
@@ -369,28 +356,3 @@ def pair_matching_bound(transitions: np.ndarray, per_gpu: int) -> np.ndarray:
             raise RuntimeError(f"min-cost flow failed with status {status}")
         out[layer] = -flow.optimal_cost() / scale
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Registered method
-# --------------------------------------------------------------------------------------------
-
-
-def solve_exact(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
-                **options) -> SolveResult:
-    """Method ``exact``: proven-optimal context-coherent placement, no replicas.
-
-    One expert per GPU: chain of assignment problems. E / G experts per GPU with at most
-    :data:`MAX_PARTITIONS` labelled partitions per layer: the partition DP with the default
-    load term of :func:`placer.ilp.coherent.solve_coherent` (a weighted penalty on each layer's
-    max GPU load; ``problem.weights["load_cap"]`` adds the hard cap instead or as well). Any other
-    shape, or redundant slots, raises InvalidInputError naming why. The objective is the
-    context-coherent one whatever ``problem.execution`` says. ``time_limit_s`` and ``seed`` are
-    ignored (the result is deterministic).
-    """
-    from placer.ilp.coherent import solve_coherent
-
-    return solve_coherent(problem, time_limit_s=time_limit_s, seed=seed, backend="exact", **options)
-
-
-register("exact", forwards_to="placer.ilp.coherent:solve_coherent")(solve_exact)

@@ -1,6 +1,6 @@
 """ExFlow (Yao et al., arXiv 2401.08383; YJHMITWEB/ExFlow ``solve_affinity.py``): affinity ILP.
 
-A **baseline implemented as published** (../shared/reference/placement-anchors.md section 2). It
+A **baseline implemented as published** (docs/reference/placement.md section 2). It
 targets context-coherent execution, where a token's state follows its top-1 expert, so it
 minimises the number of top-1 transitions between consecutive layers that cross GPUs.
 
@@ -52,9 +52,9 @@ more transitions. Its proven bound is therefore a lower bound on the best G-way 
 Requires top-1 experts (``stats.require_top1``), no replicas (``num_redundant > 0`` raises
 InvalidInputError, as for moetuner) and ``E % G == 0``.
 
-**Backends**: ``"cpsat"`` (default), ``"pulp"`` / ``"pulp-cbc"``, ``"pulp-highs"`` as in
-:mod:`placer.ilp.moetuner` (``R`` is continuous in [0, 1] in PuLP, integral at the optimum),
-and ``"dp"``: each split's **exact** optimum by dynamic programming. The cost couples
+**Backends**: ``"cpsat"`` (default), ``"pulp"`` / ``"pulp-cbc"``, ``"pulp-highs"`` through
+:class:`placer.ilp.mip.MipModel`, as in :mod:`placer.ilp.moetuner` (``R`` is continuous in
+[0, 1] in PuLP, integral at the optimum), and ``"dp"``: each split's **exact** optimum by dynamic programming. The cost couples
 consecutive layers only, so a split's ILP is a shortest path through each layer's balanced
 splits; ``dp`` enumerates them when there are at most :data:`DP_MAX_STATES` per layer (every
 split of Mixtral's 8 experts into 2 or 4 parts). It answers the same ILP as the solvers, only
@@ -78,7 +78,7 @@ from placer import metrics
 from placer.errors import InvalidInputError
 from placer.ilp._cpsat import relative_gap
 from placer.ilp.base import PlacementProblem, register
-from placer.ilp.moetuner import Budget, MipModel, normalise_backend
+from placer.ilp.mip import Budget, MipModel, normalise_backend
 from placer.ilp.simple import contiguous_map
 from placer.types import Placement, RoutingStats, SolveResult, Topology
 
@@ -88,11 +88,9 @@ __all__ = ["BACKENDS", "DP_MAX_STATES", "SCHEMES", "balanced_splits", "batch_cou
 
 SCHEMES = ("bipartition", "staged", "direct")
 BACKENDS = ("auto", "cpsat", "pulp", "pulp-cbc", "pulp-highs", "dp")
-DP_MAX_STATES = 20_000
-"""``auto`` solves every split exactly by DP when a split has at most this many balanced states."""
 DP_MAX_STATES = 3000
-"""Largest number of balanced splits per layer the ``dp`` backend enumerates (Mixtral: 70 for a
-bisection of 8 experts, 2 520 for 4 parts of 2)."""
+"""Largest number of balanced splits per layer the ``dp`` backend enumerates, and the size up to
+which ``auto`` picks it (Mixtral: 70 for a bisection of 8 experts, 2 520 for 4 parts of 2)."""
 
 
 def top1_counts(top1: np.ndarray, num_experts: int) -> np.ndarray:
@@ -182,16 +180,16 @@ def split_part(counts_seq: list[np.ndarray], members: np.ndarray, num_parts: int
                 for row in ([cost_vars[key] for key in ((lay, a, b) for b in slots) if key in cost_vars],
                             [cost_vars[key] for key in ((lay, b, a) for b in slots) if key in cost_vars]):
                     if len(row) > per_part:
-                        model.add(model.dot([1] * len(row), row) >= len(row) - per_part)
+                        model.add(model.dot([1] * len(row), row) >= len(row) - per_part, cut=True)
         model.minimize(model.dot([c for c, _ in terms], [r for _, r in terms]))
         # Warm start: the contiguous split, or the previous batch's answer.
         for (lay, a, p), var in x.items():
             model.hint(var, int(current[lay, a] == p))
 
         outcome = budget.run(model, weight, num_workers=num_workers, seed=seed)
-        status, bound = outcome.status, outcome.bound
-        if outcome.solved:
-            found = np.array([[next(p for p in parts if (lay, a, p) in x and outcome.value(x[lay, a, p]))
+        status, bound, read = outcome.status, outcome.bound, outcome.value
+        if read is not None:  # solved
+            found = np.array([[next(p for p in parts if (lay, a, p) in x and read(x[lay, a, p]))
                                for a in slots] for lay in layers], dtype=np.int64)
             if cut(sub, found) <= cut(sub, current):
                 current = found

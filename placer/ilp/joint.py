@@ -49,9 +49,12 @@ import numpy as np
 from placer.errors import InvalidInputError
 from placer.ilp import _ls_kernel
 from placer.ilp.base import PlacementProblem, register
+from placer.ilp.coherent import solve_coherent
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import evaluate_objective, objective_weights, reference_ratio
+from placer.ilp.parallel import run_layer_search
 from placer.ilp.starts import start_maps as starts_for
+from placer.ilp.warmup import ensure_search_kernels
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement, SolveResult
 
@@ -86,7 +89,8 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers
     load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
-    if stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0):
+    if (stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0) and stats.sample_ids is not None
+            and stats.sample_home_rank is not None and stats.sample_token_index is not None):
         sample = stats.sample_ids.astype(np.int64)
         raw = stats.sample_home_rank.astype(np.int64)
         home = np.where(raw >= 0, raw, stats.sample_token_index.astype(np.int64) % topo.num_gpus)
@@ -115,9 +119,6 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     if options:
         raise InvalidInputError(f"unknown options for method placer: {', '.join(sorted(options))}",
                                 source="--method")
-    from placer.ilp.parallel import run_layer_search
-    from placer.ilp.warmup import ensure_search_kernels
-
     deadline = None if time_limit_s is None else time.time() + float(time_limit_s)
     w = objective_weights(problem)
     topo, model = problem.topology, problem.model
@@ -130,7 +131,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                        num_slots=problem.num_slots, top_k=problem.stats.top_k, rule=problem.dispatch,
                        w_bal=w["balance"], w_nv=w["traffic_nvlink"], w_rdma=w["traffic_rdma"],
                        pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
-                       iterations=iters, seed=int(seed), distinct=problem.distinct_per_gpu)
+                       iterations=iters, seed=int(seed), distinct=bool(problem.distinct_per_gpu))
     start_maps = starts_for(problem)
     names = list(start_maps)  # eplb first: the cap's reference
     spg, e = problem.slots_per_gpu, model.num_experts
@@ -189,11 +190,6 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
 
 def _coherent(problem: PlacementProblem, **options) -> SolveResult:
     """Delegate to :func:`placer.ilp.coherent.solve_coherent`; add this module's terms."""
-    try:
-        from placer.ilp.coherent import solve_coherent
-    except ImportError:
-        raise InvalidInputError("context-coherent placement needs placer.ilp.coherent, which is not "
-                                "available in this installation", source="--execution") from None
     params = inspect.signature(solve_coherent).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     passed = {k: v for k, v in options.items()

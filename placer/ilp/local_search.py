@@ -68,12 +68,15 @@ class SearchConfig:
     cycles: int = 16
     distinct: bool = False
 
-    def params(self, cap: float) -> np.ndarray:
-        p = np.zeros(K.NPARAM)
-        p[:] = [self.num_gpus, self.num_nodes, self.gpus_per_node, self.slots_per_gpu, self.num_experts,
-                self.num_slots, self.top_k, K.RULE_CODES[self.rule], self.w_bal, self.w_nv, self.w_rdma,
-                self.lam, self.pen, cap, float(self.distinct)]
-        return p
+    def dispatch(self) -> K.Dispatch:
+        """The kernels' topology and rule."""
+        return K.make_dispatch(self.rule, self.num_gpus, self.num_nodes, self.gpus_per_node, self.slots_per_gpu,
+                               self.num_slots)
+
+    def weights(self, cap: float) -> K.Weights:
+        """The kernels' objective weights, with the load cap ``cap``."""
+        return K.Weights(float(self.w_bal), float(self.w_nv), float(self.w_rdma), float(self.lam),
+                         float(self.pen), float(cap))
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,9 @@ def token_types(ids: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work]:
-    prm = cfg.params(float("inf"))
     u = task.ids.shape[0]
-    lay = K.make_layer(task.ids, task.home, task.wt, task.load, prm)
+    lay = K.make_layer(task.ids, task.home, task.wt, task.load, cfg.num_experts, cfg.slots_per_gpu,
+                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct)
     st = K.make_state(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u)
     wk = K.make_work(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u, cfg.probe)
     return lay, st, wk
@@ -144,7 +147,7 @@ def search_layer(task: LayerTask, cfg: SearchConfig, deadline: float | None = No
     if task.cap_slack is not None:
         mean = float(task.load.sum()) / cfg.num_gpus
         cap = (init[0][1] / mean + task.cap_slack) * mean if mean > 0 else float("inf")
-    lay.prm[13] = cap
+    lay = lay._replace(weights=cfg.weights(cap))
     start_primaries = [_primary(cfg, cap, tr, mx) for tr, mx, _ in init]
     floor = min(start_primaries)
     best: tuple[float, int, np.ndarray] | None = None
@@ -175,7 +178,7 @@ def search_layer(task: LayerTask, cfg: SearchConfig, deadline: float | None = No
                 if it < iters:
                     # Rebuild the state from the map: bounds float drift at fixed iterations.
                     score[0], score[1], score[2] = A.init_state(p2l, lay, st, wk)
-                    score[3] = A.energy(score[1], score[2], score[0], lay.prm)[1]
+                    score[3] = A.energy(score[1], score[2], score[0], lay.weights)[1]
                     if deadline is not None and time.time() > deadline:
                         timed_out = True
                         break

@@ -1,7 +1,7 @@
 """MoETuner (Go & Mahajan, arXiv 2502.06643): balance experts first, then inter-layer traffic.
 
 A **baseline implemented as published**, with the fixes listed in
-../shared/reference/placement-anchors.md section 1. Two integer programs, solved in order:
+docs/reference/placement.md section 1. Two integer programs, solved in order:
 
 **ILP1** (per layer ``l``, separable): put the E experts into G clusters of exactly ``E/G``
 experts (fix 5: serving stacks need equal slots per GPU; each expert in exactly one cluster),
@@ -60,186 +60,29 @@ get no MIP start (``run_pulp`` passes none) and ignore ``deterministic_time``; t
 with the start keeps them anytime all the same. PuLP models use continuous epigraph / absolute
 value variables (integral at the optimum anyway).
 
-:class:`MipModel` and :class:`Budget` are shared with :mod:`placer.ilp.exflow`.
+Both ILPs are :class:`placer.ilp.mip.MipModel` programs, budgeted by :class:`placer.ilp.mip.Budget`.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
 
 import numpy as np
-import pulp
-from ortools.sat.python import cp_model
 
 from placer import metrics
 from placer.errors import InvalidInputError
-from placer.ilp._cpsat import relative_gap, run_cpsat
-from placer.ilp._pulp import run_pulp
+from placer.ilp._cpsat import relative_gap
 from placer.ilp.base import PlacementProblem, register
+from placer.ilp.mip import BACKENDS, Budget, MipModel, normalise_backend, worst_status
 from placer.ilp.simple import contiguous_map
 from placer.types import Placement, SolveResult, Topology
 
-__all__ = ["BACKENDS", "Budget", "MipModel", "MipOutcome", "bandwidth_weights", "cluster_layer",
+__all__ = ["BACKENDS", "bandwidth_weights", "cluster_layer",
            "cluster_traffic", "clusters_to_placement", "ilp1_cost", "ilp2_cost",
            "map_clusters_exact", "map_clusters_sequential", "solve_moetuner"]
 
-BACKENDS = ("cpsat", "pulp", "pulp-cbc", "pulp-highs")
 _FLOAT_SCALE = 1e6
-
-
-# --------------------------------------------------------------------------------------------
-# Shared 0-1 program plumbing (also used by placer.ilp.exflow)
-# --------------------------------------------------------------------------------------------
-
-
-def normalise_backend(backend: str) -> str:
-    """``"cpsat"``, ``"pulp-cbc"`` or ``"pulp-highs"`` (``"pulp"`` means CBC)."""
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}",
-                                source="--backend")
-    return "pulp-cbc" if backend == "pulp" else backend
-
-
-@dataclass(frozen=True)
-class MipOutcome:
-    """One sub-solve: ``status`` optimal / timeout / feasible / infeasible / unknown (no solution)."""
-
-    status: str
-    objective: float | None
-    bound: float | None
-    value: Callable[[Any], int] | None
-    deterministic_time: float = 0.0
-
-    @property
-    def solved(self) -> bool:
-        return self.value is not None
-
-
-class MipModel:
-    """A minimising 0-1 linear program built once, solved with CP-SAT or PuLP (CBC / HiGHS).
-
-    Expressions are built with ``+``, ``*`` and :meth:`dot`, which both libraries accept.
-    """
-
-    def __init__(self, backend: str, name: str = "placer"):
-        self.backend = normalise_backend(backend)
-        self._count = 0
-        if self.backend == "cpsat":
-            self.cp = cp_model.CpModel()
-            self.cp.name = name
-        else:
-            self.lp = pulp.LpProblem(re.sub(r"\W", "_", name), pulp.LpMinimize)
-
-    def _name(self, name: str) -> str:
-        self._count += 1
-        return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}__{self._count}"
-
-    def bool_var(self, name: str) -> Any:
-        if self.backend == "cpsat":
-            return self.cp.new_bool_var(name)
-        return self.lp.add_variable(self._name(name), cat="Binary")
-
-    def aux_var(self, upper: int, name: str) -> Any:
-        """A variable in ``[0, upper]``: integer in CP-SAT, continuous in PuLP."""
-        if self.backend == "cpsat":
-            return self.cp.new_int_var(0, int(upper), name)
-        return self.lp.add_variable(self._name(name), 0, float(upper))
-
-    def dot(self, coefs: Sequence[int], variables: Sequence[Any]) -> Any:
-        if self.backend == "cpsat":
-            return cp_model.LinearExpr.weighted_sum(list(variables), [int(c) for c in coefs])
-        return pulp.lpSum(float(c) * v for c, v in zip(coefs, variables, strict=True))
-
-    def add(self, constraint: Any) -> None:
-        if self.backend == "cpsat":
-            self.cp.add(constraint)
-        else:
-            self.lp += constraint
-
-    def minimize(self, expr: Any) -> None:
-        if self.backend == "cpsat":
-            self.cp.minimize(expr)
-        else:
-            self.lp.setObjective(expr)
-
-    def hint(self, var: Any, value: int) -> None:
-        if self.backend == "cpsat":
-            self.cp.add_hint(var, int(value))
-        else:  # recorded only: run_pulp passes no MIP start
-            var.setInitialValue(int(value))
-
-    def solve(self, *, time_limit_s: float | None = None, deterministic_time: float | None = None,
-              num_workers: int = 1, seed: int = 0) -> MipOutcome:
-        if self.backend == "cpsat":
-            out = run_cpsat(self.cp, time_limit_s=time_limit_s, deterministic_time=deterministic_time,
-                            num_workers=num_workers, seed=seed)
-            solver = out.solver
-            value = (lambda v: int(solver.value(v))) if out.objective is not None else None
-            return MipOutcome(out.status, out.objective, out.bound, value,
-                              float(solver.deterministic_time))
-        res = run_pulp(self.lp, backend=self.backend.removeprefix("pulp-"), time_limit_s=time_limit_s,
-                       threads=num_workers)
-        value = (lambda v: int(round(v.value() or 0.0))) if res.objective is not None else None
-        # A proven optimum is its own bound (CBC's log can report an earlier, weaker one).
-        bound = res.objective if res.status == "optimal" else res.bound
-        return MipOutcome(res.status, res.objective, bound, value)
-
-
-class Budget:
-    """Splits a wall-clock and a deterministic-time limit over weighted sub-solves.
-
-    Each :meth:`take` hands out ``remaining * weight / remaining_weight`` of both limits (None
-    when unlimited); unused time rolls over to later sub-solves. ``cap_s`` bounds every share.
-    """
-
-    def __init__(self, time_limit_s: float | None, deterministic_time: float | None,
-                 total_weight: float, cap_s: float | None = None):
-        self.deadline = None if time_limit_s is None else time.perf_counter() + float(time_limit_s)
-        self.det_left = None if deterministic_time is None else float(deterministic_time)
-        self.weight_left = float(total_weight)
-        self.cap_s = cap_s
-        self.limited = False  # set once any sub-solve ran under a limit
-
-    def take(self, weight: float = 1.0) -> tuple[float | None, float | None]:
-        share = min(1.0, weight / self.weight_left) if self.weight_left > 0 else 1.0
-        self.weight_left = max(0.0, self.weight_left - weight)
-        wall = None
-        if self.deadline is not None:
-            wall = max(0.0, self.deadline - time.perf_counter()) * share
-        if self.cap_s is not None:
-            wall = self.cap_s if wall is None else min(wall, self.cap_s)
-        det = None if self.det_left is None else self.det_left * share
-        return wall, det
-
-    def charge(self, outcome: MipOutcome) -> None:
-        if self.det_left is not None:
-            self.det_left = max(0.0, self.det_left - outcome.deterministic_time)
-
-    def run(self, model: MipModel, weight: float = 1.0, *, num_workers: int = 1,
-            seed: int = 0) -> MipOutcome:
-        """Solve ``model`` with its share of the budget; an exhausted budget gives ``unknown``."""
-        wall, det = self.take(weight)
-        if (wall is not None and wall <= 1e-3) or (det is not None and det <= 0.0):
-            self.limited = True
-            return MipOutcome("unknown", None, None, None)
-        outcome = model.solve(time_limit_s=wall, deterministic_time=det, num_workers=num_workers,
-                              seed=seed)
-        self.charge(outcome)
-        if outcome.status in ("timeout", "unknown"):
-            self.limited = True
-        return outcome
-
-
-def worst_status(statuses: Sequence[str]) -> str:
-    """Combine sub-solve statuses: timeout if any stopped at a limit, optimal if all proven."""
-    if any(s in ("timeout", "unknown") for s in statuses):
-        return "timeout"
-    return "optimal" if all(s == "optimal" for s in statuses) else "feasible"
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +154,10 @@ def cluster_layer(load_row: np.ndarray, num_clusters: int, *, backend: str = "cp
 
     outcome = budget.run(model, weight, num_workers=num_workers, seed=seed)
     start_cost = num_clusters * ilp1_cost(load_row, start)
-    if not outcome.solved:
+    value = outcome.value
+    if value is None:  # not solved
         return start, outcome.status, outcome.bound
-    member = np.array([[c for c in all_clusters if c <= e and outcome.value(x[c, e])][0]
+    member = np.array([[c for c in all_clusters if c <= e and value(x[c, e])][0]
                        for e in all_experts])
     found = _canonical(np.argsort(member, kind="stable").reshape(num_clusters, size))
     if num_clusters * ilp1_cost(load_row, found) > start_cost:  # keep the start if it is better
@@ -487,9 +331,10 @@ def map_clusters_exact(traffic: np.ndarray, weight: np.ndarray, single_node: boo
         model.hint(var, int(start[lay, c] == g))
 
     outcome = budget.run(model, weight_share, num_workers=num_workers, seed=seed)
-    if not outcome.solved:
+    value = outcome.value
+    if value is None:  # not solved
         return start, outcome.status, outcome.bound
-    found = np.array([[next(g for g in gpus if outcome.value(y[lay, c, g])) for c in clusters]
+    found = np.array([[next(g for g in gpus if value(y[lay, c, g])) for c in clusters]
                       for lay in layers], dtype=np.int64)
     if ilp2_cost(traffic, weight, found).sum() > ilp2_cost(traffic, weight, start).sum():
         return start, outcome.status, outcome.bound

@@ -70,8 +70,12 @@ from typing import Any
 
 import numpy as np
 
+from placer.costs import token_costs
 from placer.errors import InvalidInputError
-from placer.metrics import core
+from placer.ilp._ls_kernel import RULE_CODES
+from placer.ilp.base import solve
+from placer.ilp.starts import start_maps
+from placer.metrics import context_coherent_traffic, core, dispatch_traffic, gpu_load
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement
 
@@ -79,7 +83,6 @@ OBJECTIVE_MODES = ("joint", "balance", "traffic", "affinity")
 WEIGHT_KEYS = ("objective", "balance", "traffic", "affinity", "balance_cap")
 FOREIGN_KEYS = ("load_cap",)
 """Keys other methods read from the same ``problem.weights`` (ignored here)."""
-COMPUTE_EFFICIENCY = 0.5
 COUNT_BALANCE_WEIGHT = 16.0
 CAP_PENALTY = 10.0
 DEFAULT_BALANCE_CAP = 0.01
@@ -153,10 +156,10 @@ def objective_weights(problem) -> dict[str, Any]:
     g = topo.num_gpus
     if model.sizes_known:
         units = "seconds"
-        tb = model.token_bytes
-        base_bal = 6.0 * model.hidden_size * model.expert_ffn_size / (topo.bf16_flops * COMPUTE_EFFICIENCY)
-        nv = tb / (topo.nvlink_gbps * 1e9) / g
-        rdma = tb / (topo.nic_gbps * 1e9) / g
+        costs = token_costs(model, topo)  # seconds per token, shared with the simulator and serve
+        base_bal = costs.expert_s
+        nv = costs.nvlink_s / g
+        rdma = costs.nic_s / g
     else:
         units = "counts"
         base_bal = COUNT_BALANCE_WEIGHT
@@ -176,8 +179,6 @@ def objective_weights(problem) -> dict[str, Any]:
 def layer_load_ratio(problem, placement: Placement, seed: int = DEFAULT_DISPATCH_SEED,
                      table: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(max GPU load per batch token [L], mean GPU load per batch token [L]) under the rule."""
-    from placer.metrics import gpu_load
-
     stats = problem.stats
     load = gpu_load(placement, problem.topology, stats, dispatch=problem.dispatch, seed=seed,
                     table=table) / max(stats.num_tokens, 1)
@@ -195,8 +196,6 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
     ``nearest``/``sglang-static`` first over the copies in the home node (a node without one
     spreads over all copies), the position rules (``rule`` code 2) evenly over all copies.
     """
-    from placer.ilp._ls_kernel import RULE_CODES
-
     code = RULE_CODES[rule]
     p2l = np.asarray(p2l, dtype=np.int64)
     load = np.asarray(load, dtype=np.float64)
@@ -250,12 +249,10 @@ def reference_ratio(problem) -> np.ndarray:
     and :func:`placer.ilp.starts.coordinated_map` (EPLB's hot replicas leave SGLang's
     uncoordinated spread much load to misplace, so a cap on EPLB alone would be loose).
     """
-    from placer.ilp.base import solve
-
     eplb = solve(problem, "eplb").placement  # distinct copies per GPU when the problem says so
+    assert eplb is not None  # eplb always returns a placement
     ref = _ratio(*expected_ratio(problem, eplb))
     if problem.dispatch in ("sglang-static", "vllm-ascend") and problem.num_redundant > 0:
-        from placer.ilp.starts import start_maps
         coordinated = Placement(start_maps(problem)["coordinated"], problem.slots_per_gpu, problem.model.num_experts)
         ref = np.minimum(ref, _ratio(*expected_ratio(problem, coordinated)))
     return ref
@@ -297,8 +294,6 @@ def evaluate_objective(problem, placement: Placement, *, seed: int = DEFAULT_DIS
     (from :func:`objective_weights`) and ``reference`` (from :func:`reference_ratio`) may be
     passed to skip recomputing them. Dispatch uses the problem's rule with ``seed``.
     """
-    from placer.metrics import context_coherent_traffic, dispatch_traffic
-
     w = objective_weights(problem) if weights is None else weights
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers

@@ -27,6 +27,7 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
+from placer._ray import init as ray_init
 from placer.errors import InvalidInputError
 from placer.ilp.local_search import LayerResult, LayerTask, SearchConfig, search_group
 
@@ -92,9 +93,7 @@ def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = 
             address: str, num_groups: int | None = None) -> list[LayerResult]:
     """Search every layer on the Ray cluster at ``address``, one remote task per layer group."""
     global _REMOTE
-    from placer._ray import init
-
-    ray = init(address, "solving on a Ray cluster (ray_address)")
+    ray = ray_init(address, "solving on a Ray cluster (ray_address)")
     if _REMOTE is None:
         _REMOTE = ray.remote(num_cpus=1)(search_group)
     if num_groups is None:

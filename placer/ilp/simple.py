@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from placer.ilp.base import PlacementProblem, register
+from placer.ilp.distinct import separate_by_load
 from placer.types import Placement, SolveResult
 
 
@@ -28,7 +29,6 @@ def round_robin_map(num_layers: int, num_experts: int, num_gpus: int, slots_per_
 
 def _result(problem: PlacementProblem, p2l: np.ndarray, method: str) -> SolveResult:
     if problem.distinct_per_gpu:  # the layout wraps when a GPU holds more than E / G slots
-        from placer.ilp.distinct import separate_by_load
         p2l = separate_by_load(p2l, problem.slots_per_gpu, problem.stats.load)
     placement = Placement(p2l, problem.slots_per_gpu, problem.model.num_experts)
     return SolveResult(placement=placement, status="feasible", objective=float("nan"), method=method,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from placer.ilp.base import PlacementProblem
+from placer.ilp.distinct import separate_by_load
+from placer.ilp.eplb import rebalance_experts, rebalance_experts_hierarchical
 from placer.ilp.simple import contiguous_map
 
 
@@ -139,11 +141,8 @@ def _pack(items: list[tuple[float, int]], share: np.ndarray, copies: np.ndarray,
 def start_maps(problem: PlacementProblem) -> dict[str, np.ndarray]:
     """The placer method's starting maps, int64 [L, P] by name: ``eplb`` (first), ``contiguous``,
     and ``coordinated`` under the fixed-table rules with redundant slots."""
-    from placer.ilp.eplb import rebalance_experts
-
     topo, model = problem.topology, problem.model
     if problem.distinct_per_gpu:
-        from placer.ilp.eplb import rebalance_experts_hierarchical
         groups, nodes = (model.num_groups, topo.num_nodes) if model.num_groups % topo.num_nodes == 0 else (1, 1)
         eplb, _, _ = rebalance_experts_hierarchical(np.asarray(problem.stats.load, np.float32), problem.num_slots,
                                                     groups, nodes, topo.num_gpus, distinct=True)
@@ -156,7 +155,6 @@ def start_maps(problem: PlacementProblem) -> dict[str, np.ndarray]:
         starts["coordinated"] = coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
                                                 problem.slots_per_gpu)
     if problem.distinct_per_gpu:  # every start obeys the constraint the search keeps
-        from placer.ilp.distinct import separate_by_load
         for name, start in starts.items():
             starts[name] = separate_by_load(start, problem.slots_per_gpu, problem.stats.load)
     return starts

@@ -13,15 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
+
+from placer.ilp import _ls_anneal as A
+from placer.ilp import _ls_kernel as K
+from placer.ilp.local_search import LayerTask, SearchConfig, search_layer, token_types
+
 COMPILING = "compiling the search kernels (first run)..."
 
 
 def search_kernels() -> None:
     """The local search (:mod:`placer.ilp._ls_kernel`, :mod:`placer.ilp._ls_anneal`) on one tiny layer."""
-    import numpy as np
-
-    from placer.ilp.local_search import LayerTask, SearchConfig, search_layer, token_types
-
     rng = np.random.default_rng(0)
     e, gpus, nodes, spg, k, tokens = 8, 4, 2, 3, 2, 32
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int64)
@@ -36,9 +38,6 @@ def search_kernels() -> None:
 
 def search_cache_warm() -> bool:
     """Whether numba's cache holds the search's driver kernels (False: the first call compiles)."""
-    from placer.ilp import _ls_anneal as A
-    from placer.ilp import _ls_kernel as K
-
     if not K.HAVE_NUMBA:
         return True
     try:  # an index that matches the sources (a stale one loads empty)

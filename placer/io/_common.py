@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -99,7 +100,7 @@ def require_file(path: str | os.PathLike[str]) -> Path:
 def load_torch(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, weights_only=True, map_location="cpu")``: tensors and plain containers only."""
     try:
-        import torch
+        import torch  # deferred: optional extra (placer[profile])
     except ImportError:
         raise MissingDependencyError("torch", "profile", "reading SGLang .pt dumps") from None
     require_file(path)
@@ -391,7 +392,6 @@ def load_arrays(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 def check_npy_bytes(path: str | os.PathLike[str], raw: bytes, where: str) -> None:
     """Check an in-memory ``.npy`` payload's declared array against its length and the memory available."""
-    import io
     try:
         head = _npy_header(io.BytesIO(raw))
     except (ValueError, EOFError, SyntaxError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,8 +134,6 @@ def output_directory(path: str | os.PathLike[str]) -> Iterator[str]:
     that were not there before (entries it replaced keep their new content). Every file inside
     is written atomically, so no file is ever half written.
     """
-    import shutil
-
     check_writable(path, directory=True)
     target = Path(path)
     created = []  # the directories this run creates, outermost last

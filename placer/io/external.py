@@ -1,5 +1,5 @@
-"""Readers of routing files other tools write: HD-MoE JSON, R3 routed experts, Megatron JSONL,
-and plain load matrices (CSV or npz).
+"""Readers of routing files other tools write: HD-MoE JSON, Megatron JSONL and plain load
+matrices (CSV or npz); R3 routed experts are read by :mod:`placer.io.r3`.
 
 Every per-token format here but one is taken as ``order="sorted"`` (column 0 the top-1
 expert): its producer uses a sorted ``torch.topk``. Megatron JSONL written from the training
@@ -9,8 +9,6 @@ router's boolean ``routing_map`` lists experts in ascending id order instead; se
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import json
 import os
@@ -31,7 +29,7 @@ from placer.io._common import (
     moe_rows,
     require_file,
 )
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 
 LOAD_NPZ_KEYS = ("weight", "load")
@@ -81,62 +79,6 @@ def read_hdmoe_json(path: str | os.PathLike[str], model: ModelSpec | None) -> Ro
         ids = np.stack(per_layer, axis=1)
         check_shape(path, model, ids.shape[1], None, ids.shape[2])
         return make_trace(path, ids, model)
-
-
-# --------------------------------------------------------------------------------------------
-# R3 routed experts
-# --------------------------------------------------------------------------------------------
-
-
-def _r3_trace(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec | None,
-              request_ids: np.ndarray | None = None) -> RoutingTrace:
-    ids = moe_rows(path, ids, 1, model)
-    return make_trace(path, ids, model, request_ids=request_ids)
-
-
-def read_r3_npy(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
-    """R3 ``.npy`` int [tokens, num_hidden_layers, top_k]; dense layers dropped via the model."""
-    require_file(path)
-    with guard(path, "R3 .npy"):
-        arr = load_arrays(path, mmap_mode="r")
-        if arr.ndim != 3:
-            raise fail(path, f"R3 array has shape {list(arr.shape)}, expected [tokens, layers, top_k]")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise fail(path, f"R3 array must hold integer ids, got {arr.dtype}")
-        return _r3_trace(path, np.asarray(arr, dtype=np.int64), model)
-
-
-def read_r3_base64(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
-    """R3 base64 text: one base64 string of raw little-endian int32 per non-empty line.
-
-    Each line is one request (its line index becomes ``request_ids``), reshaped to
-    ``[-1, model.num_hidden_layers, model.top_k]``; the shape is not in the data, so a model
-    is required.
-    """
-    require_file(path)
-    if model is None:
-        raise fail(path, "R3 base64 data holds no shape; give the model (--model) to reshape it "
-                         "to [tokens, layers, top_k]")
-    width = model.num_hidden_layers * model.top_k
-    with guard(path, "R3 base64 text"), open(path, encoding="ascii") as f:
-        parts, requests = [], []
-        for n, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise fail(path, f"line {n}: not valid base64") from None
-            if len(raw) % (4 * width):
-                raise fail(path, f"line {n}: {len(raw)} bytes is not a whole number of tokens of "
-                                 f"{model.num_hidden_layers} layers x top-{model.top_k} int32 ids")
-            ids = np.frombuffer(raw, dtype="<i4").reshape(-1, model.num_hidden_layers, model.top_k)
-            parts.append(ids)
-            requests.append(np.full(ids.shape[0], len(parts) - 1, dtype=np.int64))
-        if not parts:
-            raise fail(path, "holds no base64 data")
-        return _r3_trace(path, np.concatenate(parts).astype(np.int64), model, np.concatenate(requests))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,15 +336,15 @@ def read_load_csv(path: str | os.PathLike[str], model: ModelSpec | None) -> Rout
         if not rows:
             raise fail(path, "holds no numeric rows")
         width = len(rows[0])
-        values = []
+        numbers: list[list[float]] = []
         for n, r in enumerate(rows, start=1):
             if len(r) != width:
                 raise fail(path, f"row {n} has {len(r)} values, row 1 has {width} (ragged matrix)")
             try:
-                values.append([float(c) for c in r])
+                numbers.append([float(c) for c in r])
             except ValueError:
                 raise fail(path, f"row {n}: non-numeric value") from None
-        return _load_stats(path, np.asarray(values, dtype=np.float64), model)
+        return _load_stats(path, np.asarray(numbers, dtype=np.float64), model)
 
 
 def load_npz_key(path: str | os.PathLike[str], names: list[str]) -> str | None:

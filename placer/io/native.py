@@ -46,7 +46,7 @@ from placer.io._common import (
     resolve_model,
 )
 from placer.io.atomic import atomic_path
-from placer.profiling.stats import merge_stats
+from placer.stats import merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
 OPTIONAL_TOKEN_FIELDS = {"request_ids": np.int64, "phase": np.int8, "home_rank": np.int32}
@@ -61,6 +61,16 @@ def _trace_header(trace: RoutingTrace, synthetic: bool) -> dict[str, Any]:
             "order": trace.order, "num_layers": trace.num_layers, "top_k": trace.top_k,
             "model": trace.model.to_dict() if trace.model is not None else None,
             "synthetic": bool(synthetic)}
+
+
+def _trace_meta(path: str | os.PathLike[str], header: dict[str, Any] | None, model: ModelSpec | None,
+                what: str, not_trace: str) -> tuple[dict[str, Any], ModelSpec | None, int, str]:
+    """``(header, model, E, order)`` of a trace file (the error ``not_trace`` without a trace header)."""
+    if header is None or header.get("kind") != "trace":
+        raise fail(path, not_trace)
+    with guard(path, what):
+        model = resolve_model(path, model, header.get("model"))
+        return header, model, int(header["num_experts"]), str(header["order"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,12 +181,9 @@ def read_trace_npz(path: str | os.PathLike[str], *, model: ModelSpec | None = No
     The header and the array shapes are checked now; ``chunks()`` streams [chunk_tokens, L, K]
     pieces from the zip members.
     """
-    header = npz_header(path)
-    if header is None or header.get("kind") != "trace":
-        raise fail(path, "not a placer trace npz (no trace header)")
+    header, model, e, order = _trace_meta(path, npz_header(path), model, "trace npz",
+                                          "not a placer trace npz (no trace header)")
     with guard(path, "trace npz"):
-        model = resolve_model(path, model, header.get("model"))
-        e, order = int(header["num_experts"]), str(header["order"])
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if "expert_ids.npy" not in names:
@@ -214,7 +221,7 @@ def read_stats_npz(path: str | os.PathLike[str], phase: str = "all", *,
     """The statistics of ``phase`` from a native stats npz.
 
     ``"all"`` returns the stored "all" statistics when present, else merges every stored
-    phase (:func:`~placer.profiling.stats.merge_stats`). Another phase must be stored.
+    phase (:func:`~placer.stats.merge_stats`). Another phase must be stored.
     """
     stats, _ = stats_npz_input(path, phase, model)
     return stats
@@ -255,7 +262,7 @@ def stats_npz_input(path: str | os.PathLike[str], phase: str, model: ModelSpec |
 
 
 def _chunk_table(trace: RoutingTrace, header: dict[str, Any]) -> Any:
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
     t, width = trace.num_tokens, trace.num_layers * trace.top_k
     cols = {"expert_ids": pa.FixedSizeListArray.from_arrays(
@@ -279,7 +286,7 @@ def write_trace_parquet(path: str | os.PathLike[str], chunks: Iterable[RoutingTr
     Every chunk must have the first chunk's shape, E, order, model and optional columns.
     Row groups hold at most ``row_group_tokens`` tokens (a chunk never shares a row group).
     """
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
     if isinstance(chunks, RoutingTrace):
         chunks = [chunks]
@@ -313,7 +320,7 @@ def write_trace_parquet(path: str | os.PathLike[str], chunks: Iterable[RoutingTr
 
 
 def parquet_header(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
     require_file(path)
     with guard(path, "Parquet file"):
@@ -331,14 +338,11 @@ def read_trace_parquet(path: str | os.PathLike[str], *, model: ModelSpec | None 
     ``chunks()`` reads one row group at a time and yields it as one trace (split into pieces of
     ``chunk_tokens`` when the row group is larger).
     """
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
-    header = parquet_header(path)
-    if header is None or header.get("kind") != "trace":
-        raise fail(path, "not a placer Parquet trace (no 'placer' metadata)")
+    header, model, e, order = _trace_meta(path, parquet_header(path), model, "Parquet trace",
+                                          "not a placer Parquet trace (no 'placer' metadata)")
     with guard(path, "Parquet trace"):
-        model = resolve_model(path, model, header.get("model"))
-        e, order = int(header["num_experts"]), str(header["order"])
         num_layers, top_k = int(header["num_layers"]), int(header["top_k"])
         check_shape(path, model, num_layers, e, top_k)
         names = pq.read_schema(str(path)).names

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.profiling.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
+from placer.io.external import MEGATRON_ASCENDING_NOTE
+from placer.io.traces import read_input
+from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
 MAX_TRACE_TOKENS = 4_000_000
@@ -52,7 +54,6 @@ TOP1_METHODS = ("exflow",)
 def top1_reason(format: str, kind: str) -> str:
     """Why an input of ``format`` (``kind`` "trace" or "stats") has no known top-1 expert."""
     if format == "megatron-jsonl":
-        from placer.io.external import MEGATRON_ASCENDING_NOTE
         return MEGATRON_ASCENDING_NOTE
     if kind == "stats":
         return "the statistics hold no top-1 transitions (counts only, or built from routing of unknown order)"
@@ -115,8 +116,6 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
     Per-token inputs stream through one :class:`StatsBuilder` (memory bounded by the
     statistics); count-only inputs (load matrices, SGLang stat dumps) merge in as counts.
     """
-    from placer.io.traces import read_input
-
     if not inputs:
         raise InvalidInputError("no routing input given", source="TRACE")
     read = [read_input(path, model=model) for path in inputs]
@@ -136,6 +135,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
                                         source=r.source)
             count_only.append(r.stats)
             continue
+        assert r.chunks is not None
         for chunk in r.chunks():
             chunk = _filter_phase(chunk, phase, r.source)
             if model is None:

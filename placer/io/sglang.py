@@ -8,7 +8,7 @@
 * ``sglang-per-pass``: one file per rank, ``{"records": [{"forward_pass_id", "rank",
   "gatherer_key", "global_physical_count": [layers, P]}], "last_physical_to_logical_map":
   [layers, P]}``. Physical counts are scatter-added onto logical ids. Counts only; rank files
-  are merged by the caller (:func:`~placer.profiling.stats.merge_stats`).
+  are merged by the caller (:func:`~placer.stats.merge_stats`).
 * ``sglang-per-token``: records with ``topk_ids_of_layer`` int [layers, tokens, 8] of PHYSICAL
   ids, -1 in unused columns, mapped to logical ids through ``last_physical_to_logical_map``.
   As written by SGLang 0.5.23 (``_DetailSinglePassGatherer.collect`` + ``_DetailAccumulator``)
@@ -41,7 +41,7 @@ from placer.io._common import (
     require_file,
     to_numpy,
 )
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 
 PT_FORMATS = ("sglang-stat", "sglang-per-pass", "sglang-per-token")

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from placer.errors import InfeasibleError, InvalidInputError
+from placer.errors import InfeasibleError, InvalidInputError, MissingDependencyError
 from placer.io._common import fail, guard, load_arrays, load_torch, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
 from placer.metrics.dispatch import hidden_layer_map
@@ -98,11 +99,9 @@ def write_sglang(placement: Placement, path: str | os.PathLike[str], model: Mode
         atomic_write_text(path, '{\n  "physical_to_logical_map": [\n' + rows + "\n  ]\n}\n")
     elif suffix == ".pt":
         try:
-            import torch
+            import torch  # deferred: optional extra (placer[profile])
         except ImportError:
-            from placer.errors import MissingDependencyError
-            raise MissingDependencyError("writing a .pt placement needs torch (pip install 'placer[profile]'), "
-                                         "or write .json") from None
+            raise MissingDependencyError("torch", "profile", "writing a .pt placement (a .json one does not)") from None
         with atomic_path(path) as tmp:
             torch.save({"physical_to_logical_map": torch.from_numpy(full)}, tmp)
     else:
@@ -290,8 +289,6 @@ def write_trtllm(placement: Placement, path: str | os.PathLike[str], model: Mode
 
 def read_trtllm(path: str | os.PathLike[str], model: ModelSpec) -> np.ndarray:
     """A TensorRT-LLM load-balancer YAML (any YAML style), keyed by decoder-layer index."""
-    import yaml
-
     require_file(path)
     with guard(path, "TRT-LLM YAML"), open(path, encoding="utf-8") as f:
         try:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io import external, native, sglang, trtllm_stats
+from placer.io import external, native, r3, sglang, trtllm_stats
 from placer.io._common import chunker, fail, guard, load_arrays, load_torch, require_file
 from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
@@ -243,8 +243,8 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
         return stats_input(stats, synthetic)
     readers: dict[str, Callable[[], RoutingTrace | RoutingStats]] = {
         "hdmoe-json": lambda: external.read_hdmoe_json(path, model),
-        "r3-npy": lambda: external.read_r3_npy(path, model),
-        "r3-base64": lambda: external.read_r3_base64(path, model),
+        "r3-npy": lambda: r3.read_r3_npy(path, model),
+        "r3-base64": lambda: r3.read_r3_base64(path, model),
         "megatron-jsonl": lambda: external.read_megatron_jsonl(path, model),
         "load-csv": lambda: external.read_load_csv(path, model),
         "load-npz": lambda: external.read_load_npz(path, model),

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from placer.io._common import check_load, check_shape, fail, guard
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.types import ModelSpec, RoutingStats
 
 META_FILE = "meta_info.json"

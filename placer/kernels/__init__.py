@@ -11,6 +11,7 @@ torch and triton are imported on first use of the ops, never by ``import placer.
 
 from __future__ import annotations
 
+from placer.errors import MissingDependencyError
 from placer.kernels.reference import (
     permute_reference,
     slot_map,
@@ -26,12 +27,10 @@ __all__ = ["permute_reference", "slot_map", "split_sizes", "unpermute_reference"
 def __getattr__(name: str):
     if name in _TORCH_OPS:
         try:
-            from placer.kernels import ops as _ops
+            from placer.kernels import ops as _ops  # deferred: ops imports torch (runtime extra)
         except ImportError as exc:
             if getattr(exc, "name", None) != "torch":
                 raise
-            from placer.errors import MissingDependencyError
-
             raise MissingDependencyError("torch", "runtime", f"placer.kernels.{name}") from None
         return getattr(_ops, name)
     raise AttributeError(f"module 'placer.kernels' has no attribute {name!r}")

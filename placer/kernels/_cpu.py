@@ -36,10 +36,10 @@ if HAVE_NUMBA:
             return builder.bitcast(args[0], context.get_value_type(types.uint32))
         return types.uint32(types.float32), codegen
 else:  # pragma: no cover - exercised only without numba
-    def _u32_as_f32(x):
+    def _u32_as_f32(x):  # type: ignore[misc]  # numpy stand-in for the intrinsic (no numba)
         return np.array([x], np.uint32).view(np.float32)[0]
 
-    def _f32_as_u32(x):
+    def _f32_as_u32(x):  # type: ignore[misc]  # numpy stand-in for the intrinsic (no numba)
         return np.array([x], np.float32).view(np.uint32)[0]
 
 

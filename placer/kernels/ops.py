@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from placer.errors import InvalidInputError, MissingDependencyError
+from placer.kernels import _cpu
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,7 +95,7 @@ def _use_triton(backend: str, device: torch.device, source: str) -> bool:
     if backend == "torch":
         return False
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # deferred: triton, an optional extra
     except ImportError:
         if backend == "triton":
             raise MissingDependencyError("triton", "kernels", "backend='triton'") from None
@@ -122,12 +124,10 @@ def row_map_of(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch
     """
     flat = slots.reshape(-1)
     if flat.device.type == "cpu":  # a counting sort: slots are few, the rows many
-        from placer.kernels._cpu import counting_sort
-
         flat = flat.contiguous()
         order, row_map = torch.empty_like(flat), torch.empty_like(flat)
         counts = torch.empty(num_slots, dtype=torch.int64)
-        counting_sort(flat.numpy(), num_slots, order.numpy(), row_map.numpy(), counts.numpy())
+        _cpu.counting_sort(flat.numpy(), num_slots, order.numpy(), row_map.numpy(), counts.numpy())
         return row_map.view(slots.shape), order, counts
     order = torch.sort(flat, stable=True).indices
     row_map = torch.empty_like(order)
@@ -184,17 +184,14 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, slot_map: torch.Tensor, num
     row_map, order, counts = row_map_of(route(topk_ids, slot_map), num_slots)
     x = x.contiguous()
     if use_triton:
-        from placer.kernels._triton import permute_rows
+        from placer.kernels._triton import permute_rows  # deferred: triton, an optional extra
 
         rows = permute_rows(x, row_map, out)
     else:
         source = order // max(topk_ids.shape[1], 1)
         if x.device.type == "cpu" and x.numel() and num_rows and (x.shape[1] * x.element_size()) % 4 == 0:
-            import numpy as np
-
-            from placer.kernels._cpu import gather_rows
             words = x.shape[1] * x.element_size() // 4
-            gather_rows(x.view(torch.uint8).numpy().view(np.uint32).reshape(tokens, words), source.numpy(),
+            _cpu.gather_rows(x.view(torch.uint8).numpy().view(np.uint32).reshape(tokens, words), source.numpy(),
                         out.view(torch.uint8).numpy().view(np.uint32).reshape(num_rows, words))
             rows = out
         else:
@@ -241,7 +238,7 @@ def unpermute(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor, 
     row_map = row_map.long().contiguous()
     weights = weights.float().contiguous()
     if use_triton:
-        from placer.kernels._triton import unpermute_rows
+        from placer.kernels._triton import unpermute_rows  # deferred: triton, an optional extra
 
         return unpermute_rows(rows, row_map, weights, out)
     if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES and out.dtype in _CPU_DTYPES:
@@ -256,21 +253,17 @@ def _unpermute_cpu(rows: torch.Tensor, row_map: torch.Tensor, weights: torch.Ten
                    out: torch.Tensor) -> torch.Tensor:
     """CPU bfloat16/float32 backend of :func:`unpermute`: one numba pass per token (``_cpu.py``),
     bit-exact with the torch backend."""
-    import numpy as np
-
-    from placer.kernels._cpu import unpermute_bf16_pairs, unpermute_rows
-
     none16, none32 = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.float32)
     in_bf16, out_bf16 = rows.dtype == torch.bfloat16, out.dtype == torch.bfloat16
     if in_bf16 and rows.shape[1] % 2 == 0 and rows.shape[1] > 0:
         rows32 = rows.view(torch.int16).numpy().view(np.uint32)
         out32 = out.view(torch.int16).numpy().view(np.uint32) if out_bf16 else np.zeros((0, 0), np.uint32)
-        unpermute_bf16_pairs(rows32, row_map.numpy(), weights.numpy(), out32,
+        _cpu.unpermute_bf16_pairs(rows32, row_map.numpy(), weights.numpy(), out32,
                              none32 if out_bf16 else out.numpy(), out_bf16)
         return out
     rows_np = rows.view(torch.int16).numpy().view(np.uint16) if in_bf16 else rows.numpy()
     out_np = out.view(torch.int16).numpy().view(np.uint16) if out_bf16 else out.numpy()
-    unpermute_rows(rows_np if in_bf16 else none16, none32 if in_bf16 else rows_np, row_map.numpy(),
+    _cpu.unpermute_rows(rows_np if in_bf16 else none16, none32 if in_bf16 else rows_np, row_map.numpy(),
                    weights.numpy(), out_np if out_bf16 else none16, none32 if out_bf16 else out_np,
                    in_bf16, out_bf16)
     return out

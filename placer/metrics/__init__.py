@@ -296,7 +296,7 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
                                 source="--execution")
     table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     is_trace = isinstance(data, RoutingTrace)
-    has_tokens = is_trace or data.sample_size > 0
+    has_tokens = isinstance(data, RoutingTrace) or data.sample_size > 0
     no_replicas = placement.num_slots == placement.num_experts
 
     out: dict[str, Any] = {

@@ -99,6 +99,7 @@ def resolve_tokens(placement: Placement, topology: Topology, data: RoutingTrace 
         if need_top1:
             data.require_top1(what)
         ids = data.require_sample(what)
+        assert data.sample_token_index is not None and data.sample_home_rank is not None  # set with the sample
         index = data.sample_token_index.astype(np.int64)
         raw = data.sample_home_rank.astype(np.int64)
         home = np.where(raw >= 0, raw, default_home_ranks(index, num_gpus))

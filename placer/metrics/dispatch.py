@@ -150,8 +150,8 @@ def sglang_static_table(full_map: np.ndarray, num_gpus: int, num_nodes: int,
     if not events:
         return out
     member = np.zeros((len(events), num_gpus), dtype=bool)
-    for i, (_, _, _, remaining) in enumerate(events):
-        member[i, remaining] = True
+    for ev, (_, _, _, remaining) in enumerate(events):
+        member[ev, remaining] = True
     # Ranks with the same draw events share one stream; run each distinct stream once.
     _, group_of_rank = np.unique(member.T, axis=0, return_inverse=True)
     for group in np.unique(group_of_rank):

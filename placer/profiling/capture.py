@@ -163,7 +163,7 @@ class RouterRecorder:
         self.sink(self._chunk())
 
     def _chunk(self) -> RoutingTrace:
-        import torch
+        import torch  # deferred: optional extra (placer[profile]); the recorder runs inside a torch model
 
         spec = self.spec
         missing = [self.routers[i][1] for i, r in enumerate(self._records) if r is None]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from placer.errors import InvalidInputError, MissingDependencyError
+from placer.profiling import embedded
 from placer.profiling.capture import RouterRecorder, model_spec
 from placer.types import ModelSpec, RoutingTrace
 
@@ -58,8 +59,8 @@ class LoadedModel:
 
 def _torch() -> Any:
     try:
-        import torch
-        import transformers  # noqa: F401
+        import torch  # deferred: optional extra (placer[profile])
+        import transformers  # noqa: F401  # deferred: optional extra (placer[profile])
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "torch", "profile", "profiling a transformers model") from None
     return torch
@@ -80,7 +81,7 @@ class _HFTokenizer:
 def build_family(family: str, seed: int = 0) -> Any:
     """A tiny ``family`` model (``FAMILIES``) with weights drawn from ``seed``, in eval mode."""
     torch = _torch()
-    import transformers
+    import transformers  # deferred: optional extra (placer[profile]); _torch() checked it is there
 
     if family not in FAMILIES:
         raise InvalidInputError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}", source="--model")
@@ -95,8 +96,6 @@ def build_family(family: str, seed: int = 0) -> Any:
 def load_model(name: str | None, *, seed: int = 0) -> LoadedModel:
     """Resolve ``--model``: None/"embedded", a local model directory, or a family name."""
     _torch()
-    from placer.profiling import embedded
-
     if name in (None, "embedded"):
         model = embedded.load_embedded()
         return LoadedModel(model, embedded.ByteTokenizer(), model_spec(model, embedded.NAME), "embedded")
@@ -111,9 +110,7 @@ def load_model(name: str | None, *, seed: int = 0) -> LoadedModel:
 
 
 def _load_dir(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from placer.profiling.embedded import VOCAB_SIZE, ByteTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: optional extra
 
     if not (path / "config.json").is_file():
         raise InvalidInputError("model directory has no config.json", source=str(path))
@@ -130,10 +127,10 @@ def _load_dir(path: Path) -> LoadedModel:
         tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     except (OSError, ValueError, KeyError, TypeError):
         vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
-        if vocab != VOCAB_SIZE:
+        if vocab != embedded.VOCAB_SIZE:
             raise InvalidInputError("model directory has no tokenizer files (only byte-vocabulary models of "
-                                    f"{VOCAB_SIZE} ids can use placer's byte tokenizer)", source=str(path)) from None
-        tokenizer = ByteTokenizer()
+                                    f"{embedded.VOCAB_SIZE} ids can use placer's byte tokenizer)", source=str(path)) from None
+        tokenizer = embedded.ByteTokenizer()
     return LoadedModel(model, tokenizer, model_spec(model, path.name), str(path))
 
 

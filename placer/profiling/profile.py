@@ -12,13 +12,30 @@ Three sources, one output (a stats ``.npz`` carrying the model's shape, so ``pla
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from placer.errors import InvalidInputError
-from placer.profiling.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder
+from placer.io.native import write_stats_npz, write_trace_parquet
+from placer.presets import MODELS, get_model
+from placer.profiling import embedded
+from placer.profiling.capture import model_spec
+from placer.profiling.hf import (
+    _COMMON,
+    FAMILIES,
+    Progress,
+    _torch,
+    capture_chunks,
+    load_model,
+    read_prompts,
+    tee_into,
+)
+from placer.profiling.sglang_driver import profile_sglang as record
+from placer.profiling.vllm_r3 import import_r3
+from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder
 from placer.types import ModelSpec, RoutingStats
 
 
@@ -41,7 +58,6 @@ class ProfileOutcome:
 
 
 def _write(output: str, stats: dict[str, RoutingStats]) -> None:
-    from placer.io.native import write_stats_npz
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     write_stats_npz(output, stats)
@@ -66,10 +82,6 @@ def profile_hf(model: str | None = None, prompts: str | None = None, *, batch_si
     Memory is bounded by the statistics plus one batch: chunks stream into a StatsBuilder and,
     with ``trace`` (.parquet), into a Parquet writer.
     """
-    from placer.io.native import write_trace_parquet
-    from placer.profiling import embedded
-    from placer.profiling.hf import Progress, capture_chunks, load_model, read_prompts, tee_into
-
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     if trace is not None and not trace.endswith(".parquet"):
@@ -109,10 +121,8 @@ def spec_of(name: str | None) -> ModelSpec | None:
     only: the model is built on torch's meta device, no weights), or None."""
     if name is None:
         return None
-    from placer.presets import MODELS, get_model
     if name in MODELS:
         return get_model(name)
-    from placer.profiling.hf import FAMILIES
     if not Path(name).is_dir() and name not in FAMILIES and name != "embedded":
         raise InvalidInputError(f"neither a preset ({', '.join(MODELS)}), a model directory nor a family "
                                 f"({', '.join(FAMILIES)})", source=name)
@@ -120,20 +130,13 @@ def spec_of(name: str | None) -> ModelSpec | None:
 
 
 def _meta_spec(name: str) -> ModelSpec:
-    from placer.profiling.hf import FAMILIES, _torch
-
     torch = _torch()
-    import transformers
-
-    from placer.profiling import embedded
-    from placer.profiling.capture import model_spec
+    import transformers  # deferred: optional extra (placer[profile]); _torch() checked it is there
 
     if name == "embedded":
-        import json
         config: Any = transformers.MixtralConfig(**json.loads(embedded.CONFIG_FILE.read_text()))
         label = embedded.NAME
     elif name in FAMILIES:
-        from placer.profiling.hf import _COMMON
         config_name, _, extra = FAMILIES[name]
         config = getattr(transformers, config_name)(**{**_COMMON, **extra})
         label = f"tiny-{name}"
@@ -152,8 +155,6 @@ def _meta_spec(name: str) -> ModelSpec:
 def profile_sglang(url: str, duration_s: float, dump_dir: str, *, model: str | None = None,
                    seed: int = 0, output: str, progress=None) -> ProfileOutcome:
     """Record ``duration_s`` seconds of a live SGLang server and write the statistics."""
-    from placer.profiling.sglang_driver import profile_sglang as record
-
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     start = time.perf_counter()
@@ -168,8 +169,6 @@ def profile_r3(path: str, *, model: str | None = None, placement: str | None = N
                sample_size: int = DEFAULT_SAMPLE_SIZE, output: str, stack: str = "vllm") -> ProfileOutcome:
     """Import saved R3 routed experts of ``stack`` (vllm: logical ids; sglang: physical slots,
     mapped through ``placement`` when given) into statistics."""
-    from placer.profiling.vllm_r3 import import_r3
-
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     start = time.perf_counter()

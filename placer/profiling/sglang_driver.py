@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from placer.errors import InvalidInputError
+from placer.io.routing import gather_routing
 from placer.types import ModelSpec
 
 ENDPOINTS = ("start_expert_distribution_record", "stop_expert_distribution_record",
@@ -101,7 +102,5 @@ def profile_sglang(url: str, duration_s: float, dump_dir: str | os.PathLike[str]
                    model: ModelSpec | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None, wait_s: float = 10.0):
     """Record a window on the server and read its dump: a :class:`placer.io.routing.Routing`."""
-    from placer.io.routing import gather_routing
-
     files = record(url, duration_s, dump_dir, progress=progress, wait_s=wait_s)
     return gather_routing([str(p) for p in files], model=model, seed=seed, keep_trace=False)

@@ -13,6 +13,8 @@ groups, faults), :mod:`placer.runtime.execute` (the live migration executor) and
 :mod:`placer.runtime.apply` (``placer apply``).
 """
 
+import importlib
+
 from placer.runtime.plan import (
     LocalCopies,
     MigrationPlan,
@@ -34,7 +36,5 @@ __all__ = ["LocalCopies", "MigrationPlan", "Transfers", "apply_plan", "naive_byt
 
 def __getattr__(name: str):
     if name in _LIVE:
-        import importlib
-
         return getattr(importlib.import_module(f"placer.runtime.{_LIVE[name]}"), name)
     raise AttributeError(f"module 'placer.runtime' has no attribute {name!r}")

@@ -22,6 +22,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.presets import get_model
+from placer.profiling import embedded
+from placer.runtime.deployment import Deployment
+from placer.runtime.execute import execute_plan
+from placer.runtime.model import reference_forward
 from placer.runtime.plan import MigrationPlan, plan_migration
 from placer.types import ModelSpec, Placement, Topology
 
@@ -33,8 +38,6 @@ MAX_WEIGHT_BYTES = 2e9
 
 def embedded_model() -> ModelSpec:
     """The embedded model's shape (its shipped ``config.json``, else the architecture it trains)."""
-    from placer.profiling import embedded
-
     cfg = dict(embedded.ARCHITECTURE)
     if embedded.CONFIG_FILE.is_file():
         cfg.update(json.loads(embedded.CONFIG_FILE.read_text()))
@@ -52,8 +55,6 @@ def resolve_model(file_model: ModelSpec, name: str | None) -> tuple[ModelSpec, s
     which must have the file's layer and expert counts) or, by default, the embedded model's.
     Returns (model, a line saying where the sizes came from).
     """
-    from placer.presets import get_model
-
     source = embedded_model() if name in (None, "embedded") else get_model(name)
     if name is not None and (source.num_moe_layers, source.num_experts) != (file_model.num_moe_layers,
                                                                            file_model.num_experts):
@@ -132,11 +133,7 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
     Raises InvalidInputError when ``ranks`` differs from the placement's GPU count or the
     weights would exceed :data:`MAX_WEIGHT_BYTES`.
     """
-    import torch
-
-    from placer.runtime.deployment import Deployment
-    from placer.runtime.execute import execute_plan
-    from placer.runtime.model import reference_forward
+    import torch  # deferred: torch is an optional extra (runtime)
 
     if new.num_gpus != ranks:
         raise InvalidInputError(f"the placement spans {new.num_gpus} GPUs; a deployment of {ranks} ranks "

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from placer._ray import init as ray_init
 from placer.errors import InvalidInputError, PlacerError
 from placer.metrics.dispatch import dispatch_table
 from placer.runtime.model import ExpertWeights, init_weights
+from placer.runtime.worker import EPRank
 from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
 __all__ = ["Deployment", "RankLostError", "Recovery", "StepFailed"]
@@ -146,14 +148,10 @@ class Deployment:
 
     def start(self) -> Deployment:
         """Start Ray if needed, the rank actors, their process groups, and load the experts."""
-        import ray
-
-        from placer.runtime.worker import EPRank
+        import ray  # deferred: ray is an optional extra (runtime)
 
         if not ray.is_initialized():
-            from placer._ray import init
-
-            init(self.ray_address, "a placer deployment (--ray-address)", include_dashboard=False, log_to_driver=False)
+            ray_init(self.ray_address, "a placer deployment (--ray-address)", include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0) >= self.num_ranks
@@ -175,7 +173,7 @@ class Deployment:
         return self
 
     def _init_groups(self) -> None:
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         host, port = ray.get(self.actors[0].address.remote())
         method = f"tcp://{host}:{port}"
@@ -183,7 +181,7 @@ class Deployment:
                 timeout=self.timeout_s * 6 + 30)
 
     def _load(self, ranks) -> None:
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         refs = []
         for r in ranks:
@@ -208,7 +206,7 @@ class Deployment:
 
     def shutdown(self) -> None:
         """Kill the rank actors (and stop Ray if this deployment started it)."""
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
@@ -241,10 +239,10 @@ class Deployment:
         Returns (output [T, H], per-rank step timings, per-rank failed verifications). On a
         failure the deployment is rebuilt and :class:`StepFailed` is raised: retry the batch.
         """
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         x = np.asarray(x, dtype=np.float32)
-        empty = {"commits": [], "sends": [], "recvs": [], "verify": []}
+        empty: dict[str, list[Any]] = {"commits": [], "sends": [], "recvs": [], "verify": []}
         messages = messages or [empty] * self.num_ranks
         parts = self.split(x)
         start = time.perf_counter()
@@ -289,7 +287,7 @@ class Deployment:
         raise AssertionError("unreachable")
 
     def _recover(self, recovery: Recovery, attempts: int = 3) -> None:
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         start = time.perf_counter()
         last: BaseException | None = None
@@ -312,8 +310,8 @@ class Deployment:
 
     def _ping(self, rank: int, step: int, wait_s: float = 120.0) -> tuple[str, int]:
         """Rank ``rank``'s (incarnation, pid), waiting while Ray restarts it."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError
+        import ray  # deferred: ray is an optional extra (runtime)
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError  # deferred: ray (extra)
 
         deadline = time.perf_counter() + wait_s
         while True:
@@ -331,7 +329,7 @@ class Deployment:
     def verify_all(self) -> list[str]:
         """Compare every slot of every rank with the authoritative checksums of the committed
         placement; returns one line per mismatch (empty when all match)."""
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         p2l = self.placement.physical_to_logical
         s = self.slots_per_gpu

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +134,8 @@ def execute_plan(deployment: Deployment, plan: MigrationPlan, batches: Iterable[
         later = ~committed[t.layer] & (t.round > (r if r is not None else -1))
         verify_layers = set(t.layer[now].tolist()) - set(t.layer[later].tolist())
         commits = sorted(ready)
-        messages = [{"commits": [], "sends": [], "recvs": [], "verify": []} for _ in range(deployment.num_ranks)]
+        messages: list[dict[str, list[Any]]] = [{"commits": [], "sends": [], "recvs": [], "verify": []}
+                                                 for _ in range(deployment.num_ranks)]
         for layer in commits:
             into = np.flatnonzero(t.layer == layer)
             local = np.flatnonzero(c.layer == layer)

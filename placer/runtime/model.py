@@ -90,7 +90,7 @@ def init_weights(model: ModelSpec, *, seed: int = 0) -> ExpertWeights:
 def rms_norm(x, eps: float = 1e-6):
     """Pre-norm of every MoE layer (RMS, no weight), so deep stacks of random experts stay finite:
     ``x / sqrt(mean(x^2) + eps)`` per token, float32 ``[T, H]``."""
-    import torch
+    import torch  # deferred: torch is an optional extra (runtime)
 
     return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
 
@@ -101,7 +101,7 @@ def route(x, router, top_k: int):
     ``x``: float32 tensor [T, H]; ``router``: float32 tensor [E, H]. Returns (int64 [T, K] ids,
     float32 [T, K] weights: softmax over the k largest logits, computed in float64).
     """
-    import torch
+    import torch  # deferred: torch is an optional extra (runtime)
 
     logits = x.double() @ router.double().T
     top, ids = torch.topk(logits, top_k, dim=1)
@@ -110,7 +110,7 @@ def route(x, router, top_k: int):
 
 def expert_forward(x, flat, hidden_size: int, ffn_size: int):
     """SwiGLU of one expert on rows ``x: [N, H]`` with flat weights ``[3 * F * H]``. -> [N, H]."""
-    import torch
+    import torch  # deferred: torch is an optional extra (runtime)
 
     fh = ffn_size * hidden_size
     w1 = flat[:fh].view(ffn_size, hidden_size)
@@ -126,9 +126,9 @@ def reference_forward(weights: ExpertWeights, x):
     per expert, unpermute (the fixed-order float32 combine of :func:`placer.kernels.unpermute`),
     add to the layer's input.
     """
-    import torch
+    import torch  # deferred: torch is an optional extra (runtime)
 
-    from placer.kernels.ops import permute, unpermute
+    from placer.kernels.ops import permute, unpermute  # deferred: ops imports torch (runtime extra)
 
     x = x.float()
     identity = torch.arange(weights.num_experts)

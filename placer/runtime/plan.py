@@ -1,7 +1,8 @@
 """The live re-placement planner: which expert weights move where, and when, for one change of placement.
 
-Pure numpy (plus OR-tools' linear sum assignment, a core dependency). Given the placement that
-runs now (``old``) and the one a solver asked for (``new``), :func:`plan_migration`:
+Pure numpy (plus OR-tools' linear sum assignment, :mod:`placer.ilp.assignment`; the plan's
+records are in :mod:`placer.runtime.migration`). Given the placement that runs now (``old``)
+and the one a solver asked for (``new``), :func:`plan_migration`:
 
 1. **Relabels** ``new`` without changing what it means: one permutation of nodes, then of GPUs
    inside each node, the same for every layer (a GPU's identity cannot differ per layer), chosen
@@ -33,143 +34,16 @@ GPU ``g`` on node ``g // gpus_per_node``; transfers ``[X]``, local copies ``[Y]`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from typing import Any
 
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.runtime.migration import LocalCopies, MigrationPlan, Transfers, frozen_array
 from placer.types import Placement, Topology
 from placer.validate import check_placement
 
 __all__ = ["LocalCopies", "MigrationPlan", "Transfers", "apply_plan", "naive_bytes", "plan_files",
            "plan_migration"]
-
-
-def _frozen(arr: Any, dtype: Any) -> np.ndarray:
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    out.flags.writeable = False
-    return out
-
-
-def _freeze_fields(obj: Any) -> None:
-    """Every field of a dataclass of arrays as a read-only array (``bytes`` float64, else int64)."""
-    for f in fields(obj):
-        dtype = np.float64 if f.name == "bytes" else np.int64
-        object.__setattr__(obj, f.name, _frozen(getattr(obj, f.name), dtype))
-
-
-@dataclass(frozen=True)
-class Transfers:
-    """Inter-GPU copies of one expert's weights, one row each; every array has shape [X].
-
-    ``slot`` is the destination slot (on ``dst_gpu``), ``src_slot`` a slot of ``src_gpu``
-    holding ``expert`` in the old placement, ``round`` the round the copy runs in.
-    """
-
-    layer: np.ndarray
-    slot: np.ndarray
-    dst_gpu: np.ndarray
-    src_gpu: np.ndarray
-    src_slot: np.ndarray
-    expert: np.ndarray
-    bytes: np.ndarray
-    round: np.ndarray
-
-    def __post_init__(self) -> None:
-        _freeze_fields(self)
-
-    def __len__(self) -> int:
-        return int(self.layer.shape[0])
-
-
-@dataclass(frozen=True)
-class LocalCopies:
-    """On-GPU copies made when a layer commits; every array has shape [Y].
-
-    Slot ``slot`` of ``gpu`` takes ``expert`` from ``src_slot`` of the same GPU, read after
-    the layer's staged transfers are written (the source is a kept or a received slot).
-    """
-
-    layer: np.ndarray
-    slot: np.ndarray
-    gpu: np.ndarray
-    src_slot: np.ndarray
-    expert: np.ndarray
-
-    def __post_init__(self) -> None:
-        _freeze_fields(self)
-
-    def __len__(self) -> int:
-        return int(self.layer.shape[0])
-
-
-@dataclass(frozen=True)
-class MigrationPlan:
-    """How to go from ``old`` to ``new`` (the relabelled target) while serving.
-
-    Attributes
-    ----------
-    new : Placement
-        The relabelled target, ``physical_to_logical: [L, P]``, validated: what runs.
-    gpu_relabel : int64 [G], node_relabel : int64 [N]
-        Requested GPU ``j`` (node ``a``) becomes physical GPU ``gpu_relabel[j]`` (node
-        ``node_relabel[a]``); ``gpu_relabel[j] // gpus_per_node == node_relabel[j // gpus_per_node]``.
-    slot_map : int64 [L, P]
-        ``new[l, slot_map[l, q]] == requested[l, q]``; ``kept : bool [L, P]``: unchanged slots.
-    transfers : Transfers [X]; local_copies : LocalCopies [Y]
-    commit_round : int64 [L]
-        Layer ``l`` switches to its new map after round ``commit_round[l]`` (-1: before any).
-    expert_bytes, staging_bytes, naive_bytes : float
-        One expert; the staging headroom per rank; the naive plan (every changed slot sent).
-    """
-
-    new: Placement
-    gpu_relabel: np.ndarray
-    node_relabel: np.ndarray
-    slot_map: np.ndarray
-    kept: np.ndarray
-    transfers: Transfers
-    local_copies: LocalCopies
-    commit_round: np.ndarray
-    expert_bytes: float
-    staging_bytes: float
-    naive_bytes: float
-    gpus_per_node: int
-
-    @property
-    def bytes_moved(self) -> float:
-        """Bytes sent between GPUs (local copies excluded)."""
-        return float(self.transfers.bytes.sum())
-
-    @property
-    def bytes_inter_node(self) -> float:
-        t = self.transfers
-        cross = t.src_gpu // self.gpus_per_node != t.dst_gpu // self.gpus_per_node
-        return float(t.bytes[cross].sum())
-
-    @property
-    def local_copy_bytes(self) -> float:
-        return len(self.local_copies) * self.expert_bytes
-
-    @property
-    def num_rounds(self) -> int:
-        return int(self.transfers.round.max()) + 1 if len(self.transfers) else 0
-
-    def layer_bytes(self) -> np.ndarray:
-        """Bytes sent between GPUs per layer. Shape: float64 [L]."""
-        return np.bincount(self.transfers.layer, weights=self.transfers.bytes,
-                           minlength=self.new.num_layers)
-
-    def summary(self) -> dict[str, float]:
-        """Headline figures (bytes, rounds, saving vs the naive plan)."""
-        naive = self.naive_bytes
-        return {"naive_bytes": naive, "bytes_moved": self.bytes_moved,
-                "bytes_inter_node": self.bytes_inter_node,
-                "local_copy_bytes": self.local_copy_bytes,
-                "saving": 1.0 - self.bytes_moved / naive if naive else 0.0,
-                "transfers": float(len(self.transfers)), "rounds": float(self.num_rounds),
-                "max_layer_bytes": float(self.layer_bytes().max())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,20 +89,14 @@ def _counts(p2l: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
 def _max_assignment(weight: np.ndarray) -> tuple[np.ndarray, int]:
     """Row -> column assignment of largest total ``weight`` (int64 [n, n]), identity on ties.
 
-    Returns (int64 [n] column of each row, total weight). OR-tools' exact linear sum assignment.
+    Returns (int64 [n] column of each row, total weight):
+    :func:`placer.ilp.assignment.max_weight_assignment` on weights that break ties.
     """
-    n = weight.shape[0]
-    if n == 1:
-        return np.zeros(1, np.int64), int(weight[0, 0])
-    from ortools.graph.python import linear_sum_assignment
+    from placer.ilp.assignment import max_weight_assignment  # deferred: placer.ilp init, 0.5 s
 
+    n = weight.shape[0]
     score = weight * (n + 1) + np.eye(n, dtype=np.int64)  # ties go to the identity
-    solver = linear_sum_assignment.SimpleLinearSumAssignment()
-    tails, heads = np.divmod(np.arange(n * n, dtype=np.int64), n)
-    solver.add_arcs_with_cost(tails, heads, (score.max() - score).ravel())
-    if solver.solve() != solver.OPTIMAL:
-        raise RuntimeError("linear sum assignment failed")
-    cols = np.array([solver.right_mate(i) for i in range(n)], np.int64)
+    cols = max_weight_assignment(score)
     return cols, int(weight[np.arange(n), cols].sum())
 
 
@@ -357,11 +225,11 @@ def plan_migration(old: Placement, new: Placement, topology: Topology, *, expert
                           np.full(len(t), float(expert_bytes)), rounds)
     c = np.asarray(copies, np.int64).reshape(-1, 5)
     return MigrationPlan(
-        new=relabelled, gpu_relabel=_frozen(gpu_relabel, np.int64),
-        node_relabel=_frozen(node_relabel, np.int64), slot_map=_frozen(slot_map, np.int64),
-        kept=_frozen(p2l == old_p2l, bool), transfers=transfers,
+        new=relabelled, gpu_relabel=frozen_array(gpu_relabel, np.int64),
+        node_relabel=frozen_array(node_relabel, np.int64), slot_map=frozen_array(slot_map, np.int64),
+        kept=frozen_array(p2l == old_p2l, bool), transfers=transfers,
         local_copies=LocalCopies(c[:, 0], c[:, 1], c[:, 2], c[:, 3], c[:, 4]),
-        commit_round=_frozen(commit, np.int64), expert_bytes=float(expert_bytes),
+        commit_round=frozen_array(commit, np.int64), expert_bytes=float(expert_bytes),
         staging_bytes=float(staging_bytes), naive_bytes=naive_bytes(old, new, expert_bytes),
         gpus_per_node=gpn)
 
@@ -541,7 +409,10 @@ def plan_files(old_path: str | os.PathLike[str], new_path: str | os.PathLike[str
     ``expert_bytes`` defaults to the model's. Raises InvalidInputError when the files are for
     different models or clusters.
     """
-    from placer.io.placements import read_placement_json, write_placement_json
+    from placer.io.placements import (  # deferred: the file readers (0.2 s), only for plan_files
+        read_placement_json,
+        write_placement_json,
+    )
 
     old_f, new_f = read_placement_json(old_path), read_placement_json(new_path)
     for what in ("model", "topology"):

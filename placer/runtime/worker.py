@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from placer.metrics.dispatch import KNUTH_MULTIPLIER
+from placer.runtime.model import expert_forward, rms_norm, route, weight_checksum
 
 __all__ = ["EPRank"]
 
@@ -46,7 +47,7 @@ class EPRank:
 
     def __init__(self, rank: int, world_size: int, *, hidden_size: int, ffn_size: int, top_k: int,
                  slots_per_gpu: int, router: np.ndarray, device: str = "cpu") -> None:
-        import torch
+        import torch  # deferred: torch is an optional extra (runtime)
 
         torch.set_num_threads(1)
         self.torch = torch
@@ -71,7 +72,7 @@ class EPRank:
 
     def address(self) -> tuple[str, int]:
         """This host's address and a free TCP port (the rendezvous of a new process group)."""
-        import ray
+        import ray  # deferred: ray is an optional extra (runtime)
 
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("", 0))
@@ -80,7 +81,7 @@ class EPRank:
 
     def init_group(self, init_method: str, timeout_s: float) -> float:
         """Join the default and the migration process group; returns the seconds it took."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch is an optional extra (runtime)
 
         start = time.perf_counter()
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -91,7 +92,7 @@ class EPRank:
 
     def teardown(self) -> None:
         """Leave the process groups (after a failure) and drop staged, uncommitted experts."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch is an optional extra (runtime)
 
         self.staging.clear()
         self.migration_group = None
@@ -109,8 +110,6 @@ class EPRank:
 
     def checksums(self) -> list[list[str]]:
         """Checksum of every slot this rank holds, [L][S] (the controller compares them)."""
-        from placer.runtime.model import weight_checksum
-
         return [[weight_checksum(s.cpu().numpy()) for s in layer] for layer in self.slots]
 
     def _map(self, spec: Any) -> Any:
@@ -135,7 +134,7 @@ class EPRank:
         Returns (output [t, H], seconds of commit / forward / transfer wait / verify, and the
         verify entries whose checksum differs, as (layer, slot, got)).
         """
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch is an optional extra (runtime)
 
         torch = self.torch
         times: dict[str, float] = {}
@@ -159,12 +158,11 @@ class EPRank:
         y = self.forward(torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device))
         t2 = time.perf_counter()
         for w in works:
+            assert w is not None  # every rank is in the migration group: each send/receive has a Work
             w.wait()
         t3 = time.perf_counter()
         bad = []
         if verify:
-            from placer.runtime.model import weight_checksum
-
             for layer, slot, expected in verify:
                 got = weight_checksum(self.staging[(layer, slot)].cpu().numpy())
                 if got != expected:
@@ -175,10 +173,9 @@ class EPRank:
 
     def forward(self, x):
         """Every MoE layer on this rank's tokens ``x: [t, H]``; the ranks call it together."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch is an optional extra (runtime)
 
-        from placer.kernels.ops import permute, unpermute
-        from placer.runtime.model import expert_forward, rms_norm, route
+        from placer.kernels.ops import permute, unpermute  # deferred: ops imports torch
 
         torch = self.torch
         g, s = self.world_size, self.slots_per_gpu

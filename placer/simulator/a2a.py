@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.io.routing import gather_routing
 from placer.presets import make_topology
 from placer.simulator.config import NetworkParams, kernel_preset
 from placer.simulator.cost.network import NetworkModel
@@ -49,7 +50,6 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, *, groups: int
 
 
 def _trace_routing(path: str, num_tokens: int, num_experts: int, top_k: int, seed: int) -> np.ndarray:
-    from placer.io.routing import gather_routing
     routing = gather_routing([path])
     if routing.trace is not None:
         ids = np.asarray(routing.trace.sorted_ids() if routing.trace.has_top1 else routing.trace.expert_ids)

@@ -1,17 +1,20 @@
 """Simulator parameters: network kernels, compute roofline, workloads. No side effects.
 
-Every default names its source; the numbers are in ../shared/reference/simulator-anchors.md
-(section numbers below refer to that sheet) and the calibration in benchmarks/fidelity.md.
+Every default names its source; the numbers are in docs/reference/simulator.md
+(section numbers below refer to that copy) and the calibration in benchmarks/fidelity.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from placer.errors import InvalidInputError
+from placer.simulator.network_kernels import kernel_names, network_kernel
 
-KERNELS = ("nccl", "deepep-normal", "deepep-ll")
+KERNELS = kernel_names()
+"""The built-in kernels (``nccl``, ``deepep-normal``, ``deepep-ll``); :func:`kernel_names` also
+lists those registered since (:func:`~placer.simulator.network_kernels.register_kernel`)."""
 CONGESTION_MODELS = ("none", "fifo")
 WORKLOADS = ("serving", "replay")
 LENGTH_DISTRIBUTIONS = ("fixed", "exponential")
@@ -30,7 +33,8 @@ SIMAI_ATA_RATIO = {
 
 @dataclass(frozen=True)
 class NetworkParams:
-    """All-to-all cost model of one kernel family.
+    """All-to-all cost model of one kernel family (``kernel``: a registered
+    :class:`~placer.simulator.network_kernels.NetworkKernel`, which does the byte accounting).
 
     A phase on a GPU port (NVLink out/in, NIC out/in) takes ``launch_s + hops * hop_s +
     bytes / (bandwidth * efficiency)``; the bandwidths are the topology's achievable per-GPU
@@ -56,8 +60,7 @@ class NetworkParams:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise InvalidInputError(f"unknown kernel {self.kernel!r}; known: {', '.join(KERNELS)}", source="--kernel")
+        network_kernel(self.kernel)  # raises InvalidInputError for an unregistered kernel
         if self.congestion not in CONGESTION_MODELS:
             raise InvalidInputError(f"unknown congestion model {self.congestion!r}; known: "
                                     f"{', '.join(CONGESTION_MODELS)}", source="--congestion")
@@ -75,11 +78,19 @@ class NetworkParams:
                 raise InvalidInputError(f"{name} must be in (0, 2]", source="network parameters")
 
 
+class _Efficiencies(TypedDict):
+    """The efficiency fields of :class:`NetworkParams` a calibration fits."""
+
+    nvlink_efficiency: float
+    forward_efficiency: float
+    rdma_efficiency: float
+
+
 # DeepEP normal kernels: NVLink efficiency fitted on DeepEP's EP8 row, the internode kernel's
 # NVLink (forwarding) efficiency on its EP16 row (docs/legacy.md: H800, 4096 tokens, hidden 7168,
 # top-8 of 256, 4 of 8 groups) by benchmarks/calibrate_deepep.py; the NIC is not fitted (48.5 GB/s,
 # SimAI's CX7 constant). EP32 and EP64 are predictions (benchmarks/fidelity.md).
-DEEPEP_NORMAL_FIT = {"nvlink_efficiency": 0.989, "forward_efficiency": 0.695, "rdma_efficiency": 1.0}
+DEEPEP_NORMAL_FIT: _Efficiencies = {"nvlink_efficiency": 0.989, "forward_efficiency": 0.695, "rdma_efficiency": 1.0}
 
 KERNEL_PRESETS: dict[str, NetworkParams] = {
     # NCCL grouped send/recv all-to-all: Ring/Simple base latency 8.4 us, per-hop NVLink 3.4 us,
@@ -100,10 +111,11 @@ KERNEL_PRESETS: dict[str, NetworkParams] = {
 
 
 def kernel_preset(kernel: str, **overrides: Any) -> NetworkParams:
-    """The preset of ``kernel`` with ``overrides`` (None values ignored)."""
-    if kernel not in KERNEL_PRESETS:
-        raise InvalidInputError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}", source="--kernel")
-    return replace(KERNEL_PRESETS[kernel], **{k: v for k, v in overrides.items() if v is not None})
+    """The preset of ``kernel`` with ``overrides`` (None values ignored); a registered kernel
+    without a preset starts from the :class:`NetworkParams` defaults. InvalidInputError for an
+    unregistered kernel."""
+    base = KERNEL_PRESETS.get(kernel) or NetworkParams(kernel=kernel)
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # DeepGEMM README (commit 55ab91f, H800 FP8, sheet 2.7): grouped-GEMM TFLOPS / 1979 peak by

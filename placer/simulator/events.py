@@ -1,7 +1,8 @@
 """The simulator's events. Each updates state through the context and returns follow-on events.
 
-Durations come from the :class:`~placer.simulator.cost.StepCost` the context's cost model
-produced when the step started; an event only adds the next phase's duration to its own time.
+Durations come from the :class:`~placer.simulator.cost.StepCost` the context's cost model (a
+:class:`~placer.simulator.cost.StepCostModel`, injected) produced when the step started; an
+event only adds the next phase's duration to its own time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from placer.simulator.cost import StepCostModel
 from placer.simulator.engine import Event, Priority
 
 
@@ -20,7 +22,7 @@ class SimContext:
 
     scheduler: Any
     route: Any
-    cost_model: Any
+    cost_model: StepCostModel
     collector: Any
     idle: bool = True
     progress: Any = None

@@ -92,7 +92,7 @@ def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
     the simulator sections; ``content`` is an HTML fragment (inserted as is: the caller vouches
     for it), a DataFrame (rendered as an escaped table) or a plotly figure.
     """
-    import plotly.graph_objects as go  # lazy: plotly is only needed to render
+    import plotly.graph_objects as go  # deferred: plotly is needed only to render
 
     groups = _groups(results)
     entries = _entries(groups)
@@ -238,7 +238,7 @@ def _cdf(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _latency(go: Any, figs: _Figures, entries: list[_Entry]) -> str:
-    from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots  # deferred: plotly is needed only to render
 
     metrics: tuple[tuple[str, str], ...]
     if any(len(e.rows["requests"]) for e in entries):
@@ -305,7 +305,7 @@ def _gpu_load(go: Any, entry: _Entry) -> Any:
 
 
 def _links(go: Any, entry: _Entry) -> Any:
-    from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots  # deferred: plotly is needed only to render
 
     links = entry.rows["links"]
     ranks = sorted({*links["src"].tolist(), *links["dst"].tolist(),

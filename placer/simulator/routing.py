@@ -177,6 +177,7 @@ def routing_rates(placement: Placement, topology: Topology, pool: np.ndarray, *,
         flat = ((src[:, :, None] + np.arange(num_layers)[None, :, None] * g_count) * num_slots + sl).ravel()
         slots = np.bincount(flat, minlength=num_layers * g_count * num_slots).reshape(
             num_layers, g_count, num_slots).astype(np.float64)
+        assert tr.pairs is not None  # token_traffic always counts the pairs
         return RoutingRates(execution=execution, tokens=_per_source(tr.tokens, tr.src),
                             nodes=_per_source(tr.nodes, tr.src), pairs=_per_source(tr.pairs, tr.src),
                             slots=_per_source(slots, tr.src), src_share=tr.src / s, moves=tr.moves / s)

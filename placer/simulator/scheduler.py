@@ -10,6 +10,7 @@ consecutive tokens of a trace.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,7 @@ class ReplayScheduler:
         self.w = workload
         self.g = num_gpus
         per_step = workload.tokens_per_rank * num_gpus
+        self.batches: Sequence[np.ndarray | None]
         if trace is None:
             self.batches = [None] * (workload.iterations or 100)
         else:

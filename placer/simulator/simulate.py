@@ -1,4 +1,10 @@
-"""One call per simulated placement: build the pieces, run the engine, return a RunOutput."""
+"""One call per simulated placement: build the pieces, run the engine, return a RunOutput.
+
+The cost model is injected: ``simulate(..., cost_model=factory)`` builds it per placement with
+``factory(model, topology, placement, config)`` (a :data:`~placer.simulator.cost.CostModelFactory`;
+default :class:`~placer.simulator.cost.CostModel`, the roofline one). The events ask it for every
+step's durations; the scheduler's KV capacity comes from ``config.compute``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from placer.errors import InvalidInputError
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
 from placer.simulator.collector import Collector
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
-from placer.simulator.cost import CostModel
+from placer.simulator.cost import CostModel, CostModelFactory
+from placer.simulator.cost.compute import attention_params, kv_bytes_per_token
 from placer.simulator.engine import Engine
 from placer.simulator.events import RequestArrival, SimContext, StepStart
 from placer.simulator.results import RunOutput
@@ -44,14 +51,16 @@ def _check(model: ModelSpec, topology: Topology, placement: Placement, config: S
 def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
              routing: RoutingTrace | RoutingStats | None = None, workload: Workload | None = None,
              config: SimConfig | None = None, label: str = "placement", level: str = "count",
-             progress: Callable[[int, float], None] | None = None) -> RunOutput:
+             progress: Callable[[int, float], None] | None = None,
+             cost_model: CostModelFactory | None = None) -> RunOutput:
     """Simulate serving ``model`` on ``topology`` with ``placement``.
 
     ``routing``: a trace or statistics (None: the model's synthetic preset). ``workload``:
     :class:`ServingWorkload` (default) or :class:`ReplayWorkload`. ``level``: ``count`` (routing
     sampled from per-token rates) or ``token`` (every token routed; replay of a trace always
     is). Deterministic given ``config.seed``: placements compared with the same seed see the
-    same arrivals and the same routing draws.
+    same arrivals and the same routing draws. ``cost_model``: the factory of the step cost model
+    (None: :class:`~placer.simulator.cost.CostModel`).
     """
     config = config or SimConfig()
     workload = workload or ServingWorkload()
@@ -59,13 +68,13 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     if level not in ("count", "token"):
         raise InvalidInputError(f"unknown routing level {level!r}", source="level")
     g = topology.num_gpus
-    cost = CostModel(model, topology, placement, config)
+    cost = (cost_model or CostModel)(model, topology, placement, config)
     collector = Collector(label, model.num_moe_layers, g)
     execution, dispatch = config.execution, config.dispatch or "nearest"
     table = (None if dispatch in POSITION_RULES
              else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED, model=model))
     rng = np.random.default_rng([config.seed, 1])
-    need_pairs = config.network.kernel == "deepep-ll"
+    need_pairs = cost.needs_pairs
     replay_trace = routing if isinstance(workload, ReplayWorkload) and isinstance(routing, RoutingTrace) else None
     if replay_trace is not None:
         if execution != "standard" and not replay_trace.has_top1:
@@ -101,8 +110,8 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
         engine.schedule(StepStart(0.0))
     else:
         arrivals = poisson_arrivals(workload, config.seed)
-        kv = cost.compute.kv_bytes
-        capacity = kv_capacity_tokens(model, topology, placement, kv, cost.compute.attention_params)
+        capacity = kv_capacity_tokens(model, topology, placement, kv_bytes_per_token(config.compute, model),
+                                      attention_params(config.compute, model))
         scheduler = ServingScheduler(arrivals, workload, g, capacity, replicate_kv=execution != "standard")
         for i, t in enumerate(arrivals.time_s):
             engine.schedule(RequestArrival(float(t), i))

@@ -8,6 +8,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.simulator.config import ServingWorkload
+from placer.synthetic import synthesize_trace
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 
 
@@ -44,7 +45,6 @@ def routing_pool(data: RoutingTrace | RoutingStats | None, model: ModelSpec, *, 
     """
     rng = np.random.default_rng(seed)
     if data is None:
-        from placer.synthetic import synthesize_trace
         trace = synthesize_trace(model, size, seed=seed)
         return RoutingPool(np.asarray(trace.expert_ids, dtype=np.int64), f"synthetic:{model.name}", True)
     if isinstance(data, RoutingTrace):

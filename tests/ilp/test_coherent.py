@@ -11,7 +11,7 @@ from placer.ilp import coherent as cc
 from placer.ilp._pulp import highs_available
 from placer.ilp.exact import coherent_cost, partition_dp
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 from placer.validate import check_placement
 

@@ -16,7 +16,7 @@ import pytest
 from placer.errors import InvalidInputError
 from placer.ilp import METHODS, PlacementProblem, solve
 from placer.presets import make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import SOLVE_STATUSES, ModelSpec, RoutingTrace
 from placer.validate import check_placement
 

@@ -14,7 +14,7 @@ from placer.errors import InvalidInputError
 from placer.ilp import METHODS, PlacementProblem, solve
 from placer.ilp.eplb import balanced_packing, gpu_load_ratio, rebalance_experts, replicate_experts
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.types import ModelSpec, Placement
 from placer.validate import check_placement
 

@@ -22,7 +22,7 @@ from placer.ilp.exflow import (
     top1_counts,
 )
 from placer.presets import make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import SOLVE_STATUSES, ModelSpec, RoutingTrace
 from placer.validate import check_placement
 

@@ -17,7 +17,7 @@ from placer.ilp.simple import contiguous_map
 from placer.metrics import dispatch_traffic
 from placer.metrics.dispatch import slot_load
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import ModelSpec, Placement, RoutingTrace
 from placer.validate import check_placement
 
@@ -318,7 +318,7 @@ def test_time_limit_reports_timeout():
 
 
 def test_load_only_stats_balance_only():
-    from placer.profiling.stats import load_only_stats
+    from placer.stats import load_only_stats
 
     model = get_model("mixtral-8x7b")
     stats = load_only_stats(np.random.default_rng(0).integers(1, 100, (32, 8)), top_k=2)
@@ -365,7 +365,7 @@ def test_placer_keeps_sglang_static_tables_balanced(shape):
     draws. placer's result is never worse, on SGLang's actual tables, than EPLB or the coordinated
     start; with a mild skew (gamma shape 4, like real Qwen3 load) it beats EPLB clearly."""
     from placer.ilp.starts import coordinated_map
-    from placer.profiling.stats import load_only_stats
+    from placer.stats import load_only_stats
     rng = np.random.default_rng(0)
     model = ModelSpec.from_shape(6, 64, 6, name="m")
     load = rng.gamma(shape, size=(6, 64)) * 1000

@@ -11,8 +11,8 @@ import pytest
 from placer.errors import InvalidInputError
 from placer.ilp import METHODS, PlacementProblem, solve
 from placer.ilp._pulp import highs_available
+from placer.ilp.mip import Budget
 from placer.ilp.moetuner import (
-    Budget,
     bandwidth_weights,
     bottleneck_assignment,
     cluster_layer,
@@ -24,7 +24,7 @@ from placer.ilp.moetuner import (
     min_cost_assignment,
 )
 from placer.presets import make_topology
-from placer.profiling.stats import compute_stats, load_only_stats
+from placer.stats import compute_stats, load_only_stats
 from placer.types import SOLVE_STATUSES, ModelSpec, RoutingTrace
 from placer.validate import check_placement
 

@@ -8,7 +8,7 @@ import pytest
 from placer.ilp import PlacementProblem, solve
 from placer.ilp.parallel import layer_groups
 from placer.presets import make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import ModelSpec, RoutingTrace
 
 

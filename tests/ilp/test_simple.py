@@ -4,7 +4,7 @@ import pytest
 from placer.errors import InfeasibleError, InvalidInputError
 from placer.ilp import PlacementProblem, solve
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.validate import check_placement
 
 

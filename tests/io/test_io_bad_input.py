@@ -18,7 +18,7 @@ from placer.io import (
     write_trace_parquet,
 )
 from placer.io._common import HEADER_KEY, header_bytes
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.types import ModelSpec, RoutingTrace
 
 MODEL = ModelSpec.from_shape(3, 8, 2, name="m3")

@@ -16,7 +16,7 @@ from placer.io import (
     write_trace_npz,
     write_trace_parquet,
 )
-from placer.profiling.stats import StatsBuilder, load_only_stats
+from placer.stats import StatsBuilder, load_only_stats
 from placer.types import ModelSpec, RoutingTrace
 
 

@@ -15,7 +15,7 @@ from placer.errors import InvalidInputError
 from placer.io.external import MEGATRON_ASCENDING_NOTE, MEGATRON_PROB_KEYS, read_megatron_jsonl
 from placer.io.routing import check_top1, gather_routing
 from placer.io.traces import read_input, read_trace
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from placer.profiling.capture import RouterRecorder, find_routers, model_spec  #
 from placer.profiling.embedded import ByteTokenizer  # noqa: E402
 from placer.profiling.hf import FAMILIES, LoadedModel, build_family, capture_chunks  # noqa: E402
 from placer.profiling.profile import profile_hf  # noqa: E402
-from placer.profiling.stats import compute_stats  # noqa: E402
+from placer.stats import compute_stats  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -67,8 +67,8 @@ def test_embedded_model_routes_held_out_text_with_structure():
     pytest.importorskip("transformers")
     from placer.profiling.capture import model_spec
     from placer.profiling.hf import LoadedModel, capture_chunks
-    from placer.profiling.stats import StatsBuilder
     from placer.profiling.summary import summarize
+    from placer.stats import StatsBuilder
 
     model = embedded.load_embedded()
     spec = model_spec(model, embedded.NAME)

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from placer.errors import InvalidInputError
 from placer.presets import MODELS
-from placer.profiling import _count
-from placer.profiling.stats import StatsBuilder, compute_stats, merge_stats
+from placer.stats import StatsBuilder, _count, compute_stats, merge_stats
 from placer.synthetic import synthesize, synthesize_trace
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 

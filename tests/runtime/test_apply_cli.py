@@ -9,7 +9,7 @@ from placer.cli import main
 from placer.ilp import PlacementProblem, solve
 from placer.io.placements import export_placement, read_placement_json, write_placement_json
 from placer.presets import make_topology
-from placer.profiling.stats import compute_stats
+from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
 
 pytest.importorskip("torch")

@@ -13,11 +13,11 @@ from placer.ilp import PlacementProblem, solve
 from placer.ilp.simple import contiguous_map
 from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
 from placer.simulator.config import SimConfig, kernel_preset
 from placer.simulator.cost import BatchShape, CostModel
 from placer.simulator.routing import routing_rates, sample_traffic, token_traffic
 from placer.simulator.workload import routing_pool
+from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
 from placer.types import Placement, Topology
 

@@ -24,8 +24,8 @@ from placer.io.placements import export_placement
 from placer.io.stack_files import sglang_full_map
 from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import compute_stats
 from placer.stacks import ARCHITECTURES, SGLANG_PLACEABLE
+from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
 
 pytestmark = [pytest.mark.stacks, pytest.mark.timeout(900)]

@@ -21,7 +21,7 @@ from placer.ilp import PlacementProblem, solve
 from placer.io.placements import export_placement
 from placer.metrics.dispatch import dispatch_table
 from placer.presets import get_model, make_topology
-from placer.profiling.stats import load_only_stats
+from placer.stats import load_only_stats
 from placer.types import Placement
 from placer.validate import duplicate_copies
 

@@ -27,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from placer.costs import transfer_seconds
 from placer.errors import InvalidInputError
+from placer.ilp import PlacementProblem, solve
+from placer.metrics import gpu_load, load_balance
+from placer.runtime.plan import plan_migration
+from placer.simulator import ReplayWorkload, SimConfig, simulate
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, RoutingStats, Topology
 
 
@@ -90,14 +95,12 @@ class Decision:
 
 def imbalance(placement: Placement, topology: Topology, stats: RoutingStats, dispatch: str = "nearest") -> float:
     """Max/mean GPU load of ``placement`` on ``stats``, median over layers."""
-    from placer.metrics import gpu_load, load_balance
     return load_balance(gpu_load(placement, topology, stats, dispatch=dispatch))["median"]
 
 
 def step_time(placement: Placement, topology: Topology, model: ModelSpec, stats: RoutingStats,
               config: PolicyConfig) -> float:
     """Mean simulated step time of ``placement`` on ``stats`` (seconds)."""
-    from placer.simulator import ReplayWorkload, SimConfig, simulate
     out = simulate(placement, topology, model, routing=stats,
                    workload=ReplayWorkload(tokens_per_rank=config.tokens_per_rank, iterations=config.iterations),
                    config=SimConfig(dispatch=config.dispatch, seed=config.seed, pool_size=config.pool_size),
@@ -116,7 +119,7 @@ def migration_seconds(plan: Any, topology: Topology) -> float:
     for end in (t.src_gpu, t.dst_gpu):
         intra = np.bincount(end[~cross], weights=t.bytes[~cross], minlength=g)
         inter = np.bincount(end[cross], weights=t.bytes[cross], minlength=g)
-        seconds = intra / (topology.nvlink_gbps * 1e9) + inter / (topology.nic_gbps * 1e9)
+        seconds = transfer_seconds(intra, topology.nvlink_gbps) + transfer_seconds(inter, topology.nic_gbps)
         worst = max(worst, float(seconds.max()))
     return worst
 
@@ -136,9 +139,6 @@ def evaluate(current: Placement, stats: RoutingStats, model: ModelSpec, topology
     Returns the decision and the candidate (relabelled to move the fewest weights; None when
     the solver gave nothing new).
     """
-    from placer.ilp import PlacementProblem, solve
-    from placer.runtime.plan import plan_migration
-
     start = time.perf_counter()
     base: dict[str, Any] = dict(observations=observations, method=config.method, threshold=config.threshold, time=time.time())
     problem = PlacementProblem(stats, model, topology, num_redundant=config.redundant, dispatch=config.dispatch)

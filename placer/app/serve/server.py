@@ -6,7 +6,7 @@ otherwise):
 ``GET /healthz``
     ``{"status": "ok"}``.
 ``GET /metrics``
-    Prometheus text format (version 0.0.4).
+    Prometheus text format (``prometheus_client``, one registry per server).
 ``GET /placement?format=placer|sglang``
     The current placement; header ``X-Placer-Published`` counts publications.
 ``GET /status``
@@ -24,15 +24,64 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
+from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from placer.app.serve.state import parse_observation
 from placer.errors import InvalidInputError
 
 log = logging.getLogger("placer.serve")
+
+
+# (name, help, key of the service's last decision); placer_imbalance and placer_threshold come
+# from the service itself.
+_DECISION_GAUGES = (
+    ("placer_predicted_gain", "Simulated relative step-time reduction of the last candidate.", "gain"),
+    ("placer_predicted_net_gain", "Predicted gain minus the amortised migration cost.", "net_gain"),
+    ("placer_migration_seconds", "Weight-transfer time of the last candidate's migration.", "migration_s"),
+    ("placer_last_solve_seconds", "Wall time of the last solve.", "solve_s"),
+    ("placer_last_decision_seconds", "Wall time of the last evaluation (solve, simulate, plan).", "decide_s"),
+    ("placer_last_solve_timestamp_seconds", "Unix time of the last evaluation.", "time"),
+)
+# (name, help); the value is the service counter of the same name without ``placer_``.
+_COUNTERS = (
+    ("placer_placements_published_total", "Placements published since the state began."),
+    ("placer_observations_total", "Load observations added to the window."),
+    ("placer_bad_inputs_total", "Malformed posts and unreadable dump files skipped."),
+    ("placer_evaluations_total", "Candidate evaluations run."),
+)
+
+
+def _gauge(name: str, text: str, value: Any) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=float("nan") if value is None else float(value))
+
+
+class _ServiceCollector(Collector):
+    """The service's gauges and counters, read from it at each scrape."""
+
+    def __init__(self, service: Any):
+        self.service = service
+
+    def collect(self) -> Iterable[Metric]:
+        imbalance = self.service.current_imbalance()
+        status = self.service.status()
+        counters = status["counters"]
+        decision = status["last_decision"] or {}
+        yield _gauge("placer_imbalance", "Max/mean GPU load of the current placement on the window, median "
+                                         "over layers (NaN before any observation).", imbalance)
+        for name, text, key in _DECISION_GAUGES:
+            yield _gauge(name, text, decision.get(key))
+        yield _gauge("placer_threshold", "Net gain a candidate must exceed to be published.", status["threshold"])
+        for name, text in _COUNTERS:
+            yield CounterMetricFamily(name, text, value=float(counters[name.removeprefix("placer_")]))
 
 
 class _Server(ThreadingHTTPServer):
@@ -41,11 +90,12 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type, service: Any, token: str | None):
         if ":" in address[0]:
-            import socket
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.service = service
         self.token = token
+        self.registry = CollectorRegistry(auto_describe=False)  # this server's own: tests run several
+        self.registry.register(_ServiceCollector(service))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -136,8 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK, {"status": "ok"})
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
-        text = self.server.service.metrics_text()
-        self._send(HTTPStatus.OK, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        self._send(HTTPStatus.OK, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
 
     def _status(self, query: dict[str, list[str]]) -> None:
         self._json(HTTPStatus.OK, self.server.service.status())

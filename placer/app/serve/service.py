@@ -8,6 +8,7 @@ while it solves and simulates, so the HTTP server stays responsive).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -18,9 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from placer.app.serve.policy import Decision, PolicyConfig, evaluate, imbalance
+from placer.app.serve.server import make_server
 from placer.app.serve.state import Observation, ServiceState, Window, load_state, save_state
 from placer.app.serve.watcher import DirectoryWatcher
 from placer.errors import InvalidInputError, PlacerError
+from placer.ilp import PlacementProblem, solve
+from placer.io.atomic import atomic_write_bytes
+from placer.io.placements import export_placement, write_placement_json
 from placer.stacks import STACKS, Stack
 from placer.types import ModelSpec, Placement, Topology
 
@@ -54,7 +59,6 @@ class ServeConfig:
 
 def is_local_host(host: str) -> bool:
     """Whether binding ``host`` only accepts connections from this machine."""
-    import ipaddress
     if host == "localhost":
         return True
     try:
@@ -67,7 +71,6 @@ def _render(placement: Placement, model: ModelSpec, topology: Topology, dispatch
             metrics: dict[str, Any], stack: Stack | None = None) -> dict[str, bytes]:
     """The placement in every served format SGLang 0.5.23 can load for this model, rendered by
     the library's own writers (vLLM 0.34.0 loads no placement file)."""
-    from placer.io.placements import export_placement, write_placement_json
     docs: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="placer-serve-") as tmp:
         path = os.path.join(tmp, "placer.json")
@@ -111,7 +114,6 @@ class Service:
                 placement, method = config.initial, "initial"
                 self.origin = f"initial placement from {config.initial_source or 'the caller'}"
             else:
-                from placer.ilp import PlacementProblem, solve
                 problem = PlacementProblem(Window(model.num_moe_layers, model.num_experts, 1.0).stats(model),
                                            model, topology, num_redundant=policy.redundant)
                 contiguous = solve(problem, "contiguous").placement
@@ -229,11 +231,9 @@ class Service:
                        self.config.stack)
 
     def _write_outputs(self) -> None:
-        from placer.io.placements import export_placement
         cfg = self.config
         try:
             if cfg.output_path:
-                from placer.io.atomic import atomic_write_bytes
                 atomic_write_bytes(cfg.output_path, self._docs["placer"])
             for fmt, path in cfg.exports:
                 export_placement(self.state.placement, fmt, path, model=cfg.model, topology=cfg.topology)
@@ -276,41 +276,6 @@ class Service:
                     "half_life": self.config.half_life, "counters": dict(self.state.counters),
                     "evaluated_observations": self._evaluated, "last_decision": self.state.last_decision}
 
-    def metrics_text(self) -> str:
-        imb = self.current_imbalance()
-        with self._lock:
-            c = dict(self.state.counters)
-            d = self.state.last_decision or {}
-        rows = [
-            ("placer_imbalance", "gauge", "Max/mean GPU load of the current placement on the window, median "
-                                          "over layers (NaN before any observation).", imb),
-            ("placer_predicted_gain", "gauge", "Simulated relative step-time reduction of the last candidate.",
-             d.get("gain")),
-            ("placer_predicted_net_gain", "gauge", "Predicted gain minus the amortised migration cost.",
-             d.get("net_gain")),
-            ("placer_migration_seconds", "gauge", "Weight-transfer time of the last candidate's migration.",
-             d.get("migration_s")),
-            ("placer_last_solve_seconds", "gauge", "Wall time of the last solve.", d.get("solve_s")),
-            ("placer_last_decision_seconds", "gauge", "Wall time of the last evaluation (solve, simulate, plan).",
-             d.get("decide_s")),
-            ("placer_last_solve_timestamp_seconds", "gauge", "Unix time of the last evaluation.", d.get("time")),
-            ("placer_threshold", "gauge", "Net gain a candidate must exceed to be published.",
-             self.config.policy.threshold),
-            ("placer_placements_published_total", "counter", "Placements published since the state began.",
-             c["placements_published_total"]),
-            ("placer_observations_total", "counter", "Load observations added to the window.",
-             c["observations_total"]),
-            ("placer_bad_inputs_total", "counter", "Malformed posts and unreadable dump files skipped.",
-             c["bad_inputs_total"]),
-            ("placer_evaluations_total", "counter", "Candidate evaluations run.", c["evaluations_total"]),
-        ]
-        lines = []
-        for name, kind, text, value in rows:
-            v = float("nan") if value is None else float(value)
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-                      f"{name} {'NaN' if math.isnan(v) else repr(v) if kind == 'gauge' else int(v)}"]
-        return "\n".join(lines) + "\n"
-
     # ---------------------------------------------------------------------------------------
     # Life cycle
     # ---------------------------------------------------------------------------------------
@@ -338,7 +303,6 @@ class Service:
 
     def start(self) -> tuple[str, int]:
         """Bind, write the current placement, start the threads; returns (host, port)."""
-        from placer.app.serve.server import make_server
         self._server = make_server(self, self.config.host, self.config.port, self.config.token)
         log.info("%s", self.origin)
         self.save()

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from placer.app.serve.state import Observation, observation_from_stats
 from placer.errors import PlacerError
+from placer.io.routing import top1_reason
+from placer.io.traces import read_input
+from placer.stats import compute_stats
 from placer.types import ModelSpec
 
 log = logging.getLogger("placer.serve")
@@ -26,9 +29,6 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp")
 
 def read_observation(path: str, model: ModelSpec) -> Observation:
     """One routing file as an observation (raises PlacerError for bad input)."""
-    from placer.io.traces import read_input
-    from placer.profiling.stats import compute_stats
-
     inp = read_input(path, model=model)
     if inp.kind == "stats":
         assert inp.stats is not None
@@ -36,7 +36,6 @@ def read_observation(path: str, model: ModelSpec) -> Observation:
     assert inp.chunks is not None
     stats = compute_stats(inp.chunks(), sample_size=0)
     if not stats.has_top1 and stats.num_layers > 1:
-        from placer.io.routing import top1_reason
         log.warning("%s: %s; the window's top-1 transitions come from other inputs only", path,
                     top1_reason(inp.format, "trace"))
     return observation_from_stats(stats, path)

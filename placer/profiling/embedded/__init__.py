@@ -18,6 +18,7 @@ read from whatever held-out files exist.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 from collections.abc import Sequence
@@ -124,8 +125,6 @@ def find_files(pinned: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, bytes
 
     ``notes`` names each file that is missing or whose sha256 differs from the pinned one.
     """
-    import hashlib
-
     root = stdlib_dir()
     found, notes = [], []
     for rel, digest in pinned:
@@ -165,16 +164,16 @@ def heldout_prompts(max_bytes: int = 1024, limit: int | None = None) -> list[str
 
 def architecture_config() -> Any:
     """A fresh ``MixtralConfig`` of the embedded architecture (untrained)."""
-    from transformers import MixtralConfig
+    from transformers import MixtralConfig  # deferred: optional extra (placer[profile])
     return MixtralConfig(**ARCHITECTURE)
 
 
 def load_embedded(dtype: Any = None) -> Any:
     """The trained embedded ``MixtralForCausalLM`` in eval mode (float32 unless ``dtype``)."""
     try:
-        import torch
-        from safetensors.torch import load_file
-        from transformers import MixtralConfig, MixtralForCausalLM
+        import torch  # deferred: optional extra (placer[profile]), as are the two below
+        from safetensors.torch import load_file  # deferred: optional extra
+        from transformers import MixtralConfig, MixtralForCausalLM  # deferred: optional extra
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "torch", "profile", "profiling the embedded model") from None
     if not CONFIG_FILE.is_file() or not WEIGHTS_FILE.is_file():
@@ -182,7 +181,8 @@ def load_embedded(dtype: Any = None) -> Any:
                                 source=str(HERE))
     config = MixtralConfig(**json.loads(CONFIG_FILE.read_text()))
     with torch.device("cpu"):
-        model = MixtralForCausalLM(config)
+        # Any: transformers types ``.to`` as a wrapped function that mypy cannot bind to the instance
+        model: Any = MixtralForCausalLM(config)
     state = load_file(str(WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]

@@ -1,14 +1,18 @@
-"""Cost models, injected into the scheduler: the only place durations are computed.
+"""Cost models, injected into the simulation: the only place durations are computed.
 
-:class:`CostModel` composes the network model (all-to-all) and the compute model (roofline) into
-the :class:`StepCost` of one step: the ordered phase durations the events replay, and the
-per-layer details the collector records.
+:class:`StepCostModel` is what the simulator asks of one: the :class:`StepCost` of a step (the
+ordered phase durations the events replay, and the per-layer details the collector records)
+from its :class:`Traffic` and :class:`BatchShape`. ``simulate(..., cost_model=factory)`` builds
+one per placement with a :data:`CostModelFactory`; the default, :class:`CostModel`, composes the
+network model (all-to-all, per registered kernel) and the compute model (roofline).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +31,18 @@ class PhaseKind(IntEnum):
     DENSE = 4
     OTHER = 5
 
+
+def phase_kinds(model: ModelSpec) -> np.ndarray:
+    """The phases of one step in execution order, int8 [n] of :class:`PhaseKind`: per hidden
+    layer attention, then dispatch, compute and combine (MoE) or dense; last the step's other."""
+    moe = set(model.moe_layer_ids)
+    kinds: list[int] = []
+    for layer in range(model.num_hidden_layers):
+        kinds.append(PhaseKind.ATTENTION)
+        kinds.extend((PhaseKind.DISPATCH, PhaseKind.COMPUTE, PhaseKind.COMBINE) if layer in moe
+                     else (PhaseKind.DENSE,))
+    kinds.append(PhaseKind.OTHER)
+    return np.asarray(kinds, dtype=np.int8)
 
 
 @dataclass(frozen=True)
@@ -76,8 +92,27 @@ class StepCost:
         return float(self.durations_s.sum())
 
 
+class StepCostModel(Protocol):
+    """What the simulator asks of a cost model; the events only replay the durations it returns."""
+
+    @property
+    def needs_pairs(self) -> bool:
+        """Whether :meth:`step_cost` reads ``Traffic.pairs`` (count-level routing draws them
+        only then)."""
+        ...
+
+    def step_cost(self, traffic: Traffic, batch: BatchShape) -> StepCost:
+        """The cost of one step routed as ``traffic`` with ``batch`` tokens per home rank."""
+        ...
+
+
+CostModelFactory = Callable[[ModelSpec, Topology, Placement, SimConfig], StepCostModel]
+"""Builds the cost model of one (model, cluster, placement, config); :class:`CostModel` is one."""
+
+
 class CostModel:
-    """Network and compute models of one (model, cluster, placement, config)."""
+    """The roofline :class:`StepCostModel`: network and compute models of one (model, cluster,
+    placement, config)."""
 
     def __init__(self, model: ModelSpec, topology: Topology, placement: Placement, config: SimConfig):
         self.model = model
@@ -85,14 +120,9 @@ class CostModel:
         self.config = config
         self.network = NetworkModel(config.network, topology, model)
         self.compute = ComputeModel(config.compute, topology, model, placement.slots_per_gpu)
+        self.needs_pairs = self.network.kernel.needs_pairs
         moe = set(model.moe_layer_ids)
-        kinds: list[int] = []
-        for layer in range(model.num_hidden_layers):
-            kinds.append(PhaseKind.ATTENTION)
-            kinds.extend((PhaseKind.DISPATCH, PhaseKind.COMPUTE, PhaseKind.COMBINE) if layer in moe
-                         else (PhaseKind.DENSE,))
-        kinds.append(PhaseKind.OTHER)
-        self.kinds = np.asarray(kinds, dtype=np.int8)
+        self.kinds = phase_kinds(model)
         self._moe_attention = np.array([i for i, layer in enumerate(range(model.num_hidden_layers)) if layer in moe])
 
     def step_cost(self, traffic: Traffic, batch: BatchShape) -> StepCost:

@@ -11,8 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from placer.costs import expert_flops, ffn_flops
 from placer.simulator.config import ComputeParams
 from placer.types import ModelSpec, Topology
+
+
+def attention_params(params: ComputeParams, model: ModelSpec) -> float:
+    """Attention weights per layer (elements): ``params.attention_params``, else ``4*h*h``."""
+    h = model.hidden_size
+    return float(params.attention_params if params.attention_params is not None else 4.0 * h * h)
+
+
+def kv_bytes_per_token(params: ComputeParams, model: ModelSpec) -> float:
+    """KV-cache bytes per context token per layer: ``params.kv_bytes_per_token``, else a GQA
+    cache with 8 query heads per KV head, K and V at the activation width (``2*h/8*bytes``)."""
+    return float(params.kv_bytes_per_token if params.kv_bytes_per_token is not None
+                 else 2.0 * model.hidden_size / 8 * model.activation_bytes)
 
 
 class ComputeModel:
@@ -23,7 +37,7 @@ class ComputeModel:
         self.model = model
         self.spg = slots_per_gpu
         h, inter = model.hidden_size, model.expert_ffn_size
-        self.expert_flops = 6.0 * h * inter
+        self.expert_flops = expert_flops(model)
         self.expert_weight = 3.0 * h * inter * model.weight_bytes
         self.expert_act = (2.0 * h + 2.0 * inter) * 2.0
         self.peak = topology.fp8_flops if model.weight_bytes <= 1.0 else topology.bf16_flops
@@ -32,11 +46,10 @@ class ComputeModel:
         rows, eff = zip(*sorted(params.gemm_efficiency), strict=True)
         self._log_rows = np.log(np.asarray(rows, dtype=np.float64))
         self._eff = np.asarray(eff, dtype=np.float64)
-        self.attention_params = float(params.attention_params if params.attention_params is not None else 4.0 * h * h)
-        self.kv_bytes = float(params.kv_bytes_per_token if params.kv_bytes_per_token is not None
-                              else 2.0 * h / 8 * model.activation_bytes)
+        self.attention_params = attention_params(params, model)
+        self.kv_bytes = kv_bytes_per_token(params, model)
         dense_inter = (model.top_k + model.num_shared_experts) * inter
-        self.dense_flops = 6.0 * h * dense_inter
+        self.dense_flops = ffn_flops(h, dense_inter)
         self.dense_weight = 3.0 * h * dense_inter * model.weight_bytes
 
     def efficiency(self, rows: np.ndarray) -> np.ndarray:

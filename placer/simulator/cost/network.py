@@ -7,17 +7,12 @@ when its slowest port is, plus the kernel's launch latency, and the phase ends w
 GPU is (the all-to-all is a barrier). ``congestion="fifo"`` replaces the closed form by
 serialising the messages on each port in NCCL's peer order (ASTRA-sim congestion-aware style).
 
-Byte accounting per kernel (dispatch direction; combine is the reverse with combine bytes):
+Byte accounting is the kernel's (:mod:`placer.simulator.network_kernels`, registered by name:
+``nccl`` direct, ``deepep-normal`` once per remote node then NVLink forwarding, ``deepep-ll`` once
+per (token, expert)); the dispatch direction, combine is the reverse with combine bytes.
 
-- ``nccl``: a token goes once to every rank holding one of its experts, directly (NVLink in the
-  node, the NIC across).
-- ``deepep-normal``: once per rank in the node over NVLink; across nodes once per remote node
-  over RDMA to the GPU with the sender's local index, which forwards it over NVLink to the
-  other ranks of that node that need it.
-- ``deepep-ll``: once per (token, expert), directly.
-
-fp8 tokens carry one fp32 scale per 128 elements (``h + h/128*4`` bytes), plus 16 bytes of
-metadata in the low-latency kernels; bf16 tokens are ``2*h`` (DeepEP's tests, sheet 2.5).
+fp8 tokens carry one fp32 scale per 128 elements (``h + h/128*4`` bytes), plus the kernel's
+metadata (16 bytes in the low-latency kernels); bf16 tokens are ``2*h`` (DeepEP's tests, sheet 2.5).
 Context-coherent execution adds the state moves (bf16 hidden states, point to point) to the
 dispatch phase.
 """
@@ -30,22 +25,23 @@ import numpy as np
 
 from placer._numba import njit
 from placer.simulator.config import SIMAI_ATA_RATIO, SIMAI_ATA_SIZES, NetworkParams
+from placer.simulator.network_kernels import Fabric, network_kernel
 from placer.simulator.routing import Traffic
 from placer.types import ModelSpec, Topology
 
 
 def token_bytes(hidden: int, dtype: str, kernel: str) -> float:
-    """Bytes of one token on the wire: fp8 with 128-block fp32 scales (+16 B LL metadata) or bf16."""
+    """Bytes of one token on the wire: fp8 with 128-block fp32 scales (+ the kernel's metadata,
+    16 B in the low-latency kernels) or bf16."""
     if dtype == "bf16":
         return 2.0 * hidden
-    extra = 16.0 if kernel == "deepep-ll" else 0.0
-    return hidden + hidden / 128 * 4 + extra
+    return hidden + hidden / 128 * 4 + network_kernel(kernel).fp8_metadata_bytes
 
 
 @dataclass(frozen=True)
 class LinkBytes:
     """Bytes of one phase per layer: ``nvlink``, ``rdma`` float [L, G, G] (src, dst); ``forward``
-    is the part of ``nvlink`` that forwards RDMA arrivals (deepep-normal)."""
+    is the part of ``nvlink`` that forwards RDMA arrivals (forwarding kernels, else None)."""
 
     nvlink: np.ndarray
     rdma: np.ndarray
@@ -58,25 +54,6 @@ class PhaseTimes:
 
     time_s: np.ndarray
     rank_s: np.ndarray
-
-
-def _landing_forward(tokens: np.ndarray, gpn: int) -> np.ndarray:
-    """Forwarded NVLink tokens [L, G, G] (landing GPU -> destination) of deepep-normal.
-
-    A token from GPU (n_s, i) to GPU (m, j), m != n_s, lands on GPU (m, i) over RDMA and is
-    forwarded to (m, j) when j != i.
-    """
-    num_layers, g_count, _ = tokens.shape
-    n_nodes = g_count // gpn
-    t5 = tokens.reshape(num_layers, n_nodes, gpn, n_nodes, gpn)
-    remote = ~np.eye(n_nodes, dtype=bool)
-    # Sum over source nodes other than m: [L, i, m, j].
-    fw = np.einsum("asimj,sm->aimj", t5, remote.astype(tokens.dtype))
-    fw[:, np.arange(gpn), :, np.arange(gpn)] = 0.0  # j == i: the landing GPU itself
-    out = np.zeros((num_layers, n_nodes, gpn, n_nodes, gpn))
-    idx = np.arange(n_nodes)
-    out[:, idx, :, idx, :] = fw.transpose(2, 0, 1, 3)  # landing (m, i) -> (m, j)
-    return out.reshape(num_layers, g_count, g_count)
 
 
 @dataclass(frozen=True)
@@ -98,10 +75,9 @@ class NetworkModel:
     def __init__(self, params: NetworkParams, topology: Topology, model: ModelSpec):
         self.params = params
         self.topology = topology
-        g = topology.num_gpus
-        node = np.arange(g) // topology.gpus_per_node
-        self.same_node = node[:, None] == node[None, :]
-        self.off_diag = ~np.eye(g, dtype=bool)
+        self.kernel = network_kernel(params.kernel)
+        self.fabric = Fabric.of(topology)
+        self.same_node = self.fabric.same_node
         self.dispatch_bytes = token_bytes(model.hidden_size, params.dispatch_dtype, params.kernel)
         self.combine_bytes = token_bytes(model.hidden_size, params.combine_dtype, params.kernel)
         self.state_bytes = 2.0 * model.hidden_size
@@ -115,25 +91,8 @@ class NetworkModel:
 
     def link_tokens(self, traffic: Traffic) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Dispatch-direction tokens on NVLink and RDMA, float [L, G, G] (src, dst) each, and
-        the forwarded part of the NVLink tokens (deepep-normal, else None)."""
-        kernel = self.params.kernel
-        same = self.same_node
-        if kernel == "deepep-ll":
-            if traffic.pairs is None:
-                raise ValueError("deepep-ll needs per-pair counts")
-            counts = traffic.pairs * self.off_diag
-        else:
-            counts = traffic.tokens
-        if kernel != "deepep-normal" or self.topology.num_nodes == 1:
-            return counts * same, counts * ~same, None
-        gpn = self.topology.gpus_per_node
-        forward = _landing_forward(traffic.tokens, gpn)
-        num_layers, g_count, n_nodes = traffic.nodes.shape
-        landing = np.zeros_like(counts)
-        # RDMA from g to the GPU of node m with g's local index.
-        cols = np.arange(n_nodes)[None, :] * gpn + (np.arange(g_count) % gpn)[:, None]  # [G, N]
-        landing[:, np.arange(g_count)[:, None], cols] = traffic.nodes
-        return counts * same + forward, landing, forward
+        the forwarded part of the NVLink tokens (None unless the kernel forwards)."""
+        return self.kernel.link_tokens(traffic, self.fabric)
 
     def link_bytes(self, traffic: Traffic) -> tuple[LinkBytes, LinkBytes]:
         """Dispatch and combine :class:`LinkBytes` of ``traffic`` (combine is the reverse)."""
@@ -151,9 +110,10 @@ class NetworkModel:
     # -- time -------------------------------------------------------------------------------
 
     def _efficiency(self, port_bytes: np.ndarray) -> np.ndarray:
-        """SimAI's all-to-all efficiency (nccl only, else 1) for each port, read at the total an
-        all-to-all moving ``port_bytes`` on every port would have. Per port, so that bytes added
-        elsewhere never speed a port up; ``bytes / efficiency`` still grows with the bytes."""
+        """SimAI's all-to-all efficiency (with ``size_curve``, as nccl's preset; else 1) for each
+        port, read at the total an all-to-all moving ``port_bytes`` on every port would have. Per
+        port, so that bytes added elsewhere never speed a port up; ``bytes / efficiency`` still
+        grows with the bytes."""
         if not self.params.size_curve:
             return np.ones_like(port_bytes)
         n_nodes = self.topology.num_nodes

@@ -13,11 +13,12 @@ the S smallest keys of the union.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.profiling import _count
+from placer.stats import _count as _stats_count
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
 DEFAULT_SAMPLE_SIZE = 16384
@@ -83,8 +84,8 @@ class StatsBuilder:
             return
         if not trace.has_top1:
             self._top1_known = False
-            for acc in self._phases.values():
-                acc.top1 = None
+            for known in self._phases.values():
+                known.top1 = None
         ids = trace.sorted_ids() if trace.has_top1 else trace.expert_ids
         index = np.arange(self._next_index, self._next_index + n, dtype=np.int64)
         keys = self._rng.random(n)
@@ -107,7 +108,7 @@ class StatsBuilder:
     def _add(self, acc: _Accumulator, ids: np.ndarray, index: np.ndarray, home: np.ndarray,
              keys: np.ndarray) -> None:
         acc.num_tokens += ids.shape[0]
-        _count.accumulate(ids, acc.load, acc.top1, acc.pairs, acc.coact)
+        _stats_count.accumulate(ids, acc.load, acc.top1, acc.pairs, acc.coact)
         if self.sample_size > 0:
             _reservoir_add(acc, ids, index, home, keys, self.sample_size)
 
@@ -133,12 +134,7 @@ class StatsBuilder:
             return _to_stats(_Accumulator(self.num_layers, self.num_experts, self.top_k, self._top1_known),
                              self.top_k, phase, self.model, self._top1_known)
         out = merge_stats(stats, sample_size=self.sample_size)
-        return out if out.phase == phase else _relabel(out, phase)
-
-
-def _relabel(stats: RoutingStats, phase: str) -> RoutingStats:
-    from dataclasses import replace
-    return replace(stats, phase=phase)
+        return out if out.phase == phase else replace(out, phase=phase)
 
 
 def _reservoir_add(acc: _Accumulator, ids: np.ndarray, index: np.ndarray, home: np.ndarray,
@@ -187,14 +183,7 @@ def merge_stats(stats: Iterable[RoutingStats], *, sample_size: int | None = None
 
     def total(name: str) -> np.ndarray | None:
         arrays = [getattr(s, name) for s in items]
-        if any(a is None for a in arrays):
-            return None
-        if len(arrays) == 1:  # frozen already: shared, not copied
-            return arrays[0]
-        out = arrays[0].astype(np.result_type(*arrays))  # a copy, summed in place: no [n, ...] stack
-        for a in arrays[1:]:
-            out += a
-        return out
+        return None if any(a is None for a in arrays) else _sum(arrays)
 
     sample = [s for s in items if s.sample_ids is not None]
     size = sample_size if sample_size is not None else max((s.sample_size for s in sample), default=0)
@@ -209,10 +198,19 @@ def merge_stats(stats: Iterable[RoutingStats], *, sample_size: int | None = None
             sample_keys=keys[order])
     phases = {s.phase for s in items}
     return RoutingStats(
-        load=total("load"), num_tokens=sum(s.num_tokens for s in items), top_k=first.top_k,
+        load=_sum([s.load for s in items]), num_tokens=sum(s.num_tokens for s in items), top_k=first.top_k,
         top1_transitions=total("top1_transitions"), pair_transitions=total("pair_transitions"),
         coactivation=total("coactivation"), phase=phases.pop() if len(phases) == 1 else "all",
         model=first.model, **kwargs)
+
+
+def _sum(arrays: list[np.ndarray]) -> np.ndarray:
+    if len(arrays) == 1:  # frozen already: shared, not copied
+        return arrays[0]
+    out = arrays[0].astype(np.result_type(*arrays))  # a copy, summed in place: no [n, ...] stack
+    for a in arrays[1:]:
+        out += a
+    return out
 
 
 def compute_stats(traces: RoutingTrace | Iterable[RoutingTrace], *, phase: str = "all",

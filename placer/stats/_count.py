@@ -1,4 +1,4 @@
-"""Counting kernels behind :class:`placer.profiling.stats.StatsBuilder`.
+"""Counting kernels behind :class:`placer.stats.StatsBuilder`.
 
 :func:`accumulate` runs a numba kernel; :func:`accumulate_numpy` is the plain-numpy reference
 (and the fallback when numba cannot be imported). Both add one chunk's counts in place and give
@@ -59,6 +59,19 @@ if HAVE_NUMBA:
         return True
 
     @njit
+    def _count_transitions(ids, layer, lo, hi, top1, has_top1, out):
+        """Add the layer -> layer + 1 transitions of tokens ``lo .. hi - 1``: top-1 into ``top1``,
+        every (a, b) expert pair into ``out`` [E, E] (int64 totals or int32 scratch)."""
+        k = ids.shape[2]
+        for i in range(lo, hi):
+            if has_top1:
+                top1[layer, ids[i, layer, 0], ids[i, layer + 1, 0]] += 1
+            for a in range(k):
+                row = out[ids[i, layer, a]]
+                for b in range(k):
+                    row[ids[i, layer + 1, b]] += 1
+
+    @njit
     def _kernel_direct(ids, load, top1, has_top1, pairs, coact):
         """Small chunks: increment the int64 totals directly."""
         t, num_layers, k = ids.shape
@@ -74,14 +87,7 @@ if HAVE_NUMBA:
                         cu[x, y] += 1
                         cu[y, x] += 1
             if layer + 1 < num_layers:
-                pr = pairs[layer]
-                for i in range(t):
-                    if has_top1:
-                        top1[layer, ids[i, layer, 0], ids[i, layer + 1, 0]] += 1
-                    for a in range(k):
-                        row = pr[ids[i, layer, a]]
-                        for b in range(k):
-                            row[ids[i, layer + 1, b]] += 1
+                _count_transitions(ids, layer, 0, t, top1, has_top1, pairs[layer])
 
     @njit
     def _kernel_scratch(ids, load, top1, has_top1, pairs, coact, segment):
@@ -96,7 +102,6 @@ if HAVE_NUMBA:
         for layer in range(num_layers):
             ld = load[layer]
             cu = coact[layer]
-            nxt = layer + 1 < num_layers
             for s0 in range(0, t, segment):
                 s1 = min(t, s0 + segment)
                 cs[:] = 0
@@ -111,15 +116,9 @@ if HAVE_NUMBA:
                     for x in range(e):
                         for y in range(e):
                             cu[x, y] += cs[x, y] + cs[y, x]
-                if nxt:
+                if layer + 1 < num_layers:
                     ps[:] = 0
-                    for i in range(s0, s1):
-                        if has_top1:
-                            top1[layer, ids[i, layer, 0], ids[i, layer + 1, 0]] += 1
-                        for a in range(k):
-                            row = ps[ids[i, layer, a]]
-                            for b in range(k):
-                                row[ids[i, layer + 1, b]] += 1
+                    _count_transitions(ids, layer, s0, s1, top1, has_top1, ps)
                     pr = pairs[layer]
                     for x in range(e):
                         for y in range(e):

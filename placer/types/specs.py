@@ -1,0 +1,142 @@
+"""The model and the cluster a placement is for: :class:`ModelSpec` and :class:`Topology`.
+
+Import them from :mod:`placer.types` (the glossary of symbols is there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from placer.types._fields import bad_field
+
+_Spec = TypeVar("_Spec", "ModelSpec", "Topology")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a MoE model as far as placement, traffic and memory are concerned.
+
+    ``moe_layer_ids`` are absolute hidden-layer indices of the MoE layers (DeepSeek-V3: 3..60).
+    ``hidden_size`` and ``expert_ffn_size`` may be 0 when unknown (then bytes and memory are
+    not computed). ``activation_bytes`` is bytes per hidden element on the wire,
+    ``weight_bytes`` bytes per expert weight element.
+    """
+
+    name: str
+    num_hidden_layers: int
+    moe_layer_ids: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int = 0
+    expert_ffn_size: int = 0
+    num_shared_experts: int = 0
+    num_groups: int = 1
+    topk_groups: int = 1
+    activation_bytes: float = 2.0
+    weight_bytes: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moe_layer_ids", tuple(int(i) for i in self.moe_layer_ids))
+        ids = self.moe_layer_ids
+        if self.num_experts < 1 or self.top_k < 1 or self.top_k > self.num_experts:
+            raise bad_field("model", f"need 1 <= top_k <= num_experts, got top_k={self.top_k}, "
+                            f"num_experts={self.num_experts}")
+        if not ids:
+            raise bad_field("model", "moe_layer_ids is empty")
+        if list(ids) != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_hidden_layers:
+            raise bad_field("model", f"moe_layer_ids must be increasing and within "
+                            f"[0, {self.num_hidden_layers}), got {ids[0]}..{ids[-1]}")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise bad_field("model", f"num_groups={self.num_groups} must divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise bad_field("model", f"topk_groups={self.topk_groups} must be in [1, num_groups]")
+        if min(self.hidden_size, self.expert_ffn_size, self.num_shared_experts) < 0:
+            raise bad_field("model", "sizes must be non-negative")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_ids)
+
+    @property
+    def sizes_known(self) -> bool:
+        return self.hidden_size > 0 and self.expert_ffn_size > 0
+
+    @property
+    def token_bytes(self) -> float:
+        """Bytes of one token's hidden state on the wire (0 when the hidden size is unknown)."""
+        return float(self.hidden_size * self.activation_bytes)
+
+    @property
+    def expert_weight_bytes(self) -> float:
+        """Bytes of one routed expert's weights: gate, up and down projections, 3 * h * I."""
+        return float(3 * self.hidden_size * self.expert_ffn_size * self.weight_bytes)
+
+    @classmethod
+    def from_shape(cls, num_layers: int, num_experts: int, top_k: int, name: str = "custom") -> ModelSpec:
+        """A model known only by its routing shape (every layer is MoE, sizes unknown)."""
+        return cls(name=name, num_hidden_layers=num_layers, moe_layer_ids=tuple(range(num_layers)),
+                   num_experts=num_experts, top_k=top_k)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["moe_layer_ids"] = list(self.moe_layer_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return _from_fields(cls, d, "model")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A GPU cluster: ``num_nodes`` nodes of ``gpus_per_node`` GPUs, one NIC per GPU.
+
+    Bandwidths are achievable GB/s per GPU per direction, latencies seconds, memory bytes per
+    GPU, peak FLOP/s dense.
+    """
+
+    name: str
+    num_nodes: int
+    gpus_per_node: int
+    nvlink_gbps: float = 370.0
+    nvlink_latency_s: float = 3e-6
+    nic_gbps: float = 48.5
+    nic_latency_s: float = 6e-6
+    hbm_gbps: float = 3350.0
+    bf16_flops: float = 989e12
+    fp8_flops: float = 1979e12
+    memory_bytes: float = 80e9
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1 or self.gpus_per_node < 1:
+            raise bad_field("cluster", f"need at least one node and one GPU per node, got "
+                            f"{self.num_nodes} x {self.gpus_per_node}")
+        for name in ("nvlink_gbps", "nic_gbps", "hbm_gbps", "bf16_flops", "fp8_flops", "memory_bytes"):
+            v = getattr(self, name)
+            if not np.isfinite(v) or v <= 0:
+                raise bad_field("cluster", f"{name} must be positive, got {v}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    def node_of_gpu(self, gpu: np.ndarray | int) -> np.ndarray | int:
+        return np.asarray(gpu) // self.gpus_per_node if not isinstance(gpu, int) else gpu // self.gpus_per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Topology:
+        return _from_fields(cls, d, "topology")
+
+
+def _from_fields(cls: type[_Spec], d: dict[str, Any], what: str) -> _Spec:
+    """``cls`` built from the entries of ``d`` that name its fields (other entries are ignored)."""
+    try:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    except TypeError as exc:
+        raise bad_field(what, f"incomplete {what} description: {exc}") from None
