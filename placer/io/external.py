@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from placer.io._common import (
+from placer.io.common import (
     check_load,
     check_shape,
     fail,

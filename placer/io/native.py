@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io._common import (
+from placer.io.atomic import atomic_path
+from placer.io.common import (
     HEADER_KEY,
     SCHEMA_VERSION,
     check_shape,
@@ -45,7 +46,6 @@ from placer.io._common import (
     require_file,
     resolve_model,
 )
-from placer.io.atomic import atomic_path
 from placer.stats import merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 

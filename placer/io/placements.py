@@ -30,8 +30,8 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.io import stack_files as sf
-from placer.io._common import fail, guard
 from placer.io.atomic import atomic_write_text
+from placer.io.common import fail, guard
 from placer.stacks import STACKS, Stack, get_stack
 from placer.types import DISPATCH_RULES, ModelSpec, Placement, Topology
 from placer.validate import check_placement

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from placer.io._common import (
+from placer.io.common import (
     check_npy_bytes,
     fail,
     guard,

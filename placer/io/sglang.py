@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from placer.io._common import (
+from placer.io.common import (
     check_load,
     check_memory,
     check_shape,

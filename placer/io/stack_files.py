@@ -34,8 +34,8 @@ import numpy as np
 import yaml
 
 from placer.errors import InfeasibleError, InvalidInputError, MissingDependencyError
-from placer.io._common import fail, guard, load_arrays, load_torch, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
+from placer.io.common import fail, guard, load_arrays, load_torch, require_file
 from placer.metrics.dispatch import hidden_layer_map
 from placer.stacks import STACKS
 from placer.types import ModelSpec, Placement, Topology

@@ -42,7 +42,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.io import external, native, r3, sglang, trtllm_stats
-from placer.io._common import chunker, fail, guard, load_arrays, load_torch, require_file
+from placer.io.common import chunker, fail, guard, load_arrays, load_torch, require_file
 from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from placer.io._common import check_load, check_shape, fail, guard
+from placer.io.common import check_load, check_shape, fail, guard
 from placer.stats import load_only_stats
 from placer.types import ModelSpec, RoutingStats
 

@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io._common import fail, make_trace, moe_rows
+from placer.io.common import fail, make_trace, moe_rows
 from placer.io.r3 import read_placement_map, read_routed_experts
 from placer.types import ModelSpec, RoutingTrace
 

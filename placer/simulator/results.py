@@ -31,8 +31,8 @@ import pandas as pd
 
 from placer import __version__
 from placer.errors import InvalidInputError
-from placer.io._common import guard, require_file
 from placer.io.atomic import atomic_path, atomic_write_text
+from placer.io.common import guard, require_file
 
 SCHEMA = "placer-sim-results/1"
 METRICS_FILE = "metrics.json"

@@ -17,7 +17,7 @@ from placer.io import (
     write_trace_npz,
     write_trace_parquet,
 )
-from placer.io._common import HEADER_KEY, header_bytes
+from placer.io.common import HEADER_KEY, header_bytes
 from placer.stats import compute_stats
 from placer.types import ModelSpec, RoutingTrace
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.io._common import load_arrays
 from placer.io.atomic import atomic_path, atomic_write_text
+from placer.io.common import load_arrays
 from placer.types import ModelSpec, Placement, RoutingStats, Topology
 from placer.validate import check_placement
 

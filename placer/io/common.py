@@ -1,4 +1,5 @@
-"""Helpers shared by the readers and writers of placer.io: error wrapping and model checks."""
+"""Helpers shared by the readers and writers of placer.io and by the other packages that read
+files (profiling, simulator results, serve state): error wrapping and model checks."""
 
 from __future__ import annotations
 
