@@ -73,6 +73,7 @@ import numpy as np
 from placer import metrics
 from placer.errors import InvalidInputError
 from placer.ilp._cpsat import relative_gap
+from placer.ilp.assignment import min_cost_assignment
 from placer.ilp.base import PlacementProblem, register
 from placer.ilp.mip import BACKENDS, Budget, MipModel, normalise_backend, worst_status
 from placer.ilp.simple import contiguous_map
@@ -209,47 +210,6 @@ def ilp2_cost(traffic: np.ndarray, weight: np.ndarray, gpu_of_cluster: np.ndarra
     for layer in range(traffic.shape[0]):
         w = weight[np.ix_(gpu_of_cluster[layer], gpu_of_cluster[layer + 1])]
         out[layer] = int((w * traffic[layer]).max()) if traffic[layer].size else 0
-    return out
-
-
-def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
-    """Row -> column assignment of least total cost (Hungarian method, shortest augmenting path).
-
-    ``cost`` float [n, n]; returns int64 [n] with ``cost[i, out[i]]`` summed minimal.
-    """
-    n = cost.shape[0]
-    u = np.zeros(n + 1)
-    v = np.zeros(n + 1)
-    match = np.zeros(n + 1, dtype=np.int64)  # match[j] = row (1-based) assigned to column j
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        match[0] = i
-        j0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            free = ~used[1:]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]
-            better = free & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            cand = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(cand)) + 1
-            delta = cand[j1 - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    out = np.empty(n, dtype=np.int64)
-    out[match[1:] - 1] = np.arange(n)
     return out
 
 

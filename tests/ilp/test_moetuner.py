@@ -11,6 +11,7 @@ import pytest
 from placer.errors import InvalidInputError
 from placer.ilp import METHODS, PlacementProblem, solve
 from placer.ilp._pulp import highs_available
+from placer.ilp.assignment import min_cost_assignment
 from placer.ilp.mip import Budget
 from placer.ilp.moetuner import (
     bandwidth_weights,
@@ -21,7 +22,6 @@ from placer.ilp.moetuner import (
     ilp2_cost,
     map_clusters_exact,
     map_clusters_sequential,
-    min_cost_assignment,
 )
 from placer.presets import make_topology
 from placer.stats import compute_stats, load_only_stats
