@@ -33,7 +33,7 @@ from placer.presets import get_model, make_topology
               help="Chunk size: experts one pair of ranks exchanges per round (one round per step).")
 @click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.5), default=5.0, show_default=True,
               help="Process-group timeout in seconds (how fast a dead rank is noticed).")
-@click.option("--ray-address", default=None, help="Ray cluster to use (default: the local one, started if needed).")
+@click.option("--ray-address", default=None, help="Ray cluster to join (host:port; default RAY_ADDRESS, else a new local instance of this run's own).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the placement that runs afterwards (the relabelled target) to this file.")
