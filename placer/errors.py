@@ -2,7 +2,9 @@
 
 Every error a user can cause is a :class:`PlacerError`. The CLI turns
 ``InvalidInputError`` and ``InfeasibleError`` into exit code 2 with one line
-that names the input and the problem; anything else is unexpected (exit 1).
+that names the input and the problem; a :class:`ClusterError` (the cluster
+failed in a way placer recognises) into exit code 1 with one line; anything
+else is unexpected (exit 1, and a hint to rerun with ``--debug``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ class InfeasibleError(PlacerError):
 
 class PlacementError(InvalidInputError):
     """A placement violates an invariant checked by :func:`placer.validate.check_placement`."""
+
+
+class ClusterError(PlacerError, RuntimeError):
+    """The cluster a deployment runs on failed in a known way (a rank or a Ray node lost for good,
+    no room for the ranks); the message says what and where."""
 
 
 class MissingDependencyError(PlacerError):

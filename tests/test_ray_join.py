@@ -10,71 +10,39 @@ at the end. ``ray stop`` is never used: it stops every Ray process on the machin
 
 from __future__ import annotations
 
-import contextlib
-import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from raycluster import ROOT, Cluster, start_head
+from raycluster import free_ports as _free_ports
+from raycluster import group_gone as _group_gone
+from raycluster import kill_group as _kill_group
+from raycluster import ray_env as _env
+from raycluster import short_dir as _short_dir
 
 from placer._ray import join_failure
+from placer.ilp import PlacementProblem, solve
+from placer.io.placements import write_placement_json
+from placer.io.traces import write_trace_npz
+from placer.presets import make_topology
+from placer.stats import compute_stats
+from placer.synthetic import synthesize_trace
 
 ray = pytest.importorskip("ray")
 
+from placer.runtime.apply import embedded_model  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
-
-RAY = str(Path(sys.executable).with_name("ray"))
-ROOT = Path(__file__).resolve().parents[1]
-_DROP = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _short_dir() -> Path:
-    # Ray's unix socket paths live under its temp folder: pytest's tmp_path is too long for them
-    return Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
-
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    env.update(extra)
-    return env
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _group_gone(pgid: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 DRIVER = """
@@ -112,44 +80,6 @@ def _line(out: str, tag: str) -> str:
     return next((line[len(tag) + 1:] for line in out.splitlines() if line.startswith(tag + " ")), "")
 
 
-class Cluster:
-    def __init__(self, base: Path, port: int, log: Path):
-        self.base, self.port, self.log, self.home = base, port, log, base / "home"
-        self.address = f"127.0.0.1:{port}"  # Ray records the node's own IP; any local one joins
-
-
-@contextlib.contextmanager
-def _ray_start(base: Path, env: dict[str, str]) -> Iterator[Cluster]:
-    """``ray start --head --block`` on 127.0.0.1, free ports, temp folder under ``base``."""
-    names = ("--port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
-    ports = _free_ports(len(names))
-    temp = base / "t"
-    log = base / "head.log"
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-           "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)]
-    for name, port in zip(names, ports, strict=True):
-        cmd += [name, str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address_file = temp / "ray_current_cluster"
-        deadline = time.monotonic() + 60
-        while not address_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not address_file.exists():
-            pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
-        yield Cluster(base, ports[0], log)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # --block: the head stops its processes and exits
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill_group(proc.pid)
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     base = _short_dir()
@@ -158,9 +88,12 @@ def cluster() -> Iterator[Cluster]:
         (home / ".ray").mkdir(parents=True)
         # what any local ray.init() leaves behind (Ray 2.60 writes ~/.ray/auth_token)
         (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-        with _ray_start(base, _env(home)) as c:
+        c = start_head(base, _env(home))
+        try:
             assert "Token authentication is enabled" in c.log.read_text()
             yield c
+        finally:
+            c.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -289,6 +222,67 @@ def test_a_stale_cluster_address_is_never_joined_by_accident():
         assert seconds < 15, out
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stale(tmp_path_factory):
+    """An environment whose Ray temp folder records a cluster that died without ``ray stop``,
+    and the inputs the commands below read."""
+    base = _short_dir()
+    try:
+        dead = _free_ports(1)[0]
+        (base / "ray").mkdir()
+        (base / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
+        (base / "home").mkdir()
+        files = tmp_path_factory.mktemp("stale-inputs")
+        model = embedded_model()
+        topology = make_topology("h100", gpus=4)
+        placement = solve(PlacementProblem(compute_stats(synthesize_trace(model, 500, seed=1)), model, topology, 4),
+                          "eplb").placement
+        write_placement_json(files / "p.json", placement, model=model, topology=topology, dispatch="nearest",
+                             method="eplb", status="feasible", solve_seconds=0.0)
+        write_trace_npz(files / "t.npz", synthesize_trace(model, 500, seed=1))
+        yield _env(base / "home", RAY_TMPDIR=str(base)), files, dead
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+PLACER = str(Path(sys.executable).with_name("placer"))
+
+
+@pytest.mark.parametrize("argv, joins", [
+    (["apply", "--placement", "{files}/p.json", "--ranks", "4", "--tokens", "16", "--warmup", "1"], False),
+    (["solve", "{files}/t.npz", "--gpus", "4", "--redundant", "4", "--method", "placer", "--ray-address", "auto",
+      "-o", "{files}/out.json"], True),
+    (["simulate", "sweep", "--model", "mixtral-8x7b", "--gpus", "4", "--method", "contiguous", "--duration", "0.2",
+      "--ray-address", "auto", "-o", "{files}/sweep"], True),
+    (["serve", "--model", "mixtral-8x7b", "--gpus", "4", "--port", "0", "--ray-address", "auto"], True),
+], ids=["apply", "solve", "sweep", "serve"])
+def test_with_a_stale_cluster_address_every_ray_command_starts_or_fails_within_30_s(stale, argv, joins):
+    env, files, dead = stale
+    args = [PLACER, *(a.format(files=files) for a in argv)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        _kill_group(proc.pid)
+        proc.wait()
+    seconds = time.monotonic() - t0
+    if joins:  # asked for that cluster ("auto"): one line naming the address and the file, exit 2
+        assert proc.returncode == 2, out + err
+        assert err.strip().splitlines() == [
+            f"placer: error: --ray-address: no Ray cluster answers at 127.0.0.1:{dead} (nothing accepted a "
+            f"connection within 5 s), the address {Path(env['RAY_TMPDIR']) / 'ray' / 'ray_current_cluster'} "
+            "records: a cluster that stopped without `ray stop`? Start one with `ray start --head`, or delete "
+            "that file"], err
+        assert seconds < 30, err
+    else:  # no address: a local instance of its own, never the dead cluster
+        assert proc.returncode == 0, out + err
+        assert "batches match" in out and "every slot's checksum matches" in out, out
+        started = float(re.search(r"started in (\d+\.\d) s", out).group(1))  # Ray and the 4 ranks
+        assert started < 30, out
 
 
 # ---- SIGTERM at any point -----------------------------------------------------------------------

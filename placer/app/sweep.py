@@ -83,24 +83,40 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
              "placement": r.label, **{k: r.summary.get(k) for k in SWEEP_COLUMNS[4:]}} for r in runs]
 
 
-def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], address: str) -> list[list[dict]]:
+def _point_on_node(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> tuple[str, list[dict]]:
+    """A Ray task: :func:`run_point`, and the id of the Ray node it ran on."""
+    import ray  # deferred: ray is an optional extra (runs inside a Ray worker)
+
+    return ray.get_runtime_context().get_node_id(), run_point(spec, gpus, rate, output)
+
+
+def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]],
+             address: str) -> tuple[list[list[dict]], list[str]]:
+    """Every point as one Ray task (one CPU), spread over the cluster's nodes; each writes its
+    folder where it runs, so ``output`` must be a path every node shares (one machine, or a
+    shared file system)."""
     ray = ray_init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
-               configure_logging=False)
-    task = ray.remote(num_cpus=1)(run_point)
-    return ray.get([task.remote(spec, g, r, out) for g, r, out in points])
+                   configure_logging=False)
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_point_on_node)
+    done = ray.get([task.remote(spec, g, r, os.path.abspath(out)) for g, r, out in points])
+    return [rows for _, rows in done], [node for node, _ in done]
 
 
 def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float], *, output: str,
               workers: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
-    """Run every (GPU count, rate) point; write ``output/<point>/`` and ``output/sweep.csv``."""
+    """Run every (GPU count, rate) point; write ``output/<point>/`` and ``output/sweep.csv``.
+
+    On Ray (``ray_address``) the table's ``attrs["ray_nodes"]`` counts the nodes the points ran on.
+    """
     serving = isinstance(spec.workload, ServingWorkload)
     if not serving:
         rates = rates[:1]
     points = [(g, r, os.path.join(output, point_name(g, r if serving else None)))
               for g in gpu_counts for r in rates]
     os.makedirs(output, exist_ok=True)
+    nodes: list[str] = []
     if ray_address is not None:
-        results = _ray_run(spec, points, ray_address)
+        results, nodes = _ray_run(spec, points, ray_address)
     elif (workers or 1) == 1 or len(points) == 1:
         results = [run_point(spec, g, r, out) for g, r, out in points]
     else:
@@ -111,6 +127,8 @@ def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float],
         raise InvalidInputError("no grid point has a placement: placement files fit only their own GPU count; "
                                 "add --method", source="--placement")
     table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    if nodes:
+        table.attrs["ray_nodes"] = len(set(nodes))  # Ray nodes the points ran on
     atomic_write_text(os.path.join(output, "sweep.csv"), table.to_csv(index=False, lineterminator="\n"))
     done = [(os.path.basename(out), out) for (g, r, out), res in zip(points, results, strict=True) if res]
     render_report(done, os.path.join(output, "report.html"), title="placer simulate sweep")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from placer._ray import ADDRESS_ENV as RAY_ADDRESS_ENV
 from placer.errors import InvalidInputError
 from placer.io.atomic import check_writable
 from placer.io.placements import export_placement, write_placement_json
@@ -143,6 +144,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         PlacementProblem,
         solve,
     )
+    from placer.ilp import (
+        method_options as solver_options,  # deferred: keeps ortools off placer synth, stats and evaluate
+    )
 
     say = progress or (lambda message: None)
     if method not in METHODS:
@@ -181,6 +185,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     problem = PlacementProblem(stats, model, topology, num_redundant=redundant, dispatch=dispatch,
                                execution=execution, weights=problem_weights,
                                distinct_per_gpu=True if stack is not None and stack.distinct_per_gpu else None)
+    if ray_address is None and "ray_address" in solver_options(method):  # as Ray's own tools read it
+        ray_address = os.environ.get(RAY_ADDRESS_ENV) or None
     options = method_options(method, execution, backend=backend, ray_address=ray_address, num_workers=num_workers)
     limit = f", time limit {time_limit_s:g} s" if time_limit_s is not None else ""
     say(f"solving with {method} on {topology.num_gpus} GPUs in {topology.num_nodes} node(s), "
@@ -224,7 +230,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     if time_limit_s is not None and started_at is not None:
         solve_limit = max(0.01, started_at + time_limit_s - time.time() - 1.2 * score_s - 0.3)
     result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
-    say(f"{method}: {result.status} in {result.wall_time_s:.2f} s; scoring")
+    on_ray = (f" ({int(result.terms['ray_tasks'])} Ray tasks on {int(result.terms['ray_nodes'])} node(s))"
+              if "ray_nodes" in result.terms else "")
+    say(f"{method}: {result.status} in {result.wall_time_s:.2f} s{on_ray}; scoring")
     placement = result.placement
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
     scored = scores(placement)

@@ -98,11 +98,27 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
                                    f"from the reference; {len(outcome.weight_mismatches)} slots hold wrong weights")
 
 
+def _where(rank_nodes: list[str]) -> str:
+    """'on 2 Ray nodes (ranks 0-1 on 5f3a..., ranks 2-3 on 9c1e...)', or 'on 1 Ray node'."""
+    groups: dict[str, list[int]] = {}
+    for rank, node in enumerate(rank_nodes):
+        groups.setdefault(node, []).append(rank)
+    if len(groups) <= 1:
+        return "on 1 Ray node"
+    parts = [f"rank{'s' if len(rs) > 1 else ''} {_span(rs)} on {node[:8]}" for node, rs in groups.items()]
+    return f"on {len(groups)} Ray nodes ({', '.join(parts)})"
+
+
+def _span(ranks: list[int]) -> str:
+    contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
+    return f"{ranks[0]}-{ranks[-1]}" if contiguous and len(ranks) > 1 else ",".join(map(str, ranks))
+
+
 def _print(o, note: str, ranks: int) -> None:
     m, p, r = o.model, o.plan, o.report
     mb = 1e6
     backend = "NCCL on GPU" if o.device == "cuda" else "gloo on CPU"
-    click.echo(f"deployment: local, {ranks} ranks (Ray actors, {backend}), started in {o.start_s:.1f} s; "
+    click.echo(f"deployment: {ranks} ranks (Ray actors, {backend}) {_where(o.rank_nodes)}, started in {o.start_s:.1f} s; "
                f"model {note}: {m.num_moe_layers} MoE layers x {m.num_experts} experts, top-{m.top_k}, hidden "
                f"{m.hidden_size}, expert FFN {m.expert_ffn_size}, float32 ({m.expert_weight_bytes / mb:.2f} MB "
                f"per expert), {p.new.num_slots} slots per layer")
@@ -123,6 +139,8 @@ def _print(o, note: str, ranks: int) -> None:
     click.echo(f"served {o.batches} batches ({len(o.before_s)} before, {r.batches} during, {len(o.after_s)} after "
                f"the migration); step median {base * 1e3:.1f} ms before, {med * 1e3:.1f} ms during (max "
                f"{max(steps, default=0) * 1e3:.1f} ms); {len(r.recoveries)} recoveries")
+    if o.final_rank_nodes != o.rank_nodes:
+        click.echo(f"ranks restarted elsewhere: now {_where(o.final_rank_nodes)}")
     ok = o.verified == o.batches and not o.weight_mismatches
     click.echo(f"outputs verified against the single-process reference: {o.verified}/{o.batches} batches match "
                f"(max abs err {o.max_abs_err:.1e}); weights: every slot's checksum "

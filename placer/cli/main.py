@@ -25,7 +25,13 @@ from placer.cli.report import report
 from placer.cli.routing import stats, synth
 from placer.cli.serve import serve
 from placer.cli.simulate import simulate
-from placer.errors import InfeasibleError, InvalidInputError, MissingDependencyError, PlacerError
+from placer.errors import (
+    ClusterError,
+    InfeasibleError,
+    InvalidInputError,
+    MissingDependencyError,
+    PlacerError,
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -141,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(f"  {line}")
         click.echo(f"placer: error: {_one_line(exc)}", err=True)
         return 2
+    except ClusterError as exc:  # the cluster, not the input and not a bug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"placer: error: {_one_line(exc)}", err=True)
+        return 1
     except (PlacerError, Exception) as exc:  # unexpected: a bug, or the environment
         if debug:
             traceback.print_exc()

@@ -50,7 +50,9 @@ from placer.stacks import STACKS, resolve_dispatch
                    "included); the best valid placement found is returned.")
 @click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None,
               help="Local processes for layer subproblems.")
-@click.option("--ray-address", default=None, help="Run layer subproblems on this Ray cluster (e.g. auto).")
+@click.option("--ray-address", default=None,
+              help="Run layer subproblems on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set; "
+                   "methods that split into layer subproblems: placer).")
 @click.option("--holdout", multiple=True, type=click.Path(), metavar="TRACE",
               help="Score on these inputs too (not used for fitting). Repeatable.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
@@ -93,8 +95,10 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
         return
     gap = "" if r.gap is None else f", gap {r.gap:.2%}"
     target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
-    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s; {target}dispatch {outcome.dispatch}; "
-               f"wrote {output}")
+    on_ray = (f" ({int(r.terms['ray_tasks'])} Ray tasks on {int(r.terms['ray_nodes'])} node(s))"
+              if "ray_nodes" in r.terms else "")
+    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s{on_ray}; {target}dispatch "
+               f"{outcome.dispatch}; wrote {output}")
     if outcome.rows:
         click.echo(format_comparison(outcome.rows))
     for note in outcome.notes:

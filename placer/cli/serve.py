@@ -67,10 +67,13 @@ from placer.types import DISPATCH_RULES
 @click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-clock limit of each solve (seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
+@click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
+              help="Run the re-solves on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set): "
+                   "placer's layer subproblems spread over its nodes, any other method runs as one task there.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, token, state_path, output, exports,
           initial, method, redundant, dispatch, stack, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
-          time_limit_s, seed, verbose):
+          time_limit_s, seed, ray_address, verbose):
     """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
 
     Load arrives by POST /stats ({"load": [[...]]}, MoE layers x experts) and as files in
@@ -114,7 +117,7 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         target = pf.stack  # recorded in the placements the service writes
     policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch,
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
-                          time_limit_s=time_limit_s, seed=seed)
+                          time_limit_s=time_limit_s, seed=seed, ray_address=ray_address)
     export_list = tuple(parse_exports(exports))
     check_problem_size(spec, topology, simulate=True)  # the policy simulates each candidate placement
     for out_path in (output, state_path, *(p for _, p in export_list)):
@@ -126,6 +129,11 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
                          host=host, port=port, token=token or None, stack=target)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s placer serve: %(levelname)s %(message)s")
+    if ray_address is not None:  # joined here, in the main thread, before the port is bound
+        from placer._ray import init as ray_init  # deferred: ray is an optional extra
+
+        ray_init(ray_address, "re-solving on a Ray cluster (--ray-address)", include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     service = Service(config)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -134,7 +142,9 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     click.echo(f"placer serve: listening on http://{shown}:{bound_port} ({spec.name}, {topology.num_gpus} GPUs, "
                f"method {method}, dispatch {policy.dispatch}"
-               + (f" of {target.label}" if target is not None else "") + f", threshold {threshold}); {service.origin}")
+               + (f" of {target.label}" if target is not None else "") + f", threshold {threshold}"
+               + (f", re-solves on the Ray cluster at {ray_address}" if ray_address is not None else "")
+               + f"); {service.origin}")
     sys.stdout.flush()
     try:
         while not stop.wait(0.5):

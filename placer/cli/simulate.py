@@ -285,7 +285,9 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
 @workload_options
 @engine_options
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Local processes (default: CPUs).")
-@click.option("--ray-address", default=None, help="Run the grid on this Ray cluster (e.g. auto).")
+@click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
+              help="Run the points as Ray tasks on this cluster (host:port, or auto; default RAY_ADDRESS when set; "
+                   "the output directory must be one every node writes to).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Sweep directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep table as JSON.")
 def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, cluster, workload, rate, duration_s,
@@ -315,4 +317,5 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
             echo_json(table.to_dict(orient="records"))
             return
         click.echo(table.to_string(index=False))
-        click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html)")
+        on_ray = f"; points ran on {table.attrs['ray_nodes']} Ray node(s)" if "ray_nodes" in table.attrs else ""
+        click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html){on_ray}")

@@ -32,7 +32,8 @@ search can start, the best start is returned; status "timeout" when it cut the s
 "feasible" otherwise),
 ``seed``, ``iterations`` (annealing steps per layer and annealed start, the deterministic
 budget; default :func:`default_iterations`), ``search_tokens``, ``num_workers`` (local
-processes, default ``min(2, cpus)``), ``ray_address`` (run layer groups on Ray),
+processes, default ``min(2, cpus)``), ``ray_address`` (run layer groups on Ray; the terms
+``ray_tasks`` and ``ray_nodes`` count the tasks and the Ray nodes they ran on),
 ``dispatch_seed`` (the dispatch-table seed of the reported objective; default the metrics' 42).
 The result is identical for any ``num_workers`` / Ray layout. ``bound`` is the balance term's
 lower bound (:func:`balance_lower_bound`, the other terms bounded by 0), valid but loose.
@@ -155,12 +156,13 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
         eval_s = min(eval_s, time.time() - t_eval)
     # The search stops early enough for the last evaluation to end by the deadline.
     search_deadline = None if deadline is None else deadline - 1.5 * eval_s - 0.1
+    ray_nodes: list[str] = []
     ready = ((search_deadline is None or time.time() < search_deadline)
              and ensure_search_kernels(search_deadline))  # compiles on a cold numba cache
     if ready:
         tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens)
         results = run_layer_search(tasks, cfg, search_deadline, num_workers=num_workers,
-                                   ray_address=ray_address)
+                                   ray_address=ray_address, ray_nodes=ray_nodes)
         placement = Placement(np.stack([r.p2l for r in results]), spg, e)
         ev = evaluate_objective(problem, placement, seed=dispatch_seed, weights=w, reference=reference)
     else:  # the deadline passed (e.g. while the kernels compiled): the best start, status "timeout"
@@ -183,6 +185,8 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     backend = "numba" if _ls_kernel.HAVE_NUMBA else "python"
     if ray_address:
         backend += "+ray"
+        terms["ray_tasks"] = float(len(ray_nodes))
+        terms["ray_nodes"] = float(len(set(ray_nodes)))  # Ray nodes the layer searches ran on
     return SolveResult(placement=placement, status="timeout" if timed_out else "feasible", objective=obj,
                        terms=terms, bound=lb, gap=gap, wall_time_s=time.perf_counter() - t0,
                        method="placer", backend=backend)

@@ -10,9 +10,12 @@ wall-clock deadline, when one is set, may cut different layers short).
   preload the search module, and then, as with any spawned pool, a script calling the solver
   needs the ``if __name__ == "__main__":`` guard.
 - ``ray_address``: run one Ray task per layer group on the cluster at that address
-  (``ray.init(address=...)``; ``"auto"`` joins the local cluster). When Ray is already
-  initialised in this process the existing connection is used and the address is ignored.
-  Each task asks for one CPU; numba's on-disk cache makes workers after the first cheap.
+  (:func:`placer._ray.init`; ``"auto"`` joins the cluster ``ray start`` started here). When Ray
+  is already initialised in this process the existing connection is used and the address is
+  ignored. Each task asks for one CPU and Ray spreads the tasks over the cluster's nodes
+  (``SPREAD``); every task reports the node it ran on. A worker process needs placer importable
+  (installed on every node, or a ``runtime_env``); numba's on-disk cache makes workers after the
+  first on a node cheap.
 
 The caller (:func:`placer.ilp.joint.solve_placer`) loads or compiles the search kernels in this
 process first (:func:`placer.ilp.warmup.ensure_search_kernels`): forked workers inherit them and
@@ -89,29 +92,46 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 _REMOTE = None
 
 
+def _search_group_on_node(tasks: list[LayerTask], cfg: SearchConfig,
+                          deadline: float | None) -> tuple[str, list[LayerResult]]:
+    """A Ray task: :func:`search_group`, and the id of the Ray node it ran on."""
+    import ray  # deferred: ray is an optional extra (runs inside a Ray worker)
+
+    return ray.get_runtime_context().get_node_id(), search_group(tasks, cfg, deadline)
+
+
 def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
-            address: str, num_groups: int | None = None) -> list[LayerResult]:
-    """Search every layer on the Ray cluster at ``address``, one remote task per layer group."""
+            address: str, num_groups: int | None = None) -> tuple[list[LayerResult], list[str]]:
+    """Search every layer on the Ray cluster at ``address``, one remote task per layer group,
+    spread over the cluster's nodes (Ray's ``SPREAD`` strategy; one CPU each).
+
+    Returns the results and, per task, the id of the Ray node that ran it.
+    """
     global _REMOTE
     ray = ray_init(address, "solving on a Ray cluster (ray_address)")
     if _REMOTE is None:
-        _REMOTE = ray.remote(num_cpus=1)(search_group)
+        _REMOTE = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_search_group_on_node)
     if num_groups is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         num_groups = max(1, cpus) * GROUPS_PER_WORKER
     cfg_ref = ray.put(cfg)
     refs = [_REMOTE.remote(g, cfg_ref, deadline) for g in layer_groups(tasks, num_groups)]
-    return [r for group in ray.get(refs) for r in group]
+    done = ray.get(refs)
+    return [r for _, group in done for r in group], [node for node, _ in done]
 
 
 def run_layer_search(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
-                     num_workers: int | None = None, ray_address: str | None = None) -> list[LayerResult]:
+                     num_workers: int | None = None, ray_address: str | None = None,
+                     ray_nodes: list[str] | None = None) -> list[LayerResult]:
     """Dispatch to :func:`run_ray` when ``ray_address`` is given, else :func:`run_local`.
 
-    Results come back in layer order.
+    Results come back in layer order. ``ray_nodes``, when given, receives the id of the Ray node
+    each task ran on (nothing when the search ran locally).
     """
     if ray_address:
-        results = run_ray(tasks, cfg, deadline, address=ray_address)
+        results, nodes = run_ray(tasks, cfg, deadline, address=ray_address)
+        if ray_nodes is not None:
+            ray_nodes.extend(nodes)
     else:
         results = run_local(tasks, cfg, deadline, num_workers)
     return sorted(results, key=lambda r: r.layer)

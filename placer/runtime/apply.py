@@ -92,6 +92,8 @@ class ApplyOutcome:
     weight_mismatches: list[str]
     start_s: float
     final: Placement
+    rank_nodes: list[str]  # the Ray node each rank ran on at the start
+    final_rank_nodes: list[str]  # and at the end (a rank moves when Ray restarts it elsewhere)
 
 
 class ReferenceCache:
@@ -150,6 +152,7 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
     say(f"starting {ranks} rank actors")
     with dep:
         start_s = time.perf_counter() - start
+        start_nodes = list(dep.rank_nodes)
         reference = ReferenceCache(lambda x: reference_forward(dep.weights, torch.from_numpy(x)).numpy())
 
         stream = _stream(seed + 1, tokens, model.hidden_size)
@@ -182,5 +185,6 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
         mismatches = dep.verify_all()
         final = dep.placement
         device = dep.device
+        final_nodes = list(dep.rank_nodes)
     return ApplyOutcome(model, topology, device, plan, report, before_s, after_s, batches, verified,
-                        max_err, mismatches, start_s, final)
+                        max_err, mismatches, start_s, final, start_nodes, final_nodes)

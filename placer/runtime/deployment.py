@@ -1,8 +1,13 @@
 """The controller of an expert-parallel deployment on Ray: ranks, process groups, faults.
 
 :class:`Deployment` starts one Ray actor per rank (:class:`placer.runtime.worker.EPRank`;
-``num_gpus=1`` each where the cluster has a GPU per rank, else CPU with a share of the CPUs),
-joins them in torch.distributed process groups (gloo on CPU, NCCL on GPU) with a rendezvous
+``num_gpus=1`` each where the cluster has a GPU per rank, else CPU with a share of the CPUs)
+in a placement group with one bundle per node of the placement's topology (the resources of its
+``gpus_per_node`` ranks; strategy ``SPREAD``, so each bundle goes to another Ray node while the
+cluster has them, and a one-node cluster holds them all): ranks ``n * gpus_per_node ...`` share
+node ``n``'s bundle, as they share a machine in the topology. ``rank_nodes`` says which Ray node
+each rank runs on. When the cluster cannot hold the bundles within :data:`PLACEMENT_WAIT_S`, the
+start fails with one line. It joins them in torch.distributed process groups (gloo on CPU, NCCL on GPU) with a rendezvous
 on rank 0's host and a timeout of a few seconds, and installs every rank's experts from the
 authoritative copy it keeps in the driver (:class:`placer.runtime.model.ExpertWeights`).
 
@@ -13,7 +18,10 @@ controller waits for every rank's call to end, finds the ranks Ray restarted (``
 a restart shows as a new incarnation id), tears the process groups down on the others, builds
 new ones on a fresh port, reinstalls the restarted ranks' experts for the last committed
 placement from the authoritative copy, and raises :class:`StepFailed` so that the caller retries
-the batch. What the step would have staged is dropped everywhere.
+the batch. What the step would have staged is dropped everywhere. When a Ray node leaves the
+cluster, Ray moves the placement group's bundles that were on it to nodes with room and restarts
+their ranks there (the same repair); where no node has room, the ranks do not come back and
+:class:`RankLostError` says so.
 """
 
 from __future__ import annotations
@@ -25,20 +33,23 @@ from typing import Any
 import numpy as np
 
 from placer._ray import init as ray_init
-from placer.errors import InvalidInputError, PlacerError
+from placer.errors import ClusterError, InvalidInputError
 from placer.metrics.dispatch import dispatch_table
 from placer.runtime.model import ExpertWeights, init_weights
 from placer.runtime.worker import EPRank
 from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
-__all__ = ["Deployment", "RankLostError", "Recovery", "StepFailed"]
+__all__ = ["Deployment", "PLACEMENT_WAIT_S", "RankLostError", "Recovery", "StepFailed"]
+
+PLACEMENT_WAIT_S = 60.0
+"""How long :meth:`Deployment.start` waits for the cluster to hold the placement group."""
 
 
-class RankLostError(PlacerError, RuntimeError):
+class RankLostError(ClusterError):
     """A rank cannot be brought back (Ray's restarts are used up, or the rebuild keeps failing)."""
 
 
-class StepFailed(PlacerError, RuntimeError):
+class StepFailed(ClusterError):
     """A step failed and the deployment was rebuilt; the batch must be retried."""
 
     def __init__(self, message: str, recovery: Recovery):
@@ -106,6 +117,8 @@ class Deployment:
         self._layer_source: list[Placement] = [placement] * placement.num_layers
         self._tables: dict[int, tuple[Placement, np.ndarray]] = {}
         self.actors: list[Any] = []
+        self.rank_nodes: list[str] = []
+        self.placement_group: Any = None
         self.incarnations: list[str] = []
         self.recoveries: list[Recovery] = []
         self.device = "cpu"
@@ -160,17 +173,53 @@ class Deployment:
         if cpus is None:  # a share of the free CPUs (0 when none are free: ranks mostly wait)
             free = float(ray.available_resources().get("CPU", 0.0))
             cpus = float(np.floor(min(1.0, free / self.num_ranks) * 100) / 100)
-        cls = ray.remote(EPRank).options(num_cpus=cpus, num_gpus=1 if gpus else 0,
-                                         max_restarts=self.max_restarts, max_task_retries=0)
+        per_node = self.topology.gpus_per_node
+        self.placement_group = self._reserve(ray, cpus * per_node, per_node if gpus else 0)
+        cls = ray.remote(EPRank)
+        options = dict(num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=self.max_restarts, max_task_retries=0)
         router = np.array(self.weights.router)  # by value: a restarted actor needs no live object ref
-        self.actors = [cls.remote(r, self.num_ranks, hidden_size=self.weights.hidden_size,
-                                  ffn_size=self.weights.ffn_size, top_k=self.weights.top_k,
-                                  slots_per_gpu=self.slots_per_gpu, router=router, device=self.device)
+        self.actors = [cls.options(**options, **self._in_bundle(r // per_node)).remote(
+                           r, self.num_ranks, hidden_size=self.weights.hidden_size, ffn_size=self.weights.ffn_size,
+                           top_k=self.weights.top_k, slots_per_gpu=self.slots_per_gpu, router=router,
+                           device=self.device)
                        for r in range(self.num_ranks)]
         self.incarnations = [inc for inc, _ in ray.get([a.ping.remote() for a in self.actors])]
+        self.rank_nodes = ray.get([a.node_id.remote() for a in self.actors])
         self._init_groups()
         self._load(range(self.num_ranks))
         return self
+
+    def _reserve(self, ray: Any, cpus: float, gpus: int) -> Any:
+        """The placement group: one bundle per topology node; None when a rank needs nothing."""
+        from ray.util.placement_group import (  # deferred: ray is an optional extra (runtime)
+            placement_group,
+            remove_placement_group,
+        )
+
+        bundle = {k: v for k, v in (("CPU", round(cpus, 2)), ("GPU", gpus)) if v > 0}
+        if not bundle:  # no free CPU: ranks are scheduled without a reservation
+            return None
+        pg = placement_group([bundle] * self.topology.num_nodes, strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=PLACEMENT_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - GetTimeoutError: the cluster cannot hold it
+            remove_placement_group(pg)
+            have = {k: ray.cluster_resources().get(k, 0.0) for k in bundle}
+            raise RankLostError(
+                f"the Ray cluster cannot hold {self.num_ranks} ranks within {PLACEMENT_WAIT_S:g} s: they need "
+                f"{self.topology.num_nodes} x {bundle} (one bundle per node of the placement's topology), the "
+                f"cluster has {have} in all ({type(exc).__name__})") from None
+        return pg
+
+    def _in_bundle(self, index: int) -> dict[str, Any]:
+        if self.placement_group is None:
+            return {}
+        from ray.util.scheduling_strategies import (  # deferred: ray is an optional extra (runtime)
+            PlacementGroupSchedulingStrategy,
+        )
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.placement_group, placement_group_bundle_index=index)}
 
     def _init_groups(self) -> None:
         import ray  # deferred: ray is an optional extra (runtime)
@@ -211,6 +260,11 @@ class Deployment:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group  # deferred: ray (extra)
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -300,6 +354,7 @@ class Deployment:
                 ray.get([a.teardown.remote() for a in self.actors], timeout=60)
                 self._init_groups()
                 self._load(restarted)
+                self.rank_nodes = ray.get([a.node_id.remote() for a in self.actors], timeout=60)
                 break
             except Exception as exc:  # noqa: BLE001 - another failure while rebuilding: again
                 last = exc
@@ -320,11 +375,23 @@ class Deployment:
             except (ActorUnavailableError, GetTimeoutError) as exc:  # restarting: ask again
                 if time.perf_counter() > deadline:
                     raise RankLostError(f"rank {rank} did not come back within {wait_s:.0f} s after "
-                                        f"step {step}") from exc
+                                        f"step {step}{self._why_not_placed(ray)}") from exc
                 time.sleep(0.1)
             except Exception as exc:  # noqa: BLE001 - died for good (restarts used up)
                 raise RankLostError(f"rank {rank} could not be restarted after step {step}: "
                                     f"{type(exc).__name__}") from exc
+
+    def _why_not_placed(self, ray: Any) -> str:
+        if self.placement_group is None:
+            return ""
+        try:
+            state = ray.util.placement_group_table(self.placement_group).get("state", "")
+        except Exception:  # noqa: BLE001 - the state is only a hint
+            return ""
+        if state in ("RESCHEDULING", "PENDING"):
+            return (": a Ray node that held ranks left the cluster and no remaining node has room for "
+                    "its bundle of the placement group")
+        return ""
 
     def verify_all(self) -> list[str]:
         """Compare every slot of every rank with the authoritative checksums of the committed

@@ -70,6 +70,12 @@ class EPRank:
         """(incarnation id, pid): a new incarnation means the actor was restarted."""
         return self.incarnation, os.getpid()
 
+    def node_id(self) -> str:
+        """The id of the Ray node this rank runs on."""
+        import ray  # deferred: ray is an optional extra (runtime)
+
+        return ray.get_runtime_context().get_node_id()
+
     def address(self) -> tuple[str, int]:
         """This host's address and a free TCP port (the rendezvous of a new process group)."""
         import ray  # deferred: ray is an optional extra (runtime)

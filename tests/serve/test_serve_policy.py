@@ -131,3 +131,19 @@ def test_state_file_of_another_kind_is_refused(tmp_path):
 def test_local_hosts():
     assert is_local_host("127.0.0.1") and is_local_host("localhost") and is_local_host("::1")
     assert not is_local_host("0.0.0.0") and not is_local_host("10.0.0.5") and not is_local_host("example.org")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_re_solve_on_ray_equals_the_local_one(ray_session):
+    """A method without layer subproblems (eplb) runs as one Ray task; the answer is the same."""
+    from placer.app.serve.policy import resolve
+    from placer.ilp import PlacementProblem
+    from placer.stats import load_only_stats
+
+    stats = load_only_stats(np.asarray(shifted_load()), MODEL.top_k, model=MODEL)
+    problem = PlacementProblem(stats, MODEL, TOPOLOGY, num_redundant=4)
+    local = resolve(problem, PolicyConfig(method="eplb", redundant=4))
+    remote = resolve(problem, PolicyConfig(method="eplb", redundant=4, ray_address="auto"))
+    np.testing.assert_array_equal(local.placement.physical_to_logical, remote.placement.physical_to_logical)
+    assert remote.objective == local.objective

@@ -27,13 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from placer._ray import init as ray_init
 from placer.costs import transfer_seconds
 from placer.errors import InvalidInputError
-from placer.ilp import PlacementProblem, solve
+from placer.ilp import PlacementProblem, method_options, solve
 from placer.metrics import gpu_load, load_balance
 from placer.runtime.plan import plan_migration
 from placer.simulator import ReplayWorkload, SimConfig, simulate
-from placer.types import DISPATCH_RULES, ModelSpec, Placement, RoutingStats, Topology
+from placer.types import DISPATCH_RULES, ModelSpec, Placement, RoutingStats, SolveResult, Topology
+from placer.validate import check_placement
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class PolicyConfig:
     pool_size: int = 1024
     time_limit_s: float | None = None
     seed: int = 0
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_RULES:
@@ -132,6 +135,24 @@ def should_publish(gain: float, migration_cost: float, threshold: float) -> tupl
     return False, f"net gain {net:.4f} <= threshold {threshold:.4f}"
 
 
+def resolve(problem: PlacementProblem, config: PolicyConfig) -> SolveResult:
+    """The re-solve: in this process, or on the Ray cluster at ``config.ray_address`` (a method
+    that splits into layer subproblems spreads them over the cluster; any other runs as one Ray
+    task there). Call :func:`placer._ray.init` from the main thread first (``placer serve`` does)."""
+    kwargs: dict[str, Any] = dict(time_limit_s=config.time_limit_s, seed=config.seed)
+    if config.ray_address is None:
+        return solve(problem, config.method, **kwargs)
+    if "ray_address" in method_options(config.method):
+        return solve(problem, config.method, ray_address=config.ray_address, **kwargs)
+    ray = ray_init(config.ray_address, "re-solving on a Ray cluster (--ray-address)")
+    result = ray.get(ray.remote(num_cpus=1)(solve).remote(problem, config.method, **kwargs))
+    if result.placement is not None:  # validated where it ran; and here, before it is used
+        check_placement(result.placement, problem.model, problem.topology,
+                        memory_limit_bytes=problem.memory_limit_bytes,
+                        distinct_per_gpu=bool(problem.distinct_per_gpu))
+    return result
+
+
 def evaluate(current: Placement, stats: RoutingStats, model: ModelSpec, topology: Topology,
              config: PolicyConfig, observations: int = 0) -> tuple[Decision, Placement | None]:
     """Solve on ``stats``, simulate both placements, apply the rule.
@@ -142,7 +163,7 @@ def evaluate(current: Placement, stats: RoutingStats, model: ModelSpec, topology
     start = time.perf_counter()
     base: dict[str, Any] = dict(observations=observations, method=config.method, threshold=config.threshold, time=time.time())
     problem = PlacementProblem(stats, model, topology, num_redundant=config.redundant, dispatch=config.dispatch)
-    result = solve(problem, config.method, time_limit_s=config.time_limit_s, seed=config.seed)
+    result = resolve(problem, config)
     solve_s = time.perf_counter() - start
     cur_imb = imbalance(current, topology, stats, config.dispatch)
     if result.placement is None:
