@@ -31,7 +31,7 @@ single-process reference forward (:func:`placer.runtime.model.reference_forward`
 the same batches, embedded shapes, EPLB placement with 4 redundant slots.
 
 Part ``sticky`` (``--part sticky``): the planner's pairs again, with a movement-aware re-solve
-(:func:`placer.runtime.resolve.sticky_repack`: the EPLB re-solve's replica counts, packed keeping
+(:func:`placer.ilp.movement.keep_in_place`: the EPLB re-solve's replica counts, packed keeping
 experts on their old GPUs within a load tolerance). Saving is against the naive bytes of the
 EPLB re-solve (the planner part's baseline); balance is max/mean GPU load on the new load with
 each expert's load split evenly over its replicas (median and worst layer).
@@ -249,10 +249,10 @@ def bench_throughput(seed: int, repeats: int) -> None:
 
 
 def bench_sticky(seeds: list[int], amount: float, tokens: int, tolerance: float) -> None:
-    from placer.runtime.resolve import gpu_balance, sticky_repack
+    from placer.ilp.movement import gpu_balance, keep_in_place
 
     model = get_model(MODEL)
-    print(f"{MODEL}: movement-aware re-solve (sticky_repack, tolerance {tolerance}) vs the EPLB re-solve; "
+    print(f"{MODEL}: movement-aware re-solve (keep_in_place, tolerance {tolerance}) vs the EPLB re-solve; "
           f"shift sigma {amount}, {tokens} tokens per trace; synthetic")
     header = (f"{'GPUs':>4} {'seed':>4} | {'naive GB':>8} {'eplb sent':>9} {'saving':>6} | {'sticky sent':>11} "
               f"{'saving':>6} | {'balance eplb':>12} {'sticky':>11} {'old':>11}")
@@ -264,7 +264,7 @@ def bench_sticky(seeds: list[int], amount: float, tokens: int, tolerance: float)
         for seed in seeds:
             before, after = stats[seed]
             old, new = eplb_pair(model, topology, redundant, before, after)
-            sticky = sticky_repack(old, new, after.load, tolerance=tolerance)
+            sticky = keep_in_place(old, new, after.load, tolerance=tolerance)
             pe = plan_migration(old, new, topology, expert_bytes=model.expert_weight_bytes)
             ps = plan_migration(old, sticky, topology, expert_bytes=model.expert_weight_bytes)
             if not np.array_equal(apply_plan(old, ps).physical_to_logical, ps.new.physical_to_logical):
@@ -280,7 +280,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["planner", "live", "throughput", "sticky", "all"], default="planner")
     parser.add_argument("--batch-tokens", type=int, default=64, help="tokens per batch (part live)")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="sticky_repack tolerance (part sticky)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="keep_in_place tolerance (part sticky)")
     parser.add_argument("--repeats", type=int, default=9, help="batches per size (part throughput)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--amount", type=float, default=0.3, help="sigma of the lognormal load shift")

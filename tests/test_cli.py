@@ -153,3 +153,33 @@ def test_core_cli_does_not_import_torch():
             "rc = main(['--help']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_solve_from_a_running_placement_moves_less_and_says_what_it_moves(capsys, tmp_path):
+    from placer.ilp.movement import doubled
+    from placer.io.placements import read_placement_json
+
+    shape = ["--model", "mixtral-8x7b", "--gpus", "8", "--nodes", "2", "--redundant", "8", "--method", "eplb"]
+    for name, seed, perturb in (("a", 1, "0"), ("b", 2, "0.5")):
+        assert run(capsys, "synth", "--model", "mixtral-8x7b", "--tokens", "2000", "--seed", str(seed), "--perturb",
+                   perturb, "-o", str(tmp_path / f"{name}.npz"))[0] == 0
+    assert run(capsys, "solve", str(tmp_path / "a.npz"), *shape, "-o", str(tmp_path / "a.json"),
+               "--export", f"eplb={tmp_path / 'a-eplb.npz'}")[0] == 0
+    moves = {}
+    for running in ("a.json", "a-eplb.npz"):  # placer's file, or a stack's (shaped by --model and --gpus)
+        for horizon in ("0.5", "600"):
+            code, out, err = run(capsys, "solve", str(tmp_path / "b.npz"), *shape, "--from", str(tmp_path / running),
+                                 "--horizon-s", horizon, "-o", str(tmp_path / "b.json"), "--json")
+            assert code == 0, err
+            m = json.loads(out)["movement"]
+            assert m["horizon_s"] == float(horizon) and m["rounds"] >= (m["transfers"] > 0)
+            assert not doubled(read_placement_json(tmp_path / "b.json").placement)
+            moves[running, horizon] = m
+    assert moves["a.json", "0.5"] == moves["a-eplb.npz", "0.5"]
+    short = moves["a.json", "0.5"]
+    assert short["bytes_moved"] < 0.5 * short["resolve_bytes_moved"]  # far less than the re-solve as it is
+    assert moves["a.json", "0.5"]["bytes_moved"] < moves["a.json", "600"]["bytes_moved"]  # a short horizon moves less
+    assert moves["a.json", "600"]["step_ratio"] < moves["a.json", "0.5"]["step_ratio"]  # a long one balances more
+    code, out, _ = run(capsys, "solve", str(tmp_path / "b.npz"), *shape, "--from", str(tmp_path / "a.json"),
+                       "-o", str(tmp_path / "b.json"))
+    assert code == 0 and f"from {tmp_path / 'a.json'}: " in out and " pays back " in out and " rounds)" in out

@@ -19,7 +19,7 @@ import numpy as np
 from placer._ray import ADDRESS_ENV as RAY_ADDRESS_ENV
 from placer.errors import InvalidInputError
 from placer.io.atomic import check_writable
-from placer.io.placements import export_placement, write_placement_json
+from placer.io.placements import export_placement, read_placement_file, write_placement_json
 from placer.io.routing import (
     Routing,
     check_top1,
@@ -130,7 +130,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
                     ray_address: str | None = None, num_workers: int | None = None,
                     holdout: Sequence[str] = (), compare: Sequence[str] = COMPARE_WITH,
                     output: str, exports: Sequence[tuple[str, str]] = (), progress=None,
-                    started_at: float | None = None) -> SolveOutcome:
+                    started_at: float | None = None, current: str | None = None,
+                    horizon_s: float = 600.0) -> SolveOutcome:
     """Gather inputs, solve, score on the fitting (and held-out) data against the baselines, write
     the placement and its exports.
 
@@ -138,6 +139,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     overrides it; neither: ``nearest``), checks that the stack can place the model, and is
     recorded in the placement file. ``started_at`` (``time.time()`` seconds; the CLI passes its
     process start): ``time_limit_s`` counts from then, the scoring included, not from the solve.
+    ``current`` (a placement file, any format :func:`read_placement_file` reads): the placement
+    running now; the solve is then movement-aware over ``horizon_s`` seconds
+    (:func:`placer.ilp.movement.solve_from`) and the outcome's notes give the move and its payback.
     """
     from placer.ilp import (  # deferred: keeps ortools off placer synth, stats and evaluate
         METHODS,
@@ -146,6 +150,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     )
     from placer.ilp import (
         method_options as solver_options,  # deferred: keeps ortools off placer synth, stats and evaluate
+    )
+    from placer.ilp.movement import (
+        solve_from,  # deferred: keeps ortools off placer synth, stats and evaluate
     )
 
     say = progress or (lambda message: None)
@@ -200,6 +207,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         raise InvalidInputError("holds no routing (every expert load is zero): pass a trace or statistics, "
                                 "or make one with `placer synth`", source=", ".join(routing.sources))
 
+    running = None if current is None else read_placement_file(current, model=model, topology=topology).placement
+
     def score(placement, data_routing):
         if data_routing is None:
             return None
@@ -229,7 +238,11 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     solve_limit = time_limit_s
     if time_limit_s is not None and started_at is not None:
         solve_limit = max(0.01, started_at + time_limit_s - time.time() - 1.2 * score_s - 0.3)
-    result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
+    if running is None:
+        result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
+    else:
+        result = solve_from(problem, method, running, horizon_s=horizon_s, time_limit_s=solve_limit, seed=seed,
+                            **options)
     on_ray = (f" ({int(result.terms['ray_tasks'])} Ray tasks on {int(result.terms['ray_nodes'])} node(s))"
               if "ray_nodes" in result.terms else "")
     say(f"{method}: {result.status} in {result.wall_time_s:.2f} s{on_ray}; scoring")
@@ -247,6 +260,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
         metrics["holdout"] = scored["holdout"]
     metrics["objective"] = {"value": result.objective, "terms": dict(result.terms), "bound": result.bound,
                             "gap": result.gap, "backend": result.backend}
+    if running is not None and current is not None:
+        metrics["movement"] = movement_summary(running, result, topology, model, horizon_s)
+        notes.append(movement_line(current, metrics["movement"]))
     # The exports first (a stack may refuse the placement): on a refusal nothing is left behind.
     exported, created = [], []
     try:
@@ -266,6 +282,36 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
                          metrics=metrics, stack=stack)
     return SolveOutcome(result=result, metrics=metrics, rows=rows, exported=exported, stack=stack,
                         dispatch=dispatch, notes=tuple(notes))
+
+
+def movement_summary(running, result, topology, model: ModelSpec, horizon_s: float) -> dict:
+    """The move from ``running`` to ``result.placement``: the live plan's bytes and rounds
+    (:func:`placer.runtime.plan_migration`), the estimated transfer seconds, the bottleneck-load
+    ratio and the serving seconds after which the move has paid for itself."""
+    from placer.runtime.plan import plan_migration  # deferred: keeps the runtime off synth, stats
+
+    plan = plan_migration(running, result.placement, topology, expert_bytes=model.expert_weight_bytes)
+    ratio, seconds = result.terms["step_ratio"], result.terms["move_seconds"]
+    gain = 1.0 - ratio
+    return {"bytes_moved": plan.bytes_moved, "transfers": len(plan.transfers), "rounds": plan.num_rounds,
+            "move_seconds": seconds, "step_ratio": ratio, "horizon_s": horizon_s,
+            "payback_s": seconds / gain if gain > 0 else (0.0 if seconds == 0 else float("inf")),
+            "resolve_bytes_moved": result.terms["resolve_bytes_moved"],
+            "resolve_step_ratio": result.terms["resolve_step_ratio"],
+            "kept": "running placement" if result.terms["tolerance"] == -2 else
+                    "re-solve relabelled" if result.terms["tolerance"] == -1 else
+                    "re-solve's replicas repacked for balance, relabelled" if result.terms["tolerance"] == -3 else
+                    f"re-solve's replicas kept in place (tolerance {result.terms['tolerance']:g})"}
+
+
+def movement_line(current: str, m: dict) -> str:
+    payback = ("never (no gain)" if m["payback_s"] == float("inf") else
+               "at once" if m["payback_s"] == 0 else f"after {m['payback_s']:.3g} s of serving")
+    return (f"from {current}: {m['kept']}; moves {human_bytes(m['bytes_moved'])} ({m['transfers']} transfers in "
+            f"{m['rounds']} rounds), about {m['move_seconds']:.3g} s of transfers; bottleneck load "
+            f"{m['step_ratio'] - 1:+.1%} vs the running placement; pays back {payback} "
+            f"(horizon {m['horizon_s']:g} s); the re-solve as it is would receive "
+            f"{human_bytes(m['resolve_bytes_moved'])} for {m['resolve_step_ratio'] - 1:+.1%}")
 
 
 def with_groups(model: ModelSpec, groups: int) -> ModelSpec:

@@ -55,6 +55,11 @@ from placer.stacks import STACKS, resolve_dispatch
                    "methods that split into layer subproblems: placer).")
 @click.option("--holdout", multiple=True, type=click.Path(), metavar="TRACE",
               help="Score on these inputs too (not used for fitting). Repeatable.")
+@click.option("--from", "current", type=click.Path(dir_okay=False), default=None, metavar="PLACEMENT",
+              help="The placement running now (placer's JSON or a stack's file): re-place movement-aware, "
+                   "weighing the weights moved against the balance gained over --horizon-s.")
+@click.option("--horizon-s", "horizon_s", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
+              help="With --from: seconds the new placement is expected to serve (as serve --horizon).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Placement JSON to write.")
 @click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
@@ -62,14 +67,16 @@ from placer.stacks import STACKS, resolve_dispatch
 @click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
 def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack, redundant, groups,
-          method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, seed, output,
-          exports, as_json, quiet):
+          method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, current, horizon_s,
+          seed, output, exports, as_json, quiet):
     """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
 
     \b
     Example:
         placer solve trace.npz --stack sglang --gpus 16 --nodes 2 --redundant 16 \\
             --holdout held.npz -o p.json --export sglang=s.json
+        placer solve today.npz --gpus 16 --nodes 2 --redundant 16 --method eplb \\
+            --from p.json --horizon-s 600 -o p2.json
     """
     from placer.app.workflow import solve_placement  # deferred: keeps numba off placer --help
     from placer.metrics import format_comparison  # deferred: keeps metrics (8 ms) off placer --help
@@ -85,13 +92,14 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
         dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
         method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=parse_weights(weights),
         backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
-        exports=parse_exports(exports), progress=progress, started_at=process_start_time())
+        exports=parse_exports(exports), progress=progress, started_at=process_start_time(), current=current,
+        horizon_s=horizon_s)
     r = outcome.result
     if as_json:
         echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
                     "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
                     "comparison": [{k: v for k, v in row.items()} for row in outcome.rows],
-                    "notes": list(outcome.notes)})
+                    "movement": outcome.metrics.get("movement"), "notes": list(outcome.notes)})
         return
     gap = "" if r.gap is None else f", gap {r.gap:.2%}"
     target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""

@@ -67,13 +67,16 @@ from placer.types import DISPATCH_RULES
 @click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-clock limit of each solve (seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
+@click.option("--movement-aware/--no-movement-aware", default=True, show_default=True,
+              help="Re-solve from the running placement, weighing the weights moved against the balance "
+                   "gained over --horizon (as solve --from); off: the method's answer as it is.")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
               help="Run the re-solves on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set): "
                    "placer's layer subproblems spread over its nodes, any other method runs as one task there.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, token, state_path, output, exports,
           initial, method, redundant, dispatch, stack, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
-          time_limit_s, seed, ray_address, verbose):
+          time_limit_s, seed, movement_aware, ray_address, verbose):
     """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
 
     Load arrives by POST /stats ({"load": [[...]]}, MoE layers x experts) and as files in
@@ -117,7 +120,8 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         target = pf.stack  # recorded in the placements the service writes
     policy = PolicyConfig(method=method, redundant=redundant or 0, dispatch=dispatch,
                           threshold=threshold, horizon_s=horizon_s, tokens_per_rank=tokens_per_rank,
-                          time_limit_s=time_limit_s, seed=seed, ray_address=ray_address)
+                          time_limit_s=time_limit_s, seed=seed, ray_address=ray_address,
+                          movement_aware=movement_aware)
     export_list = tuple(parse_exports(exports))
     check_problem_size(spec, topology, simulate=True)  # the policy simulates each candidate placement
     for out_path in (output, state_path, *(p for _, p in export_list)):

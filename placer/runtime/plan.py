@@ -1,7 +1,7 @@
 """The live re-placement planner: which expert weights move where, and when, for one change of placement.
 
-Pure numpy (plus OR-tools' linear sum assignment, :mod:`placer.ilp.assignment`; the plan's
-records are in :mod:`placer.runtime.migration`). Given the placement that runs now (``old``)
+Pure numpy (plus the relabel of :mod:`placer.ilp.movement`, on OR-tools' linear sum
+assignment; the plan's records are in :mod:`placer.runtime.migration`). Given the placement that runs now (``old``)
 and the one a solver asked for (``new``), :func:`plan_migration`:
 
 1. **Relabels** ``new`` without changing what it means: one permutation of nodes, then of GPUs
@@ -74,56 +74,6 @@ def _check_inputs(old: Placement, new: Placement, topology: Topology, expert_byt
         raise bad(f"staging_bytes must be non-negative, got {staging_bytes}")
     if max_experts_per_round is not None and max_experts_per_round < 1:
         raise bad(f"max_experts_per_round must be at least 1, got {max_experts_per_round}")
-
-
-def _counts(p2l: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
-    """Copies of each expert on each GPU. ``p2l: [L, P]`` -> int64 [L, G, E]."""
-    num_layers, num_slots = p2l.shape
-    out = np.zeros((num_layers, num_gpus, num_experts), np.int64)
-    layer = np.repeat(np.arange(num_layers), num_slots)
-    gpu = np.tile(np.arange(num_slots) // (num_slots // num_gpus), num_layers)
-    np.add.at(out, (layer, gpu, p2l.ravel()), 1)
-    return out
-
-
-def _max_assignment(weight: np.ndarray) -> tuple[np.ndarray, int]:
-    """Row -> column assignment of largest total ``weight`` (int64 [n, n]), identity on ties.
-
-    Returns (int64 [n] column of each row, total weight):
-    :func:`placer.ilp.assignment.max_weight_assignment` on weights that break ties.
-    """
-    from placer.ilp.assignment import max_weight_assignment  # deferred: placer.ilp init, 0.5 s
-
-    n = weight.shape[0]
-    score = weight * (n + 1) + np.eye(n, dtype=np.int64)  # ties go to the identity
-    cols = max_weight_assignment(score)
-    return cols, int(weight[np.arange(n), cols].sum())
-
-
-def _relabel(c_old: np.ndarray, c_new: np.ndarray, num_nodes: int, gpn: int) -> tuple[np.ndarray, np.ndarray]:
-    """Node then GPU-in-node relabel of the requested GPUs keeping the most weights in place.
-
-    ``c_old, c_new: [L, G, E]`` copies per GPU. The value of putting requested GPU j on physical
-    GPU g is, lexicographically, the (layer, expert) pairs present on both (transfers saved),
-    then the slots kept (local copies saved). Returns (gpu_relabel [G], node_relabel [N]).
-    """
-    num_layers, num_gpus, _ = c_old.shape
-    top = int(max(c_old.max(), c_new.max()))
-    a = c_new.transpose(1, 0, 2).reshape(num_gpus, -1)
-    b = c_old.transpose(1, 0, 2).reshape(num_gpus, -1)
-    present = (a >= 1).astype(np.int64) @ (b >= 1).astype(np.int64).T  # [G, G]
-    kept = sum((a >= t).astype(np.int64) @ (b >= t).astype(np.int64).T for t in range(1, top + 1))
-    weight = present * (num_layers * c_old.sum(axis=2).max() + 1) + kept
-    block = weight.reshape(num_nodes, gpn, num_nodes, gpn).transpose(0, 2, 1, 3)  # [N, N, gpn, gpn]
-    inner = np.zeros((num_nodes, num_nodes, gpn), np.int64)
-    node_weight = np.zeros((num_nodes, num_nodes), np.int64)
-    for i in range(num_nodes):
-        for j in range(num_nodes):
-            inner[i, j], node_weight[i, j] = _max_assignment(block[i, j])
-    node_relabel, _ = _max_assignment(node_weight)
-    gpu_relabel = np.concatenate([node_relabel[i] * gpn + inner[i, node_relabel[i]]
-                                  for i in range(num_nodes)])
-    return gpu_relabel, node_relabel
 
 
 def _arrange(old_row: list[int], want: list[int]) -> tuple[list[int], list[int]]:
@@ -201,9 +151,11 @@ def plan_migration(old: Placement, new: Placement, topology: Topology, *, expert
     num_layers, num_slots = old.physical_to_logical.shape
     spg, gpn, num_gpus = old.slots_per_gpu, topology.gpus_per_node, old.num_gpus
     old_p2l = old.physical_to_logical
-    c_old = _counts(old_p2l, num_gpus, old.num_experts)
-    c_new = _counts(new.physical_to_logical, num_gpus, new.num_experts)
-    gpu_relabel, node_relabel = _relabel(c_old, c_new, topology.num_nodes, gpn)
+    from placer.ilp.movement import copies_per_gpu, relabel_gpus  # deferred: placer.ilp init, 0.5 s
+
+    c_old = copies_per_gpu(old_p2l, num_gpus, old.num_experts)
+    c_new = copies_per_gpu(new.physical_to_logical, num_gpus, new.num_experts)
+    gpu_relabel, node_relabel = relabel_gpus(c_old, c_new, topology.num_nodes, gpn)
 
     p2l = np.empty_like(old_p2l)
     slot_map = np.empty((num_layers, num_slots), np.int64)

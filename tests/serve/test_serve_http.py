@@ -145,14 +145,28 @@ def test_noise_below_the_threshold_is_not_published(start_service):
 
 @pytest.mark.timeout(60)
 def test_migration_cost_over_a_short_horizon_blocks_the_same_shift(start_service):
-    # The same shift as above, but the migration must pay for itself within 1 microsecond.
-    _, client = start_service(policy=PolicyConfig(threshold=0.05, horizon_s=1e-6))
+    # The same shift as above, but the migration must pay for itself within 1 microsecond (the
+    # method's answer as it is: the rule blocks it).
+    _, client = start_service(policy=PolicyConfig(threshold=0.05, horizon_s=1e-6, movement_aware=False))
     client.post_stats({"load": shifted_load()})
     wait_for(lambda: client.get_json("/status")["evaluated_observations"] == 1, what="an evaluation")
     decision = client.get_json("/status")["last_decision"]
     assert decision["gain"] > 0.05 and decision["migration_s"] > 0
     assert decision["migration_cost"] == pytest.approx(decision["migration_s"] / 1e-6)
     assert not decision["publish"] and client.metrics()["placer_placements_published_total"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_movement_aware_re_solve_over_a_short_horizon_keeps_the_running_placement(start_service):
+    _, client = start_service(policy=PolicyConfig(threshold=0.05, horizon_s=1e-6))
+    client.post_stats({"load": shifted_load()})
+    wait_for(lambda: client.get_json("/status")["evaluated_observations"] == 1, what="an evaluation")
+    decision = client.get_json("/status")["last_decision"]
+    assert decision["reason"] == "the candidate is the current placement" and not decision["publish"]
+    # over the default horizon the same shift is worth a move: published
+    _, client = start_service(policy=PolicyConfig(threshold=0.05))
+    client.post_stats({"load": shifted_load()})
+    wait_for(lambda: client.metrics()["placer_placements_published_total"] == 1, what="a publication")
 
 
 def _write_stat_dump(path, load):

@@ -54,8 +54,14 @@ def test_evaluate_shift_versus_noise_and_horizon():
     # The candidate is already optimal for the window: no second move.
     steady, none = evaluate(candidate, stats, MODEL, TOPOLOGY, PolicyConfig())
     assert not steady.publish and none is None
-    short, _ = evaluate(_contiguous(), stats, MODEL, TOPOLOGY, PolicyConfig(horizon_s=decision.migration_s / 0.5))
+    # The method's answer as it is, over a horizon it pays back only half of: not published.
+    fixed = evaluate(_contiguous(), stats, MODEL, TOPOLOGY, PolicyConfig(movement_aware=False))[0]
+    short, _ = evaluate(_contiguous(), stats, MODEL, TOPOLOGY,
+                        PolicyConfig(horizon_s=fixed.migration_s / 0.5, movement_aware=False))
     assert short.migration_cost == pytest.approx(0.5) and not short.publish
+    # Movement-aware over the same horizon: a smaller move (or none), never a dearer one.
+    aware, _ = evaluate(_contiguous(), stats, MODEL, TOPOLOGY, PolicyConfig(horizon_s=fixed.migration_s / 0.5))
+    assert (aware.migration_bytes or 0) <= short.migration_bytes
 
 
 @pytest.mark.timeout(60)

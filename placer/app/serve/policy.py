@@ -1,7 +1,8 @@
 """When to publish a new placement: simulated gain against migration cost, with a margin.
 
 For the window's statistics ``S``, the current placement ``A`` and the method's solve ``B`` on
-``S`` (relabelled by :func:`~placer.runtime.plan.plan_migration` to move the fewest weights):
+``S`` (movement-aware from ``A`` over the horizon by default, :func:`placer.ilp.movement.solve_from`;
+then relabelled by :func:`~placer.runtime.plan.plan_migration` to move the fewest weights):
 
 * ``T(X)``: mean simulated step time of ``X`` on ``S`` (:func:`placer.simulator.simulate`,
   replay workload of ``iterations`` decode steps of ``tokens_per_rank`` tokens per rank, count
@@ -31,6 +32,7 @@ from placer._ray import init as ray_init
 from placer.costs import transfer_seconds
 from placer.errors import InvalidInputError
 from placer.ilp import PlacementProblem, method_options, solve
+from placer.ilp.movement import solve_from
 from placer.metrics import gpu_load, load_balance
 from placer.runtime.plan import plan_migration
 from placer.simulator import ReplayWorkload, SimConfig, simulate
@@ -53,6 +55,7 @@ class PolicyConfig:
     time_limit_s: float | None = None
     seed: int = 0
     ray_address: str | None = None
+    movement_aware: bool = True
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_RULES:
@@ -135,17 +138,28 @@ def should_publish(gain: float, migration_cost: float, threshold: float) -> tupl
     return False, f"net gain {net:.4f} <= threshold {threshold:.4f}"
 
 
-def resolve(problem: PlacementProblem, config: PolicyConfig) -> SolveResult:
-    """The re-solve: in this process, or on the Ray cluster at ``config.ray_address`` (a method
-    that splits into layer subproblems spreads them over the cluster; any other runs as one Ray
-    task there). Call :func:`placer._ray.init` from the main thread first (``placer serve`` does)."""
+def _solve(problem: PlacementProblem, method: str, current: Placement | None, horizon_s: float,
+           **kwargs: Any) -> SolveResult:
+    if current is None:
+        return solve(problem, method, **kwargs)
+    return solve_from(problem, method, current, horizon_s=horizon_s, **kwargs)
+
+
+def resolve(problem: PlacementProblem, config: PolicyConfig, current: Placement | None = None) -> SolveResult:
+    """The re-solve: movement-aware from ``current`` over ``config.horizon_s`` when given and
+    ``config.movement_aware`` (:func:`placer.ilp.movement.solve_from`), in this process or on
+    the Ray cluster at ``config.ray_address`` (a method that splits into layer subproblems
+    spreads them over the cluster; any other runs as one Ray task there). Call
+    :func:`placer._ray.init` from the main thread first (``placer serve`` does)."""
     kwargs: dict[str, Any] = dict(time_limit_s=config.time_limit_s, seed=config.seed)
+    start = current if config.movement_aware else None
     if config.ray_address is None:
-        return solve(problem, config.method, **kwargs)
+        return _solve(problem, config.method, start, config.horizon_s, **kwargs)
     if "ray_address" in method_options(config.method):
-        return solve(problem, config.method, ray_address=config.ray_address, **kwargs)
+        return _solve(problem, config.method, start, config.horizon_s, ray_address=config.ray_address, **kwargs)
     ray = ray_init(config.ray_address, "re-solving on a Ray cluster (--ray-address)")
-    result = ray.get(ray.remote(num_cpus=1)(solve).remote(problem, config.method, **kwargs))
+    result = ray.get(ray.remote(num_cpus=1)(_solve).remote(problem, config.method, start, config.horizon_s,
+                                                           **kwargs))
     if result.placement is not None:  # validated where it ran; and here, before it is used
         check_placement(result.placement, problem.model, problem.topology,
                         memory_limit_bytes=problem.memory_limit_bytes,
@@ -163,7 +177,7 @@ def evaluate(current: Placement, stats: RoutingStats, model: ModelSpec, topology
     start = time.perf_counter()
     base: dict[str, Any] = dict(observations=observations, method=config.method, threshold=config.threshold, time=time.time())
     problem = PlacementProblem(stats, model, topology, num_redundant=config.redundant, dispatch=config.dispatch)
-    result = resolve(problem, config)
+    result = resolve(problem, config, current)
     solve_s = time.perf_counter() - start
     cur_imb = imbalance(current, topology, stats, config.dispatch)
     if result.placement is None:

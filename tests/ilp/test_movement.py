@@ -1,0 +1,133 @@
+"""Movement-aware re-placement (placer.ilp.movement): keep_in_place, the cost, solve_from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from placer.errors import InvalidInputError
+from placer.ilp import PlacementProblem, solve
+from placer.ilp.movement import (
+    doubled,
+    gpu_balance,
+    keep_in_place,
+    move_seconds,
+    relabelled,
+    solve_from,
+    step_load,
+)
+from placer.presets import make_topology
+from placer.runtime import plan_migration
+from placer.stats import load_only_stats
+from placer.types import ModelSpec, Placement, Topology
+
+
+def _holds_twice(p: Placement) -> bool:
+    """Some GPU holds two copies of an expert that has no more replicas than there are GPUs."""
+    rows = p.physical_to_logical.reshape(p.num_layers, p.num_gpus, p.slots_per_gpu)
+    cnt = p.logcnt()
+    found = any(len(set(r)) < len(r) and any(cnt[i, x] <= p.num_gpus and list(r).count(x) > 1 for x in r)
+                for i, layer in enumerate(rows) for r in layer)
+    assert found == doubled(p)
+    return found
+
+
+def test_keep_in_place_keeps_counts_and_experts_and_never_holds_an_expert_twice():
+    #         GPU 0      GPU 1      GPU 2      GPU 3
+    old = Placement([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]], 3, 8)
+    # The re-solve replicates 7 and 6 instead of 0 and 1 and shuffles every GPU.
+    target = Placement([[7, 2, 4, 6, 0, 7, 3, 1, 6, 5, 2, 3]], 3, 8)
+    load = np.array([[10.0, 10, 20, 20, 10, 10, 40, 40]])
+    out = keep_in_place(old, target, load, tolerance=0.1)
+    np.testing.assert_array_equal(out.logcnt(), target.logcnt())
+    topo = Topology("t", 1, 4)
+    sticky = plan_migration(old, out, topo, expert_bytes=1.0)
+    eplb = plan_migration(old, target, topo, expert_bytes=1.0)
+    assert (sticky.bytes_moved, eplb.bytes_moved) == (2.0, 4.0)
+    # GPUs 0-2 keep their experts (GPU 2 drops its third slot: expert 0 has one replica now) and
+    # the new replicas fill the free slots; the only free slot left for the second 7 is on a GPU
+    # that holds 7, so a GPU without 7 hands it one of its replicas and takes the 7.
+    assert not _holds_twice(out)
+    assert sorted(out.physical_to_logical[0].tolist()) == sorted(target.physical_to_logical[0].tolist())
+    assert gpu_balance(target, load)[0] <= gpu_balance(out, load)[0] < gpu_balance(old, load)[0]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(0, 10**6), st.sampled_from([(4, 2), (4, 3), (8, 2)]), st.floats(0, 1))
+def test_keep_in_place_is_valid_for_random_loads(seed, shape, tolerance):
+    gpus, slots = shape
+    experts = gpus * slots - gpus  # one redundant slot per GPU
+    rng = np.random.default_rng(seed)
+    model = ModelSpec("m", 2, (0, 1), experts, 2, hidden_size=64, expert_ffn_size=64)
+    topo = make_topology("h100", gpus=gpus, nodes=2)
+    loads = [rng.pareto(1.2, (2, experts)) + 0.1 for _ in range(2)]
+    old = solve(PlacementProblem(load_only_stats(loads[0], 2, model=model), model, topo, gpus), "eplb").placement
+    new = solve(PlacementProblem(load_only_stats(loads[1], 2, model=model), model, topo, gpus), "eplb").placement
+    out = keep_in_place(old, new, loads[1], tolerance=tolerance)
+    np.testing.assert_array_equal(out.logcnt(), new.logcnt())
+    assert not _holds_twice(out)
+
+
+def test_gpu_balance_splits_load_over_replicas():
+    p = Placement([[0, 1, 0, 2]], 2, 3)  # GPU 0: {0, 1}, GPU 1: {0, 2}
+    np.testing.assert_allclose(gpu_balance(p, np.array([[4.0, 2.0, 2.0]])), [1.0])  # 2 + 2, 2 + 2
+    assert step_load(p, np.array([[4.0, 2.0, 2.0]])) == 4.0
+
+
+def test_move_seconds_counts_what_each_gpu_lacks_over_its_link():
+    topo = Topology("t", 2, 2, nvlink_gbps=100.0, nic_gbps=10.0)
+    old = Placement([[0, 1, 0, 2, 1, 3, 2, 3]], 2, 4)  # node 0 (GPUs 0-1) holds 0, 1, 2
+    new = Placement([[0, 2, 0, 3, 1, 3, 2, 3]], 2, 4)  # GPU 0 gets 2 (from GPU 1), GPU 1 gets 3
+    seconds, nbytes = move_seconds(old, new, topo, expert_bytes=1e9)
+    assert nbytes == 2e9
+    assert seconds == pytest.approx(1e9 / 10e9)  # the slowest: GPU 1, over the NIC (3 is on node 1)
+    assert move_seconds(old, old, topo, 1e9) == (0.0, 0.0)
+    # a relabel moves nothing it need not: old with GPUs 0 and 1 swapped maps back onto old
+    swapped = Placement([[0, 2, 0, 1, 1, 3, 2, 3]], 2, 4)
+    assert move_seconds(old, swapped, topo, 1e9)[1] == 2e9
+    assert move_seconds(old, relabelled(old, swapped, topo), topo, 1e9)[1] == 0.0
+
+
+MODEL = ModelSpec("m", 4, (0, 1, 2, 3), 16, 2, hidden_size=1024, expert_ffn_size=2048)
+TOPO = make_topology("h100", gpus=8, nodes=2)
+
+
+def _problem(seed: float, sigma: float) -> PlacementProblem:
+    rng = np.random.default_rng(seed)
+    load = np.exp(rng.normal(0, sigma, (4, 16))) * 100
+    return PlacementProblem(load_only_stats(load, 2, model=MODEL), MODEL, TOPO, num_redundant=8)
+
+
+def test_solve_from_trades_balance_for_bytes_along_the_horizon():
+    before, after = _problem(1, 1.0), _problem(2, 1.0)
+    current = solve(before, "eplb").placement
+    fresh = solve(after, "eplb").placement
+    load = after.stats.load
+    assert doubled(current)  # EPLB's packing put two replicas of an expert on one GPU: never kept
+    short = solve_from(after, "eplb", current, horizon_s=1e-4)  # moving costs more than it saves
+    most_kept = keep_in_place(current, fresh, load, tolerance=1.0)
+    assert short.terms["move_seconds"] <= move_seconds(current, most_kept, TOPO, MODEL.expert_weight_bytes)[0]
+    long = solve_from(after, "eplb", current, horizon_s=1e9)  # balance is all that counts
+    assert step_load(long.placement, load) <= step_load(fresh, load) * 1.02
+    mid = solve_from(after, "eplb", current, horizon_s=600)
+    full = move_seconds(current, relabelled(current, fresh, TOPO), TOPO, MODEL.expert_weight_bytes)[1]
+    assert mid.terms["bytes_moved"] <= full
+    for r in (short, long, mid):
+        assert not _holds_twice(r.placement)
+        assert r.objective == pytest.approx(r.terms["step_ratio"] + r.terms["movement_cost"])
+        assert r.bound is None and r.gap is None
+    # the chosen candidate is never worse than keeping the running placement or taking the re-solve
+    assert mid.objective <= 1.0
+    assert mid.objective <= step_load(relabelled(current, fresh, TOPO), load) / step_load(current, load) + \
+        move_seconds(current, relabelled(current, fresh, TOPO), TOPO, MODEL.expert_weight_bytes)[0] / 600
+
+
+def test_solve_from_rejects_another_shape_and_a_bad_horizon():
+    after = _problem(2, 1.0)
+    with pytest.raises(InvalidInputError, match="--from: the running placement is"):
+        solve_from(after, "eplb", Placement(np.arange(16)[None].repeat(4, 0), 2, 16), horizon_s=600)
+    current = solve(after, "eplb").placement
+    with pytest.raises(InvalidInputError, match="--horizon-s: must be positive"):
+        solve_from(after, "eplb", current, horizon_s=0)
