@@ -111,14 +111,41 @@ class LayerResult:
 
 
 def token_types(ids: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct (home, expert set) rows of one layer's sample: (ids [U, K], home [U], weight [U])."""
+    """Distinct (home, expert set) rows of one layer's sample: (ids [U, K], home [U], weight [U]).
+
+    Rows in ascending lexicographic order (home first), as ``np.unique(rows, axis=0)`` gives them:
+    each row is packed into a few uint64 words (home, then the sorted expert ids, whole fields per
+    word, most significant first), which sort in the same order as the rows.
+    """
     s = ids.shape[0]
     if s == 0:
         return np.zeros((0, ids.shape[1]), np.int64), np.zeros(0, np.int64), np.zeros(0)
     rows = np.concatenate([home[:, None].astype(np.int64), np.sort(ids.astype(np.int64), axis=1)], axis=1)
-    uniq, counts = np.unique(rows, axis=0, return_counts=True)
+    words = _pack_rows(rows)
+    order = np.lexsort(words[::-1])  # the last key is the primary one: words[0]
+    packed = words[:, order]
+    first = np.ones(s, dtype=bool)
+    first[1:] = (packed[:, 1:] != packed[:, :-1]).any(axis=0)
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, s))
+    uniq = rows[order[starts]]
     return (np.ascontiguousarray(uniq[:, 1:]), np.ascontiguousarray(uniq[:, 0]),
             counts.astype(np.float64) / s)
+
+
+def _pack_rows(rows: np.ndarray) -> np.ndarray:
+    """Non-negative int64 rows [S, C] as uint64 words [W, S], fields whole, big-endian."""
+    bits = [max(1, int(rows[:, c].max()).bit_length()) for c in range(rows.shape[1])]
+    words: list[np.ndarray] = []
+    word, used = np.zeros(rows.shape[0], np.uint64), 0
+    for c, b in enumerate(bits):
+        if used + b > 64:
+            words.append(word)
+            word, used = np.zeros(rows.shape[0], np.uint64), 0
+        word = (word << np.uint64(b)) | rows[:, c].astype(np.uint64)
+        used += b
+    words.append(word)
+    return np.stack(words)
 
 
 def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work]:

@@ -81,9 +81,14 @@ def replica_index(token_index: np.ndarray, count: np.ndarray, rule: str) -> np.n
 
 
 def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` picks spread evenly over ``candidates`` (each ``count // n`` times, the remainder
+    drawn without replacement), in random order. Calls that would draw nothing are skipped: they
+    leave the generator's state as it is, so the stream is the same as always calling them."""
     q, r = divmod(count, len(candidates))
-    picks = np.concatenate([np.tile(candidates, q), rng.choice(candidates, size=r, replace=False)])
-    return rng.permutation(picks)
+    picks = np.tile(candidates, q) if q else candidates[:0]
+    if r:
+        picks = np.concatenate([picks, rng.choice(candidates, size=r, replace=False)])
+    return rng.permutation(picks) if len(picks) > 1 else picks
 
 
 def hidden_layer_map(placement: Placement, model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +174,9 @@ def sglang_static_table(full_map: np.ndarray, num_gpus: int, num_nodes: int,
 
 def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.ndarray:
     num_layers, num_gpus, num_experts = placement.num_layers, placement.num_gpus, placement.num_experts
+    gpn = topology.gpus_per_node
     gpu_of_slot = placement.gpu_of_slot()
-    node_of_gpu = np.arange(num_gpus) // topology.gpus_per_node
+    node_of_gpu = np.arange(num_gpus) // gpn
     node_of_slot = node_of_gpu[gpu_of_slot]
     cnt = placement.logcnt()
     rng = np.random.default_rng(seed)
@@ -188,16 +194,28 @@ def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.nd
         only_slot = np.full(num_experts, -1, dtype=np.int64)
         only_slot[p2l] = np.arange(placement.num_slots)
         table[layer][:, single] = only_slot[single][None, :]
-        for expert in np.flatnonzero(~single):
+        # Replicated experts, in expert order: GPUs without a copy use a replica on their node,
+        # spread evenly over those (node by node, ascending); where their node has none, any.
+        order = np.argsort(p2l, kind="stable")  # slots grouped by expert, ascending within
+        starts = np.searchsorted(p2l[order], np.arange(num_experts + 1))
+        missing_all = table[layer] < 0  # [G, E]
+        for expert in np.flatnonzero(~single).tolist():
             column = table[layer, :, expert]
-            candidates = np.flatnonzero(p2l == expert)
-            for node in np.unique(node_of_gpu[column < 0]):
-                local = candidates[node_of_slot[candidates] == node]
-                need = np.flatnonzero((column < 0) & (node_of_gpu == node))
-                if len(local) and len(need):
-                    column[need] = _fair(local, len(need), rng)
-            need = np.flatnonzero(column < 0)
-            if len(need):
+            missing = np.flatnonzero(missing_all[:, expert])
+            if not len(missing):
+                continue
+            candidates = order[starts[expert]:starts[expert + 1]]
+            cand_nodes = node_of_slot[candidates]
+            rest = []
+            for node in sorted(set((missing // gpn).tolist())):
+                need = missing[missing // gpn == node]
+                here = candidates[cand_nodes == node]
+                if len(here):
+                    column[need] = _fair(here, len(need), rng)
+                else:
+                    rest.append(need)
+            if rest:
+                need = np.concatenate(rest)
                 column[need] = _fair(candidates, len(need), rng)
     return table
 
@@ -281,7 +299,11 @@ def select_slots(placement: Placement, topology: Topology, expert_ids: np.ndarra
         home_rank = default_home_ranks(token_index, placement.num_gpus)
     if table is None:
         table = dispatch_table(placement, topology, rule, seed, model=model)
-    return table[layer, np.asarray(home_rank, dtype=np.int64)[:, None, None], ids]
+    # table[layer, home, ids] as one flat take (half the time of three broadcast index arrays)
+    g, e = table.shape[1], table.shape[2]
+    base = (np.arange(num_layers, dtype=np.int64)[None, :] * g
+            + np.asarray(home_rank, dtype=np.int64)[:, None]) * e  # [T, L]
+    return np.take(np.ascontiguousarray(table).reshape(-1), ids + base[:, :, None])
 
 
 def slot_load(load: np.ndarray, placement: Placement, topology: Topology, rule: str = "nearest",
