@@ -36,7 +36,7 @@ Histories (real data from ``../shared/data``; a history is skipped with one line
 ``gain>0`` counts the re-placements whose next-window bottleneck load fell (gain > 0).
 
 Run: ``.venv/bin/python benchmarks/bench_rebalance.py [--history mixtral qwen3 deepseek] [--seed 0]``
-(about 5-10 minutes on 2 cores; deterministic given the seed).
+(about 4 minutes on 2 shared cores; deterministic given the seed).
 """
 
 from __future__ import annotations

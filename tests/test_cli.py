@@ -179,7 +179,7 @@ def test_solve_from_a_running_placement_moves_less_and_says_what_it_moves(capsys
     short = moves["a.json", "0.5"]
     assert short["bytes_moved"] < 0.5 * short["resolve_bytes_moved"]  # far less than the re-solve as it is
     assert moves["a.json", "0.5"]["bytes_moved"] < moves["a.json", "600"]["bytes_moved"]  # a short horizon moves less
-    assert moves["a.json", "600"]["step_ratio"] < moves["a.json", "0.5"]["step_ratio"]  # a long one balances more
+    assert moves["a.json", "600"]["objective_ratio"] < moves["a.json", "0.5"]["objective_ratio"]  # a long one gains more
     code, out, _ = run(capsys, "solve", str(tmp_path / "b.npz"), *shape, "--from", str(tmp_path / "a.json"),
                        "-o", str(tmp_path / "b.json"))
     assert code == 0 and f"from {tmp_path / 'a.json'}: " in out and " pays back " in out and " rounds)" in out

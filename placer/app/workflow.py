@@ -285,33 +285,34 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
 
 
 def movement_summary(running, result, topology, model: ModelSpec, horizon_s: float) -> dict:
-    """The move from ``running`` to ``result.placement``: the live plan's bytes and rounds
-    (:func:`placer.runtime.plan_migration`), the estimated transfer seconds, the bottleneck-load
-    ratio and the serving seconds after which the move has paid for itself."""
+    """The move from ``running`` to ``result.placement`` (:func:`placer.ilp.movement.solve_from`):
+    the live plan's bytes and rounds (:func:`placer.runtime.plan_migration`), the estimated
+    transfer seconds, the objective and bottleneck-load ratios, the layers kept, re-solved and
+    repacked, and the serving seconds after which the move has paid for itself."""
     from placer.runtime.plan import plan_migration  # deferred: keeps the runtime off synth, stats
 
     plan = plan_migration(running, result.placement, topology, expert_bytes=model.expert_weight_bytes)
-    ratio, seconds = result.terms["step_ratio"], result.terms["move_seconds"]
-    gain = 1.0 - ratio
+    t = result.terms
+    gain = 1.0 - t["objective_ratio"]
+    seconds = t["move_seconds"]
     return {"bytes_moved": plan.bytes_moved, "transfers": len(plan.transfers), "rounds": plan.num_rounds,
-            "move_seconds": seconds, "step_ratio": ratio, "horizon_s": horizon_s,
+            "move_seconds": seconds, "objective_ratio": t["objective_ratio"], "step_ratio": t["step_ratio"],
+            "horizon_s": horizon_s,
             "payback_s": seconds / gain if gain > 0 else (0.0 if seconds == 0 else float("inf")),
-            "resolve_bytes_moved": result.terms["resolve_bytes_moved"],
-            "resolve_step_ratio": result.terms["resolve_step_ratio"],
-            "kept": "running placement" if result.terms["tolerance"] == -2 else
-                    "re-solve relabelled" if result.terms["tolerance"] == -1 else
-                    "re-solve's replicas repacked for balance, relabelled" if result.terms["tolerance"] == -3 else
-                    f"re-solve's replicas kept in place (tolerance {result.terms['tolerance']:g})"}
+            "layers_kept": int(t["layers_kept"]), "layers_resolved": int(t["layers_resolved"]),
+            "layers_repacked": int(t["layers_repacked"]),
+            "resolve_bytes_moved": t["resolve_bytes_moved"], "resolve_objective_ratio": t["resolve_objective_ratio"]}
 
 
 def movement_line(current: str, m: dict) -> str:
     payback = ("never (no gain)" if m["payback_s"] == float("inf") else
                "at once" if m["payback_s"] == 0 else f"after {m['payback_s']:.3g} s of serving")
-    return (f"from {current}: {m['kept']}; moves {human_bytes(m['bytes_moved'])} ({m['transfers']} transfers in "
-            f"{m['rounds']} rounds), about {m['move_seconds']:.3g} s of transfers; bottleneck load "
-            f"{m['step_ratio'] - 1:+.1%} vs the running placement; pays back {payback} "
-            f"(horizon {m['horizon_s']:g} s); the re-solve as it is would receive "
-            f"{human_bytes(m['resolve_bytes_moved'])} for {m['resolve_step_ratio'] - 1:+.1%}")
+    return (f"from {current}: {m['layers_kept']} layers kept, {m['layers_resolved']} re-solved, "
+            f"{m['layers_repacked']} repacked; moves {human_bytes(m['bytes_moved'])} ({m['transfers']} transfers "
+            f"in {m['rounds']} rounds), about {m['move_seconds']:.3g} s of transfers; objective "
+            f"{m['objective_ratio'] - 1:+.1%} (bottleneck load {m['step_ratio'] - 1:+.1%}) vs the running "
+            f"placement; pays back {payback} (horizon {m['horizon_s']:g} s); the re-solve as it is would receive "
+            f"{human_bytes(m['resolve_bytes_moved'])} for {m['resolve_objective_ratio'] - 1:+.1%}")
 
 
 def with_groups(model: ModelSpec, groups: int) -> ModelSpec:

@@ -1,27 +1,35 @@
-"""Movement-aware re-placement: a re-solve weighed against the weights it would move.
+"""Movement-aware re-placement: a re-solve weighed, layer by layer, against the weights it moves.
 
 A re-solve on new load (EPLB's, placer's) re-partitions experts over GPUs whenever the load order
-changes, so most slots change after a small shift. :func:`solve_from` runs the method and then
-chooses, from the running placement ``A``, the method's answer ``B`` (relabelled onto ``A``'s GPUs
-to keep the most weights, :func:`relabel_gpus`) and ``B``'s replica counts packed to keep ``A``'s
-experts in place at several tolerances (:func:`keep_in_place`; at tolerance -1 nothing is kept:
-``B``'s replicas packed for balance alone, then relabelled), the candidate ``X`` of least
+changes, so most slots change after a small shift, and a shift that is noise moves weights for
+nothing. :func:`solve_from` runs the method, then builds each layer of the answer from one of:
 
-    cost(X) = step(X) / step(A) + move_s(X) / horizon_s
+- the running placement ``A`` (a GPU holding two copies of an expert that has no more replicas
+  than GPUs hands one to a GPU without it, :func:`keep_in_place` of ``A`` onto itself);
+- the method's answer ``B`` relabelled onto ``A``'s GPUs to keep the most weights
+  (:func:`relabel_gpus`: one node permutation and GPU permutations inside nodes, so ``B``'s
+  node layout, and with it its traffic, is kept), its doubled copies moved the same way;
+- ``B``'s replica counts packed to keep ``A``'s experts in place (:func:`keep_in_place` at the
+  tolerances :data:`TOLERANCES`), or packed for balance alone and relabelled.
 
-- ``step(X)``: the sum over layers of the bottleneck GPU's load (token-slots, an expert's load
-  split evenly over its replicas): what a layer's expert compute waits for;
+Each layer is scored by the problem's objective (:func:`placer.ilp.objective.evaluate_objective`:
+balance, and the traffic and affinity terms where the statistics carry a token sample; not the
+penalty of placer's balance cap, which is relative to EPLB's answer on this window), and the
+moves by
+
+    cost = J(X) / J(A) + move_s(X) / horizon_s
+
+- ``J``: the objective summed over layers;
 - ``move_s(X)``: the slowest GPU's receive time for the experts it lacks (one transfer per
-  (layer, GPU, expert); over NVLink when a GPU of its node held the expert, else over the NIC);
+  (layer, GPU, expert); over NVLink when a GPU of its node held the expert, else over the NIC):
   serving loses about that much while the weights move, amortised over the ``horizon_s`` seconds
-  the new placement is expected to serve (``placer serve --horizon``; the same rule serve
-  publishes by).
+  the new placement is expected to serve (``placer serve --horizon``; the rule serve publishes by).
 
-Only balance enters ``step``: the traffic terms of placer's objective are not re-scored, so under
-``--method placer`` the candidates that keep ``B``'s layout (``B`` itself) keep its traffic and the
-repacked ones do not. No candidate holds two copies of an expert on one GPU unless ``B`` gives that
-expert more replicas than there are GPUs (the running placement and ``B`` are left out where they
-do: EPLB's packing can put two replicas of one expert on one GPU).
+Starting from ``A`` everywhere, layers switch to their best row, largest gain first, while the
+cost falls; a layer switches only when its own objective falls by more than ``min_gain`` (a
+fraction, default :data:`MIN_GAIN`): a re-solve fitted to one window also fits its noise, and a
+move that gains less than the noise is paid for and lost on the next window. No layer holds two
+copies of an expert on one GPU unless that expert has more replicas than there are GPUs.
 
 Shapes: ``physical_to_logical: [L, P]``, slot ``p`` on GPU ``p // S``; loads ``[L, E]``.
 """
@@ -44,8 +52,10 @@ from placer.validate import check_placement
 __all__ = ["TOLERANCES", "copies_per_gpu", "doubled", "gpu_balance", "keep_in_place", "move_seconds", "relabel_gpus",
            "solve_from", "step_load"]
 
-TOLERANCES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+TOLERANCES = (0.0, 0.05, 0.2, 1.0)
 """Tolerances of :func:`keep_in_place` tried by :func:`solve_from` (0: pack for balance)."""
+MIN_GAIN = 0.05
+"""A layer moves only when its objective falls by more than this fraction (:func:`solve_from`)."""
 
 
 # ---- counting ---------------------------------------------------------------------------------
@@ -88,12 +98,13 @@ def step_load(placement: Placement, load: np.ndarray) -> float:
     return float(gpu_loads(placement, load).max(1).sum())
 
 
-def move_seconds(old: Placement, new: Placement, topology: Topology, expert_bytes: float) -> tuple[float, float]:
-    """(seconds, bytes) to bring ``new``'s experts to GPUs that lack them under ``old``.
+def receive_seconds(old: Placement, new: Placement, topology: Topology,
+                    expert_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer and GPU, the seconds and bytes to receive ``new``'s experts it lacks under ``old``.
 
     One transfer per (layer, GPU, expert) the GPU lacks (further copies are local); received over
-    NVLink when a GPU of the same node held the expert, else over the NIC; seconds are the slowest
-    GPU's receive time.
+    NVLink when a GPU of the same node held the expert, else over the NIC. Returns float64
+    ``[L, G]`` seconds and ``[L, G]`` bytes.
     """
     g, gpn = old.num_gpus, topology.gpus_per_node
     c_old = copies_per_gpu(old.physical_to_logical, g, old.num_experts) > 0
@@ -101,10 +112,17 @@ def move_seconds(old: Placement, new: Placement, topology: Topology, expert_byte
     need = c_new & ~c_old  # [L, G, E]
     on_node = c_old.reshape(c_old.shape[0], g // gpn, gpn, -1).any(2)  # [L, N, E]
     local = np.repeat(on_node, gpn, axis=1)  # [L, G, E]: a GPU of this GPU's node held it
-    intra = (need & local).sum((0, 2)) * float(expert_bytes)
-    inter = (need & ~local).sum((0, 2)) * float(expert_bytes)
+    intra = (need & local).sum(2) * float(expert_bytes)
+    inter = (need & ~local).sum(2) * float(expert_bytes)
     seconds = transfer_seconds(intra, topology.nvlink_gbps) + transfer_seconds(inter, topology.nic_gbps)
-    return float(seconds.max(initial=0.0)), float(intra.sum() + inter.sum())
+    return seconds, intra + inter
+
+
+def move_seconds(old: Placement, new: Placement, topology: Topology, expert_bytes: float) -> tuple[float, float]:
+    """(seconds, bytes) to bring ``new``'s experts to GPUs that lack them under ``old``: the
+    slowest GPU's receive time over all layers (:func:`receive_seconds`), and the bytes."""
+    seconds, nbytes = receive_seconds(old, new, topology, expert_bytes)
+    return float(seconds.sum(0).max(initial=0.0)), float(nbytes.sum())
 
 
 # ---- relabelling ------------------------------------------------------------------------------
@@ -246,18 +264,27 @@ def _fill(rows: list[list[int]], gpu_load: np.ndarray, w: np.ndarray, x: int, s:
 
 
 def solve_from(problem: PlacementProblem, method: str, current: Placement, *, horizon_s: float,
-               time_limit_s: float | None = None, seed: int = 0, **options: Any) -> SolveResult:
-    """Run ``method`` on ``problem`` and return the candidate of least movement-aware cost.
+               min_gain: float = MIN_GAIN, time_limit_s: float | None = None, seed: int = 0,
+               **options: Any) -> SolveResult:
+    """Run ``method`` on ``problem`` and build its answer layer by layer from ``current`` (see the
+    module docstring).
 
     ``current`` is the running placement (same shape as the problem's); ``horizon_s`` the seconds
-    the new placement is expected to serve. Expert bytes come from ``problem.model``. The
-    result's ``terms`` add ``step_ratio`` (``step(X) / step(current)``), ``move_seconds``,
-    ``bytes_moved``, ``movement_cost`` and ``tolerance`` (-1: the method's own answer, -2: the
-    running placement kept, -3: the answer's replicas packed for balance alone and relabelled), and the same figures of the method's own answer (``resolve_*``); ``objective`` is the movement-aware cost, and ``bound`` and
+    the new placement is expected to serve; ``min_gain`` the fraction a layer's objective must
+    fall by for it to move. Expert bytes come from ``problem.model``. The result's ``objective``
+    is the cost; its ``terms`` add ``objective_ratio`` (``J(X) / J(current)``), ``step_ratio``
+    (the sum of the layers' bottleneck GPU loads, :func:`step_load`, over the running one's),
+    ``move_seconds``, ``bytes_moved``, ``movement_cost``, and the layers kept, taken from the
+    method's answer and repacked (``layers_kept``, ``layers_resolved``, ``layers_repacked``), and
+    the same ratios and movement for the method's answer as it is (``resolve_*``). ``bound`` and
     ``gap`` are None (the method's bound covers its own objective, not this one).
     """
+    from placer.ilp.objective import evaluate_objective  # deferred: objective imports the metrics
+
     if not horizon_s > 0 or not np.isfinite(horizon_s):
         raise InvalidInputError(f"must be positive seconds, got {horizon_s}", source="--horizon-s")
+    if not 0 <= min_gain < 1:
+        raise InvalidInputError(f"must be a fraction in [0, 1), got {min_gain}", source="min_gain")
     topology, model = problem.topology, problem.model
     if (current.num_layers, current.num_experts, current.num_gpus, current.slots_per_gpu) != \
             (model.num_moe_layers, model.num_experts, topology.num_gpus, problem.slots_per_gpu):
@@ -271,27 +298,50 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
         return result
     load = np.asarray(problem.stats.load, dtype=np.float64)
     expert_bytes = float(model.expert_weight_bytes)
-    base = max(step_load(current, load), 1e-300)
-
-    def score(cand: Placement) -> tuple[float, float, float, float]:
-        seconds, nbytes = move_seconds(current, cand, topology, expert_bytes)
-        ratio = step_load(cand, load) / base
-        return ratio + seconds / horizon_s, ratio, seconds, nbytes
-
     resolved = relabelled(current, result.placement, topology)
-    fresh = score(resolved)  # the method's answer as it is: reported beside the choice
-    candidates = {k: p for k, p in ((-2.0, current), (-1.0, resolved)) if not doubled(p)}  # EPLB can double one
-    for tol in TOLERANCES:
-        candidates[tol] = keep_in_place(current, result.placement, load, tolerance=tol)
-    # nothing kept (a cap of 0): the re-solve's replicas packed for balance alone, then relabelled
-    candidates[-3.0] = relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0), topology)
-    scored = {key: fresh if key == -1.0 else score(cand) for key, cand in candidates.items()}
-    best = min(scored, key=lambda k: (scored[k][0], scored[k][1], scored[k][3]))  # ties: balance, then bytes
-    cost, ratio, seconds, nbytes = scored[best]
-    placement = check_placement(candidates[best], model, topology, memory_limit_bytes=problem.memory_limit_bytes,
+    # candidate placements; row l of any of them is a valid layer l
+    cands = [_undoubled(current, load), _undoubled(resolved, load),
+             relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0), topology)]
+    cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
+    layer_j = []
+    for cand in cands:
+        ev = evaluate_objective(problem, cand)
+        layer_j.append(sum(ev["per_layer"][k] for k in ("balance", "traffic", "affinity")))
+    j = np.stack(layer_j)  # [C, L]
+    sec = [receive_seconds(current, c, topology, expert_bytes)[0] for c in cands]  # [L, G] each
+    j_ref = max(float(j[0].sum()), 1e-300)
+    choice = np.zeros(current.num_layers, np.int64)  # every layer kept
+    gpu_s = sec[0].sum(0)
+    best = np.argmin(j[1:], axis=0) + 1  # each layer's best other row
+    gain = j[0] - j[best, np.arange(current.num_layers)]
+    for layer in np.argsort(-gain, kind="stable").tolist():
+        b = int(best[layer])
+        if not gain[layer] > min_gain * abs(j[0, layer]):
+            continue
+        trial = gpu_s - sec[0][layer] + sec[b][layer]
+        delta = -gain[layer] / j_ref + (trial.max() - gpu_s.max()) / horizon_s
+        if delta < 0:
+            choice[layer], gpu_s = b, trial
+    rows = np.stack([cands[int(c)].physical_to_logical[i] for i, c in enumerate(choice)])
+    placement = check_placement(Placement(rows, current.slots_per_gpu, current.num_experts), model, topology,
+                                memory_limit_bytes=problem.memory_limit_bytes,
                                 distinct_per_gpu=bool(problem.distinct_per_gpu))
-    terms = {**result.terms, "step_ratio": ratio, "move_seconds": seconds, "bytes_moved": nbytes,
-             "movement_cost": seconds / horizon_s, "tolerance": float(best),
-             "resolve_step_ratio": fresh[1], "resolve_move_seconds": fresh[2], "resolve_bytes_moved": fresh[3]}
-    return replace(result, placement=placement, objective=float(cost), terms=terms, bound=None, gap=None,
-                   wall_time_s=time.perf_counter() - start)
+    seconds, nbytes = move_seconds(current, placement, topology, expert_bytes)
+    ratio = float(j[choice, np.arange(current.num_layers)].sum()) / j_ref
+    base = max(step_load(current, load), 1e-300)
+    fresh_s, fresh_b = move_seconds(current, resolved, topology, expert_bytes)
+    terms = {**result.terms, "objective_ratio": ratio, "step_ratio": step_load(placement, load) / base,
+             "move_seconds": seconds, "bytes_moved": nbytes, "movement_cost": seconds / horizon_s,
+             "layers_kept": float(np.sum(choice == 0)), "layers_resolved": float(np.sum(choice == 1)),
+             "layers_repacked": float(np.sum(choice >= 2)),
+             "resolve_objective_ratio": float(j[1].sum()) / j_ref, "resolve_step_ratio": step_load(resolved, load) / base,
+             "resolve_move_seconds": fresh_s, "resolve_bytes_moved": fresh_b}
+    return replace(result, placement=placement, objective=ratio + seconds / horizon_s, terms=terms, bound=None,
+                   gap=None, wall_time_s=time.perf_counter() - start)
+
+
+def _undoubled(placement: Placement, load: np.ndarray) -> Placement:
+    """``placement`` with each doubled copy (see :func:`doubled`) moved to a GPU without it."""
+    if not doubled(placement):
+        return placement
+    return keep_in_place(placement, placement, load, tolerance=float("inf"))

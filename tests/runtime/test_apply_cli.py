@@ -48,3 +48,29 @@ def test_apply_migrates_live_with_verified_outputs(ray_session, tmp_path, monkey
     def per_gpu(p):
         return sorted(map(tuple, np.sort(p.gpu_experts().transpose(1, 0, 2), axis=2).reshape(4, -1)))
     assert per_gpu(running) == per_gpu(new)
+
+
+def test_a_lost_cluster_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """A ClusterError (a rank or node lost for good) is neither bad input (2) nor a bug (1 with a
+    --debug hint): exit 1 with the message on one line."""
+    import placer.runtime.apply as apply_mod
+    from placer.runtime.deployment import RankLostError
+
+    model = embedded_model()
+    topology = make_topology("h100", gpus=4, nodes=1)
+    placement = solve(PlacementProblem(compute_stats(synthesize_trace(model, 500, seed=0)), model, topology, 4),
+                      "eplb").placement
+    write_placement_json(tmp_path / "p.json", placement, model=model, topology=topology, dispatch="nearest",
+                         method="eplb", status="feasible", solve_seconds=0.0)
+
+    def lost(*_a, **_k):
+        raise RankLostError("rank 2 did not come back within 120 s after step 5: a Ray node that held ranks "
+                            "left the cluster and no remaining node has room for its bundle of the placement group")
+
+    monkeypatch.setattr(apply_mod, "apply_live", lost)
+    code = main(["apply", "--placement", str(tmp_path / "p.json"), "--ranks", "4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "placer: error: rank 2 did not come back within 120 s after step 5: a Ray node that held ranks left the "
+        "cluster and no remaining node has room for its bundle of the placement group"]
