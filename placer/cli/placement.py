@@ -57,7 +57,7 @@ from placer.stacks import STACKS, resolve_dispatch
               help="Score on these inputs too (not used for fitting). Repeatable.")
 @click.option("--from", "current", type=click.Path(dir_okay=False), default=None, metavar="PLACEMENT",
               help="The placement running now (placer's JSON or a stack's file): re-place movement-aware, "
-                   "weighing the weights moved against the balance gained over --horizon-s.")
+                   "layer by layer, weighing the weights moved against the objective gained over --horizon-s.")
 @click.option("--horizon-s", "horizon_s", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
               help="With --from: seconds the new placement is expected to serve (as serve --horizon).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")

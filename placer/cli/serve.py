@@ -68,8 +68,8 @@ from placer.types import DISPATCH_RULES
               help="Wall-clock limit of each solve (seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the simulator.")
 @click.option("--movement-aware/--no-movement-aware", default=True, show_default=True,
-              help="Re-solve from the running placement, weighing the weights moved against the balance "
-                   "gained over --horizon (as solve --from); off: the method's answer as it is.")
+              help="Re-solve from the running placement, weighing the weights moved against the objective "
+                   "gained over --horizon, layer by layer (as solve --from); off: the method's answer as it is.")
 @click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
               help="Run the re-solves on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set): "
                    "placer's layer subproblems spread over its nodes, any other method runs as one task there.")

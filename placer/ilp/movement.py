@@ -26,7 +26,8 @@ moves by
   the new placement is expected to serve (``placer serve --horizon``; the rule serve publishes by).
 
 Starting from ``A`` everywhere, layers switch to their best row, largest gain first, while the
-cost falls; a layer switches only when its own objective falls by more than ``min_gain`` (a
+cost falls (the affinity term of context-coherent execution couples adjacent layers, so there
+the per-layer scores guide the choice and the result is scored again as a whole); a layer switches only when its own objective falls by more than ``min_gain`` (a
 fraction, default :data:`MIN_GAIN`): a re-solve fitted to one window also fits its noise, and a
 move that gains less than the noise is paid for and lost on the next window. No layer holds two
 copies of an expert on one GPU unless that expert has more replicas than there are GPUs.
@@ -327,7 +328,10 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
                                 memory_limit_bytes=problem.memory_limit_bytes,
                                 distinct_per_gpu=bool(problem.distinct_per_gpu))
     seconds, nbytes = move_seconds(current, placement, topology, expert_bytes)
-    ratio = float(j[choice, np.arange(current.num_layers)].sum()) / j_ref
+    # scored again as a whole: the affinity term (context-coherent execution) couples adjacent
+    # layers, so the rows' scores need not add up to the assembled placement's
+    ev = evaluate_objective(problem, placement)
+    ratio = float(sum(ev[k] for k in ("balance", "traffic", "affinity"))) / j_ref
     base = max(step_load(current, load), 1e-300)
     fresh_s, fresh_b = move_seconds(current, resolved, topology, expert_bytes)
     terms = {**result.terms, "objective_ratio": ratio, "step_ratio": step_load(placement, load) / base,
