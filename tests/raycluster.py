@@ -121,9 +121,9 @@ def _start(cmd: list[str], env: dict[str, str], temp: Path, log: Path) -> Node:
 
 def _wait(node: Node, ready, what: str, within_s: float = 90.0) -> None:
     deadline = time.monotonic() + within_s
-    while not ready() and node.proc.poll() is None and time.monotonic() < deadline:
+    while not (up := ready()) and node.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    if not ready():
+    if not up:
         node.stop()
         raise RuntimeError(f"{what} did not come up:\n{node.log.read_text()[-3000:]}")
 
@@ -158,14 +158,20 @@ def add_node(cluster: Cluster, *, num_cpus: int, resources: dict[str, float], na
     node = _start(cmd, env, temp, log)
     cluster.nodes.append(node)
     key = next(iter(resources))
-    _wait(node, lambda: bool(_ids_with(cluster, key)), f"ray start --address={cluster.address}")
-    node.node_id = _ids_with(cluster, key)[0]
-    cluster.nodes[0].node_id = _ids_with(cluster, "node:__internal_head__")[0]
+    seen: list[list] = []
+
+    def joined() -> bool:
+        seen[:] = _live_nodes(cluster)
+        return any(key in names for _, names in seen)
+
+    _wait(node, joined, f"ray start --address={cluster.address}")
+    node.node_id = next(n for n, names in seen if key in names)
+    cluster.nodes[0].node_id = next(n for n, names in seen if "node:__internal_head__" in names)
     return node
 
 
-def _ids_with(cluster: Cluster, resource: str) -> list[str]:
-    """Ids of the live nodes that have ``resource`` (asked by a driver of its own)."""
+def _live_nodes(cluster: Cluster) -> list[list]:
+    """[node id, resource names] of every live node (asked by a driver of its own)."""
     code = (f"import json, ray; from placer._ray import init; init({cluster.address!r}, 'a test', "
             "include_dashboard=False, log_to_driver=False, configure_logging=False); "
             "print('NODES', json.dumps([[n['NodeID'], list(n['Resources'])] for n in ray.nodes() if n['Alive']]))")
@@ -175,4 +181,4 @@ def _ids_with(cluster: Cluster, resource: str) -> list[str]:
     except subprocess.TimeoutExpired:
         return []
     line = next((x for x in out.splitlines() if x.startswith("NODES ")), "")
-    return [node for node, names in (json.loads(line[6:]) if line else []) if resource in names]
+    return json.loads(line[6:]) if line else []
