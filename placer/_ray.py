@@ -75,6 +75,13 @@ def import_ray(what: str) -> Any:
     return ray
 
 
+def call_on_node(func: Any, *args: Any) -> tuple[str, Any]:
+    """Run as a Ray task (``ray.remote(call_on_node).remote(func, ...)``): the id of the Ray
+    node it ran on, and ``func(*args)``."""
+    ray = import_ray("a Ray task")
+    return ray.get_runtime_context().get_node_id(), func(*args)
+
+
 def init(address: str | None, what: str, **kwargs: Any) -> Any:
     """``ray.init`` once per process (an initialised Ray is reused, the address then ignored).
 

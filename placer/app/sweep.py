@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from placer._ray import call_on_node
 from placer._ray import init as ray_init
 from placer.app.comparison import placement_candidates, routing_identity, run_comparison
 from placer.errors import InvalidInputError
@@ -83,13 +84,6 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
              "placement": r.label, **{k: r.summary.get(k) for k in SWEEP_COLUMNS[4:]}} for r in runs]
 
 
-def _point_on_node(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> tuple[str, list[dict]]:
-    """A Ray task: :func:`run_point`, and the id of the Ray node it ran on."""
-    import ray  # deferred: ray is an optional extra (runs inside a Ray worker)
-
-    return ray.get_runtime_context().get_node_id(), run_point(spec, gpus, rate, output)
-
-
 def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]],
              address: str) -> tuple[list[list[dict]], list[str]]:
     """Every point as one Ray task (one CPU), spread over the cluster's nodes; each writes its
@@ -97,8 +91,8 @@ def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]],
     shared file system)."""
     ray = ray_init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
                    configure_logging=False)
-    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_point_on_node)
-    done = ray.get([task.remote(spec, g, r, os.path.abspath(out)) for g, r, out in points])
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(call_on_node)
+    done = ray.get([task.remote(run_point, spec, g, r, os.path.abspath(out)) for g, r, out in points])
     return [rows for _, rows in done], [node for node, _ in done]
 
 

@@ -140,18 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             click.echo(f"placer: error: {_one_line_text(exc.format_message())}", err=True)
         return exc.exit_code
-    except (InvalidInputError, InfeasibleError, MissingDependencyError) as exc:
+    except (InvalidInputError, InfeasibleError, MissingDependencyError, ClusterError) as exc:
         if debug:
             traceback.print_exc()
         for line in getattr(exc, "flags", ()):  # e.g. vLLM's own EPLB flags when it loads no file
             click.echo(f"  {line}")
         click.echo(f"placer: error: {_one_line(exc)}", err=True)
-        return 2
-    except ClusterError as exc:  # the cluster, not the input and not a bug
-        if debug:
-            traceback.print_exc()
-        click.echo(f"placer: error: {_one_line(exc)}", err=True)
-        return 1
+        return 1 if isinstance(exc, ClusterError) else 2  # the cluster: not the input, not a bug
     except (PlacerError, Exception) as exc:  # unexpected: a bug, or the environment
         if debug:
             traceback.print_exc()

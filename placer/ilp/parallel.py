@@ -30,6 +30,7 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
+from placer._ray import call_on_node
 from placer._ray import init as ray_init
 from placer.errors import InvalidInputError
 from placer.ilp.local_search import LayerResult, LayerTask, SearchConfig, search_group
@@ -92,14 +93,6 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 _REMOTE = None
 
 
-def _search_group_on_node(tasks: list[LayerTask], cfg: SearchConfig,
-                          deadline: float | None) -> tuple[str, list[LayerResult]]:
-    """A Ray task: :func:`search_group`, and the id of the Ray node it ran on."""
-    import ray  # deferred: ray is an optional extra (runs inside a Ray worker)
-
-    return ray.get_runtime_context().get_node_id(), search_group(tasks, cfg, deadline)
-
-
 def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = None, *,
             address: str, num_groups: int | None = None) -> tuple[list[LayerResult], list[str]]:
     """Search every layer on the Ray cluster at ``address``, one remote task per layer group,
@@ -110,12 +103,12 @@ def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = 
     global _REMOTE
     ray = ray_init(address, "solving on a Ray cluster (ray_address)")
     if _REMOTE is None:
-        _REMOTE = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_search_group_on_node)
+        _REMOTE = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(call_on_node)
     if num_groups is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         num_groups = max(1, cpus) * GROUPS_PER_WORKER
     cfg_ref = ray.put(cfg)
-    refs = [_REMOTE.remote(g, cfg_ref, deadline) for g in layer_groups(tasks, num_groups)]
+    refs = [_REMOTE.remote(search_group, g, cfg_ref, deadline) for g in layer_groups(tasks, num_groups)]
     done = ray.get(refs)
     return [r for _, group in done for r in group], [node for node, _ in done]
 

@@ -184,10 +184,14 @@ class Deployment:
                            device=self.device)
                        for r in range(self.num_ranks)]
         self.incarnations = [inc for inc, _ in ray.get([a.ping.remote() for a in self.actors])]
-        self.rank_nodes = ray.get([a.node_id.remote() for a in self.actors])
+        self.rank_nodes = self._nodes(ray)
         self._init_groups()
         self._load(range(self.num_ranks))
         return self
+
+    def _nodes(self, ray: Any) -> list[str]:
+        """The Ray node each rank runs on now."""
+        return ray.get([a.node_id.remote() for a in self.actors], timeout=60)
 
     def _reserve(self, ray: Any, cpus: float, gpus: int) -> Any:
         """The placement group: one bundle per topology node; None when a rank needs nothing."""
@@ -354,7 +358,7 @@ class Deployment:
                 ray.get([a.teardown.remote() for a in self.actors], timeout=60)
                 self._init_groups()
                 self._load(restarted)
-                self.rank_nodes = ray.get([a.node_id.remote() for a in self.actors], timeout=60)
+                self.rank_nodes = self._nodes(ray)
                 break
             except Exception as exc:  # noqa: BLE001 - another failure while rebuilding: again
                 last = exc
