@@ -1,8 +1,11 @@
 """Calibrate the deepep-normal network model on DeepEP's EP8 and EP16 rows; predict EP32 and EP64.
 
 Published rows: deepseek-ai/DeepEP docs/legacy.md, V1 normal kernels on H800 (~160 GB/s NVLink,
-CX7 400 Gb/s), 4096 tokens per rank, hidden 7168, 256 experts, top-8 of the top-4 of 8 groups,
-fp8 dispatch, bf16 combine (../shared/reference/simulator-anchors.md section 2.5).
+CX7 400 Gb/s), 4096 tokens per rank, hidden 7168, 256 experts, top-8, fp8 dispatch, bf16 combine
+(../shared/reference/simulator-anchors.md section 2.5). Routing as DeepEP's tests draw it (read
+from the deep-ep 1.0.0 sdist): tests/test_intranode.py takes the top-8 of all experts;
+tests/test_internode.py makes one group per node and takes the top min(nodes, 4) groups, so EP16
+and EP32 are uniform too and only EP64 is group-limited (4 of 8). ``--routing deepep``.
 
 Fitted, one parameter per row, by bisection on the dispatch figure:
 - ``nvlink_efficiency`` on EP8 (intranode, NVLink-bound);
@@ -10,10 +13,9 @@ Fitted, one parameter per row, by bisection on the dispatch figure:
 Not fitted: the NIC bandwidth, 48.5 GB/s per GPU (SimAI's CX7 constant, nccl-tests maintainers'
 48-49 GB/s), ``rdma_efficiency`` = 1. EP32 and EP64, and every combine figure, are predictions.
 
-Internode rows are compared in DeepEP's own byte count (tests/test_internode.py: tokens x distinct
-nodes hit, the sender's node included; recalled from the DeepEP source, not re-read here; the
-published 58 GB/s at EP32 exceeds the 50 GB/s line rate of one NIC, which only that count
-explains). The remote-only figure (once per token per remote node) is printed beside it.
+Internode rows are compared in DeepEP's own byte count (tests/test_internode.py,
+``num_rdma_token_sent``: tokens x distinct nodes hit, the sender's node included; the published
+58 GB/s at EP32 exceeds the 50 GB/s line rate of one NIC, which only that count explains). The remote-only figure (once per token per remote node) is printed beside it.
 
     .venv/bin/python benchmarks/calibrate_deepep.py
 """
@@ -25,7 +27,7 @@ from placer.simulator.config import DEEPEP_NORMAL_FIT, kernel_preset
 
 PUBLISHED = {8: (153.0, 158.0), 16: (43.0, 43.0), 32: (58.0, 57.0), 64: (51.0, 50.0)}
 SHAPE = dict(cluster="h800", tokens_per_rank=4096, hidden=7168, experts=256, top_k=8, kernel="deepep-normal",
-             routing="group-limited", groups=8, topk_groups=4, seed=0)
+             routing="deepep", seed=0)
 
 
 def measure(ep: int, **params) -> dict:

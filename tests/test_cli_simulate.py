@@ -109,6 +109,20 @@ def test_a2a_json_has_the_documented_keys(capsys):
     assert code == 0 and "bottleneck" in stdout and "nvlink" in stdout
 
 
+@pytest.mark.parametrize(("kernel", "ep", "extra", "count", "published_us"),
+                         [("deepep-ll", 16, ("--experts", "288"), "selections", 118.0),
+                          ("deepep-v2", 16, ("--tokens-per-rank", "8192", "--cluster", "h100"), "nodes-hit", None)])
+def test_a2a_prints_one_published_row_per_command(capsys, kernel, ep, extra, count, published_us):
+    code, stdout, err = run(capsys, "simulate", "a2a", "--ep", str(ep), "--kernel", kernel, *extra)
+    assert code == 0, err
+    rows = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert rows["deepep_count"] == count
+    if published_us is not None:  # DeepEP's low-latency EP16 dispatch: 118 us
+        assert abs(float(rows["dispatch_us"]) / published_us - 1) <= 0.05
+    else:  # DeepEP V2's EP 8 x 2 dispatch: 90 GB/s logical
+        assert abs(float(rows["deepep_dispatch_gbps"]) / 90.0 - 1) <= 0.01
+
+
 def test_sweep_over_two_gpu_counts_runs_locally(capsys, tmp_path):
     out = tmp_path / "sweep"
     code, stdout, err = run(capsys, "simulate", "sweep", "--model", "mixtral-8x7b", "--gpus", "4,8", "--method",

@@ -23,7 +23,7 @@ from placer.presets import CLUSTERS
 from placer.stacks import resolve_dispatch
 from placer.types import DISPATCH_RULES, EXECUTION_MODES
 
-KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll")  # placer.simulator.KERNELS, without importing it (a test checks)
+KERNEL_CHOICES = ("nccl", "deepep-normal", "deepep-ll", "deepep-v2")  # placer.simulator.KERNELS, without importing it (a test checks)
 
 
 def _numbers(text: str | None, flag: str, kind: type, what: str, valid, rule: str) -> list:
@@ -83,6 +83,9 @@ def engine_options(func):
                      help="All-to-all kernel: byte accounting and latency constants."),
         click.option("--congestion", type=click.Choice(["none", "fifo"]), default="none", show_default=True,
                      help="fifo: serialise messages per port (congestion-aware) instead of the closed form."),
+        click.option("--overlap", type=click.Choice(["none", "two-batch"]), default="none", show_default=True,
+                     help="two-batch: split each step in two micro-batches per rank and run one's dispatch and "
+                          "combine under the other's compute (SGLang two-batch overlap, standard execution)."),
         click.option("--dispatch", type=click.Choice(DISPATCH_RULES), default=None,
                      help="Replica dispatch rule (default: the placement file's, else nearest)."),
         click.option("--level", type=click.Choice(["count", "token"]), default="count", show_default=True,
@@ -95,7 +98,7 @@ def engine_options(func):
 
 def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget,
                          max_running, iterations, tokens_per_rank, context_len, execution, kernel, congestion,
-                         dispatch, seed):
+                         overlap, dispatch, seed):
     """The simulator's workload and configuration from the flags."""
     from placer.simulator import config as sim  # deferred: keeps pandas off placer --help
     if workload == "replay":
@@ -105,7 +108,7 @@ def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, len
                                  length_dist=length_dist, token_budget=token_budget, max_running=max_running,
                                  max_steps=iterations)
     config = sim.SimConfig(network=sim.kernel_preset(kernel, congestion=congestion), execution=execution,
-                           dispatch=dispatch, seed=seed)
+                           dispatch=dispatch, seed=seed, overlap=overlap)
     return wl, config
 
 
@@ -155,7 +158,7 @@ def simulate() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, workload, rate,
         duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
-        context_len, execution, kernel, congestion, dispatch, level, seed, stack, output, as_json):
+        context_len, execution, kernel, congestion, overlap, dispatch, level, seed, stack, output, as_json):
     """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
 
     \b
@@ -185,7 +188,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             execution=execution, seed=seed)
         wl, config = _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist,
                                           token_budget, max_running, iterations, tokens_per_rank, context_len,
-                                          execution, kernel, congestion, dispatch, seed)
+                                          execution, kernel, congestion, overlap, dispatch, seed)
         if cluster is not None and topology.name != cluster.lower():
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
@@ -204,8 +207,12 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             echo_json({r.label: r.summary for r in runs})
             return
         click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
-                   f"{execution}, {kernel}, {workload}")
+                   f"{execution}, {kernel}, {workload}" + (f", {overlap} overlap" if overlap != "none" else ""))
         click.echo(comparison.comparison_table(runs))
+        if overlap != "none":
+            click.echo("all-to-all hidden under compute: " + ", ".join(
+                f"{r.label} {r.summary['a2a_hidden_fraction']:.1%}" for r in runs
+                if r.summary.get("a2a_hidden_fraction") is not None))
         if output is not None:
             click.echo(f"results in {output}/ (report: {output}/report.html)")
 
@@ -242,24 +249,34 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
 @simulate.command(context_settings=CONTEXT)
 @click.option("--cluster", default="h800", show_default=True, help="GPU kind preset.")
 @click.option("--ep", type=click.IntRange(min=1), required=True, help="Expert-parallel ranks (nodes of 8).")
-@click.option("--tokens-per-rank", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=1), default=7168, show_default=True)
-@click.option("--experts", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--kernel", type=click.Choice(KERNEL_CHOICES), default="deepep-normal", show_default=True)
-@click.option("--routing", default="uniform", show_default=True, metavar="uniform|group-limited|TRACE",
-              help="Random routing, DeepSeek-style group-limited routing, or a routing file.")
-@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--topk-groups", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokens-per-rank", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens each rank dispatches (DeepEP's num_tokens).")
+@click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Experts per token.")
+@click.option("--hidden", type=click.IntRange(min=1), default=7168, show_default=True, help="Hidden size.")
+@click.option("--experts", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Routed experts, contiguous over the ranks (must divide evenly).")
+@click.option("--kernel", type=click.Choice(KERNEL_CHOICES), default="deepep-normal", show_default=True,
+              help="All-to-all kernel model (docs/simulator.md).")
+@click.option("--routing", default="uniform", show_default=True, metavar="uniform|group-limited|deepep|TRACE",
+              help="Random routing, DeepSeek-style group-limited routing (--groups, --topk-groups), "
+                   "DeepEP's test routing (uniform in one node, else the top min(nodes, 4) of one group "
+                   "per node), or a routing file.")
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Expert groups for --routing group-limited.")
+@click.option("--topk-groups", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Groups each token may use, for --routing group-limited.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random routing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, groups, topk_groups, seed, as_json):
-    """One dispatch and one combine: times and bottleneck bandwidth, as DeepEP's tests report them.
+    """One dispatch and one combine: the time of each kernel call (us), the bottleneck link's
+    bandwidth, and the bandwidth in DeepEP's own byte count (deepep_*_gbps), so each row of
+    DeepEP's published tables can be checked with one command (benchmarks/fidelity.md).
 
     \b
-    Example:
-        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 4096 --top-k 8 --hidden 7168 \\
-            --experts 256 --kernel deepep-normal --routing group-limited --groups 8 --topk-groups 4 --json
+    Examples:
+        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 4096 --kernel deepep-normal --routing deepep
+        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 128 --experts 288 --kernel deepep-ll
+        placer simulate a2a --cluster h100 --ep 32 --tokens-per-rank 8192 --kernel deepep-v2 --json
     """
     from placer.simulator.a2a import a2a_benchmark  # deferred: keeps pandas off placer --help
     out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,
@@ -268,8 +285,10 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
     if as_json:
         echo_json(out)
         return
+    width = max(map(len, out))
     for key, value in out.items():
-        click.echo(f"{key:>22}  {value}")
+        shown = f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else value)
+        click.echo(f"{key:>{width}}  {shown}")
 
 
 @simulate.command(context_settings=CONTEXT)
@@ -292,7 +311,7 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep table as JSON.")
 def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, cluster, workload, rate, duration_s,
           prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank, context_len,
-          execution, kernel, congestion, dispatch, level, seed, workers, ray_address, output, as_json):
+          execution, kernel, congestion, overlap, dispatch, level, seed, workers, ray_address, output, as_json):
     """A grid over GPU counts and request rates, each point a full `simulate run` of every placement.
 
     \b
@@ -309,7 +328,7 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         rate_list = _floats(rates, "--rates") or [rate]
         wl, config = _workload_and_config(workload, rate_list[0], duration_s, prompt_len, output_len, length_dist,
                                           token_budget, max_running, iterations, tokens_per_rank, context_len,
-                                          execution, kernel, congestion, dispatch, seed)
+                                          execution, kernel, congestion, overlap, dispatch, seed)
         spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
                          model=model, cluster=cluster, workload=wl, config=config, level=level)
         table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)

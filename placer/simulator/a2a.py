@@ -1,9 +1,12 @@
 """One dispatch and one combine, as DeepEP's kernel tests measure them.
 
-Bandwidth is the bottleneck link's bytes over the phase time, the way DeepEP reports it: when the
-EP group spans nodes, the RDMA bytes a rank sends (a token once per remote node for the normal
-kernels, once per remote expert for the low-latency ones); inside one node, the NVLink bytes a
-rank sends. Means over ranks.
+Times are one kernel call each (the slowest rank). Bottleneck bandwidth is the bottleneck link's
+bytes over the phase time: when the EP group spans nodes, the RDMA bytes a rank sends (a token
+once per remote node for the normal and V2 kernels, once per remote expert for the low-latency
+ones); inside one node, the NVLink bytes a rank sends. Means over ranks. DeepEP's tests print
+their own count instead, given beside it: every token-expert selection for the low-latency
+kernels (tests/test_low_latency.py), tokens x distinct nodes hit (the sender's own node
+included) across nodes (tests/test_internode.py).
 """
 
 from __future__ import annotations
@@ -71,7 +74,11 @@ def a2a_benchmark(*, cluster: str = "h800", ep: int, tokens_per_rank: int = 128,
     """Times (us) and bottleneck bandwidth (GB/s) of one dispatch and one combine.
 
     Experts sit contiguously, ``experts / ep`` per rank; each rank sends ``tokens_per_rank``
-    tokens routed by ``routing`` (``uniform``, ``group-limited`` or a routing file).
+    tokens routed by ``routing``: ``uniform``, ``group-limited`` (``groups``, ``topk_groups``),
+    ``deepep`` (as DeepEP's tests draw it: uniform inside one node, otherwise one group per node
+    and the top min(nodes, 4) groups, tests/test_internode.py), or a routing file. Besides the
+    bottleneck bandwidth, ``deepep_*_gbps`` is the bandwidth in DeepEP's own byte count
+    (``deepep_count``: ``selections`` for the low-latency kernels, ``nodes-hit`` across nodes).
     """
     topology = make_topology(cluster, gpus=ep)
     if experts % ep:
@@ -84,6 +91,9 @@ def a2a_benchmark(*, cluster: str = "h800", ep: int, tokens_per_rank: int = 128,
         ids = random_routing(num_tokens, experts, top_k, seed=seed)
     elif routing == "group-limited":
         ids = random_routing(num_tokens, experts, top_k, groups=groups, topk_groups=topk_groups, seed=seed)
+    elif routing == "deepep":
+        n = topology.num_nodes
+        ids = random_routing(num_tokens, experts, top_k, groups=n, topk_groups=min(n, 4), seed=seed)
     else:
         ids = _trace_routing(routing, num_tokens, experts, top_k, seed)
     home = np.arange(num_tokens) // tokens_per_rank
@@ -99,17 +109,27 @@ def a2a_benchmark(*, cluster: str = "h800", ep: int, tokens_per_rank: int = 128,
     else:
         sent_d = dispatch.nvlink[0].sum(axis=1).mean()
         sent_c = combine.nvlink[0].sum(axis=0).mean()
-    # DeepEP's own count (tests/test_internode.py): tokens x distinct nodes hit, the sender's own
-    # node included, at the dispatch token size; combine reuses it at the combine size.
-    node_hits = np.sort(ids // (experts // topology.num_nodes), axis=1)
-    nodes_hit = float((np.diff(node_hits, axis=1) != 0).sum() + len(ids)) / ep
-    deepep_d = nodes_hit * net.dispatch_bytes
-    deepep_c = nodes_hit * net.combine_bytes
+    # DeepEP's own counts, per rank. Low-latency (tests/test_low_latency.py): every token-expert
+    # selection at the token size, local ones included. Internode (tests/test_internode.py):
+    # tokens x distinct nodes hit, the sender's own node included; combine at the combine size.
+    if net.kernel.needs_pairs:
+        count = "selections"
+        units = float(ids.size) / ep
+    elif kind == "rdma":
+        count = "nodes-hit"
+        node_hits = np.sort(ids // (experts // topology.num_nodes), axis=1)
+        units = float((np.diff(node_hits, axis=1) != 0).sum() + len(ids)) / ep
+    else:
+        count = None
+        units = 0.0
+    deepep_d = units * net.dispatch_bytes
+    deepep_c = units * net.combine_bytes
     return {"kernel": net.params.kernel, "cluster": topology.name, "ep": ep, "nodes": topology.num_nodes,
             "routing": routing, "tokens_per_rank": tokens_per_rank, "top_k": top_k, "hidden": hidden,
             "experts": experts, "bottleneck": kind,
             "dispatch_us": float(t_d * 1e6), "combine_us": float(t_c * 1e6),
             "dispatch_gbps": float(sent_d / t_d / 1e9), "combine_gbps": float(sent_c / t_c / 1e9),
             "dispatch_bytes_per_rank": float(sent_d), "combine_bytes_per_rank": float(sent_c),
-            "deepep_dispatch_gbps": float(deepep_d / t_d / 1e9) if kind == "rdma" else None,
-            "deepep_combine_gbps": float(deepep_c / t_c / 1e9) if kind == "rdma" else None}
+            "deepep_count": count,
+            "deepep_dispatch_gbps": float(deepep_d / t_d / 1e9) if count else None,
+            "deepep_combine_gbps": float(deepep_c / t_c / 1e9) if count else None}

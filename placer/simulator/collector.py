@@ -4,7 +4,11 @@ Definitions (docs/simulator.md): a step's duration is the sum of its phases; the
 of a MoE layer in a step is its dispatch plus combine time; the straggler of a layer in a step is
 the GPU with the largest dispatch + compute + combine time; TTFT is the end of the step that
 finishes the prompt minus the arrival, TPOT (end - first token) / (output tokens - 1), end to end
-finish minus arrival. Percentiles are numpy's linear interpolation over all values.
+finish minus arrival. Percentiles are numpy's linear interpolation over all values. With
+two-batch overlap (``overlap=True``) a step's phases partition its makespan (dispatch and combine
+are then the exposed all-to-all), the per-layer times are both micro-batches' sums, and the
+layers table and the summary add the all-to-all time hidden under compute (``a2a_hidden_s``,
+``a2a_hidden_fraction``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ def _pct(values: np.ndarray, q: float) -> float | None:
 class Collector:
     """Accumulates one placement's run."""
 
-    def __init__(self, label: str, num_layers: int, num_gpus: int):
+    def __init__(self, label: str, num_layers: int, num_gpus: int, *, overlap: bool = False):
         self.label = label
+        self.overlap = overlap
+        self.hidden: list[np.ndarray] = []
         self.num_layers, self.num_gpus = num_layers, num_gpus
         self.rows: list[tuple] = []
         self.dispatch: list[np.ndarray] = []
@@ -60,6 +66,8 @@ class Collector:
         self.compute.append(cost.compute_s)
         self.combine.append(cost.combine_s)
         self.attention.append(cost.attention_s)
+        if self.overlap:
+            self.hidden.append(np.zeros(self.num_layers) if cost.a2a_hidden_s is None else cost.a2a_hidden_s)
         self.straggler[np.arange(self.num_layers), cost.straggler] += 1
         self.gpu_pairs += cost.gpu_pairs
         self.nvlink += cost.nvlink_bytes
@@ -118,6 +126,9 @@ class Collector:
             link_rows.append(pd.DataFrame({"src": src, "dst": dst, "kind": kind, "bytes": b[src, dst],
                                            "busy_s": busy[src, dst], "utilisation": busy[src, dst] / sim}))
         links = pd.concat(link_rows, ignore_index=True)
+        if self.overlap:
+            hidden = np.vstack(self.hidden) if n else empty
+            layers["a2a_hidden_s"] = mean(hidden)
         requests = self._requests()
         a2a = (disp + comb).ravel()
         it = iters["duration_s"].to_numpy()
@@ -145,5 +156,7 @@ class Collector:
         summary["max_link_utilisation"] = float(np.concatenate(ports).max() / sim) if n else None
         summary["nvlink_bytes"] = float(self.nvlink.sum())
         summary["rdma_bytes"] = float(self.rdma.sum())
+        if self.overlap:
+            summary["a2a_hidden_fraction"] = float(hidden.sum() / a2a.sum()) if n and a2a.sum() > 0 else None
         tables = {"iterations": iters, "layers": layers, "requests": requests, "gpu_load": gpu_load, "links": links}
         return RunOutput(label=self.label, summary=summary, tables=tables)

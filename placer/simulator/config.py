@@ -13,11 +13,16 @@ from placer.errors import InvalidInputError
 from placer.simulator.network_kernels import kernel_names, network_kernel
 
 KERNELS = kernel_names()
-"""The built-in kernels (``nccl``, ``deepep-normal``, ``deepep-ll``); :func:`kernel_names` also
+"""The built-in kernels (``nccl``, ``deepep-normal``, ``deepep-ll``, ``deepep-v2``); :func:`kernel_names` also
 lists those registered since (:func:`~placer.simulator.network_kernels.register_kernel`)."""
 CONGESTION_MODELS = ("none", "fifo")
+# Achieved over peak HBM bandwidth: DeepGEMM dense M=64, 2470 GB/s of 3350 (sheet 2.7).
+HBM_EFFICIENCY = 0.74
 WORKLOADS = ("serving", "replay")
 LENGTH_DISTRIBUTIONS = ("fixed", "exponential")
+OVERLAP_MODES = ("none", "two-batch")
+"""How a step overlaps communication with compute: ``none`` (every phase in turn) or
+``two-batch`` (two micro-batches, one's all-to-all under the other's compute; cost/overlap.py)."""
 
 # SimAI astra-sim-alibabacloud/inputs/ratio/ata_ratio.csv (sheet 2.6): all-to-all efficiency by
 # total bytes, one column per node count (1, 2, 4, 8, 16 nodes). Below 16 MiB SimAI clamps.
@@ -44,6 +49,13 @@ class NetworkParams:
     ``size_curve`` (``nccl`` only) multiplies the bandwidth by SimAI's efficiency at the
     phase's total bytes. ``congestion="fifo"`` serialises the messages on each port in a fixed
     order (ASTRA-sim's congestion-aware analytical backend) instead of the closed form.
+
+    Kernels that send one message per token unit (``deepep-ll``: one per (token, expert)) set
+    ``message_rate``: a NIC port then takes at least ``messages / message_rate`` seconds, which
+    bounds small messages where bandwidth bounds large ones. ``recv_hbm_passes`` charges the
+    receive side's pack: every received token (the sender's own rank's included) crosses HBM
+    that many times (read from the receive buffer, write to the packed layout) at the cluster's
+    HBM bandwidth x ``HBM_EFFICIENCY``, after the last arrival.
     """
 
     kernel: str = "deepep-normal"
@@ -57,6 +69,8 @@ class NetworkParams:
     rdma_efficiency: float = 1.0
     size_curve: bool = False
     congestion: str = "none"
+    message_rate: float | None = None
+    recv_hbm_passes: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -68,7 +82,9 @@ class NetworkParams:
             if getattr(self, name) not in ("fp8", "bf16"):
                 raise InvalidInputError(f"{name} must be fp8 or bf16, got {getattr(self, name)!r}",
                                         source=f"--{name.replace('_', '-')}")
-        for name in ("launch_s", "nvlink_hop_s", "rdma_hop_s"):
+        if self.message_rate is not None and not 0 < self.message_rate < float("inf"):
+            raise InvalidInputError("message_rate must be a positive finite number", source="network parameters")
+        for name in ("launch_s", "nvlink_hop_s", "rdma_hop_s", "recv_hbm_passes"):
             if not getattr(self, name) >= 0:
                 raise InvalidInputError(f"{name} must be >= 0", source="network parameters")
         if self.forward_efficiency is not None and not 0 < self.forward_efficiency <= 2:
@@ -88,9 +104,26 @@ class _Efficiencies(TypedDict):
 
 # DeepEP normal kernels: NVLink efficiency fitted on DeepEP's EP8 row, the internode kernel's
 # NVLink (forwarding) efficiency on its EP16 row (docs/legacy.md: H800, 4096 tokens, hidden 7168,
-# top-8 of 256, 4 of 8 groups) by benchmarks/calibrate_deepep.py; the NIC is not fitted (48.5 GB/s,
-# SimAI's CX7 constant). EP32 and EP64 are predictions (benchmarks/fidelity.md).
-DEEPEP_NORMAL_FIT: _Efficiencies = {"nvlink_efficiency": 0.989, "forward_efficiency": 0.695, "rdma_efficiency": 1.0}
+# top-8 of 256, routed as DeepEP's tests route: one group per node, the top min(nodes, 4)) by
+# benchmarks/calibrate_deepep.py; the NIC is not fitted (48.5 GB/s, SimAI's CX7 constant). EP32
+# and EP64 are predictions (benchmarks/fidelity.md).
+DEEPEP_NORMAL_FIT: _Efficiencies = {"nvlink_efficiency": 0.976, "forward_efficiency": 0.783, "rdma_efficiency": 1.0}
+
+class _LowLatencyFit(TypedDict):
+    """The two constants fitted on DeepEP's low-latency EP8 and EP16 rows."""
+
+    launch_s: float
+    nvlink_efficiency: float
+
+
+# DeepEP low-latency kernels: the fixed per-kernel cost (launch, the per-expert count exchange and
+# its polling) and the NVLink efficiency, fitted by least squares on DeepEP's EP8 and EP16 rows
+# (H800, 128 tokens per rank, hidden 7168, top-8 of 288) by benchmarks/calibrate_deepep_ll.py.
+DEEPEP_LL_FIT: _LowLatencyFit = {"launch_s": 2.829e-05, "nvlink_efficiency": 1.115}
+
+# DeepEP V2: the NIC efficiency fitted on the README's SM90 EP 8 x 2 dispatch row (8192 tokens per
+# rank, hidden 7168, top-8 of 256) by benchmarks/calibrate_deepep_v2.py.
+DEEPEP_V2_RDMA_EFFICIENCY = 0.947
 
 KERNEL_PRESETS: dict[str, NetworkParams] = {
     # NCCL grouped send/recv all-to-all: Ring/Simple base latency 8.4 us, per-hop NVLink 3.4 us,
@@ -104,9 +137,21 @@ KERNEL_PRESETS: dict[str, NetworkParams] = {
                                    rdma_hop_s=14e-6, **DEEPEP_NORMAL_FIT,
                                    source="DeepEP docs/legacy.md EP8/EP16 fit (benchmarks/fidelity.md)"),
     # DeepEP low-latency: one message per (token, expert), fp8 + 16 B metadata per token
-    # (tests/test_low_latency.py); NCCL LL-protocol latencies (LL base 6.6 us, NVLink 0.6, NET 2.7).
-    "deepep-ll": NetworkParams(kernel="deepep-ll", launch_s=6.6e-6, nvlink_hop_s=0.6e-6, rdma_hop_s=2.7e-6,
-                               source="DeepEP test_low_latency.py byte accounting; nccl LL latencies"),
+    # (tests/test_low_latency.py), NVLink to same-node ranks, RDMA across. Per-hop latencies:
+    # NCCL's LL protocol (NVLink 0.6 us, NET 2.7 us; tuning.cc v2.30.7, sheet 2.3). NIC message
+    # rate: ConnectX-7, 330 M messages/s (the low end of NVIDIA's product brief, 330-370 M).
+    # Receive-side pack: each received token read from the receive buffer and written to the
+    # packed per-expert layout (2 HBM passes). Fixed cost and NVLink efficiency fitted.
+    "deepep-ll": NetworkParams(kernel="deepep-ll", nvlink_hop_s=0.6e-6, rdma_hop_s=2.7e-6, rdma_efficiency=1.0,
+                               message_rate=330e6, recv_hbm_passes=2.0, **DEEPEP_LL_FIT,
+                               source="DeepEP docs/legacy.md LL EP8/EP16 fit (benchmarks/fidelity.md)"),
+    # DeepEP V2 (ElasticBuffer): the normal kernels' route and byte accounting (fp8 + scales, no
+    # metadata), their latencies and V1's intranode NVLink fit; the NIC efficiency fitted on the
+    # README's SM90 EP 8 x 2 dispatch row; EP 8 x 4 is a prediction.
+    "deepep-v2": NetworkParams(kernel="deepep-v2", launch_s=8.4e-6, nvlink_hop_s=3.4e-6, rdma_hop_s=14e-6,
+                               nvlink_efficiency=DEEPEP_NORMAL_FIT["nvlink_efficiency"],
+                               rdma_efficiency=DEEPEP_V2_RDMA_EFFICIENCY,
+                               source="DeepEP V2 README EP 8 x 2 fit (benchmarks/fidelity.md)"),
 }
 
 
@@ -142,8 +187,7 @@ class ComputeParams:
     """
 
     gemm_efficiency: tuple[tuple[int, float], ...] = DEEPGEMM_EFFICIENCY
-    # DeepGEMM dense M=64: 2470 GB/s of 3350 (sheet 2.7).
-    hbm_efficiency: float = 0.74
+    hbm_efficiency: float = HBM_EFFICIENCY
     gemm_launch_s: float = 5e-6
     attention_params: float | None = None
     kv_bytes_per_token: float | None = None
@@ -222,7 +266,8 @@ class SimConfig:
     """Everything a run needs besides the model, cluster, placement and routing.
 
     ``dispatch`` None (comparisons only) means each placement's own rule (its file's, else
-    nearest)."""
+    nearest). ``overlap``: one of :data:`OVERLAP_MODES`; ``two-batch`` needs standard execution.
+    """
 
     network: NetworkParams = field(default_factory=lambda: KERNEL_PRESETS["deepep-normal"])
     compute: ComputeParams = field(default_factory=ComputeParams)
@@ -230,6 +275,20 @@ class SimConfig:
     dispatch: str | None = "nearest"
     seed: int = 0
     pool_size: int = 4096
+    overlap: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.overlap not in OVERLAP_MODES:
+            raise InvalidInputError(f"unknown overlap mode {self.overlap!r}; known: {', '.join(OVERLAP_MODES)}",
+                                    source="--overlap")
+        if self.overlap != "none" and self.execution != "standard":
+            raise InvalidInputError(f"{self.overlap} overlap models standard expert parallelism, not "
+                                    f"{self.execution} execution", source="--overlap")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain values; ``overlap`` only when not ``none`` (results written without
+        overlap stay as they were)."""
+        out = asdict(self)
+        if self.overlap == "none":
+            del out["overlap"]
+        return out

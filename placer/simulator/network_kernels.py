@@ -11,7 +11,7 @@ Adding a kernel is one call, no branch to edit: ``register_kernel(MyKernel(name=
 with any object satisfying :class:`NetworkKernel`; ``NetworkParams(kernel="my-kernel", ...)`` then
 selects it (``kernel_preset("my-kernel")`` gives the default parameters unless a preset is added
 to ``placer.simulator.config.KERNEL_PRESETS``). The built-in kernels (``nccl``,
-``deepep-normal``, ``deepep-ll``) are registered on import.
+``deepep-normal``, ``deepep-ll``, ``deepep-v2``) are registered on import.
 """
 
 from __future__ import annotations
@@ -175,5 +175,7 @@ def kernel_names() -> tuple[str, ...]:
     return tuple(_KERNELS)
 
 
-for _builtin in (DirectKernel(), ForwardingKernel(), PerExpertKernel()):
+# DeepEP V2 (the current release) keeps the normal kernels' route: once per remote node over
+# RDMA, then NVLink forwarding; its own constants are in its preset.
+for _builtin in (DirectKernel(), ForwardingKernel(), PerExpertKernel(), ForwardingKernel(name="deepep-v2")):
     register_kernel(_builtin)

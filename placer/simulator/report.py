@@ -13,7 +13,9 @@ section's 0-based index):
 ``plot-latency-cdf``       CDFs of TTFT, TPOT and end-to-end latency (``data-source="requests"``)
                            or, when no placement has requests, of the iteration time
                            (``data-source="iterations"``); one curve per placement
-``plot-layer-phases-{i}``  attention/dispatch/compute/combine mean seconds per MoE layer, stacked
+``plot-layer-phases-{i}``  attention/dispatch/compute/combine mean seconds per MoE layer, stacked;
+                           with two-batch overlap also a line of the all-to-all seconds hidden
+                           under compute (``layers.a2a_hidden_s``)
 ``plot-gpu-load-{i}``      heatmap of token-expert pairs per iteration, MoE layer x GPU
 ``plot-links-{i}``         heatmaps of bytes src x dst over the run, NVLink and RDMA side by side
 ``sim-inputs``             ``<details>`` with the inputs of each results directory as JSON
@@ -276,6 +278,14 @@ def _phases(go: Any, entry: _Entry) -> Any:
                      "hovertemplate": "layer %{x}: mean %{y:.4g} s, p99 %{customdata:.4g} s"}
         fig.add_trace(go.Bar(x=layers["layer"].to_numpy(), y=layers[col].to_numpy(), name=name,
                              marker_color=color, **extra))
+    if "a2a_hidden_s" in layers:  # two-batch overlap: how much of dispatch + combine ran under compute
+        hidden = layers["a2a_hidden_s"].to_numpy(dtype=np.float64)
+        a2a = (layers["dispatch_s"] + layers["combine_s"]).to_numpy(dtype=np.float64)
+        share = np.divide(hidden, a2a, out=np.zeros_like(hidden), where=a2a > 0)
+        fig.add_trace(go.Scatter(x=layers["layer"].to_numpy(), y=hidden, name="a2a hidden", mode="lines+markers",
+                                 line={"color": "#222222"}, customdata=share,
+                                 hovertemplate="layer %{x}: %{y:.4g} s of dispatch + combine hidden "
+                                               "(%{customdata:.1%})<extra></extra>"))
     if layers.empty:
         _no_data(fig, "MoE layers")
     fig.update_layout(barmode="stack", height=340, template="plotly_white",

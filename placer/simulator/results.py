@@ -54,6 +54,10 @@ TABLES: dict[str, dict[str, str]] = {
 }
 """Table name -> {column: dtype}, in file column order, without the leading ``placement``."""
 
+OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {"layers": {"a2a_hidden_s": _F}}
+"""Columns a table carries after those of :data:`TABLES` only when the run produced them (in this
+order): ``layers.a2a_hidden_s`` with two-batch overlap."""
+
 KEYS: dict[str, tuple[str, ...]] = {
     "iterations": ("iteration",), "layers": ("layer",), "requests": ("request",),
     "gpu_load": ("layer", "gpu"), "links": ("src", "dst", "kind"),
@@ -167,6 +171,13 @@ def _check_summary(summary: Any, label: str, source: str) -> None:
                                 source=source)
 
 
+def table_columns(name: str, present: Any = ()) -> dict[str, str]:
+    """The columns of table ``name`` (column -> dtype, in file order): those of :data:`TABLES`, then
+    the :data:`OPTIONAL_COLUMNS` among ``present`` (column names)."""
+    optional = OPTIONAL_COLUMNS.get(name, {})
+    return {**TABLES[name], **{c: t for c, t in optional.items() if c in set(present)}}
+
+
 def _coerce(name: str, df: pd.DataFrame, source: str) -> pd.DataFrame:
     """``df`` (columns already checked) with the declared dtypes and a fresh RangeIndex.
 
@@ -174,7 +185,8 @@ def _coerce(name: str, df: pd.DataFrame, source: str) -> pd.DataFrame:
     :data:`KEYS` (plus ``placement`` when ``df`` has that column, which is kept first).
     """
     out: dict[str, Any] = {}
-    for col, dtype in TABLES[name].items():
+    columns = table_columns(name, df.columns)
+    for col, dtype in columns.items():
         values = df[col].reset_index(drop=True)
         if dtype == _S:
             out[col] = values.astype(str)
@@ -192,7 +204,7 @@ def _coerce(name: str, df: pd.DataFrame, source: str) -> pd.DataFrame:
             out[col] = values.astype(np.int64)
         else:
             out[col] = pd.Series(arr.astype(np.int64))
-    result = pd.DataFrame(out, columns=list(TABLES[name]))
+    result = pd.DataFrame(out, columns=list(columns))
     keys = [*(["placement"] if "placement" in df else []), *KEYS[name]]
     if "placement" in df:
         result.insert(0, "placement", df["placement"].reset_index(drop=True).astype(str))
@@ -239,12 +251,12 @@ def write_results(directory: str | os.PathLike[str], inputs: dict[str, Any],
     frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
     for run in runs:
         _check_summary(run.summary, run.label, source)
-        for name, columns in TABLES.items():
+        for name in TABLES:
             where = f"{source} (placement {run.label!r}, table {name})"
             df = run.tables.get(name)
             if not isinstance(df, pd.DataFrame):
                 raise InvalidInputError("table is missing", source=where)
-            have, want = list(df.columns), list(columns)
+            have, want = list(df.columns), list(table_columns(name, df.columns))
             if sorted(map(str, have)) != sorted(want):
                 raise InvalidInputError(f"columns {have} differ from {want}", source=where)
             df = _coerce(name, df, where)
@@ -262,7 +274,7 @@ def write_results(directory: str | os.PathLike[str], inputs: dict[str, Any],
         raise InvalidInputError(f"cannot create the directory: {exc.strerror or exc}",
                                 source=source) from None
     for name, parts in frames.items():
-        table = pd.concat(parts, ignore_index=True)
+        table = pd.concat(parts, ignore_index=True)  # a run without an optional column: NaN there
         with atomic_path(directory / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
     atomic_write_text(directory / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
@@ -312,12 +324,12 @@ def _read_table(path: Path, name: str, labels: list[str]) -> pd.DataFrame:
         if f.read(1) != b"\n":
             raise InvalidInputError("truncated CSV file (no newline after the last row)",
                                     source=str(path))
-    columns = TABLES[name]
+    columns = {**TABLES[name], **OPTIONAL_COLUMNS.get(name, {})}
     floats = [c for c, t in columns.items() if t == _F]
     with guard(path, "CSV file"):
         df = pd.read_csv(path, dtype={"placement": str, **columns}, keep_default_na=False,
                          na_values={c: [""] for c in floats})
-    expected = ["placement", *columns]
+    expected = ["placement", *table_columns(name, df.columns)]
     if list(df.columns) != expected:
         raise InvalidInputError(f"columns {list(df.columns)} differ from {expected}",
                                 source=str(path))

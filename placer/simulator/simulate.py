@@ -17,8 +17,9 @@ from placer.errors import InvalidInputError
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
 from placer.simulator.collector import Collector
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
-from placer.simulator.cost import CostModel, CostModelFactory
+from placer.simulator.cost import CostModel, CostModelFactory, StepCostModel
 from placer.simulator.cost.compute import attention_params, kv_bytes_per_token
+from placer.simulator.cost.overlap import TwoBatchOverlap, route_micro_batches
 from placer.simulator.engine import Engine
 from placer.simulator.events import RequestArrival, SimContext, StepStart
 from placer.simulator.results import RunOutput
@@ -60,7 +61,9 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     sampled from per-token rates) or ``token`` (every token routed; replay of a trace always
     is). Deterministic given ``config.seed``: placements compared with the same seed see the
     same arrivals and the same routing draws. ``cost_model``: the factory of the step cost model
-    (None: :class:`~placer.simulator.cost.CostModel`).
+    (None: :class:`~placer.simulator.cost.CostModel`); with ``config.overlap="two-batch"`` it costs
+    each step's two micro-batches and :class:`~placer.simulator.cost.overlap.TwoBatchOverlap`
+    overlaps them.
     """
     config = config or SimConfig()
     workload = workload or ServingWorkload()
@@ -68,8 +71,11 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     if level not in ("count", "token"):
         raise InvalidInputError(f"unknown routing level {level!r}", source="level")
     g = topology.num_gpus
-    cost = (cost_model or CostModel)(model, topology, placement, config)
-    collector = Collector(label, model.num_moe_layers, g)
+    cost: StepCostModel = (cost_model or CostModel)(model, topology, placement, config)
+    two_batch = config.overlap == "two-batch"
+    if two_batch:
+        cost = TwoBatchOverlap(cost)
+    collector = Collector(label, model.num_moe_layers, g, overlap=two_batch)
     execution, dispatch = config.execution, config.dispatch or "nearest"
     table = (None if dispatch in POSITION_RULES
              else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED, model=model))
@@ -83,9 +89,9 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
         ids = np.asarray(replay_trace.sorted_ids() if replay_trace.has_top1 else replay_trace.expert_ids,
                          dtype=np.int64)
 
-        def route(step):
-            return token_traffic(placement, topology, ids[step.token_index], step.home, execution=execution,
-                                 dispatch=dispatch, index=step.token_index, table=table)
+        def route_batch(tokens, token_index, home):
+            return token_traffic(placement, topology, ids[token_index], home, execution=execution,
+                                 dispatch=dispatch, index=token_index, table=table)
     else:
         pool = routing_pool(routing, model, size=config.pool_size, seed=config.seed)
         if execution != "standard" and not pool.top1_known:
@@ -94,15 +100,21 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
         if level == "count":
             rates = routing_rates(placement, topology, pool.ids, execution=execution, dispatch=dispatch, table=table)
 
-            def route(step):
-                return sample_traffic(rates, placement, topology, step.shape.tokens, rng, with_pairs=need_pairs)
+            def route_batch(tokens, token_index, home):
+                return sample_traffic(rates, placement, topology, tokens, rng, with_pairs=need_pairs)
         else:
-            def route(step):
-                n = step.shape.tokens.astype(np.int64)
+            def route_batch(tokens, token_index, home):
+                n = tokens.astype(np.int64)
                 home = np.repeat(np.arange(g), n)
                 pick = rng.integers(0, len(pool.ids), size=len(home))
                 return token_traffic(placement, topology, pool.ids[pick], home, execution=execution,
                                      dispatch=dispatch, index=pick, table=table)
+
+    def route(step):
+        if two_batch:
+            return route_micro_batches(route_batch, step.shape.tokens, step.token_index, step.home, g)
+        return route_batch(step.shape.tokens, step.token_index, step.home)
+
     engine = Engine()
     if isinstance(workload, ReplayWorkload):
         scheduler: Any = ReplayScheduler(replay_trace, workload, g)

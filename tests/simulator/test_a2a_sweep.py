@@ -68,7 +68,7 @@ def test_random_routing_rejects_impossible_shapes():
 
 KEYS = {"kernel", "cluster", "ep", "nodes", "routing", "tokens_per_rank", "top_k", "hidden", "experts",
         "bottleneck", "dispatch_us", "combine_us", "dispatch_gbps", "combine_gbps", "dispatch_bytes_per_rank",
-        "combine_bytes_per_rank", "deepep_dispatch_gbps", "deepep_combine_gbps"}
+        "combine_bytes_per_rank", "deepep_count", "deepep_dispatch_gbps", "deepep_combine_gbps"}
 
 
 def test_ep8_is_nvlink_bound_and_ep16_rdma_bound():

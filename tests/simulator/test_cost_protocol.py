@@ -21,6 +21,7 @@ from placer.simulator import (
     kernel_preset,
     simulate,
 )
+from placer.simulator.config import DEEPEP_LL_FIT
 from placer.simulator.cost import (
     BatchShape,
     CostModel,
@@ -171,7 +172,8 @@ def test_the_registry_refuses_duplicates_and_unknown_names(toy_kernel):
 
 
 def test_builtin_kernels_keep_their_names_and_presets():
-    assert KERNELS == ("nccl", "deepep-normal", "deepep-ll")
-    assert kernel_names()[:3] == KERNELS
+    assert KERNELS == ("nccl", "deepep-normal", "deepep-ll", "deepep-v2")
+    assert kernel_names()[:4] == KERNELS
     assert {k: p.kernel for k, p in KERNEL_PRESETS.items()} == {k: k for k in KERNELS}
-    assert kernel_preset("deepep-ll").launch_s == 6.6e-6
+    assert kernel_preset("deepep-ll").launch_s == DEEPEP_LL_FIT["launch_s"]
+    assert kernel_preset("deepep-ll").message_rate == 330e6

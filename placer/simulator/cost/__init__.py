@@ -71,7 +71,8 @@ class StepCost:
     ([L]): ``attention_s``, ``dispatch_s``, ``compute_s``, ``combine_s``, ``straggler`` (the GPU
     with the largest dispatch + compute + combine time). ``gpu_pairs [L, G]``: pairs computed per
     GPU. ``nvlink_bytes``, ``rdma_bytes``, ``nvlink_busy_s``, ``rdma_busy_s`` [G, G]: summed over
-    layers and both directions.
+    layers and both directions. ``a2a_hidden_s`` [L] (overlapped steps only, else None): the part
+    of each MoE layer's dispatch + combine time that ran under compute (:mod:`.overlap`).
     """
 
     kinds: np.ndarray
@@ -86,6 +87,7 @@ class StepCost:
     rdma_bytes: np.ndarray
     nvlink_busy_s: np.ndarray
     rdma_busy_s: np.ndarray
+    a2a_hidden_s: np.ndarray | None = None
 
     @property
     def total_s(self) -> float:

@@ -19,12 +19,12 @@ dispatch phase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from placer._numba import njit
-from placer.simulator.config import SIMAI_ATA_RATIO, SIMAI_ATA_SIZES, NetworkParams
+from placer.simulator.config import HBM_EFFICIENCY, SIMAI_ATA_RATIO, SIMAI_ATA_SIZES, NetworkParams
 from placer.simulator.network_kernels import Fabric, network_kernel
 from placer.simulator.routing import Traffic
 from placer.types import ModelSpec, Topology
@@ -41,11 +41,16 @@ def token_bytes(hidden: int, dtype: str, kernel: str) -> float:
 @dataclass(frozen=True)
 class LinkBytes:
     """Bytes of one phase per layer: ``nvlink``, ``rdma`` float [L, G, G] (src, dst); ``forward``
-    is the part of ``nvlink`` that forwards RDMA arrivals (forwarding kernels, else None)."""
+    is the part of ``nvlink`` that forwards RDMA arrivals (forwarding kernels, else None).
+    ``rdma_messages`` float [L, G, G]: NIC messages per pair (only when the kernel's parameters
+    set a message rate); ``received`` float [L, G]: bytes each GPU's receive side packs (only
+    when they set ``recv_hbm_passes``)."""
 
     nvlink: np.ndarray
     rdma: np.ndarray
     forward: np.ndarray | None = None
+    rdma_messages: np.ndarray | None = None
+    received: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class NetworkModel:
             nv_eff = params.forward_efficiency
         self.nvlink_Bps = topology.nvlink_gbps * 1e9 * nv_eff
         self.rdma_Bps = topology.nic_gbps * 1e9 * params.rdma_efficiency
+        self.hbm_Bps = topology.hbm_gbps * 1e9 * HBM_EFFICIENCY
 
     # -- token counts per link -------------------------------------------------------------
 
@@ -98,13 +104,23 @@ class NetworkModel:
         """Dispatch and combine :class:`LinkBytes` of ``traffic`` (combine is the reverse)."""
         nv, rd, fw = self.link_tokens(traffic)
         db, cb = self.dispatch_bytes, self.combine_bytes
-        dispatch = LinkBytes(nvlink=nv * db, rdma=rd * db, forward=None if fw is None else fw * db)
+        p = self.params
+        messages = rd if p.message_rate is not None else None
+        recv_d = recv_c = None
+        if p.recv_hbm_passes > 0:
+            local = self._local(traffic)
+            recv_d = ((nv + rd).sum(axis=1) + local) * db
+            recv_c = ((nv + rd).sum(axis=2) + local) * cb
+        dispatch = LinkBytes(nvlink=nv * db, rdma=rd * db, forward=None if fw is None else fw * db,
+                             rdma_messages=messages, received=recv_d)
         combine = LinkBytes(nvlink=nv.transpose(0, 2, 1) * cb, rdma=rd.transpose(0, 2, 1) * cb,
-                            forward=None if fw is None else fw.transpose(0, 2, 1) * cb)
+                            forward=None if fw is None else fw.transpose(0, 2, 1) * cb,
+                            rdma_messages=None if messages is None else messages.transpose(0, 2, 1),
+                            received=recv_c)
         if traffic.moves is not None:
             moved = traffic.moves * self.state_bytes
-            dispatch = LinkBytes(nvlink=dispatch.nvlink + moved * self.same_node,
-                                 rdma=dispatch.rdma + moved * ~self.same_node, forward=dispatch.forward)
+            dispatch = replace(dispatch, nvlink=dispatch.nvlink + moved * self.same_node,
+                               rdma=dispatch.rdma + moved * ~self.same_node)
         return dispatch, combine
 
     # -- time -------------------------------------------------------------------------------
@@ -121,13 +137,35 @@ class NetworkModel:
         total = np.maximum(port_bytes * self.topology.num_gpus, 1.0)
         return np.interp(np.log2(total), np.log2(SIMAI_ATA_SIZES), SIMAI_ATA_RATIO[column])
 
-    def _closed_form(self, nv_out, nv_in, rd_out, rd_in, forwarded: bool) -> PhaseTimes:
+    @staticmethod
+    def _local(traffic: Traffic) -> np.ndarray:
+        """Token units served on their sender's own GPU, float [L, G] (the pairs' diagonal;
+        zero for count-only traffic)."""
+        if traffic.pairs is None:
+            return np.zeros(traffic.src.shape)
+        return np.diagonal(traffic.pairs, axis1=1, axis2=2).copy()
+
+    def _fixed(self, received: np.ndarray | None) -> np.ndarray | float:
+        """Per-GPU cost outside the ports: the kernel's launch latency, plus the receive-side
+        pack (``received`` bytes [L, G] over HBM, ``recv_hbm_passes`` times) when modelled."""
+        p = self.params
+        if received is None or p.recv_hbm_passes <= 0:
+            return p.launch_s
+        return p.launch_s + received * p.recv_hbm_passes / self.hbm_Bps
+
+    def _closed_form(self, nv_out, nv_in, rd_out, rd_in, forwarded: bool, rd_messages=None,
+                     received=None) -> PhaseTimes:
+        """Per-GPU phase time from per-port bytes [L, G]; ``rd_messages`` [L, G]: messages on
+        the busier NIC direction (bounded by ``message_rate``), ``received`` [L, G]: packed bytes."""
         p = self.params
         nv = np.maximum(nv_out, nv_in)
         rd = np.maximum(rd_out, rd_in)
         rd_hop = self._rdma_hop(forwarded)
+        rd_s = rd / (self.rdma_Bps * self._efficiency(rd))
+        if rd_messages is not None and p.message_rate is not None:
+            rd_s = np.maximum(rd_s, rd_messages / p.message_rate)
         rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv / (self.nvlink_Bps * self._efficiency(nv)), 0.0),
-                          np.where(rd > 0, rd_hop + rd / (self.rdma_Bps * self._efficiency(rd)), 0.0)) + p.launch_s
+                          np.where(rd > 0, rd_hop + rd_s, 0.0)) + self._fixed(received)
         return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
 
     def _rdma_hop(self, forwarded: bool) -> float:
@@ -138,16 +176,19 @@ class NetworkModel:
     def phase_times(self, link: LinkBytes) -> PhaseTimes:
         """Per-layer phase time and per-GPU finish times of one all-to-all phase."""
         p = self.params
+        msgs = link.rdma_messages if p.message_rate is not None else None
         if p.congestion != "fifo":
+            rd_msgs = None if msgs is None else np.maximum(msgs.sum(axis=2), msgs.sum(axis=1))
             return self._closed_form(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1), link.rdma.sum(axis=2),
-                                     link.rdma.sum(axis=1), link.forward is not None)
+                                     link.rdma.sum(axis=1), link.forward is not None, rd_msgs, link.received)
         direct = link.nvlink if link.forward is None else link.nvlink - link.forward
         forward = np.zeros_like(link.nvlink) if link.forward is None else link.forward
         nv_port = np.maximum(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1))
         rd_port = np.maximum(link.rdma.sum(axis=2), link.rdma.sum(axis=1))
-        rank = _fifo(direct, forward, link.rdma, self.nvlink_Bps * self._efficiency(nv_port),
+        msg_s = np.zeros_like(link.rdma) if msgs is None or p.message_rate is None else msgs / p.message_rate
+        rank = _fifo(direct, forward, link.rdma, msg_s, self.nvlink_Bps * self._efficiency(nv_port),
                      self.rdma_Bps * self._efficiency(rd_port), p.nvlink_hop_s,
-                     self._rdma_hop(link.forward is not None)) + p.launch_s
+                     self._rdma_hop(link.forward is not None)) + self._fixed(link.received)
         return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
 
     def evaluate(self, traffic: Traffic) -> StepNetwork:
@@ -178,8 +219,14 @@ class NetworkModel:
             nv_pair = nv_pair + mv_nv.sum(axis=0) * sb
             rd_pair = rd_pair + mv_rd.sum(axis=0) * sb
         forwarded = fw is not None
-        dispatch = self._closed_form(d_nv_out, d_nv_in, d_rd_out, d_rd_in, forwarded)
-        combine = self._closed_form(nv_in * cb, nv_out * cb, rd_in * cb, rd_out * cb, forwarded)
+        p = self.params
+        rd_msgs = np.maximum(rd_out, rd_in) if p.message_rate is not None else None
+        recv_d = recv_c = None
+        if p.recv_hbm_passes > 0:
+            local = self._local(traffic)
+            recv_d, recv_c = (nv_in + rd_in + local) * db, (nv_out + rd_out + local) * cb
+        dispatch = self._closed_form(d_nv_out, d_nv_in, d_rd_out, d_rd_in, forwarded, rd_msgs, recv_d)
+        combine = self._closed_form(nv_in * cb, nv_out * cb, rd_in * cb, rd_out * cb, forwarded, rd_msgs, recv_c)
         return StepNetwork(dispatch, combine, nv_pair, rd_pair, nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps)
 
 
@@ -194,14 +241,16 @@ def _message(out_free, in_free, g, d, seconds, hop, ready):  # pragma: no cover 
 
 
 @njit
-def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no cover - numba
+def _fifo(direct, forward, rdma, rdma_msg_s, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no cover - numba
     """Per-port FIFO: messages in NCCL's peer order (step i: g -> g+i), store and forward.
 
-    ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``nv_bw``, ``rd_bw``: [L, G] B/s per
-    port (a message moves at the slower of its two ports). A message occupies its source's
+    ``direct``, ``forward``, ``rdma``: float [L, G, G] bytes; ``rdma_msg_s`` float [L, G, G]: the
+    NIC message-rate floor of each RDMA transfer (0 when not modelled); ``nv_bw``, ``rd_bw``:
+    [L, G] B/s per port (a message moves at the slower of its two ports). A message occupies its source's
     egress port, then (after the hop latency) its destination's ingress port; forwarded NVLink
-    messages leave the landing GPU only after every RDMA message into it has arrived. Returns
-    float [L, G] finish times.
+    messages leave the landing GPU only after every RDMA message into it has arrived. A GPU
+    finishes when its last outgoing message has landed and its last incoming one has arrived.
+    Returns float [L, G] finish times.
     """
     num_layers, g_count, _ = direct.shape
     out = np.zeros((num_layers, g_count))
@@ -214,7 +263,7 @@ def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no co
             for g in range(g_count):
                 d = (g + step) % g_count
                 if rdma[layer, g, d] > 0:
-                    t = rdma[layer, g, d] / min(rd_bw[layer, g], rd_bw[layer, d])
+                    t = max(rdma[layer, g, d] / min(rd_bw[layer, g], rd_bw[layer, d]), rdma_msg_s[layer, g, d])
                     _message(rd_out, rd_in, g, d, t, rd_hop, 0.0)
                 if direct[layer, g, d] > 0:
                     t = direct[layer, g, d] / min(nv_bw[layer, g], nv_bw[layer, d])
@@ -226,7 +275,10 @@ def _fifo(direct, forward, rdma, nv_bw, rd_bw, nv_hop, rd_hop):  # pragma: no co
                     t = forward[layer, g, d] / min(nv_bw[layer, g], nv_bw[layer, d])
                     _message(nv_out, nv_in, g, d, t, nv_hop, rd_in[g])
         for g in range(g_count):
-            out[layer, g] = max(max(nv_out[g], nv_in[g]), max(rd_out[g], rd_in[g]))
+            # A sender is done when its last message has landed: its egress finish plus the hop.
+            nv_done = nv_out[g] + nv_hop if nv_out[g] > 0 else 0.0
+            rd_done = rd_out[g] + rd_hop if rd_out[g] > 0 else 0.0
+            out[layer, g] = max(max(nv_done, nv_in[g]), max(rd_done, rd_in[g]))
     return out
 
 
