@@ -209,6 +209,28 @@ def test_standard_counts_masks_equal_sorted(shape, t, num_layers, k, seed):
         np.testing.assert_array_equal(bits, [[len(set(row)) for row in tok] for tok in gpu.tolist()])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(1, 1), (2, 1), (8, 2), (16, 8), (64, 8), (72, 8), (256, 16)]),
+       st.integers(1, 6), st.integers(1, 4), st.integers(1, 9), st.integers(1, 3), st.integers(0, 2**31))
+def test_compiled_table_counts_equal_standard_counts(shape, t, num_layers, k, spg, seed):
+    """The compiled rank-table kernel counts what standard_counts counts on the table's GPUs."""
+    from placer.metrics import core
+    from placer.metrics._count import COUNT_NAMES, table_standard_counts
+
+    num_gpus, gpn = shape
+    num_experts = 12
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, num_gpus * spg, size=(num_layers, num_gpus, num_experts))
+    ids = rng.integers(0, num_experts, size=(t, num_layers, k))
+    home = rng.integers(0, num_gpus, size=t)
+    gpu = table[np.arange(num_layers)[None, :, None], home[:, None, None], ids] // spg
+    want = core.standard_counts(gpu, home, gpn, num_gpus)
+    got = table_standard_counts(ids, home, table, spg, gpn, num_gpus)
+    assert set(got) == set(want) == set(COUNT_NAMES) == set(core.STANDARD_COUNTS)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_context_coherent_matches_bruteforce(case):

@@ -37,7 +37,9 @@ Shapes: ``physical_to_logical: [L, P]``, slot ``p`` on GPU ``p // S``; loads ``[
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -65,11 +67,11 @@ MIN_GAIN = 0.05
 def copies_per_gpu(p2l: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
     """Copies of each expert on each GPU. ``p2l: [L, P]`` -> int64 [L, G, E]."""
     num_layers, num_slots = p2l.shape
-    out = np.zeros((num_layers, num_gpus, num_experts), np.int64)
     layer = np.repeat(np.arange(num_layers), num_slots)
     gpu = np.tile(np.arange(num_slots) // (num_slots // num_gpus), num_layers)
-    np.add.at(out, (layer, gpu, p2l.ravel()), 1)
-    return out
+    flat = (layer * num_gpus + gpu) * num_experts + np.asarray(p2l, dtype=np.int64).ravel()
+    counts = np.bincount(flat, minlength=num_layers * num_gpus * num_experts)
+    return counts.reshape(num_layers, num_gpus, num_experts)
 
 
 def doubled(placement: Placement) -> bool:
@@ -99,16 +101,17 @@ def step_load(placement: Placement, load: np.ndarray) -> float:
     return float(gpu_loads(placement, load).max(1).sum())
 
 
-def receive_seconds(old: Placement, new: Placement, topology: Topology,
-                    expert_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+def receive_seconds(old: Placement, new: Placement, topology: Topology, expert_bytes: float, *,
+                    old_held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per layer and GPU, the seconds and bytes to receive ``new``'s experts it lacks under ``old``.
 
     One transfer per (layer, GPU, expert) the GPU lacks (further copies are local); received over
-    NVLink when a GPU of the same node held the expert, else over the NIC. Returns float64
-    ``[L, G]`` seconds and ``[L, G]`` bytes.
+    NVLink when a GPU of the same node held the expert, else over the NIC. ``old_held`` (bool
+    [L, G, E], ``copies_per_gpu(old) > 0``) may be passed when many ``new`` are compared with one
+    ``old``. Returns float64 ``[L, G]`` seconds and ``[L, G]`` bytes.
     """
     g, gpn = old.num_gpus, topology.gpus_per_node
-    c_old = copies_per_gpu(old.physical_to_logical, g, old.num_experts) > 0
+    c_old = copies_per_gpu(old.physical_to_logical, g, old.num_experts) > 0 if old_held is None else old_held
     c_new = copies_per_gpu(new.physical_to_logical, g, new.num_experts) > 0
     need = c_new & ~c_old  # [L, G, E]
     on_node = c_old.reshape(c_old.shape[0], g // gpn, gpn, -1).any(2)  # [L, N, E]
@@ -151,8 +154,13 @@ def relabel_gpus(c_old: np.ndarray, c_new: np.ndarray, num_nodes: int, gpn: int)
     top = int(max(c_old.max(), c_new.max()))
     a = c_new.transpose(1, 0, 2).reshape(num_gpus, -1)
     b = c_old.transpose(1, 0, 2).reshape(num_gpus, -1)
-    present = (a >= 1).astype(np.int64) @ (b >= 1).astype(np.int64).T  # [G, G]
-    kept = sum((a >= t).astype(np.int64) @ (b >= t).astype(np.int64).T for t in range(1, top + 1))
+
+    def common(t: int) -> np.ndarray:  # [G, G] (layer, expert) pairs with >= t copies on both GPUs
+        # float64 products are exact here (counts below 2**53) and take BLAS, int64 ones do not
+        return np.rint((a >= t).astype(np.float64) @ (b >= t).astype(np.float64).T).astype(np.int64)
+
+    present = common(1)
+    kept = sum(common(t) for t in range(1, top + 1))
     weight = present * (num_layers * c_old.sum(axis=2).max() + 1) + kept
     block = weight.reshape(num_nodes, gpn, num_nodes, gpn).transpose(0, 2, 1, 3)  # [N, N, gpn, gpn]
     inner = np.zeros((num_nodes, num_nodes, gpn), np.int64)
@@ -226,39 +234,58 @@ def keep_in_place(old: Placement, target: Placement, load: np.ndarray, *, tolera
                 rows[gpu].append(x)
                 quota[x] -= 1
                 gpu_load[gpu] += weight
+        packing = _Packing(rows, gpu_load, w, s, e)
         rest = [int(x) for x in np.repeat(np.arange(e), quota)]
         for x in sorted(rest, key=lambda x: (-w[x], x)):
-            _fill(rows, gpu_load, w, x, s)
+            packing.fill(x)
         out[layer] = np.concatenate(rows)
     return check_placement(Placement(out, s, e))
 
 
-def _fill(rows: list[list[int]], gpu_load: np.ndarray, w: np.ndarray, x: int, s: int) -> None:
-    """Put one replica of ``x`` on a GPU without it (see :func:`keep_in_place`, step 2)."""
-    g = len(rows)
-    free = [gpu for gpu in range(g) if len(rows[gpu]) < s]
-    without = [gpu for gpu in free if x not in rows[gpu]]
-    if without:
-        gpu = min(without, key=lambda k: (gpu_load[k], k))
-        rows[gpu].append(x)
-        gpu_load[gpu] += w[x]
-        return
-    for f in sorted(free, key=lambda k: (gpu_load[k], k)):  # every free GPU holds x: make room
-        for h in sorted(range(g), key=lambda k: (gpu_load[k], k)):
-            if len(rows[h]) < s or x in rows[h]:
-                continue
-            y = next((y for y in sorted(rows[h], key=lambda y: (w[y], y)) if y not in rows[f]), None)
-            if y is None:
-                continue
-            rows[h].remove(y)
-            rows[f].append(y)
-            rows[h].append(x)
-            gpu_load[h] += w[x] - w[y]
-            gpu_load[f] += w[y]
+class _Packing:
+    """One layer's rows being packed (:func:`keep_in_place`): ``rows`` per GPU, with ``holds``
+    bool [G, E] and ``used`` int [G] kept beside them so the common case is a few array ops."""
+
+    def __init__(self, rows: list[list[int]], gpu_load: np.ndarray, w: np.ndarray, s: int, e: int):
+        self.rows, self.gpu_load, self.w, self.s = rows, gpu_load, w, s
+        g = len(rows)
+        self.holds = np.zeros((g, e), dtype=bool)
+        for gpu, row in enumerate(rows):
+            self.holds[gpu, row] = True
+        self.used = np.array([len(r) for r in rows], dtype=np.int64)
+
+    def _put(self, gpu: int, x: int) -> None:
+        self.rows[gpu].append(x)
+        self.holds[gpu, x] = True
+        self.used[gpu] += 1
+        self.gpu_load[gpu] += self.w[x]
+
+    def fill(self, x: int) -> None:
+        """Put one replica of ``x`` on a GPU without it (see :func:`keep_in_place`, step 2)."""
+        rows, gpu_load, w, s = self.rows, self.gpu_load, self.w, self.s
+        free = self.used < s
+        without = free & ~self.holds[:, x]
+        if without.any():  # the least-loaded such GPU, the lowest index on ties
+            self._put(int(np.argmin(np.where(without, gpu_load, np.inf))), x)
             return
-    gpu = min(free, key=lambda k: (gpu_load[k], k))  # more replicas of x than GPUs can hold once
-    rows[gpu].append(x)
-    gpu_load[gpu] += w[x]
+        g = len(rows)
+        for f in sorted(np.flatnonzero(free).tolist(), key=lambda k: (gpu_load[k], k)):  # every free GPU holds x
+            for h in sorted(range(g), key=lambda k: (gpu_load[k], k)):
+                if len(rows[h]) < s or x in rows[h]:
+                    continue
+                y = next((y for y in sorted(rows[h], key=lambda y: (w[y], y)) if y not in rows[f]), None)
+                if y is None:
+                    continue
+                rows[h].remove(y)
+                rows[f].append(y)
+                rows[h].append(x)
+                self.holds[h, y], self.holds[f, y], self.holds[h, x] = False, True, True
+                self.used[f] += 1
+                gpu_load[h] += w[x] - w[y]
+                gpu_load[f] += w[y]
+                return
+        gpu = min(np.flatnonzero(free).tolist(), key=lambda k: (gpu_load[k], k))  # more replicas than GPUs
+        self._put(gpu, x)
 
 
 # ---- the method -------------------------------------------------------------------------------
@@ -280,7 +307,11 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     the same ratios and movement for the method's answer as it is (``resolve_*``). ``bound`` and
     ``gap`` are None (the method's bound covers its own objective, not this one).
     """
-    from placer.ilp.objective import evaluate_objective  # deferred: objective imports the metrics
+    from placer.ilp.objective import (  # deferred: objective imports the metrics
+        evaluate_objective,
+        objective_weights,
+        reference_ratio,
+    )
 
     if not horizon_s > 0 or not np.isfinite(horizon_s):
         raise InvalidInputError(f"must be positive seconds, got {horizon_s}", source="--horizon-s")
@@ -304,12 +335,18 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     cands = [_undoubled(current, load), _undoubled(resolved, load),
              relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0), topology)]
     cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
-    layer_j = []
-    for cand in cands:
-        ev = evaluate_objective(problem, cand)
-        layer_j.append(sum(ev["per_layer"][k] for k in ("balance", "traffic", "affinity")))
-    j = np.stack(layer_j)  # [C, L]
-    sec = [receive_seconds(current, c, topology, expert_bytes)[0] for c in cands]  # [L, G] each
+    weights = objective_weights(problem)  # once for every candidate
+    reference = reference_ratio(problem) if weights["balance_cap"] is not None else None
+
+    def layer_objective(cand: Placement) -> np.ndarray:  # [L]
+        ev = evaluate_objective(problem, cand, weights=weights, reference=reference)
+        return sum(ev["per_layer"][k] for k in ("balance", "traffic", "affinity"))
+
+    # the candidates are scored side by side: the counting kernels release the GIL
+    with ThreadPoolExecutor(max_workers=min(len(cands), os.cpu_count() or 1)) as pool:
+        j = np.stack(list(pool.map(layer_objective, cands)))  # [C, L]
+    held = copies_per_gpu(current.physical_to_logical, current.num_gpus, current.num_experts) > 0
+    sec = [receive_seconds(current, c, topology, expert_bytes, old_held=held)[0] for c in cands]  # [L, G] each
     j_ref = max(float(j[0].sum()), 1e-300)
     choice = np.zeros(current.num_layers, np.int64)  # every layer kept
     gpu_s = sec[0].sum(0)
@@ -330,7 +367,7 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     seconds, nbytes = move_seconds(current, placement, topology, expert_bytes)
     # scored again as a whole: the affinity term (context-coherent execution) couples adjacent
     # layers, so the rows' scores need not add up to the assembled placement's
-    ev = evaluate_objective(problem, placement)
+    ev = evaluate_objective(problem, placement, weights=weights, reference=reference)
     ratio = float(sum(ev[k] for k in ("balance", "traffic", "affinity"))) / j_ref
     base = max(step_load(current, load), 1e-300)
     fresh_s, fresh_b = move_seconds(current, resolved, topology, expert_bytes)

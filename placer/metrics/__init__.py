@@ -26,6 +26,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.metrics import core
+from placer.metrics._count import table_standard_counts
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, slot_load
 from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
@@ -131,6 +132,8 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
     gpn = topology.gpus_per_node
 
     def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
+        if table is not None:  # rank-table rules: one compiled pass over the pairs
+            return table_standard_counts(ids, home, table, placement.slots_per_gpu, gpn, topology.num_gpus)
         gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
         return core.standard_counts(gpu, home, gpn, topology.num_gpus)
 

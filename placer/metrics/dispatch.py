@@ -47,6 +47,7 @@ stands in for the row in the batch.
 from __future__ import annotations
 
 import random
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -58,6 +59,7 @@ DEFAULT_DISPATCH_SEED = 42
 KNUTH_MULTIPLIER = 2654435769
 _TABLE_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _TABLE_CACHE_SIZE = 8
+_TABLE_LOCK = threading.Lock()
 
 
 def _check_rule(rule: str) -> None:
@@ -249,9 +251,10 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
     full, rows = hidden_layer_map(placement, model if rule == "sglang-static" else None)
     key = (rule, seed, topology.num_gpus, topology.gpus_per_node, placement.slots_per_gpu,
            full.shape, full.tobytes(), rows.tobytes())
-    if key in _TABLE_CACHE:
-        _TABLE_CACHE.move_to_end(key)
-        return _TABLE_CACHE[key]
+    with _TABLE_LOCK:  # callers may score placements from several threads (ilp.movement)
+        if key in _TABLE_CACHE:
+            _TABLE_CACHE.move_to_end(key)
+            return _TABLE_CACHE[key]
     if rule == "sglang-static":
         table = sglang_static_table(full, topology.num_gpus, topology.num_nodes, seed,
                                     placement.num_experts)
@@ -261,9 +264,10 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
     else:
         table = _nearest_table(placement, topology, seed)
     table.setflags(write=False)
-    _TABLE_CACHE[key] = table
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+    with _TABLE_LOCK:
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
     return table
 
 
@@ -329,5 +333,7 @@ def slot_load(load: np.ndarray, placement: Placement, topology: Topology, rule: 
     num_gpus = placement.num_gpus
     layer = np.repeat(np.arange(num_layers), num_gpus * placement.num_experts)
     share = np.broadcast_to(load[:, None, :] / num_gpus, table.shape).ravel()
-    np.add.at(out, (layer, table.ravel()), share)
+    # np.add.at's sum, an order of magnitude faster (bincount adds in index order, as add.at does)
+    out += np.bincount(layer * num_slots + table.ravel(), weights=share,
+                       minlength=num_layers * num_slots).reshape(num_layers, num_slots)
     return out
