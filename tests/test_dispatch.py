@@ -63,6 +63,23 @@ def _within_one(counts: list[int]) -> bool:
     return max(counts) - min(counts) <= 1
 
 
+def test_fair_spread_inside_one_72_gpu_nvlink_domain():
+    """One node of 72 GPUs (NVL72; the table groups a node's GPUs without one bit each): every
+    rank without a local copy uses a replica in its node, spread within one of even."""
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([np.arange(100), rng.integers(0, 100, 44)])
+    rng.shuffle(rows)
+    placement = Placement(rows[None, :], 2, 100)
+    table = dispatch_table(placement, Topology(name="nvl72", num_nodes=1, gpus_per_node=72), "nearest", 42)
+    for e in range(100):
+        slots = _slots_of(placement, 0, e)
+        holders = set((slots // 2).tolist())
+        chosen = [int(table[0, g, e]) for g in range(72) if g not in holders]
+        assert set(chosen) <= set(slots.tolist())
+        if len(slots) > 1:
+            assert _within_one([chosen.count(int(c)) for c in slots])
+
+
 @settings(max_examples=40, deadline=None)
 @given(placements())
 def test_fair_spread_over_remote_replicas(case):

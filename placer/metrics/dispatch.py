@@ -87,7 +87,10 @@ def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.nd
     drawn without replacement), in random order. Calls that would draw nothing are skipped: they
     leave the generator's state as it is, so the stream is the same as always calling them."""
     q, r = divmod(count, len(candidates))
-    picks = np.tile(candidates, q) if q else candidates[:0]
+    if len(candidates) == 1:  # np.tile's result, without its overhead (this runs per expert and node)
+        picks = np.full(q, candidates[0], dtype=candidates.dtype)
+    else:
+        picks = np.tile(candidates, q) if q else candidates[:0]
     if r:
         picks = np.concatenate([picks, rng.choice(candidates, size=r, replace=False)])
     return rng.permutation(picks) if len(picks) > 1 else picks
@@ -200,26 +203,37 @@ def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.nd
         # spread evenly over those (node by node, ascending); where their node has none, any.
         order = np.argsort(p2l, kind="stable")  # slots grouped by expert, ascending within
         starts = np.searchsorted(p2l[order], np.arange(num_experts + 1))
-        missing_all = table[layer] < 0  # [G, E]
+        missing_by_node = _missing_by_node(table[layer] < 0, gpn)
         for expert in np.flatnonzero(~single).tolist():
             column = table[layer, :, expert]
-            missing = np.flatnonzero(missing_all[:, expert])
-            if not len(missing):
+            by_node = missing_by_node(expert)
+            if not by_node:
                 continue
             candidates = order[starts[expert]:starts[expert + 1]]
-            cand_nodes = node_of_slot[candidates]
-            rest = []
-            for node in sorted(set((missing // gpn).tolist())):
-                need = missing[missing // gpn == node]
-                here = candidates[cand_nodes == node]
-                if len(here):
-                    column[need] = _fair(here, len(need), rng)
+            cand_list, cand_nodes = candidates.tolist(), node_of_slot[candidates].tolist()
+            rest: list[int] = []
+            for node, need in by_node:
+                here = [c for c, n in zip(cand_list, cand_nodes, strict=True) if n == node]
+                if here:
+                    column[need] = _fair(np.asarray(here, dtype=candidates.dtype), len(need), rng)
                 else:
-                    rest.append(need)
+                    rest.extend(need)
             if rest:
-                need = np.concatenate(rest)
-                column[need] = _fair(candidates, len(need), rng)
+                column[rest] = _fair(candidates, len(rest), rng)
     return table
+
+
+def _missing_by_node(missing: np.ndarray, gpn: int):
+    """``expert -> [(node, [GPUs of that node without a copy]), ...]`` (ascending), from
+    ``missing`` bool [G, E]; one bit per GPU of a node where a node's GPUs fit in an int64."""
+    num_gpus, num_experts = missing.shape
+    if gpn >= 63:  # nodes of 63+ GPUs (one NVLink domain): numpy per node
+        per = missing.T.reshape(num_experts, -1, gpn)
+        return lambda e: [(int(n), (n * gpn + np.flatnonzero(per[e, n])).tolist())
+                          for n in np.flatnonzero(per[e].any(axis=1))]
+    bits = (missing.T.reshape(num_experts, -1, gpn) * np.left_shift(1, np.arange(gpn, dtype=np.int64))).sum(axis=2)
+    return lambda e: [(node, [node * gpn + lane for lane in range(gpn) if b >> lane & 1])
+                      for node, b in enumerate(bits[e].tolist()) if b]
 
 
 def _ascend_table(placement: Placement) -> np.ndarray:
