@@ -53,6 +53,12 @@ from placer.stacks import STACKS, resolve_dispatch
 @click.option("--ray-address", default=None,
               help="Run layer subproblems on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set; "
                    "methods that split into layer subproblems: placer).")
+@click.option("--load-cap", "load_cap", type=FiniteFloat(min=1.0), default=None, metavar="X",
+              help="With --method exact: the fewest inter-node dispatches at max/mean GPU load <= X in every layer "
+                   "(context-coherent execution: its per-layer load cap).")
+@click.option("--frontier", "show_frontier", is_flag=True,
+              help="With --method exact (standard execution): print the whole frontier of inter-node dispatches "
+                   "against max/mean GPU load.")
 @click.option("--holdout", multiple=True, type=click.Path(), metavar="TRACE",
               help="Score on these inputs too (not used for fitting). Repeatable.")
 @click.option("--from", "current", type=click.Path(dir_okay=False), default=None, metavar="PLACEMENT",
@@ -67,8 +73,8 @@ from placer.stacks import STACKS, resolve_dispatch
 @click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
 def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack, redundant, groups,
-          method, objective, weights, backend, time_limit_s, num_workers, ray_address, holdout, current, horizon_s,
-          seed, output, exports, as_json, quiet):
+          method, objective, weights, backend, time_limit_s, num_workers, ray_address, load_cap, show_frontier,
+          holdout, current, horizon_s, seed, output, exports, as_json, quiet):
     """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
 
     \b
@@ -77,11 +83,21 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
             --holdout held.npz -o p.json --export sglang=s.json
         placer solve today.npz --gpus 16 --nodes 2 --redundant 16 --method eplb \\
             --from p.json --horizon-s 600 -o p2.json
+        placer solve trace.npz --gpus 4 --nodes 2 --redundant 4 --method exact \\
+            --frontier --load-cap 1.05 -o p.json
     """
     from placer.app.workflow import solve_placement  # deferred: keeps numba off placer --help
     from placer.metrics import format_comparison  # deferred: keeps metrics (8 ms) off placer --help
 
     show = not quiet and not as_json and sys.stderr.isatty()
+    if (load_cap is not None or show_frontier) and method != "exact":
+        raise InvalidInputError(f"{'--load-cap' if load_cap is not None else '--frontier'} needs --method exact "
+                                f"(got --method {method})", source="--method")
+    problem_weights = parse_weights(weights)
+    if load_cap is not None:
+        problem_weights["load_cap"] = load_cap
+    if show_frontier:
+        problem_weights["frontier"] = 1.0
 
     def progress(message: str) -> None:
         if show:
@@ -90,16 +106,21 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
     outcome = solve_placement(
         inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node),
         dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
-        method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=parse_weights(weights),
+        method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=problem_weights,
         backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
         exports=parse_exports(exports), progress=progress, started_at=process_start_time(), current=current,
         horizon_s=horizon_s)
     r = outcome.result
+    curve = frontier_of(r.terms)
+    terms = {k: v for k, v in r.terms.items() if not k.startswith("frontier_")}
     if as_json:
-        echo_json({"method": r.method, "status": r.status, "objective": r.objective, "terms": r.terms,
-                    "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
-                    "comparison": [{k: v for k, v in row.items()} for row in outcome.rows],
-                    "movement": outcome.metrics.get("movement"), "notes": list(outcome.notes)})
+        out = {"method": r.method, "status": r.status, "objective": r.objective, "terms": terms,
+               "bound": r.bound, "gap": r.gap, "solve_seconds": r.wall_time_s, "output": output,
+               "comparison": [{k: v for k, v in row.items()} for row in outcome.rows],
+               "movement": outcome.metrics.get("movement"), "notes": list(outcome.notes)}
+        if show_frontier:
+            out["frontier"] = curve
+        echo_json(out)
         return
     gap = "" if r.gap is None else f", gap {r.gap:.2%}"
     target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
@@ -107,14 +128,55 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
               if "ray_nodes" in r.terms else "")
     click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s{on_ray}; {target}dispatch "
                f"{outcome.dispatch}; wrote {output}")
+    for line in bound_lines(r, curve):
+        click.echo(line)
     if outcome.rows:
         click.echo(format_comparison(outcome.rows))
+    if show_frontier:
+        click.echo(format_frontier(curve, int(r.terms.get("sample_tokens", 0))))
     for note in outcome.notes:
         click.echo(note)
     for fmt, path, flags in outcome.exported:
         click.echo(f"exported {fmt} to {path}; serve with:")
         for line in flags:
             click.echo(f"  {line}")
+
+
+def frontier_of(terms: dict) -> list[dict]:
+    """The exact frontier's points from a result's ``terms`` (empty for other methods)."""
+    return [{"load_cap": terms[f"frontier_{i}_load_cap"], "load_median": terms[f"frontier_{i}_load_median"],
+             "inter_node_per_token_layer": terms[f"frontier_{i}_inter_node"]}
+            for i in range(int(terms.get("frontier_points", 0)))]
+
+
+def bound_lines(result, curve: list[dict]) -> list[str]:
+    """One line saying what the reported bound covers (joint objective) or which frontier point was taken."""
+    terms = result.terms
+    if curve:
+        cap, first, last = terms["load_cap"], curve[0]["load_cap"], curve[-1]["load_cap"]
+        return [f"exact: {terms['inter_node_per_token_layer']:.4f} inter-node dispatches per token-layer, the fewest "
+                f"at max/mean GPU load <= {cap:.4f} in every layer (worst layer {terms['load_max_over_mean_worst']:.4f}"
+                f", median {terms['load_max_over_mean_median']:.4f}; loads from the expert counts, dispatches on "
+                f"{int(terms['sample_tokens']):,} sampled tokens); the frontier has {len(curve)} points from "
+                f"{first:.4f} to {last:.4f} (--frontier prints them, --load-cap picks one)"]
+    if "bound_traffic" in terms:
+        from placer.ilp.bounds import BOUND_COVERS  # deferred: keeps the solvers off placer --help
+
+        if not terms.get("bound_covers_traffic"):
+            return ["bound covers balance (mean, heaviest expert) only, traffic >= 0: the time limit left no room "
+                    "for the traffic bound"]
+        alone = 1 - terms["bound_balance_only"] / result.objective if result.objective > 0 else 0.0
+        return [f"bound covers {BOUND_COVERS} (balance bound alone: gap {alone:.2%})"]
+    return []
+
+
+def format_frontier(curve: list[dict], tokens: int) -> str:
+    """The frontier as a fixed-width table, one row per point."""
+    lines = [f"frontier (exact): inter-node dispatches per token-layer ({tokens:,} sample tokens) against the "
+             "max/mean GPU load cap of every layer",
+             "load cap  load med  inter-node", "--------  --------  ----------"]
+    lines += [f"{p['load_cap']:8.4f}  {p['load_median']:8.4f}  {p['inter_node_per_token_layer']:10.4f}" for p in curve]
+    return "\n".join(lines)
 
 
 @click.command(context_settings=CONTEXT)

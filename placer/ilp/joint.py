@@ -35,8 +35,13 @@ budget; default :func:`default_iterations`), ``search_tokens``, ``num_workers`` 
 processes, default ``min(2, cpus)``), ``ray_address`` (run layer groups on Ray; the terms
 ``ray_tasks`` and ``ray_nodes`` count the tasks and the Ray nodes they ran on),
 ``dispatch_seed`` (the dispatch-table seed of the reported objective; default the metrics' 42).
-The result is identical for any ``num_workers`` / Ray layout. ``bound`` is the balance term's
-lower bound (:func:`balance_lower_bound`, the other terms bounded by 0), valid but loose.
+The result is identical for any ``num_workers`` / Ray layout. ``bound`` is
+:func:`placer.ilp.bounds.joint_lower_bound`: balance and traffic bounded per layer (co-location
+pairs and home capacity), the cap's penalty by 0; ``terms`` carry its parts (``bound_balance``,
+``bound_traffic``, and the bounds on ``other_ranks`` / ``inter_node`` sends per token-layer),
+``bound_covers_traffic`` (1, or 0 when the time limit left no room for the traffic part after
+the search, about 2 s on DeepSeek-V3; the bound is then the balance term's) and ``bound_balance_only`` (the
+balance term's bound alone, the bound before the traffic part).
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ import numpy as np
 from placer.errors import InvalidInputError
 from placer.ilp import _ls_kernel
 from placer.ilp.base import PlacementProblem, register
+from placer.ilp.bounds import (
+    BOUND_COVERS,
+    balance_lower_bound,
+    balance_only_bound,
+    bound_seconds,
+    joint_lower_bound,
+)
 from placer.ilp.coherent import solve_coherent
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import evaluate_objective, objective_weights, reference_ratio
@@ -71,18 +83,6 @@ _REPORTED = ("balance", "traffic", "affinity", "balance_cap", "max_load_per_toke
 def default_iterations(problem: PlacementProblem) -> int:
     """Annealing steps per layer and annealed start (20 000, in 16 cooling cycles)."""
     return 20000
-
-
-def balance_lower_bound(problem: PlacementProblem) -> np.ndarray:
-    """Per-layer lower bound on the busiest GPU's token-slots per batch token, any placement.
-
-    The busiest GPU serves at least the mean, ``sum_e load_e / G``, and at least the share of
-    the heaviest expert spread over the most GPUs it can occupy, ``max_e load_e / min(G, R + 1)``.
-    """
-    load = problem.stats.load.astype(np.float64) / max(problem.stats.num_tokens, 1)
-    g = problem.topology.num_gpus
-    spread = min(g, problem.num_redundant + 1)
-    return np.maximum(load.sum(axis=1) / g, load.max(axis=1) / spread)
 
 
 def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: SearchConfig,
@@ -173,10 +173,21 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
         placement, ev, chosen = start_placements[best_start], start_ev[best_start], best_start
     assert ev["total"] <= min(s["total"] for s in start_ev.values())
 
-    lb = float(w["balance"] * balance_lower_bound(problem).sum())
+    # The bound after the search, so that it never takes the search's time: where the limit
+    # leaves no room for it, the balance term's bound alone.
+    if deadline is None or time.time() + 2 * bound_seconds(problem) < deadline:
+        bound = joint_lower_bound(problem, w)
+    else:
+        bound = balance_only_bound(problem, w, "the time limit left no room for the traffic bound")
+    lb = bound.total
     obj = float(ev["total"])
     gap = max(0.0, (obj - lb) / max(abs(obj), 1e-300)) if obj > 0 else 0.0
     terms = {k: float(ev[k]) for k in _REPORTED}
+    terms.update({"bound_balance": float(bound.balance.sum()), "bound_traffic": float(bound.traffic.sum()),
+                  "bound_covers_traffic": float(bound.covers == BOUND_COVERS),
+                  "bound_other_ranks_per_token_layer": float(bound.other_ranks.mean()),
+                  "bound_inter_node_per_token_layer": float(bound.remote_nodes.mean()),
+                  "bound_balance_only": float(w["balance"] * balance_lower_bound(problem).sum())})
     terms.update({f"start_{n}": float(start_ev[n]["total"]) for n in start_ev})
     terms["returned_start"] = float(names.index(chosen)) if chosen != "search" else -1.0
     terms["search_primary"] = float(sum(r.primary for r in results))

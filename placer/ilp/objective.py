@@ -81,7 +81,7 @@ from placer.types import Placement
 
 OBJECTIVE_MODES = ("joint", "balance", "traffic", "affinity")
 WEIGHT_KEYS = ("objective", "balance", "traffic", "affinity", "balance_cap")
-FOREIGN_KEYS = ("load_cap",)
+FOREIGN_KEYS = ("load_cap", "frontier")
 """Keys other methods read from the same ``problem.weights`` (ignored here)."""
 COUNT_BALANCE_WEIGHT = 16.0
 CAP_PENALTY = 10.0

@@ -30,7 +30,7 @@ from placer.ilp.exact import (
 )
 from placer.types import Placement, SolveResult
 
-__all__ = ["BACKENDS", "compare_backends", "solve_coherent", "solve_exact"]
+__all__ = ["BACKENDS", "compare_backends", "frontier_requested", "solve_coherent", "solve_exact"]
 
 BACKENDS = ("auto", "exact", "local", "cpsat", "pulp")
 
@@ -240,19 +240,49 @@ def compare_backends(problem: PlacementProblem, *, time_limit_s: float = 60.0, s
     return out
 
 
-def solve_exact(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
-                **options) -> SolveResult:
-    """Method ``exact``: proven-optimal context-coherent placement, no replicas.
+def frontier_requested(problem: PlacementProblem, load_cap: float | None = None) -> bool:
+    """Whether method ``exact`` solves ``problem`` by the standard-execution frontier
+    (:mod:`placer.ilp.frontier`): standard execution with redundant slots, a load cap
+    (``load_cap`` or ``problem.weights["load_cap"]``) or ``problem.weights["frontier"]``."""
+    if problem.execution != "standard":
+        return False
+    w = problem.weights or {}
+    return problem.num_redundant > 0 or load_cap is not None or "load_cap" in w or bool(w.get("frontier"))
 
-    One expert per GPU: chain of assignment problems. E / G experts per GPU with at most
+
+def solve_exact(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
+                load_cap: float | None = None, **options) -> SolveResult:
+    """Method ``exact``: proven optima where the structure allows them.
+
+    **Standard execution** with redundant slots, a load cap or ``problem.weights["frontier"]``:
+    the exact frontier of inter-node dispatches against max/mean GPU load
+    (:func:`placer.ilp.frontier.solve_frontier`): the fewest dispatches at max/mean <=
+    ``load_cap`` (or ``problem.weights["load_cap"]``) in every layer, the most balanced point
+    without one; shapes it cannot enumerate raise InvalidInputError naming what to use instead.
+
+    **Otherwise** (context-coherent execution, or standard execution with none of those): the
+    proven-optimal context-coherent placement without replicas. One expert per GPU: chain of
+    assignment problems. E / G experts per GPU with at most
     :data:`~placer.ilp.exact.MAX_PARTITIONS` labelled partitions per layer: the partition DP
     (:mod:`placer.ilp.exact`) with the default load term of :func:`solve_coherent` (a weighted
-    penalty on each layer's max GPU load; ``problem.weights["load_cap"]`` adds the hard cap
-    instead or as well). Any other shape, or redundant slots, raises InvalidInputError naming
-    why. The objective is the context-coherent one whatever ``problem.execution`` says.
+    penalty on each layer's max GPU load; ``load_cap`` adds the hard cap instead or as well).
+    Any other shape, or redundant slots, raises InvalidInputError naming why.
     ``time_limit_s`` and ``seed`` are ignored (the result is deterministic).
     """
-    return solve_coherent(problem, time_limit_s=time_limit_s, seed=seed, backend="exact", **options)
+    if frontier_requested(problem, load_cap):
+        from placer.ilp.frontier import solve_frontier  # deferred: only this path needs it
+
+        used = sorted(k for k, v in options.items()
+                      if v is not None and k != "num_workers" and not (k == "backend" and v == "exact"))
+        if used:
+            raise InvalidInputError(f"the exact frontier takes no option {used[0]!r}", source="--method")
+        cap = load_cap if load_cap is not None else (problem.weights or {}).get("load_cap")
+        return solve_frontier(problem, load_cap=None if cap is None else float(cap))
+    if (problem.weights or {}).get("frontier"):
+        raise InvalidInputError("the exact frontier is for standard execution (--execution standard)",
+                                source="--frontier")
+    return solve_coherent(problem, time_limit_s=time_limit_s, seed=seed, backend="exact", load_cap=load_cap,
+                          **options)
 
 
 register("exact", forwards_to="placer.ilp.coherent:solve_coherent")(solve_exact)
