@@ -41,6 +41,17 @@ def test_every_command_has_help_with_example(capsys, command):
     assert code == 0 and "Example:" in out and f"placer {command}" in out
 
 
+@pytest.mark.parametrize("where", ["first", "after the command", "last"])
+def test_debug_anywhere_on_the_line_shows_the_traceback(capsys, tmp_path, where):
+    argv = ["solve", str(tmp_path / "missing.npz"), "--gpus", "4", "-o", str(tmp_path / "p.json")]
+    at = {"first": 0, "after the command": 1, "last": len(argv)}[where]
+    code, _, err = run(capsys, *argv[:at], "--debug", *argv[at:])
+    assert code == 2
+    assert "Traceback" in err and err.strip().splitlines()[-1] == f"placer: error: {tmp_path / 'missing.npz'}: file not found"
+    code, _, err = run(capsys, *argv)  # without it: one line
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_stats_solve_evaluate_export(capsys, tmp_path, hdmoe):
     code, out, _ = run(capsys, "stats", hdmoe, "--model", "mixtral-8x7b", "-o", tmp_path / "s.npz")
     assert code == 0 and "max/mean" in out and "successors" in out

@@ -96,7 +96,7 @@ def test_run_synthetic_routing_context_coherent(capsys):
 
 
 def test_a2a_json_has_the_documented_keys(capsys):
-    code, stdout, err = run(capsys, "simulate", "a2a", "--cluster", "h800", "--ep", "16", "--tokens-per-rank", "16",
+    code, stdout, err = run(capsys, "simulate", "a2a", "--cluster", "h800", "--gpus", "16", "--tokens-per-rank", "16",
                             "--top-k", "4", "--hidden", "512", "--experts", "64", "--routing", "group-limited",
                             "--groups", "8", "--topk-groups", "2", "--json")
     assert code == 0, err
@@ -104,7 +104,7 @@ def test_a2a_json_has_the_documented_keys(capsys):
     for key in ("dispatch_us", "combine_us", "dispatch_gbps", "combine_gbps"):
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["bottleneck"] == "rdma" and r["ep"] == 16 and r["routing"] == "group-limited"
-    code, stdout, _ = run(capsys, "simulate", "a2a", "--ep", "8", "--tokens-per-rank", "8", "--top-k", "2",
+    code, stdout, _ = run(capsys, "simulate", "a2a", "--gpus", "8", "--tokens-per-rank", "8", "--top-k", "2",
                           "--hidden", "256", "--experts", "16")
     assert code == 0 and "bottleneck" in stdout and "nvlink" in stdout
 
@@ -113,7 +113,7 @@ def test_a2a_json_has_the_documented_keys(capsys):
                          [("deepep-ll", 16, ("--experts", "288"), "selections", 118.0),
                           ("deepep-v2", 16, ("--tokens-per-rank", "8192", "--cluster", "h100"), "nodes-hit", None)])
 def test_a2a_prints_one_published_row_per_command(capsys, kernel, ep, extra, count, published_us):
-    code, stdout, err = run(capsys, "simulate", "a2a", "--ep", str(ep), "--kernel", kernel, *extra)
+    code, stdout, err = run(capsys, "simulate", "a2a", "--gpus", str(ep), "--kernel", kernel, *extra)
     assert code == 0, err
     rows = dict(line.split(None, 1) for line in stdout.splitlines())
     assert rows["deepep_count"] == count
@@ -178,13 +178,14 @@ def test_other_bad_inputs(capsys, tmp_path, trace):
                    needle="--rate")
     one_line_exit2(capsys, "simulate", "sweep", "--model", "mixtral-8x7b", "--gpus", "4,x", "--method",
                    "contiguous", "-o", tmp_path / "s", needle="--gpus")
-    one_line_exit2(capsys, "simulate", "a2a", "--ep", "6", "--experts", "64", needle="--ep")
+    one_line_exit2(capsys, "simulate", "a2a", "--gpus", "6", "--experts", "64", needle="--gpus")
+    one_line_exit2(capsys, "simulate", "a2a", "--ep", "8", needle="--ep is now --gpus")
     one_line_exit2(capsys, "simulate", "run", tmp_path / "missing.npz", "--gpus", "4", "--method", "contiguous",
                    needle="missing.npz")
 
 
 @pytest.mark.parametrize("command", [["run", "--model", "mixtral-8x7b", "--gpus", "4", "--method", "contiguous"],
-                                     ["a2a", "--ep", "8"]])
+                                     ["a2a", "--gpus", "8"]])
 def test_unknown_kernel_exits_2_naming_the_option(capsys, command):
     code, out, err = run(capsys, "simulate", *command, "--kernel", "gloo")
     assert code == 2 and "Traceback" not in err
@@ -192,7 +193,7 @@ def test_unknown_kernel_exits_2_naming_the_option(capsys, command):
 
 
 def test_unknown_kernel_is_one_line(capsys):
-    one_line_exit2(capsys, "simulate", "a2a", "--ep", "8", "--kernel", "gloo", needle="--kernel")
+    one_line_exit2(capsys, "simulate", "a2a", "--gpus", "8", "--kernel", "gloo", needle="--kernel")
 
 
 def test_dispatch_defaults_to_the_placement_files_rule(capsys, tmp_path, trace):

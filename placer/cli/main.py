@@ -35,7 +35,7 @@ from placer.errors import (
 
 
 @click.group(context_settings=CONTEXT)
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Show tracebacks (anywhere on the line).")
 @click.version_option(package_name="placer")
 def cli(debug: bool) -> None:
     """placer: expert placement for Mixture-of-Experts serving.
@@ -121,7 +121,11 @@ def interrupts_as_exceptions():
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input exits 2 with one line, unexpected errors exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    # --debug anywhere on the line (before a "--"), as if given before the command
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    if debug:
+        args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
     try:
         with interrupts_as_exceptions():
             cli.main(args=args, prog_name="placer", standalone_mode=False)
@@ -150,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PlacerError, Exception) as exc:  # unexpected: a bug, or the environment
         if debug:
             traceback.print_exc()
-        click.echo(f"placer: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
-                   "(rerun with --debug for the traceback)", err=True)
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        click.echo(f"placer: unexpected error: {type(exc).__name__}: {_one_line(exc)}{hint}", err=True)
         return 1
     return 0
 

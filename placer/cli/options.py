@@ -31,6 +31,17 @@ class FiniteFloat(click.FloatRange):
 # Shared options: every command uses the same names for the same things.
 # ---------------------------------------------------------------------------------------------
 
+def renamed_option(old: str, new: str) -> Callable[[Callable], Callable]:
+    """A hidden ``old`` spelling of an option that exits 2 with one line naming ``new``."""
+    def refuse(ctx: click.Context, param: click.Parameter, value: object) -> None:
+        if value is not None:
+            raise click.UsageError(f"{old} is now {new}")
+
+    name = "renamed_" + old.lstrip("-").replace("-", "_")  # not the new option's parameter name
+    return click.option(old, name, hidden=True, expose_value=False, callback=refuse, metavar="N",
+                        help=f"Renamed {new}.")
+
+
 def model_option(func: Callable) -> Callable:
     return click.option("--model", "model", metavar="PRESET",
                         help=f"Model preset ({', '.join(MODELS)}). Optional when an input names its model.")(func)

@@ -13,6 +13,7 @@ from placer.cli.options import (
     cluster_options,
     echo_json,
     model_option,
+    renamed_option,
     resolve_model,
     resolve_stack,
     resolve_topology,
@@ -135,7 +136,7 @@ def simulate() -> None:
     \b
     Example:
         placer simulate run trace.npz --placement a.json --placement b.json -o sim/
-        placer simulate a2a --cluster h800 --ep 16 --kernel deepep-normal --routing group-limited
+        placer simulate a2a --cluster h800 --gpus 16 --kernel deepep-normal --routing group-limited
         placer simulate sweep --model mixtral-8x7b --gpus 4,8 --method contiguous --method eplb -o sweep/
     """
 
@@ -247,8 +248,11 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
 
 
 @simulate.command(context_settings=CONTEXT)
-@click.option("--cluster", default="h800", show_default=True, help="GPU kind preset.")
-@click.option("--ep", type=click.IntRange(min=1), required=True, help="Expert-parallel ranks (nodes of 8).")
+@click.option("--cluster", default="h800", show_default=True,
+              help="GPU kind preset; h800 is the hardware DeepEP's published tables were measured on.")
+@click.option("--gpus", "ep", type=click.IntRange(min=1), required=True,
+              help="Expert-parallel ranks, nodes of 8 (DeepEP's EP).")
+@renamed_option("--ep", "--gpus")
 @click.option("--tokens-per-rank", type=click.IntRange(min=1), default=128, show_default=True,
               help="Tokens each rank dispatches (DeepEP's num_tokens).")
 @click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Experts per token.")
@@ -274,9 +278,9 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
 
     \b
     Examples:
-        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 4096 --kernel deepep-normal --routing deepep
-        placer simulate a2a --cluster h800 --ep 16 --tokens-per-rank 128 --experts 288 --kernel deepep-ll
-        placer simulate a2a --cluster h100 --ep 32 --tokens-per-rank 8192 --kernel deepep-v2 --json
+        placer simulate a2a --cluster h800 --gpus 16 --tokens-per-rank 4096 --kernel deepep-normal --routing deepep
+        placer simulate a2a --cluster h800 --gpus 16 --tokens-per-rank 128 --experts 288 --kernel deepep-ll
+        placer simulate a2a --cluster h100 --gpus 32 --tokens-per-rank 8192 --kernel deepep-v2 --json
     """
     from placer.simulator.a2a import a2a_benchmark  # deferred: keeps pandas off placer --help
     out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,

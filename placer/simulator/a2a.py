@@ -82,7 +82,7 @@ def a2a_benchmark(*, cluster: str = "h800", ep: int, tokens_per_rank: int = 128,
     """
     topology = make_topology(cluster, gpus=ep)
     if experts % ep:
-        raise InvalidInputError(f"{experts} experts do not split evenly over {ep} ranks", source="--ep")
+        raise InvalidInputError(f"{experts} experts do not split evenly over {ep} ranks", source="--gpus")
     model = ModelSpec(name="a2a", num_hidden_layers=1, moe_layer_ids=(0,), num_experts=experts, top_k=top_k,
                       hidden_size=hidden, expert_ffn_size=1)
     placement = Placement(np.arange(experts)[None, :], experts // ep, experts)  # contiguous

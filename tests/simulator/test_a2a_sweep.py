@@ -99,7 +99,7 @@ def test_low_latency_kernel_sends_more_rdma_bytes_than_the_normal_kernel():
 
 
 def test_a2a_rejects_uneven_experts():
-    with pytest.raises(InvalidInputError, match="--ep"):
+    with pytest.raises(InvalidInputError, match="--gpus"):
         a2a_benchmark(ep=6, **SMALL)
 
 
