@@ -41,6 +41,23 @@ def test_every_command_has_help_with_example(capsys, command):
     assert code == 0 and "Example:" in out and f"placer {command}" in out
 
 
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    from placer.cli.main import cli
+
+    def leaves(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from leaves(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    bare = [(name, p.opts[0]) for name, cmd in leaves(cli, []) for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert not bare, f"options without help text: {bare}"
+
+
 @pytest.mark.parametrize("where", ["first", "after the command", "last"])
 def test_debug_anywhere_on_the_line_shows_the_traceback(capsys, tmp_path, where):
     argv = ["solve", str(tmp_path / "missing.npz"), "--gpus", "4", "-o", str(tmp_path / "p.json")]

@@ -302,7 +302,8 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
 @click.option("--placement", "placements", multiple=True, type=click.Path(), metavar="FILE",
               help="Placement files (only at their own GPU count).")
 @click.option("--method", "methods", multiple=True, metavar="NAME", help="Solve with this method at every point.")
-@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--redundant", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Redundant expert slots of each --method placement (placement files carry their own).")
 @model_option
 @click.option("--cluster", default=None, metavar="PRESET", help="GPU kind (default h100).")
 @workload_options
