@@ -39,7 +39,7 @@ def test_profile_tiny_family_with_generate_and_trace(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("print('hello')\nx = [i * i for i in range(10)]\nimport sys\n")
     out, trace = tmp_path / "s.npz", tmp_path / "t.parquet"
-    code, text, err = run(capsys, "profile", "--model", "deepseek-v3", "--prompts", prompts, "--max-new-tokens", "3",
+    code, text, err = run(capsys, "profile", "--hf-model", "deepseek-v3", "--prompts", prompts, "--max-new-tokens", "3",
                           "--batch-size", "2", "-o", out, "--trace", trace)
     assert code == 0, err
     assert "phases prefill" in text and "decode" in text
@@ -54,10 +54,12 @@ def test_profile_tiny_family_with_generate_and_trace(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--model", "no-such-model"], "neither a model directory nor a family"),
+    (["--hf-model", "no-such-model"], "neither a model directory nor a family"),
+    (["--model", "mixtral"], "a checkpoint directory or a family to run is --hf-model"),
+    (["--model", "mixtral-8x7b"], "the model to run is --hf-model"),
     (["--prompts", "missing.txt"], "missing.txt: file not found"),
-    (["--model", "mixtral", "-o", "s.csv"], "written as .npz"),
-    (["--model", "mixtral", "--trace", "t.csv"], "written as .parquet"),
+    (["--hf-model", "mixtral", "-o", "s.csv"], "written as .npz"),
+    (["--hf-model", "mixtral", "--trace", "t.csv"], "written as .parquet"),
     (["--sglang", "http://127.0.0.1:9"], "--sglang needs --dump-dir"),
     (["--sglang", "http://127.0.0.1:9", "--vllm-r3", "x.npy"], "one of --sglang, --vllm-r3 and --sglang-r3"),
     (["--vllm-r3", "x.npy", "--placement", "p.json"], "--placement applies to --sglang-r3 imports"),

@@ -8,6 +8,7 @@ import click
 
 from placer.cli.options import CONTEXT, FiniteFloat
 from placer.errors import InvalidInputError
+from placer.presets import MODELS
 from placer.profiling.summary import summarize
 
 
@@ -26,10 +27,13 @@ def _summary_line(outcome) -> str:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", "model", default=None, metavar="PATH|FAMILY",
+@click.option("--hf-model", "hf_model", default=None, metavar="PATH|FAMILY",
               help="Model to run: a local transformers directory, or a family built tiny with random weights "
                    "(mixtral, qwen3-moe, olmoe, deepseek-v3, gpt-oss, granite-moe); default: the embedded "
-                   "trained model. With --sglang or --vllm-r3: a preset, directory or family giving the shape.")
+                   "trained model. With --sglang or --vllm-r3: a directory or family giving the shape.")
+@click.option("--model", "model", default=None, metavar="PRESET",
+              help="With --sglang, --vllm-r3 or --sglang-r3: the model preset giving the shape (as in every "
+                   "command; a checkpoint or family to run is --hf-model).")
 @click.option("--prompts", type=click.Path(), default=None,
               help="Prompts: .jsonl ({\"prompt\": ...} or strings per line) or text (one per line). "
                    "Default: held-out standard-library source.")
@@ -57,14 +61,14 @@ def _summary_line(outcome) -> str:
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="Also write the raw per-token trace (.parquet, chunked).")
 @click.option("--quiet", is_flag=True, help="No progress display (shown only on a terminal).")
-def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts, sglang_url, duration, dump_dir,
-            r3, sglang_r3, placement, seed, output, trace, quiet):
+def profile(hf_model, model, prompts, batch_size, max_length, max_new_tokens, max_prompts, sglang_url, duration,
+            dump_dir, r3, sglang_r3, placement, seed, output, trace, quiet):
     """Capture routing from a running model into statistics that stats and solve read directly.
 
     \b
     Example:
         placer profile -o stats.npz                      # the embedded model, held-out text
-        placer profile --model mixtral --prompts p.jsonl --max-new-tokens 16 -o s.npz --trace t.parquet
+        placer profile --hf-model mixtral --prompts p.jsonl --max-new-tokens 16 -o s.npz --trace t.parquet
         placer profile --sglang http://localhost:30000 --duration 60 --dump-dir /tmp -o s.npz
         placer profile --vllm-r3 outputs.jsonl --model qwen3-30b-a3b -o s.npz
         placer profile --sglang-r3 outputs.jsonl --placement p.json -o s.npz
@@ -73,6 +77,16 @@ def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts,
     from placer.profiling import profile as lib  # deferred: keeps numba off placer --help
 
     show = not quiet and sys.stderr.isatty()
+    if model is not None:
+        if model.lower() not in MODELS:
+            raise InvalidInputError(f"{model!r} is not a model preset ({', '.join(MODELS)}); a checkpoint "
+                                    "directory or a family to run is --hf-model", source="--model")
+        if not (sglang_url or r3 or sglang_r3):
+            raise InvalidInputError("--model gives the shape of --sglang or --vllm-r3 input; the model to run "
+                                    "is --hf-model", source="--model")
+        if hf_model is not None:
+            raise InvalidInputError("give --model (a preset) or --hf-model, not both", source="--model")
+    shape = model or hf_model
     if sum(bool(x) for x in (sglang_url, r3, sglang_r3)) > 1:
         raise InvalidInputError("give one of --sglang, --vllm-r3 and --sglang-r3", source="--sglang")
     r3_stack = "sglang" if sglang_r3 else "vllm"
@@ -86,15 +100,16 @@ def profile(model, prompts, batch_size, max_length, max_new_tokens, max_prompts,
     if sglang_url:
         if dump_dir is None:
             raise InvalidInputError("--sglang needs --dump-dir (the server's recorder directory)", source="--dump-dir")
-        outcome = lib.profile_sglang(sglang_url, duration, dump_dir, model=model, seed=seed, output=output,
+        outcome = lib.profile_sglang(sglang_url, duration, dump_dir, model=shape, seed=seed, output=output,
                                      progress=(lambda m: click.echo(f"... {m}", err=True)) if show else None)
     elif r3:
-        outcome = lib.profile_r3(r3, model=model, placement=placement, seed=seed, output=output, stack=r3_stack)
+        outcome = lib.profile_r3(r3, model=shape, placement=placement, seed=seed, output=output, stack=r3_stack)
     else:
-        outcome = lib.profile_hf(model, prompts, batch_size=batch_size, max_length=max_length,
+        outcome = lib.profile_hf(hf_model, prompts, batch_size=batch_size, max_length=max_length,
                                  max_new_tokens=max_new_tokens, max_prompts=max_prompts, seed=seed,
                                  output=output, trace=trace, progress=show)
     click.echo(_summary_line(outcome))
     rate = f" ({outcome.tokens_per_second:,.0f} tok/s)" if not (sglang_url or r3) else ""
-    click.echo(f"profiled {outcome.source} in {outcome.seconds:.1f} s{rate}; wrote {output}"
+    verb = "imported" if r3 else "profiled"  # an R3 file is read, not recorded
+    click.echo(f"{verb} {outcome.source} in {outcome.seconds:.1f} s{rate}; wrote {output}"
                + (f" and {trace}" if trace else ""))
