@@ -77,6 +77,11 @@ def test_export_of_a_nearest_placement_says_how_to_rescore(capsys, tmp_path, v2l
     assert code == 0, err
     assert "solved and scored under dispatch nearest; sglang 0.5.23 runs sglang-static" in out
     assert "--stack sglang" in out
+    code, out, err = run(capsys, "export", p, "--stack", "sglang", "-o", tmp_path / "s2.json", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["format"] == "sglang" and doc["output"] == str(tmp_path / "s2.json") and doc["stack"] == "sglang 0.5.23"
+    assert "--ep-dispatch-algorithm static" in doc["flags"] and "runs sglang-static" in doc["notes"][0]
 
 
 def test_stack_refuses_what_it_cannot_place(capsys, tmp_path):

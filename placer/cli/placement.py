@@ -224,7 +224,8 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
               help="sglang, vllm-ascend, trtllm or eplb (default: --stack's, else the file's stack's).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="File to write (SGLang: .json or .pt).")
-def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, output):
+@click.option("--json", "as_json", is_flag=True, help="Print the format, file, flags and notes as JSON.")
+def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, output, as_json):
     """Convert a placement into the file a serving stack loads, and print its flags.
 
     PLACEMENT is placer's JSON or another stack's file (then give --model and --gpus). A
@@ -234,7 +235,7 @@ def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, ou
     \b
     Example:
         placer export p.json --stack sglang -o sglang.json
-        placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml
+        placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml --json
     """
     from placer.io.placements import export_placement  # deferred: keeps numba off placer --help
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node)
@@ -247,11 +248,18 @@ def export(placement, model, cluster, gpus, nodes, gpus_per_node, stack, fmt, ou
         raise InvalidInputError("give --stack or --format: the placement names no serving stack", source=placement)
     (fmt, output), = parse_exports((f"{fmt}={output}",), "--format" if stack is None else "--stack")
     flags = export_placement(pf.placement, fmt, output, model=pf.model, topology=pf.topology)
+    notes = []
+    if target is not None and target.dispatch is not None and target.dispatch != pf.dispatch:
+        notes.append(f"{placement} was solved and scored under dispatch {pf.dispatch}; {target.label} runs "
+                     f"{target.dispatch}: re-score with 'placer evaluate {placement} TRACE --stack {target.name}' "
+                     f"or re-solve with --stack {target.name}")
+    if as_json:
+        echo_json({"format": fmt, "output": output, "stack": None if target is None else target.label,
+                   "flags": list(flags), "notes": notes})
+        return
     click.echo(f"exported {fmt} to {output}" + (f" for {target.label}" if target is not None else "")
                + "; serve with:")
     for line in flags:
         click.echo(f"  {line}")
-    if target is not None and target.dispatch is not None and target.dispatch != pf.dispatch:
-        click.echo(f"note: {placement} was solved and scored under dispatch {pf.dispatch}; {target.label} runs "
-                   f"{target.dispatch}: re-score with 'placer evaluate {placement} TRACE --stack {target.name}' "
-                   f"or re-solve with --stack {target.name}")
+    for note in notes:
+        click.echo(f"note: {note}")
