@@ -4,7 +4,7 @@ Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pi
 messages separated by NUL bytes on file descriptors 3 and 4), so no websocket client or browser
 driver package is needed. Skipped when Chromium is not installed (``make test`` installs
 Debian's ``chromium`` when it can). With ``PLACER_UPDATE_SCREENSHOT=1`` it also saves
-``docs/report.png`` for the README.
+``docs/report.png`` and ``docs/demo-report.png`` for the README.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from placer.io.atomic import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "report.png"
-VIEWPORT = (1200, 1500)
+DEMO_SCREENSHOT = ROOT / "docs" / "demo-report.png"
+VIEWPORT = (1400, 1500)
+"""A 1400 px wide window: the page must fit it (no horizontal scrolling)."""
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio")
@@ -230,7 +232,7 @@ def report_html(tmp_path_factory):
 
 
 CLIP = """(() => {
-  const top = document.getElementById('extra-1').getBoundingClientRect().top + window.scrollY;
+  const top = document.getElementById('extra-0').getBoundingClientRect().top + window.scrollY;
   const end = document.getElementById('plot-placement-0').getBoundingClientRect().bottom
               + window.scrollY;
   return JSON.stringify({y: top, height: end - top + 16});
@@ -261,7 +263,16 @@ def test_report_draws_every_plot_without_errors_in_chromium(chromium, report_htm
             time.sleep(0.2)
         methods = json.loads(browser.evaluate(
             "JSON.stringify([document.querySelectorAll('#report-methods tbody tr').length,"
-            " document.querySelectorAll('#report-methods thead th').length])"))
+            " document.querySelectorAll('#report-methods thead th').length,"
+            " document.querySelectorAll('#report-headline tbody tr').length,"
+            " document.getElementById('report-methods').checkVisibility(),"
+            " document.getElementById('report-headline').getBoundingClientRect().right])"))
+        overflow = json.loads(browser.evaluate(
+            "JSON.stringify([document.documentElement.scrollWidth, window.innerWidth])"))
+        browser.evaluate("document.getElementById('report-methods-details').open = true")
+        opened = json.loads(browser.evaluate(
+            "JSON.stringify([document.getElementById('report-methods').checkVisibility(),"
+            " document.documentElement.scrollWidth])"))
         title = browser.evaluate("document.title")
         # The README picture: per-GPU load bars and the solver's placement.
         clip = json.loads(browser.evaluate(CLIP))
@@ -279,7 +290,12 @@ def test_report_draws_every_plot_without_errors_in_chromium(chromium, report_htm
     assert not_drawn == [], f"plots not drawn: {not_drawn}"
     assert all(p["width"] > 100 for p in plots)
     # metric, contiguous, eplb, eplb-r4; rows: file facts, flattened metrics, sim summaries
-    assert methods[1] == 4 and methods[0] > 60
+    assert methods[1] == 4 and methods[0] > 40
+    # the headline table (a row per method) is shown; every metric is behind a closed toggle
+    assert methods[2] == 3 and methods[3] is False and opened[0] is True
+    assert methods[4] <= VIEWPORT[0]
+    # nothing overflows a 1400 px window, with the toggle closed or open
+    assert overflow == [VIEWPORT[0], VIEWPORT[0]] and opened[1] <= VIEWPORT[0], (overflow, opened)
     assert title.startswith("placer report: mixtral-8x7b")
 
     png = base64.b64decode(shot["data"])
@@ -288,3 +304,59 @@ def test_report_draws_every_plot_without_errors_in_chromium(chromium, report_htm
     assert width == VIEWPORT[0] and 600 < height <= 1600
     # The README's screenshot is refreshed on request only, so a test run leaves the tree clean.
     atomic_write_bytes(SCREENSHOT if os.environ.get("PLACER_UPDATE_SCREENSHOT") else tmp_path / "report.png", png)
+
+
+def _draw(browser: DevTools, page: Path) -> list[dict]:
+    """Open ``page`` and wait until plotly has drawn every figure; the plots' states."""
+    browser.call("Page.navigate", {"url": page.resolve().as_uri()})
+    browser.wait_event("Page.loadEventFired")
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        plots = json.loads(browser.evaluate(CHECK_PLOTS))
+        if all(p["drawn"] and p["svg"] for p in plots) or time.monotonic() > deadline:
+            return plots
+        time.sleep(0.2)
+
+
+DEMO_CLIP = """(() => {
+  const end = document.getElementById('plot-latency-cdf').getBoundingClientRect().bottom
+              + window.scrollY;
+  return JSON.stringify({y: 0, height: end + 80});
+})()"""
+
+
+@pytest.fixture(scope="module")
+def demo_html(chromium, tmp_path_factory):
+    """`placer demo --synthetic`: seven methods side by side, the widest report placer writes."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "-o", str(out), "--synthetic"]) == 0
+    return out / "report.html"
+
+
+@pytest.mark.timeout(240)
+def test_demo_report_fits_a_1400_px_window(chromium, demo_html, tmp_path):
+    browser = DevTools(chromium, tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path))
+    try:
+        browser.open_page(*VIEWPORT)
+        plots = _draw(browser, demo_html)
+        closed = browser.evaluate("document.documentElement.scrollWidth")
+        browser.evaluate("document.getElementById('report-methods-details').open = true")
+        opened = browser.evaluate("document.documentElement.scrollWidth")
+        headline = browser.evaluate("document.querySelectorAll('#report-headline tbody tr').length")
+        browser.evaluate("document.getElementById('report-methods-details').open = false")
+        clip = json.loads(browser.evaluate(DEMO_CLIP))
+        shot = browser.call("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": VIEWPORT[0], "height": min(clip["height"], 2000),
+                     "scale": 1}})
+        errors = _errors(browser.drain())
+    finally:
+        browser.close()
+    assert errors == [], errors
+    assert all(p["drawn"] and p["svg"] and p["traces"] > 0 for p in plots)
+    assert headline == 7  # one row per method
+    assert closed <= VIEWPORT[0] and opened <= VIEWPORT[0], (closed, opened)
+    png = base64.b64decode(shot["data"])
+    assert struct.unpack(">II", png[16:24])[0] == VIEWPORT[0]
+    atomic_write_bytes(DEMO_SCREENSHOT if os.environ.get("PLACER_UPDATE_SCREENSHOT")
+                       else tmp_path / "demo-report.png", png)

@@ -8,9 +8,11 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from placer.app.report import flatten_metrics, is_placement_json, report_plot_ids
+from placer.app.report_methods import is_internal
 from placer.cli import main
 from placer.io.placements import read_placement_json
 from placer.simulator.results import SUMMARY_KEYS, read_results
@@ -30,6 +32,27 @@ def _methods(page: str) -> tuple[list[str], dict[str, list[str]]]:
     rows = {m.group(1): re.findall(r"<td>(.*?)</td>", m.group(2))
             for m in re.finditer(r'<tr><th scope="row">(.*?)</th>(.*?)</tr>', table)}
     return head, rows
+
+
+def _table(page: str, table_id: str) -> dict[str, list[str]]:
+    """{row header: cell texts (tags stripped)} of ``<table id=table_id>``."""
+    table = page[page.index(f'id="{table_id}"'):]
+    table = table[: table.index("</table>")]
+    return {m.group(1): [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", m.group(2))]
+            for m in re.finditer(r'<tr><th scope="row">(.*?)</th>(.*?)</tr>', table)}
+
+
+def _figure_call(page: str, plot_id: str) -> str:
+    """The script that draws plot ``plot_id``."""
+    start = page.index(f'id="{plot_id}-figure"')
+    return page[start: page.index("</script>", start)]
+
+
+def _traces(page: str, plot_id: str) -> list[dict]:
+    """The traces plotly draws in plot ``plot_id`` (the data argument of its newPlot call)."""
+    call = _figure_call(page, plot_id)
+    start = call.index("[", call.index(f'"{plot_id}-figure",'))
+    return json.JSONDecoder().raw_decode(call[start:])[0]
 
 
 def _z(text: str) -> np.ndarray:
@@ -90,20 +113,99 @@ def test_methods_table_has_every_metric_of_files_and_simulations(page, sim):
     head, rows = _methods(page)
     # balanced.json shares the simulated "eplb" column (same SHA-256); rr.json has its own.
     assert head == ["eplb", "contiguous", "rr"]
-    for key in SUMMARY_KEYS:
-        assert len(rows[f"sim.{key}"]) == 3
     summaries = read_results(sim["out"]).summaries
+    empty = page[page.index("No value for any method"):]
+    empty = empty[: empty.index("</p>")]
+    for key in SUMMARY_KEYS:  # a row, or named among the metrics no method has (replay: TTFT...)
+        if all(s[key] is None for s in summaries.values()):
+            assert f"sim.{key}" not in rows and f"<code>sim.{key}</code>" in empty
+        else:
+            assert len(rows[f"sim.{key}"]) == 3
     assert rows["sim.iterations"] == [f"{summaries['eplb']['iterations']:,}",
                                       f"{summaries['contiguous']['iterations']:,}", "–"]
     for name in ("balanced.json", "rr.json"):
         path = sim["base"] / name if name == "balanced.json" else sim["out"] / name
         flat, skipped = flatten_metrics(read_placement_json(path).metrics)
         assert flat and "per_layer.load_max_over_mean" in skipped
-        for key in flat:
-            assert f"metrics.{key}" in rows, key
+        for key, value in flat.items():
+            if is_internal(key):  # repeats a file row (num_gpus, model ...) or a solver internal
+                assert f"metrics.{key}" not in rows, key
+            elif value is not None:
+                assert f"metrics.{key}" in rows, key
     assert rows["method"] == ["eplb", "contiguous", "round-robin"]
     assert rows["metrics.load_max_over_mean_median"][1] == "–"  # contiguous was solved in the run
     assert "metrics.per_layer.load_max_over_mean" in page  # named among the arrays left out
+    for cells in rows.values():
+        assert set(cells) != {"–"}  # no row that no method has
+
+
+def test_headline_table_comes_first_with_units_and_every_metric_behind_a_toggle(page):
+    headline = _table(page, "report-headline")
+    assert list(headline) == ["eplb", "contiguous", "rr"]
+    assert page.index('id="report-headline"') < page.index('id="sim-summary"')
+    details = page.index('<details id="report-methods-details">')
+    assert details < page.index('id="report-methods"') < page.index("</details>", details)
+    head = page[page.index('id="report-headline"'):]
+    head = re.findall(r'<th scope="col" title="([^"]+)">', head[: head.index("</thead>")])
+    assert "a2a_p99_s" in head and "load_max_over_mean_median" in head
+    assert "rdma_bytes" not in head and "ttft_p99_s" not in head  # one node; replay
+    a2a = [row[head.index("a2a_p99_s")] for row in headline.values()]
+    assert all(re.fullmatch(r"\d+(\.\d+)? us", v) for v in a2a[:2]), a2a
+    assert a2a[2] == "–"  # rr.json was not simulated
+    # units and significant digits instead of raw floats, in the summary as in the headline
+    summary = _table(page, "sim-summary")
+    cells = [c for row in (*headline.values(), *summary.values()) for c in row]
+    assert not [c for c in cells if re.search(r"\de[+-]\d", c)]
+    assert summary["nvlink_bytes"][0].endswith(" MB") and summary["straggler_share"][0].endswith(" %")
+
+
+def test_replay_summary_has_no_empty_rows_and_says_which_are_left_out(page):
+    summary = _table(page, "sim-summary")
+    assert "iteration_p99_s" in summary
+    for key in ("ttft_p99_s", "tpot_p50_s", "e2e_p99_s", "output_tok_s", "requests"):
+        assert key not in summary, key
+    assert all(set(cells) != {"–"} for cells in summary.values())
+    note = page[page.index('id="sim-summary-empty"'):]
+    assert "replay: no requests" in note[: note.index("</p>")] and "<code>ttft_p99_s</code>" in note
+
+
+def test_solver_internals_are_left_out_of_the_methods_tables(sim, tmp_path):
+    out = tmp_path / "sim"
+    shutil.copytree(sim["out"], out)
+    doc = json.loads((out / "rr.json").read_text())
+    doc["metrics"]["objective"] = {"value": 1.5, "terms": {"balance": 1.25, "start_eplb": 1.75,
+                                                           "returned_start": 0.0}}
+    (out / "rr.json").write_text(json.dumps(doc))
+    assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    rows = _table(page, "report-methods")
+    assert rows["metrics.objective.terms.balance"][-1] == "1.25"
+    assert "metrics.objective.terms.start_eplb" not in rows
+    assert "metrics.objective.terms.returned_start" not in rows
+    assert "metrics.num_gpus" not in rows and rows["GPUs"] == ["4", "4", "4"]
+    assert "start_eplb" not in page[: page.index('id="report-methods-details"')]
+
+
+def test_a_short_run_says_its_percentiles_are_the_largest_sample(page):
+    note = page[page.index('id="note-short-run"'):]
+    note = note[: note.index("</p>")]
+    assert "Too short for its percentiles" in note and "3 iterations each" in note
+    assert all(t["line"]["shape"] == "hv" for t in _traces(page, "plot-latency-cdf"))  # staircase
+
+
+def test_one_node_draws_no_rdma_heatmap_and_two_nodes_do(page, sim, tmp_path):
+    assert [t["type"] for t in _traces(page, "plot-links-0")] == ["heatmap"]
+    call = _figure_call(page, "plot-links-0")
+    assert "RDMA" not in call and "NVLink bytes" in call
+    assert '<p class="note" id="note-links-0">single node: no RDMA traffic</p>' in page
+
+    out = tmp_path / "two-nodes"
+    assert main(["simulate", "run", str(sim["trace"]), "--gpus", "4", "--nodes", "2", "--method",
+                 "contiguous", "--workload", "replay", "--iterations", "2", "-o", str(out)]) == 0
+    two = (out / "report.html").read_text(encoding="utf-8")
+    assert [t["type"] for t in _traces(two, "plot-links-0")] == ["heatmap", "heatmap"]
+    assert "RDMA bytes" in _figure_call(two, "plot-links-0")
+    assert 'id="note-links-0"' not in two
 
 
 def test_placement_heatmaps_hold_the_maps(page, sim):
@@ -217,3 +319,51 @@ def test_library_rejects_routing_of_another_shape(sim, tmp_path):
     with pytest.raises(InvalidInputError, match="16 MoE layers x 64 experts"):
         render_full_report(sim["out"], tmp_path / "x.html", routing=other)
     assert not (tmp_path / "x.html").exists()
+
+
+def test_sweep_report_charts_headline_metrics_against_gpu_count(sim, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["simulate", "sweep", str(sim["trace"]), "--gpus", "4,8", "--method", "contiguous",
+                 "--method", "eplb", "--workload", "replay", "--iterations", "2", "-o", str(out)]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    ids = _plot_ids(page)
+    assert ids[0] == "plot-sweep-gpus" and "plot-sweep-rate" not in ids
+    assert page.index('id="plot-sweep-gpus"') < page.index('id="report-headline"')
+    assert 'id="note-sweep-rate">One request rate (replay has none)' in page
+    traces = _traces(page, "plot-sweep-gpus")
+    panels = {t.get("yaxis", "y") for t in traces}
+    assert len(panels) >= 5  # throughput, step p99, all-to-all p99, straggler share, link use
+    first = [t for t in traces if t.get("yaxis", "y") == "y"]  # throughput
+    assert [t["name"] for t in first] == ["contiguous", "eplb"]
+    table = pd.read_csv(out / "sweep.csv")
+    for t in first:
+        assert list(_array(t["x"])) == [4, 8]
+        rows = table[table["placement"] == t["name"]].sort_values("gpus")
+        assert np.allclose(_array(t["y"]), rows["throughput_tok_s"])
+    assert BUNDLE.findall(page) and page.index("plotly.js v") < page.index('id="plot-sweep-gpus-figure"')
+
+
+def test_sweep_report_charts_against_rate_one_line_per_gpu_count(sim, tmp_path):
+    sweep = tmp_path / "sweep"
+    for gpus in (4, 8):
+        for rate in (2.0, 8.0):
+            point = sweep / f"gpus{gpus}-rate{rate:g}"
+            shutil.copytree(sim["out"], point)
+            doc = json.loads((point / "metrics.json").read_text())
+            doc["inputs"]["topology"]["gpus_per_node"] = gpus
+            doc["inputs"]["workload"] = {"kind": "serving", "rate": rate}
+            (point / "metrics.json").write_text(json.dumps(doc))
+    assert main(["report", str(sweep), "-o", str(tmp_path / "r.html"), "--no-scan"]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert _plot_ids(page)[:2] == ["plot-sweep-gpus", "plot-sweep-rate"]
+    names = [t["name"] for t in _traces(page, "plot-sweep-rate") if t.get("yaxis", "y") == "y"]
+    assert names == ["eplb, gpus 4", "eplb, gpus 8", "contiguous, gpus 4", "contiguous, gpus 8"]
+    for t in _traces(page, "plot-sweep-rate"):
+        assert list(_array(t["x"])) == [2.0, 8.0]
+
+
+def _array(v) -> np.ndarray:
+    """A trace's x or y: a list, or plotly >= 6's typed array."""
+    if isinstance(v, dict):
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+    return np.asarray(v, dtype=np.float64)

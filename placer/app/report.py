@@ -7,8 +7,11 @@ module adds, through that report's ``extra_sections`` hook, what placement files
 * the placements themselves (MoE layer x slot -> logical expert),
 * per-GPU load bars for every placement whose load is known (the simulator's ``gpu_load.csv``;
   for a placement file, :func:`placer.metrics.gpu_load` on a routing input when one is given),
-* one table of methods with every metric: each placement file's ``metrics`` flattened and
-  every simulator summary.
+* first, the methods (:mod:`placer.app.report_methods`): one row per method with the columns
+  that decide between placements, in units, and every metric behind a toggle (each placement
+  file's ``metrics`` flattened, without solver internals, and every simulator summary),
+* for a sweep directory, before them, each headline metric against GPU count and against rate
+  (:mod:`placer.app.report_sweep`).
 
 Placement files come from ``placements`` (paths), from the native placement JSONs found in the
 results directory (recognised by their keys, :data:`placer.io.placements.NATIVE_KEYS`), and
@@ -20,8 +23,11 @@ Element ids added to those of :mod:`placer.simulator.report` (``j``: 0-based ind
 placement file in report order):
 
 ======================  =========================================================================
-``report-methods``      ``<table>``: one column per method (simulated placement or placement
-                        file), one row per metric
+``report-headline``     ``<table>``: one row per method, the headline columns (first section)
+``report-methods``      ``<table>`` inside ``<details id="report-methods-details">``: one column
+                        per method (simulated placement or placement file), one row per metric
+``plot-sweep-gpus``     sweeps only: headline metrics against GPU count (``plot-sweep-rate``:
+                        against request rate); drawn when the axis has two values or more
 ``plot-gpu-bars``       bars per GPU: load / mean over GPUs (all MoE layers), and the worst
                         layer's load / that layer's mean; one bar group per placement with load
 ``plot-placement-{j}``  heatmap MoE layer x slot -> logical expert of the j-th placement file,
@@ -52,6 +58,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from placer.app.report_methods import LIST_MAX, flatten_metrics, method_columns, methods_section
+from placer.app.report_sweep import sweep_parts
 from placer.errors import InvalidInputError
 from placer.io.placements import NATIVE_KEYS, PlacementFile, read_placement_json
 from placer.io.routing import gather_routing
@@ -59,10 +67,6 @@ from placer.metrics import gpu_load
 from placer.simulator.report import plot_ids, render_report
 from placer.simulator.results import METRICS_FILE, SimResults, read_results, sha256_of
 from placer.types import RoutingStats, RoutingTrace
-
-LIST_MAX = 8
-"""Lists in a placement's ``metrics`` longer than this (per-layer arrays) are left out of the
-methods table; shorter ones are shown joined."""
 
 TEXT_CELLS_MAX = 2048
 """Placement heatmaps with at most this many cells print the expert id in each cell."""
@@ -214,115 +218,9 @@ def _figure_html(fig: Any, div_id: str, kind: str, label: str) -> str:
             f'data-placement="{_esc(label)}">{inner}</div>')
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        return f'<span title="{float(v)!r}">{float(v):.4g}</span>'
-    return _esc(v)
-
-
-def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
-    """Scalar leaves of ``metrics`` keyed by dotted path, and the keys of the lists left out.
-
-    Lists of at most :data:`LIST_MAX` scalars become one comma-joined string; longer lists
-    (per-layer arrays) are left out and their keys returned.
-    """
-    flat: dict[str, Any] = {}
-    skipped: list[str] = []
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            sub, sub_skipped = flatten_metrics(value, f"{name}.")
-            flat.update(sub)
-            skipped += sub_skipped
-        elif isinstance(value, list):
-            if len(value) <= LIST_MAX and all(not isinstance(x, (list, dict)) for x in value):
-                flat[name] = ", ".join(str(x) for x in value)
-            else:
-                skipped.append(name)
-        else:
-            flat[name] = value
-    return flat, skipped
-
-
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class _Column:
-    label: str
-    info: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    sim: dict[str, Any] = field(default_factory=dict)
-
-
-def _file_info(e: PlacementEntry) -> dict[str, Any]:
-    pf, pl = e.file, e.file.placement
-    return {"placement file": str(e.path), "method": pf.method, "status": pf.status,
-            "solve_seconds": pf.solve_seconds, "model": pf.model.name, "cluster": pf.topology.name,
-            "GPUs": pf.topology.num_gpus, "nodes": pf.topology.num_nodes,
-            "slots per GPU": pl.slots_per_gpu, "redundant slots": pl.num_redundant,
-            "dispatch": pf.dispatch}
-
-
-def methods_table(groups: list[tuple[str, SimResults, Path]], entries: Sequence[PlacementEntry],
-                  *, prefix: bool) -> str:
-    """``<table id="report-methods">``: one column per method, one row per metric."""
-    columns: list[_Column] = []
-    by_label: dict[str, _Column] = {}
-    for name, res, _ in groups:
-        topo = res.inputs.get("topology") or {}
-        model = res.inputs.get("model") or {}
-        for label in res.labels:
-            col = _Column(f"{name} / {label}" if prefix else label)
-            placed = res.inputs.get("placements", {}).get(label) or {}
-            col.info = {"results": name, "method": placed.get("method"),
-                        "model": model.get("name"), "cluster": topo.get("name"),
-                        "GPUs": (topo.get("num_nodes") or 0) * (topo.get("gpus_per_node") or 0)
-                        or None, "nodes": topo.get("num_nodes")}
-            col.sim = dict(res.summaries[label])
-            columns.append(col)
-            by_label[col.label] = col
-    skipped: set[str] = set()
-    for e in entries:
-        found = by_label.get(e.sim_label) if e.sim_label else None
-        col = found if found is not None else _Column(e.label)
-        if found is None:
-            columns.append(col)
-        col.info.update(_file_info(e))
-        col.metrics, skip = flatten_metrics(e.file.metrics)
-        skipped.update(skip)
-    info_keys = _keys(c.info for c in columns)
-    metric_keys = _keys(c.metrics for c in columns)
-    sim_keys = _keys(c.sim for c in columns)
-    rows = ([(k, [c.info.get(k) for c in columns]) for k in info_keys]
-            + [(f"metrics.{k}", [c.metrics.get(k) for c in columns]) for k in metric_keys]
-            + [(f"sim.{k}", [c.sim.get(k) for c in columns]) for k in sim_keys])
-    head = "".join(f'<th scope="col">{_esc(c.label)}</th>' for c in columns)
-    body = "".join(f'<tr><th scope="row">{_esc(k)}</th>'
-                   + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"
-                   for k, values in rows)
-    note = ("<p>metrics.*: the placement file's <code>metrics</code> (evaluated by "
-            "<code>placer solve</code>); sim.*: the simulator's summary.")
-    if skipped:
-        note += (" Per-layer arrays left out: " + ", ".join(f"<code>metrics.{_esc(k)}</code>"
-                                                           for k in sorted(skipped)) + ".")
-    return (f'<table class="sim-table" id="report-methods"><thead><tr><th>metric</th>{head}'
-            f"</tr></thead><tbody>{body}</tbody></table>{note}</p>")
-
-
-def _keys(dicts: Any) -> list[str]:
-    keys: list[str] = []
-    for d in dicts:
-        keys += [k for k in d if k not in keys]
-    return keys
-
 
 def _sim_loads(groups: list[tuple[str, SimResults, Path]], prefix: bool
                ) -> list[tuple[str, np.ndarray]]:
@@ -413,9 +311,11 @@ def placement_heatmap(entry: PlacementEntry) -> Any:
     return fig
 
 
-def report_plot_ids(num_sim_placements: int, num_placement_files: int) -> list[str]:
-    """Plot div ids of a :func:`render_full_report` page, in page order."""
-    return [*plot_ids(num_sim_placements), "plot-gpu-bars",
+def report_plot_ids(num_sim_placements: int, num_placement_files: int,
+                    sweep: Sequence[str] = ()) -> list[str]:
+    """Plot div ids of a :func:`render_full_report` page, in page order (``sweep``: the sweep
+    section's plot ids, first on the page)."""
+    return [*sweep, *plot_ids(num_sim_placements), "plot-gpu-bars",
             *(f"plot-placement-{j}" for j in range(num_placement_files))]
 
 
@@ -466,13 +366,24 @@ def render_full_report(results_dir: str | os.PathLike[str], output_html: str | o
     if not entries:
         heatmaps = ("<p>No placement files: give <code>--placement FILE</code> or put the "
                     "<code>placer solve -o</code> JSON in the results directory.</p>")
+    columns, skipped, internal = method_columns(groups, entries, prefix=prefix)
+    lead: list[tuple[str, Any]] = []
+    sweep_ids: list[str] = []
+    if prefix:
+        parts, sweep_ids = sweep_parts(groups)
+        lead.append(("Sweep: headline metrics against GPU count and rate", parts))
+    lead.append(("Methods", methods_section(columns, skipped=skipped, internal=internal)))
     extra = [
-        ("Methods: every metric", methods_table(groups, entries, prefix=prefix)),
         ("Per-GPU load", _figure_html(gpu_bars(loads), "plot-gpu-bars", "gpu-bars", "")),
         ("Placements (MoE layer x slot: logical expert)", heatmaps),
     ]
     render_report([(name, res) for name, res, _ in groups] if prefix else groups[0][1],
                   output_html, title=title or f"placer report: {results_dir}",
-                  extra_sections=extra)
+                  extra_sections=extra, lead_sections=lead)
     return ReportInfo(Path(output_html), sim_labels, entries,
-                      report_plot_ids(len(sim_labels), len(entries)))
+                      report_plot_ids(len(sim_labels), len(entries), sweep_ids))
+
+
+__all__ = ["LIST_MAX", "PlacementEntry", "ReportInfo", "attach_gpu_load", "collect_placements",
+           "flatten_metrics", "gpu_bars", "is_placement_json", "placement_files_in",
+           "placement_heatmap", "render_full_report", "report_plot_ids", "results_items"]

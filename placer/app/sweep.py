@@ -22,7 +22,6 @@ from placer.io.placements import read_placement_json
 from placer.io.routing import check_top1, gather_routing
 from placer.presets import DEFAULT_CLUSTER, get_model, make_topology
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
-from placer.simulator.report import render_report
 
 SWEEP_COLUMNS = ("point", "gpus", "rate", "placement", "throughput_tok_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
                  "e2e_p99_s", "iteration_p99_s", "a2a_p99_s", "straggler_share", "max_link_utilisation")
@@ -124,8 +123,11 @@ def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float],
     if nodes:
         table.attrs["ray_nodes"] = len(set(nodes))  # Ray nodes the points ran on
     atomic_write_text(os.path.join(output, "sweep.csv"), table.to_csv(index=False, lineterminator="\n"))
-    done = [(os.path.basename(out), out) for (g, r, out), res in zip(points, results, strict=True) if res]
-    render_report(done, os.path.join(output, "report.html"), title="placer simulate sweep")
+    # The sweep's charts, the methods and every point, read back from the point directories
+    # (imported here: the workers need no plotly).
+    from placer.app.report import render_full_report
+
+    render_full_report(output, os.path.join(output, "report.html"), title="placer simulate sweep")
     return table
 
 

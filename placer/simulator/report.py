@@ -9,15 +9,20 @@ Element ids (stable; ``i`` is the placement's 0-based index in report order, ``k
 section's 0-based index):
 
 =========================  ====================================================================
-``sim-summary``            ``<table>``: one column per placement, one row per summary metric
+``sim-summary``            ``<table>``: one column per placement, one row per summary metric that
+                           any placement has (values in units: :mod:`report_format`)
 ``plot-latency-cdf``       CDFs of TTFT, TPOT and end-to-end latency (``data-source="requests"``)
                            or, when no placement has requests, of the iteration time
-                           (``data-source="iterations"``); one curve per placement
+                           (``data-source="iterations"``); one curve per placement, a step per
+                           sample; ``note-short-run`` says when there are too few samples for
+                           the p99
 ``plot-layer-phases-{i}``  attention/dispatch/compute/combine mean seconds per MoE layer, stacked;
                            with two-batch overlap also a line of the all-to-all seconds hidden
                            under compute (``layers.a2a_hidden_s``)
 ``plot-gpu-load-{i}``      heatmap of token-expert pairs per iteration, MoE layer x GPU
-``plot-links-{i}``         heatmaps of bytes src x dst over the run, NVLink and RDMA side by side
+``plot-links-{i}``         heatmaps of bytes src x dst over the run, NVLink and RDMA side by side;
+                           a kind without traffic is not drawn, a note says why (``single node:
+                           no RDMA traffic``)
 ``sim-inputs``             ``<details>`` with the inputs of each results directory as JSON
 ``extra-{k}``              ``<section>`` of the k-th entry of ``extra_sections``
 =========================  ====================================================================
@@ -42,10 +47,14 @@ import numpy as np
 import pandas as pd
 
 from placer.io.atomic import atomic_write_text
+from placer.simulator.report_format import format_cell, is_missing
 from placer.simulator.results import SUMMARY_KEYS, TABLES, SimResults, read_results
 
 CDF_MAX_POINTS = 2000
 """Curves with more points are drawn through this many evenly spaced order statistics."""
+
+SHORT_RUN_SAMPLES = 100
+"""With fewer samples than this, a p99 is the largest sample: the report says so."""
 
 PHASES = (("attention_s", "attention", "#7f7f7f"), ("dispatch_s", "dispatch", "#1f77b4"),
           ("compute_s", "compute", "#2ca02c"), ("combine_s", "combine", "#ff7f0e"))
@@ -59,6 +68,11 @@ table.sim-table{border-collapse:collapse;font-size:.85rem;font-variant-numeric:t
 table.sim-table th,table.sim-table td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right}
 table.sim-table th:first-child,table.sim-table td:first-child{text-align:left}
 table.sim-table thead th{background:#f3f3f3}
+table.sim-table td,table.sim-table tbody th{white-space:nowrap}
+.table-scroll{max-width:100%;overflow-x:auto}
+.note{color:#555;font-size:.85rem}
+body{max-width:1400px;box-sizing:border-box}
+details>summary{cursor:pointer;margin:.5rem 0}
 pre{background:#f7f7f7;padding:.5rem;overflow:auto;font-size:.8rem}
 .sim-plot{margin:.5rem 0}
 """
@@ -77,11 +91,14 @@ class _Entry:
     label: str
     summary: dict[str, Any]
     rows: dict[str, pd.DataFrame]
+    num_nodes: int | None = None
+    """Nodes of the simulated cluster (``inputs.topology.num_nodes``), when recorded."""
 
 
 def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
                   output_html: str | os.PathLike[str], *, title: str | None = None,
-                  extra_sections: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None
+                  extra_sections: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None,
+                  lead_sections: Iterable[tuple[str, Any]] | Mapping[str, Any] | None = None
                   ) -> None:
     """Write one self-contained HTML report of ``results`` to ``output_html`` (atomically).
 
@@ -92,7 +109,9 @@ def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
 
     ``extra_sections`` (a list of ``(title, content)`` pairs or a mapping) are appended after
     the simulator sections; ``content`` is an HTML fragment (inserted as is: the caller vouches
-    for it), a DataFrame (rendered as an escaped table) or a plotly figure.
+    for it), a DataFrame (rendered as an escaped table), a plotly figure, or a list of those and
+    of ``(figure, plot id, kind)`` triples (drawn under that id). ``lead_sections``
+    (same form; ids ``lead-{k}``) come first, before the summary: what a reader looks for first.
     """
     import plotly.graph_objects as go  # deferred: plotly is needed only to render
 
@@ -101,8 +120,11 @@ def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
     figs = _Figures()
     title = title or "Simulation report"
     parts = [f"<h1>{_esc(title)}</h1>",
-             f"<p>{len(entries)} placement(s): {', '.join(_esc(e.label) for e in entries)}</p>",
-             '<section id="sec-summary"><h2>Summary</h2>', _summary_table(entries), "</section>",
+             f"<p>{len(entries)} placement(s): {', '.join(_esc(e.label) for e in entries)}</p>"]
+    for k, (sec_title, content) in enumerate(_extra_items(lead_sections)):
+        parts.append(f'<section class="lead-section" id="lead-{k}"><h2>{_esc(sec_title)}</h2>'
+                     f"{_extra_html(figs, content, f'lead-{k}')}</section>")
+    parts += ['<section id="sec-summary"><h2>Summary</h2>', _summary_table(entries), "</section>",
              '<section id="sec-latency"><h2>Latency CDFs</h2>', _latency(go, figs, entries),
              "</section>"]
     sections = (("layer-phases", "Per-layer phase times (mean seconds per iteration)", _phases),
@@ -112,6 +134,8 @@ def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
         parts.append(f'<section id="sec-{kind}"><h2>{_esc(heading)}</h2>')
         for i, entry in enumerate(entries):
             parts.append(f"<h3>{_esc(entry.label)}</h3>")
+            if kind == "links" and (note := _links_note(entry)):
+                parts.append(f'<p class="note" id="note-links-{i}">{_esc(note)}</p>')
             parts.append(figs.html(draw(go, entry), f"plot-{kind}-{i}", kind, entry.label))
         parts.append("</section>")
     inputs = "".join(f"<h3>{_esc(name)}</h3>" * (len(groups) > 1)
@@ -121,7 +145,7 @@ def render_report(results: str | os.PathLike[str] | SimResults | Sequence[Any],
                  f"<summary>inputs of the simulation</summary>{inputs}</details></section>")
     for k, (sec_title, content) in enumerate(_extra_items(extra_sections)):
         parts.append(f'<section class="extra-section" id="extra-{k}"><h2>{_esc(sec_title)}</h2>'
-                     f"{_extra_html(figs, content, k)}</section>")
+                     f"{_extra_html(figs, content, f'extra-{k}')}</section>")
     page = ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(parts) + "\n</body>\n</html>\n")
@@ -154,7 +178,8 @@ def _groups(results: Any) -> list[tuple[str, SimResults]]:
 def _entries(groups: list[tuple[str, SimResults]]) -> list[_Entry]:
     prefix = len(groups) > 1
     return [_Entry(f"{name} / {label}" if prefix else label, res.summaries[label],
-                   {table: res.rows(table, label) for table in TABLES})
+                   {table: res.rows(table, label) for table in TABLES},
+                   (res.inputs.get("topology") or {}).get("num_nodes"))
             for name, res in groups for label in res.labels]
 
 
@@ -164,13 +189,19 @@ def _extra_items(extra: Any) -> list[tuple[str, Any]]:
     return [(str(t), c) for t, c in (extra.items() if isinstance(extra, Mapping) else extra)]
 
 
-def _extra_html(figs: _Figures, content: Any, k: int) -> str:
+def _extra_html(figs: _Figures, content: Any, section_id: str) -> str:
+    """HTML of a section's content; a list is joined, and a ``(figure, plot id, kind)`` item in it
+    is drawn under that plot id (so a figure before the simulator's own ones carries plotly.js)."""
     if isinstance(content, str):
         return content
+    if isinstance(content, list):
+        return "".join(figs.html(item[0], item[1], item[2], "") if isinstance(item, tuple)
+                       else _extra_html(figs, item, section_id) for item in content)
     if isinstance(content, pd.DataFrame):
-        return content.to_html(classes="sim-table", border=0, escape=True, na_rep="–")
+        return ('<div class="table-scroll">'
+                + content.to_html(classes="sim-table", border=0, escape=True, na_rep="–") + "</div>")
     if hasattr(content, "to_plotly_json") and hasattr(content, "to_html"):
-        return figs.html(content, f"extra-{k}-plot", "extra", "")
+        return figs.html(content, f"{section_id}-plot", "extra", "")
     raise TypeError(f"extra section content of type {type(content).__name__} is not an HTML "
                     "string, DataFrame or plotly figure")
 
@@ -198,26 +229,28 @@ class _Figures:
                 f'data-placement="{_esc(label)}"{attrs}>{inner}</div>')
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return _esc(v if isinstance(v, str) else json.dumps(v))
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f'<span title="{v!r}">{v:.4g}</span>'
+_REQUEST_COUNTS = ("requests", "requests_finished")
 
 
 def _summary_table(entries: list[_Entry]) -> str:
+    """The summaries, one row per metric that any placement has; the others named below."""
     keys = list(SUMMARY_KEYS)
     for e in entries:
         keys += [k for k in e.summary if k not in keys]
+    replay = not any(e.summary.get("requests") for e in entries)
+    empty = [k for k in keys if all(is_missing(e.summary.get(k)) for e in entries)
+             or (replay and k in _REQUEST_COUNTS)]
     head = "".join(f'<th scope="col">{_esc(e.label)}</th>' for e in entries)
     body = "".join(f'<tr><th scope="row">{_esc(k)}</th>'
-                   + "".join(f"<td>{_fmt(e.summary.get(k))}</td>" for e in entries) + "</tr>"
-                   for k in keys)
-    return (f'<table class="sim-table" id="sim-summary"><thead><tr><th>metric</th>{head}</tr>'
-            f"</thead><tbody>{body}</tbody></table>")
+                   + "".join(f"<td>{format_cell(k, e.summary.get(k))}</td>" for e in entries)
+                   + "</tr>" for k in keys if k not in empty)
+    note = ""
+    if empty:
+        why = " (replay: no requests)" if replay else ""
+        note = (f'<p class="note" id="sim-summary-empty">No value for any placement{why}: '
+                + ", ".join(f"<code>{_esc(k)}</code>" for k in empty) + ".</p>")
+    return (f'<div class="table-scroll"><table class="sim-table" id="sim-summary"><thead><tr>'
+            f"<th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,17 +283,39 @@ def _latency(go: Any, figs: _Figures, entries: list[_Entry]) -> str:
         source = "iterations"
         metrics = (("duration_s", "Iteration time"),)
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[m[1] for m in metrics])
+    short: list[tuple[str, int]] = []
     for i, e in enumerate(entries):
         for col, (metric, _) in enumerate(metrics, start=1):
             x, y = _cdf(e.rows[source][metric])
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=_esc(e.label),
-                                     legendgroup=f"p{i}", showlegend=col == 1,
+            if col == 1 and x.size < SHORT_RUN_SAMPLES:
+                short.append((e.label, int(x.size)))
+            # An empirical CDF is a staircase: from 0 before the first sample to 1 at the last.
+            x, y = np.concatenate([x[:1], x]), np.concatenate([[0.0], y])
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if x.size <= 50 else "lines",
+                                     line_shape="hv", name=_esc(e.label), legendgroup=f"p{i}",
+                                     showlegend=col == 1, marker={"size": 5},
                                      line={"color": _PALETTE[i % len(_PALETTE)]}),
                           row=1, col=col)
     fig.update_xaxes(title_text="seconds")
     fig.update_yaxes(title_text="fraction", range=[0, 1.02], row=1, col=1)
     fig.update_layout(height=380, margin={"t": 40, "b": 40}, template="plotly_white")
-    return figs.html(fig, "plot-latency-cdf", "latency-cdf", "", source=source)
+    return figs.html(fig, "plot-latency-cdf", "latency-cdf", "", source=source) + _short_note(
+        short, "requests" if source == "requests" else "iterations")
+
+
+def _short_note(short: list[tuple[str, int]], what: str) -> str:
+    """A note naming the placements with too few samples for their percentiles."""
+    if not short:
+        return ""
+    counts = sorted({n for _, n in short})
+    if len(counts) == 1:
+        who = f"{', '.join(label for label, _ in short)}: {counts[0]} {what} each"
+    else:
+        who = "; ".join(f"{label}: {n}" for label, n in short)
+    return (f'<p class="note" id="note-short-run">Too short for its percentiles ({_esc(who)}): '
+            f"with fewer than {SHORT_RUN_SAMPLES} {what} the p99 (and with fewer than 10 the "
+            f"p90) is the largest sample, and each CDF is a staircase with one step per sample. "
+            f"Simulate more {what} for tail latencies.</p>")
 
 
 def _no_data(fig: Any, what: str) -> None:
@@ -314,28 +369,56 @@ def _gpu_load(go: Any, entry: _Entry) -> Any:
     return fig
 
 
+_LINK_KINDS = (("nvlink", "NVLink"), ("rdma", "RDMA"))
+
+
+def _link_kinds(entry: _Entry) -> list[str]:
+    """The link kinds that carried traffic in ``entry``'s run."""
+    links = entry.rows["links"]
+    return [kind for kind, _ in _LINK_KINDS
+            if float(links.loc[links["kind"] == kind, "bytes"].sum()) > 0]
+
+
+def _links_note(entry: _Entry) -> str:
+    """Why a link kind is not drawn ("" when both are)."""
+    kinds = _link_kinds(entry)
+    notes = []
+    if "rdma" not in kinds:
+        notes.append("single node: no RDMA traffic" if entry.num_nodes == 1 else "no RDMA traffic")
+    if "nvlink" not in kinds:
+        notes.append("no NVLink traffic (one GPU per node)" if entry.num_nodes and "rdma" in kinds
+                     else "no NVLink traffic")
+    return "; ".join(notes)
+
+
 def _links(go: Any, entry: _Entry) -> Any:
     from plotly.subplots import make_subplots  # deferred: plotly is needed only to render
 
     links = entry.rows["links"]
     ranks = sorted({*links["src"].tolist(), *links["dst"].tolist(),
                     *entry.rows["gpu_load"]["gpu"].tolist()})
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("NVLink bytes", "RDMA bytes"),
+    kinds = _link_kinds(entry)
+    if not kinds:
+        fig = go.Figure(go.Heatmap(z=[[0.0]], x=[0], y=[0], showscale=False, colorscale="Blues"))
+        _no_data(fig, "link traffic")
+        fig.update_layout(height=300, template="plotly_white", margin={"t": 40, "b": 40})
+        return fig
+    names = dict(_LINK_KINDS)
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[f"{names[k]} bytes" for k in kinds],
                         horizontal_spacing=0.16)
-    for col, kind in enumerate(("nvlink", "rdma"), start=1):
+    for col, kind in enumerate(kinds, start=1):
         part = links.loc[links["kind"] == kind]
         # Absent (src, dst) pairs carried no traffic: the layout lists only links with traffic.
         grid = (part.pivot(index="src", columns="dst", values="bytes")
                 .reindex(index=ranks, columns=ranks).fillna(0.0))
         fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=ranks, y=ranks, colorscale="Blues",
-                                 colorbar={"x": 0.42 if col == 1 else 1.0, "len": 0.9},
+                                 colorbar={"x": 0.42 if col < len(kinds) else 1.0, "len": 0.9,
+                                           "title": {"text": "bytes"}},
                                  hovertemplate="src %{y} -> dst %{x}: %{z:.4g} B<extra></extra>"),
                       row=1, col=col)
         fig.update_xaxes(title_text="dst GPU", type="category", row=1, col=col)
         fig.update_yaxes(title_text="src GPU" if col == 1 else None, type="category",
                          autorange="reversed", row=1, col=col)
-    if links.empty:
-        _no_data(fig, "link traffic")
     fig.update_layout(height=_heat_height(len(ranks)), template="plotly_white",
                       margin={"t": 40, "b": 40})
     return fig

@@ -108,3 +108,64 @@ def test_bad_results_directory_is_one_clear_error(tmp_path):
     with pytest.raises(InvalidInputError, match="results directory not found"):
         render_report(tmp_path / "missing", tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def _rows(page: str, table_id: str) -> dict[str, list[str]]:
+    table = page[page.index(f'id="{table_id}"'):]
+    table = table[: table.index("</table>")]
+    return {m.group(1): [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", m.group(2))]
+            for m in re.finditer(r'<tr><th scope="row">(.*?)</th>(.*?)</tr>', table)}
+
+
+def test_replay_summary_has_no_empty_rows_and_values_carry_units(tmp_path):
+    write_results(tmp_path / "replay", make_inputs(), make_runs(replay=True))
+    render_report(tmp_path / "replay", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    rows = _rows(page, "sim-summary")
+    assert all(set(cells) != {"–"} for cells in rows.values())
+    left_out = [f"{m}_p{q}_s" for m in ("ttft", "tpot", "e2e") for q in (50, 90, 99)]
+    left_out += ["output_tok_s", "requests", "requests_finished"]
+    assert not set(left_out) & set(rows) and len(rows) == len(SUMMARY_KEYS) - len(left_out)
+    note = page[page.index('id="sim-summary-empty"'):]
+    assert all(f"<code>{k}</code>" in note[: note.index("</p>")] for k in left_out)
+    # summary values 0, 1, 2 ... by key order, times the placement's scale (1 and 2)
+    index = {k: i for i, k in enumerate(SUMMARY_KEYS)}
+    assert rows["a2a_p99_s"] == [f"{index['a2a_p99_s']:.4g} s", f"{2 * index['a2a_p99_s']:.4g} s"]
+    assert rows["nvlink_bytes"][0] == f"{index['nvlink_bytes']:.4g} B"
+
+
+def test_three_iterations_are_too_short_for_their_percentiles(page, tmp_path):
+    assert 'id="note-short-run"' in page and "2 requests each" in page  # serving: 2 requests
+    write_results(tmp_path / "replay", make_inputs(), make_runs(replay=True))
+    render_report(tmp_path / "replay", tmp_path / "r.html")
+    replay = (tmp_path / "r.html").read_text()
+    note = replay[replay.index('id="note-short-run"'):]
+    assert "3 iterations each" in note[: note.index("</p>")]
+
+
+def test_links_without_rdma_traffic_say_so_instead_of_a_blank_heatmap(tmp_path):
+    runs = make_runs()
+    for run in runs:
+        links = run.tables["links"]
+        run.tables["links"] = links[links["kind"] == "nvlink"].reset_index(drop=True)
+    inputs = make_inputs()
+    inputs["topology"] = {"num_nodes": 1, "gpus_per_node": 4}
+    write_results(tmp_path / "one-node", inputs, runs)
+    render_report(tmp_path / "one-node", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert '<p class="note" id="note-links-0">single node: no RDMA traffic</p>' in page
+    call = page[page.index('id="plot-links-0-figure"'):]
+    call = call[: call.index("</script>")]
+    assert "NVLink bytes" in call and "RDMA bytes" not in call
+
+
+def test_lead_sections_come_before_the_summary(results_dir, tmp_path):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    render_report(results_dir, tmp_path / "r.html",
+                  lead_sections=[("First", ['<p id="lead-note">n</p>', (fig, "plot-first", "first")])])
+    page = (tmp_path / "r.html").read_text()
+    assert page.index('id="lead-0"') < page.index('id="lead-note"') < page.index('id="sim-summary"')
+    assert _plot_div_ids(page) == ["plot-first", *plot_ids(2)]
+    assert len(BUNDLE.findall(page)) == 1 and page.index("plotly.js v") < page.index('id="plot-first-figure"')
