@@ -6,7 +6,9 @@ backslash) runs in ``bash`` in one working directory per block, in order, and it
 the next command. In the expected text a line ``...`` stands for any number of lines, and text
 after two spaces and ``(`` at the end of a line is a note to the reader, not output. Before
 comparing, both sides are masked (:func:`mask`): durations, rates, temporary paths, and the
-columns of tables headed ``solve s`` / ``solve_s``.
+columns of tables headed ``solve s`` / ``solve_s``. Progress lines (stderr, piped: one every few
+seconds of a long run, :mod:`placer.cli.progress`) are dropped: a terminal shows a bar there
+that clears when the command ends.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def sessions(text: str) -> list[Session]:
 
 _NOTE = re.compile(r"\s{2,}\([^()]*\)\s*$")
 _DURATION = re.compile(r"\b\d+(\.\d+)?( ?(s|ms|us|min))\b")
+_PROGRESS = re.compile(r"^placer [a-z][a-z -]*: .*\b\d+ s elapsed(, about \d+ s left)?$")
 _RATE = re.compile(r"\(?[\d,]+(\.\d+)? (tokens/s|tok/s)\)?")
 
 
@@ -97,10 +100,10 @@ def _mask_columns(lines: list[str]) -> list[str]:
 
 
 def mask(lines: list[str], workdir: str | None = None) -> list[str]:
-    """Durations, rates, the working directory and solve-time columns masked; trailing space and
-    readers' notes dropped."""
+    """Durations, rates, the working directory and solve-time columns masked; trailing space,
+    readers' notes and progress lines dropped."""
     out = []
-    for line in _mask_columns(lines):
+    for line in _mask_columns([x for x in lines if not _PROGRESS.match(x)]):
         if workdir:
             line = line.replace(workdir + "/", "").replace(workdir, ".")
         line = _NOTE.sub("", line)

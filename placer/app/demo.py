@@ -68,7 +68,8 @@ def _embedded_available() -> bool:
     return embedded.WEIGHTS_FILE.exists() and embedded.CONFIG_FILE.exists()
 
 
-def _profiled(output: str, max_prompts: int, say: Callable[[str], None]) -> tuple[RoutingTrace, RoutingTrace, str]:
+def _profiled(output: str, max_prompts: int, say: Callable[[str], None],
+              stage: Callable[[str], None]) -> tuple[RoutingTrace, RoutingTrace, str]:
     """Profile the embedded model on two halves of its held-out prompts; returns (fit, holdout)."""
     prompts = embedded.heldout_prompts(max_bytes=255, limit=max_prompts)
     if len(prompts) < 2:
@@ -77,6 +78,7 @@ def _profiled(output: str, max_prompts: int, say: Callable[[str], None]) -> tupl
     halves = {"fit": prompts[0::2], "holdout": prompts[1::2]}
     traces = {}
     for name, texts in halves.items():
+        stage(f"profiling the {name} half")
         path = os.path.join(output, f"prompts-{name}.jsonl")
         atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
         out = profile_hf(None, path, output=os.path.join(output, f"{name}-stats.npz"),
@@ -131,14 +133,31 @@ def simulation_model(model: ModelSpec) -> ModelSpec:
 
 
 def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: int = 96,
-             time_limit_s: float = 10.0, progress: Callable[[str], None] | None = None) -> DemoOutcome:
-    """Run the demo into ``output`` (created); see the module docstring."""
+             time_limit_s: float = 10.0, progress: Callable[[str], None] | None = None,
+             on_stage: Callable[[int, int, str], None] | None = None) -> DemoOutcome:
+    """Run the demo into ``output`` (created); see the module docstring.
+
+    ``progress(line)`` is told each stage's result; ``on_stage(done, total, next)`` each stage
+    as it starts (profiling each half, each method's solve, the simulation, the files), and
+    ``(total, total, "done")`` at the end.
+    """
     say = progress or (lambda message: None)
     start = time.perf_counter()
     os.makedirs(output, exist_ok=True)
     if not synthetic and not _embedded_available():
         synthetic = True
-    fit, held, routing_kind = _synthetic(output, say) if synthetic else _profiled(output, max_prompts, say)
+    total = (1 if synthetic else 2) + len(DEMO_METHODS) + 2
+    started = 0
+
+    def stage(name: str) -> None:
+        nonlocal started
+        if on_stage is not None:
+            on_stage(started, total, name)
+        started += 1
+
+    if synthetic:
+        stage("synthesizing the traces")
+    fit, held, routing_kind = _synthetic(output, say) if synthetic else _profiled(output, max_prompts, say, stage)
     model = fit.model
     if model is None:
         raise PlacerError("the profiled trace carries no model description")
@@ -149,6 +168,7 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
     rows: list[dict[str, Any]] = []
     candidates: list[Candidate] = []
     for method in DEMO_METHODS:
+        stage(f"solving {method}")
         result = solve(problem, method, seed=0, time_limit_s=time_limit_s if method in ("exact", "placer") else None)
         assert result.placement is not None  # a posed problem is feasible (PlacementProblem checks it)
         metrics = {k: v for k, v in evaluate(result.placement, topology, model, held).items() if k != "per_layer"}
@@ -162,6 +182,7 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
                      "holdout_cc_cross_gpu": metrics.get("frac_top1_transitions_cross_gpu")})
         candidates.append(Candidate(method, result.placement, path, method))
         say(f"solved {method}: {result.status} in {result.wall_time_s:.2f} s")
+    stage("simulating")
     sim_model = simulation_model(model)
     sim_dir = os.path.join(output, "sim")
     held_sim = RoutingTrace(held.expert_ids, held.num_experts, held.order, held.gate_weights, held.request_ids,
@@ -178,12 +199,15 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
         row["sim_step_p50_ms"] = None if s["iteration_p50_s"] is None else round(s["iteration_p50_s"] * 1e3, 4)
         row["sim_a2a_p99_us"] = None if s["a2a_p99_s"] is None else round(s["a2a_p99_s"] * 1e6, 2)
     best = min(rows, key=lambda r: (r["sim_step_p50_ms"] or float("inf"), r["holdout_load_max_mean"] or 0.0))
+    stage("writing the SGLang file and the report")
     sglang = os.path.join(output, "sglang.json")
     best_placement = next(c.placement for c in candidates if c.label == best["method"])
     flags, note = _sglang_export(best_placement, model, topology, sglang, say)
     report = os.path.join(output, "report.html")
     render_full_report(sim_dir, report, placements=[c.path for c in candidates if c.path],
                        routing_inputs=[], title=f"placer demo: {routing_kind}")
+    if on_stage is not None:
+        on_stage(total, total, "done")
     return DemoOutcome(output=output, report=report, sglang=sglang, sglang_flags=list(flags), sglang_note=note,
                        best=best["method"], routing=routing_kind,
                        rows=rows, seconds=time.perf_counter() - start)

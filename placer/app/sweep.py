@@ -7,7 +7,8 @@ own results directory under the sweep directory, and ``sweep.csv`` collects the 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,23 +84,30 @@ def run_point(spec: SweepSpec, gpus: int | None, rate: float, output: str) -> li
              "placement": r.label, **{k: r.summary.get(k) for k in SWEEP_COLUMNS[4:]}} for r in runs]
 
 
-def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]],
-             address: str) -> tuple[list[list[dict]], list[str]]:
+def _ray_run(spec: SweepSpec, points: list[tuple[int | None, float, str]], address: str,
+             tick: Callable[[], None]) -> tuple[list[list[dict]], list[str]]:
     """Every point as one Ray task (one CPU), spread over the cluster's nodes; each writes its
     folder where it runs, so ``output`` must be a path every node shares (one machine, or a
     shared file system)."""
     ray = ray_init(address, "a simulation sweep on Ray (--ray-address)", include_dashboard=False, log_to_driver=False,
                    configure_logging=False)
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(call_on_node)
-    done = ray.get([task.remote(run_point, spec, g, r, os.path.abspath(out)) for g, r, out in points])
+    refs = [task.remote(run_point, spec, g, r, os.path.abspath(out)) for g, r, out in points]
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        tick()
+    done = ray.get(refs)
     return [rows for _, rows in done], [node for node, _ in done]
 
 
 def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float], *, output: str,
-              workers: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
+              workers: int | None = None, ray_address: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """Run every (GPU count, rate) point; write ``output/<point>/`` and ``output/sweep.csv``.
 
     On Ray (``ray_address``) the table's ``attrs["ray_nodes"]`` counts the nodes the points ran on.
+    ``progress(done, total)`` is called as each point finishes (in any order).
     """
     serving = isinstance(spec.workload, ServingWorkload)
     if not serving:
@@ -107,14 +115,28 @@ def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float],
     points = [(g, r, os.path.join(output, point_name(g, r if serving else None)))
               for g in gpu_counts for r in rates]
     os.makedirs(output, exist_ok=True)
+    finished = 0
+
+    def tick() -> None:
+        nonlocal finished
+        finished += 1
+        if progress is not None:
+            progress(finished, len(points))
+
     nodes: list[str] = []
     if ray_address is not None:
-        results, nodes = _ray_run(spec, points, ray_address)
+        results, nodes = _ray_run(spec, points, ray_address, tick)
     elif (workers or 1) == 1 or len(points) == 1:
-        results = [run_point(spec, g, r, out) for g, r, out in points]
+        results = []
+        for g, r, out in points:
+            results.append(run_point(spec, g, r, out))
+            tick()
     else:
         with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(points))) as pool:
-            results = list(pool.map(run_point, [spec] * len(points), *zip(*points, strict=True)))
+            futures = [pool.submit(run_point, spec, g, r, out) for g, r, out in points]
+            for _ in as_completed(futures):
+                tick()
+            results = [f.result() for f in futures]
     rows = [row for point_rows in results for row in point_rows]
     if not rows:
         raise InvalidInputError("no grid point has a placement: placement files fit only their own GPU count; "
@@ -125,7 +147,7 @@ def run_sweep(spec: SweepSpec, gpu_counts: list[int | None], rates: list[float],
     atomic_write_text(os.path.join(output, "sweep.csv"), table.to_csv(index=False, lineterminator="\n"))
     # The sweep's charts, the methods and every point, read back from the point directories
     # (imported here: the workers need no plotly).
-    from placer.app.report import render_full_report
+    from placer.app.report import render_full_report  # deferred: the workers need no plotly
 
     render_full_report(output, os.path.join(output, "report.html"), title="placer simulate sweep")
     return table

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import statistics
-import sys
 
 import click
 
-from placer.cli.options import CONTEXT, FiniteFloat
+from placer.cli.options import CONTEXT, FiniteFloat, echo_json
+from placer.cli.progress import Progress, quiet_option
 from placer.errors import InvalidInputError
 from placer.presets import get_model, make_topology
 
@@ -37,8 +37,11 @@ from placer.presets import get_model, make_topology
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the placement that runs afterwards (the relabelled target) to this file.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the deployment, the plan, each layer's move, the serving times and the checks as JSON.")
+@quiet_option
 def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, max_experts_per_round,
-          timeout_s, ray_address, seed, output):
+          timeout_s, ray_address, seed, output, as_json, quiet):
     """Apply a placement live to a running deployment, verifying every output on the way.
 
     Starts one Ray actor per rank holding real SwiGLU expert weights, serves batches, plans the move
@@ -50,7 +53,7 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
     Example:
         placer solve stats.npz --gpus 4 --redundant 4 -o new.json
         placer apply --placement new.json --deployment local --ranks 4
-        placer apply --placement new.json --from old.json --ranks 4 --model embedded
+        placer apply --placement new.json --from old.json --ranks 4 --model embedded --json
     """
     from placer.io.atomic import check_writable  # deferred: keeps numba off placer --help
     from placer.io.placements import (  # deferred: keeps numba off placer --help
@@ -83,16 +86,22 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
     else:
         old = contiguous_placement(new_f.placement)
     spec, note = resolve_model(new_f.model, model)
-    outcome = apply_live(new_f.placement, old, spec, new_f.topology, dispatch=new_f.dispatch, ranks=ranks,
-                         tokens=tokens, warmup=warmup, after=warmup, seed=seed, timeout_s=timeout_s,
-                         max_experts_per_round=max_experts_per_round, ray_address=ray_address,
-                         progress=(lambda m: click.echo(f"... {m}", err=True)) if sys.stderr.isatty() else None)
-    _print(outcome, note, ranks)
+    with Progress("apply", unit="rounds", quiet=quiet) as bar:  # the migration's rounds once planned
+        outcome = apply_live(new_f.placement, old, spec, new_f.topology, dispatch=new_f.dispatch, ranks=ranks,
+                             tokens=tokens, warmup=warmup, after=warmup, seed=seed, timeout_s=timeout_s,
+                             max_experts_per_round=max_experts_per_round, ray_address=ray_address,
+                             progress=lambda message: bar.update(note=message),
+                             on_round=lambda done, total: bar.update(done, total=total))
     if output:
         write_placement_json(output, outcome.final, model=new_f.model, topology=new_f.topology,
                              dispatch=new_f.dispatch, method=new_f.method, status=new_f.status,
                              solve_seconds=new_f.solve_seconds, metrics=new_f.metrics)
-        click.echo(f"wrote the placement now running to {output}")
+    if as_json:
+        echo_json({**summary(outcome, note, ranks), "output": output})
+    else:
+        _print(outcome, note, ranks)
+        if output:
+            click.echo(f"wrote the placement now running to {output}")
     if outcome.verified != outcome.batches or outcome.weight_mismatches:
         raise click.ClickException(f"{outcome.batches - outcome.verified} of {outcome.batches} outputs differ "
                                    f"from the reference; {len(outcome.weight_mismatches)} slots hold wrong weights")
@@ -112,6 +121,33 @@ def _where(rank_nodes: list[str]) -> str:
 def _span(ranks: list[int]) -> str:
     contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
     return f"{ranks[0]}-{ranks[-1]}" if contiguous and len(ranks) > 1 else ",".join(map(str, ranks))
+
+
+def summary(o, note: str, ranks: int) -> dict:
+    """What ``apply`` prints, as one JSON-ready dict (bytes, seconds; ``ok``: every check passed)."""
+    p, r = o.plan, o.report
+    nbytes = p.layer_bytes()
+    steps = list(r.step_s)
+    return {
+        "deployment": {"ranks": ranks, "backend": "nccl" if o.device == "cuda" else "gloo", "device": o.device,
+                       "start_s": float(o.start_s), "rank_nodes": list(o.rank_nodes),
+                       "final_rank_nodes": list(o.final_rank_nodes)},
+        "model": {"note": note, "moe_layers": o.model.num_moe_layers, "experts": o.model.num_experts,
+                  "top_k": o.model.top_k, "hidden": o.model.hidden_size, "expert_ffn": o.model.expert_ffn_size,
+                  "expert_bytes": int(o.model.expert_weight_bytes), "slots_per_layer": p.new.num_slots},
+        "plan": {**{k: float(v) for k, v in p.summary().items()}, "transfers": len(p.transfers),
+                 "rounds": p.num_rounds, "local_copies": len(p.local_copies), "staging_bytes": int(p.staging_bytes)},
+        "layers": [{"layer": layer, "transfers": int((p.transfers.layer == layer).sum()),
+                    "bytes": float(nbytes[layer]), "commit_step": int(r.commit_step[layer]),
+                    "pause_s": float(r.pause_s[layer])} for layer in range(p.new.num_layers)],
+        "served": {"batches": o.batches, "before": len(o.before_s), "during": r.batches, "after": len(o.after_s),
+                   "step_median_before_s": statistics.median(o.before_s) if o.before_s else None,
+                   "step_median_during_s": statistics.median(steps) if steps else None,
+                   "step_max_during_s": max(steps, default=None)},
+        "recoveries": len(r.recoveries),
+        "verified": int(o.verified), "max_abs_err": float(o.max_abs_err), "weight_mismatches": len(o.weight_mismatches),
+        "ok": o.verified == o.batches and not o.weight_mismatches,
+    }
 
 
 def _print(o, note: str, ranks: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 
 import click
@@ -140,6 +141,12 @@ def parse_exports(exports: tuple[str, ...], flag: str = "--export") -> list[tupl
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def echo_json_line(obj) -> None:
+    """One event of a stream as one JSON line (flushed: a reader may be waiting for it)."""
+    click.echo(json.dumps(obj, sort_keys=False))
+    sys.stdout.flush()
 
 
 

@@ -3,11 +3,10 @@ serving stacks' files."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from placer._clock import process_start_time
+from placer._progress import reporting
 from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
@@ -24,6 +23,7 @@ from placer.cli.options import (
     routing_options,
     stack_option,
 )
+from placer.cli.progress import Progress, quiet_option
 from placer.errors import InvalidInputError
 from placer.stacks import STACKS, resolve_dispatch
 
@@ -71,7 +71,7 @@ from placer.stacks import STACKS, resolve_dispatch
 @click.option("--export", "exports", multiple=True, metavar="FMT=PATH",
               help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress lines (shown only on a terminal).")
+@quiet_option
 def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack, redundant, groups,
           method, objective, weights, backend, time_limit_s, num_workers, ray_address, load_cap, show_frontier,
           holdout, current, horizon_s, seed, output, exports, as_json, quiet):
@@ -89,7 +89,6 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
     from placer.app.workflow import solve_placement  # deferred: keeps numba off placer --help
     from placer.metrics import format_comparison  # deferred: keeps metrics (8 ms) off placer --help
 
-    show = not quiet and not as_json and sys.stderr.isatty()
     if (load_cap is not None or show_frontier) and method != "exact":
         raise InvalidInputError(f"{'--load-cap' if load_cap is not None else '--frontier'} needs --method exact "
                                 f"(got --method {method})", source="--method")
@@ -99,17 +98,19 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
     if show_frontier:
         problem_weights["frontier"] = 1.0
 
-    def progress(message: str) -> None:
-        if show:
-            click.echo(f"... {message}", err=True)
-
-    outcome = solve_placement(
-        inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node),
-        dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant, groups=groups,
-        method=method, seed=seed, time_limit_s=time_limit_s, objective=objective, weights=problem_weights,
-        backend=backend, ray_address=ray_address, num_workers=num_workers, holdout=holdout, output=output,
-        exports=parse_exports(exports), progress=progress, started_at=process_start_time(), current=current,
-        horizon_s=horizon_s)
+    started = process_start_time()
+    # The phases (reading, solving, the layers searched, scoring) with the time elapsed, against
+    # --time-limit when given.
+    with Progress("solve", total=time_limit_s, unit="s", clock=True, start=started, quiet=quiet) as bar, \
+            reporting(lambda what, done, total: bar.update(note=f"{what} {done}/{total} layers")):
+        outcome = solve_placement(
+            inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node),
+            dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant,
+            groups=groups, method=method, seed=seed, time_limit_s=time_limit_s, objective=objective,
+            weights=problem_weights, backend=backend, ray_address=ray_address, num_workers=num_workers,
+            holdout=holdout, output=output, exports=parse_exports(exports),
+            progress=lambda message: bar.update(note=message), started_at=started, current=current,
+            horizon_s=horizon_s)
     r = outcome.result
     curve = frontier_of(r.terms)
     terms = {k: v for k, v in r.terms.items() if not k.startswith("frontier_")}

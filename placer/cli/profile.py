@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from placer.cli.options import CONTEXT, FiniteFloat
+from placer.cli.options import CONTEXT, FiniteFloat, echo_json
+from placer.cli.progress import Progress, quiet_option
 from placer.errors import InvalidInputError
 from placer.presets import MODELS
 from placer.profiling.summary import summarize
 
 
-def _summary_line(outcome) -> str:
+def _figures(outcome) -> dict:
+    """The summary figures of a profile: tokens, shape, median load max/mean, affinity, phases."""
     s = summarize(outcome.stats["all"])
     m = outcome.model
-    line = (f"{m.name}: {outcome.tokens:,} tokens, {m.num_moe_layers} MoE layers, E={m.num_experts}, "
-            f"top_k={m.top_k}; load max/mean median {s['median']['max_over_mean']:.3f}")
-    if "mean" in s:
-        line += (f"; next-layer top-1 in top-2 successors {s['mean']['affinity']:.3f} vs "
-                 f"{s['mean']['marginal']:.3f} marginal")
-    phases = [p for p in outcome.stats if p != "all"]
-    if phases:
-        line += "; phases " + ", ".join(f"{p} {outcome.stats[p].num_tokens:,}" for p in phases)
+    return {"model": m.name, "tokens": int(outcome.tokens), "moe_layers": m.num_moe_layers,
+            "experts": m.num_experts, "top_k": m.top_k, "load_max_over_mean_median": float(s["median"]["max_over_mean"]),
+            "affinity_top2_mean": float(s["mean"]["affinity"]) if "mean" in s else None,
+            "marginal_top2_mean": float(s["mean"]["marginal"]) if "mean" in s else None,
+            "phases": {p: int(outcome.stats[p].num_tokens) for p in outcome.stats if p != "all"}}
+
+
+def _summary_line(f: dict) -> str:
+    line = (f"{f['model']}: {f['tokens']:,} tokens, {f['moe_layers']} MoE layers, E={f['experts']}, "
+            f"top_k={f['top_k']}; load max/mean median {f['load_max_over_mean_median']:.3f}")
+    if f["affinity_top2_mean"] is not None:
+        line += (f"; next-layer top-1 in top-2 successors {f['affinity_top2_mean']:.3f} vs "
+                 f"{f['marginal_top2_mean']:.3f} marginal")
+    if f["phases"]:
+        line += "; phases " + ", ".join(f"{p} {n:,}" for p, n in f["phases"].items())
     return line
 
 
@@ -60,9 +67,11 @@ def _summary_line(outcome) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics to write (.npz).")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="Also write the raw per-token trace (.parquet, chunked).")
-@click.option("--quiet", is_flag=True, help="No progress display (shown only on a terminal).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary figures, the source, the rate and the files written as JSON.")
+@quiet_option
 def profile(hf_model, model, prompts, batch_size, max_length, max_new_tokens, max_prompts, sglang_url, duration,
-            dump_dir, r3, sglang_r3, placement, seed, output, trace, quiet):
+            dump_dir, r3, sglang_r3, placement, seed, output, trace, as_json, quiet):
     """Capture routing from a running model into statistics that stats and solve read directly.
 
     \b
@@ -71,12 +80,11 @@ def profile(hf_model, model, prompts, batch_size, max_length, max_new_tokens, ma
         placer profile --hf-model mixtral --prompts p.jsonl --max-new-tokens 16 -o s.npz --trace t.parquet
         placer profile --sglang http://localhost:30000 --duration 60 --dump-dir /tmp -o s.npz
         placer profile --vllm-r3 outputs.jsonl --model qwen3-30b-a3b -o s.npz
-        placer profile --sglang-r3 outputs.jsonl --placement p.json -o s.npz
+        placer profile --sglang-r3 outputs.jsonl --placement p.json -o s.npz --json
         placer solve stats.npz --gpus 4 -o p.json
     """
     from placer.profiling import profile as lib  # deferred: keeps numba off placer --help
 
-    show = not quiet and sys.stderr.isatty()
     if model is not None:
         if model.lower() not in MODELS:
             raise InvalidInputError(f"{model!r} is not a model preset ({', '.join(MODELS)}); a checkpoint "
@@ -100,16 +108,27 @@ def profile(hf_model, model, prompts, batch_size, max_length, max_new_tokens, ma
     if sglang_url:
         if dump_dir is None:
             raise InvalidInputError("--sglang needs --dump-dir (the server's recorder directory)", source="--dump-dir")
-        outcome = lib.profile_sglang(sglang_url, duration, dump_dir, model=shape, seed=seed, output=output,
-                                     progress=(lambda m: click.echo(f"... {m}", err=True)) if show else None)
+        with Progress("profile", total=duration, unit="s", clock=True, ticker=True, quiet=quiet) as bar:
+            outcome = lib.profile_sglang(sglang_url, duration, dump_dir, model=shape, seed=seed, output=output,
+                                         progress=lambda message: bar.update(note=message))
     elif r3:
-        outcome = lib.profile_r3(r3, model=shape, placement=placement, seed=seed, output=output, stack=r3_stack)
+        with Progress("profile", unit="s", clock=True, ticker=True, quiet=quiet) as bar:
+            bar.update(note=f"importing {r3}")
+            outcome = lib.profile_r3(r3, model=shape, placement=placement, seed=seed, output=output, stack=r3_stack)
     else:
-        outcome = lib.profile_hf(hf_model, prompts, batch_size=batch_size, max_length=max_length,
-                                 max_new_tokens=max_new_tokens, max_prompts=max_prompts, seed=seed,
-                                 output=output, trace=trace, progress=show)
-    click.echo(_summary_line(outcome))
-    rate = f" ({outcome.tokens_per_second:,.0f} tok/s)" if not (sglang_url or r3) else ""
+        with Progress("profile", unit="prompts", quiet=quiet) as bar:
+            outcome = lib.profile_hf(
+                hf_model, prompts, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                max_prompts=max_prompts, seed=seed, output=output, trace=trace,
+                progress=lambda done, total, tokens: bar.update(done, total=total, note=f"{tokens:,} tokens"))
+    figures = _figures(outcome)
     verb = "imported" if r3 else "profiled"  # an R3 file is read, not recorded
-    click.echo(f"{verb} {outcome.source} in {outcome.seconds:.1f} s{rate}; wrote {output}"
+    rate = outcome.tokens_per_second if not (sglang_url or r3) else None
+    if as_json:
+        echo_json({**figures, "source": outcome.source, "action": verb, "seconds": float(outcome.seconds),
+                   "tokens_per_second": None if rate is None else float(rate), "output": output, "trace": trace})
+        return
+    click.echo(_summary_line(figures))
+    shown = f" ({rate:,.0f} tok/s)" if rate is not None else ""
+    click.echo(f"{verb} {outcome.source} in {outcome.seconds:.1f} s{shown}; wrote {output}"
                + (f" and {trace}" if trace else ""))

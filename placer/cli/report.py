@@ -6,7 +6,7 @@ import os
 
 import click
 
-from placer.cli.options import CONTEXT
+from placer.cli.options import CONTEXT, echo_json
 
 
 @click.command(context_settings=CONTEXT)
@@ -22,7 +22,9 @@ from placer.cli.options import CONTEXT
 @click.option("--title", default=None, help="Page title.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default: RESULTS_DIR/report.html).")
-def report(results_dir, placements, routing_inputs, no_scan, title, output):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the file written, the simulated placements, the placement files and the plot count as JSON.")
+def report(results_dir, placements, routing_inputs, no_scan, title, output, as_json):
     """One self-contained HTML report (opens offline) of simulator results and placement files.
 
     RESULTS_DIR is a `placer simulate run -o` directory or a `placer simulate sweep -o`
@@ -35,7 +37,7 @@ def report(results_dir, placements, routing_inputs, no_scan, title, output):
         placer simulate run trace.npz --placement p.json --method contiguous -o sim/
         placer solve trace.npz --gpus 4 --method eplb -o sim/eplb.json
         placer report sim/ -o report.html
-        placer report sim/ --placement other.json --routing trace.npz -o report.html
+        placer report sim/ --placement other.json --routing trace.npz -o report.html --json
     """
     from placer.app.report import render_full_report  # deferred: keeps pandas off placer --help
 
@@ -43,5 +45,11 @@ def report(results_dir, placements, routing_inputs, no_scan, title, output):
         output = os.path.join(results_dir, "report.html")
     info = render_full_report(results_dir, output, placements=placements,
                               routing_inputs=routing_inputs, scan=not no_scan, title=title)
+    if as_json:
+        echo_json({"output": str(info.output), "simulated": list(info.sim_labels),
+                   "placements": [{"label": e.label, "path": str(e.path), "simulated_as": e.sim_label}
+                                  for e in info.placements],
+                   "plots": len(info.plot_ids)})
+        return
     click.echo(f"wrote {info.output}: {len(info.sim_labels)} simulated placement(s), "
                f"{len(info.placements)} placement file(s), {len(info.plot_ids)} plots")

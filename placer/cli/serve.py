@@ -13,6 +13,7 @@ from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
     cluster_options,
+    echo_json_line,
     model_option,
     parse_exports,
     placement_stack,
@@ -74,20 +75,27 @@ from placer.types import DISPATCH_RULES
               help="Run the re-solves on this Ray cluster (host:port, or auto; default RAY_ADDRESS when set): "
                    "placer's layer subproblems spread over its nodes, any other method runs as one task there.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
+@click.option("--quiet", is_flag=True,
+              help="Log only warnings and errors on stderr (not each observation, re-solve and decision).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the service's events on stdout as JSON lines (listening, stopped) instead of text; "
+                   "decisions stay in the log and in GET /status.")
 def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, token, state_path, output, exports,
           initial, method, redundant, dispatch, stack, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
-          time_limit_s, seed, movement_aware, ray_address, verbose):
+          time_limit_s, seed, movement_aware, ray_address, verbose, quiet, as_json):
     """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
 
     Load arrives by POST /stats ({"load": [[...]]}, MoE layers x experts) and as files in
     --watch. The service keeps a decayed window, re-solves with --method in the background and
     publishes (--output, GET /placement?format=placer|sglang) only when the simulated
     step-time gain minus the migration time over --horizon exceeds --threshold. GET /metrics
-    (Prometheus), GET /healthz, GET /status. Stop it with Ctrl-C or SIGTERM.
+    (Prometheus), GET /healthz, GET /status. Stop it with Ctrl-C or SIGTERM. Each re-solve and
+    its decision is logged on stderr (--quiet: warnings only).
 
     \b
     Example:
         placer serve --model mixtral-8x7b --gpus 8 --watch /tmp/dumps --state s.json -o p.json
+        placer serve --model mixtral-8x7b --gpus 8 --port 0 --json --quiet
         curl -X POST localhost:8000/stats -d '{"load": [[...], ...]}'
         curl 'localhost:8000/placement?format=sglang'
     """
@@ -131,7 +139,10 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
                          watch_dir=watch_dir, state_path=state_path, output_path=output,
                          exports=export_list, initial=init, initial_source=initial or "",
                          host=host, port=port, token=token or None, stack=target)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    if verbose and quiet:
+        raise click.UsageError("give --verbose or --quiet, not both")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        stream=sys.stderr,
                         format="%(asctime)s placer serve: %(levelname)s %(message)s")
     if ray_address is not None:  # joined here, in the main thread, before the port is bound
         from placer._ray import init as ray_init  # deferred: ray is an optional extra
@@ -144,11 +155,17 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     bound_host, bound_port = service.start()
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    click.echo(f"placer serve: listening on http://{shown}:{bound_port} ({spec.name}, {topology.num_gpus} GPUs, "
-               f"method {method}, dispatch {policy.dispatch}"
-               + (f" of {target.label}" if target is not None else "") + f", threshold {threshold}"
-               + (f", re-solves on the Ray cluster at {ray_address}" if ray_address is not None else "")
-               + f"); {service.origin}")
+    if as_json:
+        echo_json_line({"event": "listening", "url": f"http://{shown}:{bound_port}", "model": spec.name,
+                        "gpus": topology.num_gpus, "method": method, "dispatch": policy.dispatch,
+                        "stack": None if target is None else target.label, "threshold": threshold,
+                        "ray_address": ray_address, "origin": service.origin})
+    else:
+        click.echo(f"placer serve: listening on http://{shown}:{bound_port} ({spec.name}, {topology.num_gpus} GPUs, "
+                   f"method {method}, dispatch {policy.dispatch}"
+                   + (f" of {target.label}" if target is not None else "") + f", threshold {threshold}"
+                   + (f", re-solves on the Ray cluster at {ray_address}" if ray_address is not None else "")
+                   + f"); {service.origin}")
     sys.stdout.flush()
     try:
         while not stop.wait(0.5):
@@ -157,4 +174,7 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, watch_dir, host, port, tok
         pass
     finally:
         service.stop()
-    click.echo("placer serve: stopped; state saved" if state_path else "placer serve: stopped")
+    if as_json:
+        echo_json_line({"event": "stopped", "state_saved": state_path})
+    else:
+        click.echo("placer serve: stopped; state saved" if state_path else "placer serve: stopped")

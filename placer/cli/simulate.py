@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import click
 
@@ -19,6 +18,7 @@ from placer.cli.options import (
     resolve_topology,
     stack_option,
 )
+from placer.cli.progress import Progress, quiet_option
 from placer.errors import InvalidInputError
 from placer.presets import CLUSTERS
 from placer.stacks import resolve_dispatch
@@ -113,20 +113,25 @@ def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, len
     return wl, config
 
 
-def _progress(total: float, unit: str):
-    """A progress line on a terminal (stderr), else nothing."""
-    if not sys.stderr.isatty():
-        return None, lambda: None
-    state = {"last": -1}
+def _replay_steps(data, tokens_per_step: int, iterations: int | None) -> int:
+    """Steps a replay runs: a trace once through (at most ``iterations``), else ``iterations`` or 100."""
+    from placer.types import RoutingTrace  # deferred: keeps numpy off placer --help
+
+    if isinstance(data, RoutingTrace):
+        steps = -(-data.num_tokens // max(1, tokens_per_step))
+        return min(steps, iterations) if iterations is not None else steps
+    return iterations or 100
+
+
+def _run_ticker(bar: Progress, labels: list[str], per_run: float, unit: str):
+    """The simulator's ``progress(label, step, now)`` callback as steps (or simulated seconds) of all runs."""
+    index = {label: i for i, label in enumerate(labels)}
 
     def tick(label: str, step: int, now: float) -> None:
-        done = now if unit == "s" else step + 1
-        pct = int(100 * min(done / max(total, 1e-9), 1.0))
-        if pct != state["last"]:
-            state["last"] = pct
-            click.echo(f"\r  {label}: {pct:3d}% ({done:.1f} {unit})", nl=False, err=True)
+        done = min(now if unit == "s" else step + 1, per_run)  # serving drains past its duration
+        bar.update(index.get(label, 0) * per_run + done, note=label)
 
-    return tick, lambda: click.echo("", err=True)
+    return tick
 
 
 @click.group(context_settings=CONTEXT)
@@ -157,9 +162,10 @@ def simulate() -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Write the results layout (metrics.json, CSV tables) and report.html here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
+@quiet_option
 def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, workload, rate,
         duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
-        context_len, execution, kernel, congestion, overlap, dispatch, level, seed, stack, output, as_json):
+        context_len, execution, kernel, congestion, overlap, dispatch, level, seed, stack, output, as_json, quiet):
     """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
 
     \b
@@ -194,13 +200,16 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
         data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
-        total = duration_s if workload == "serving" else (iterations or 100)
-        tick, done = _progress(total, "s" if workload == "serving" else "steps")
-        runs = comparison.run_comparison(
-            candidates, topology, model_spec, routing=data,
-            routing_info=comparison.routing_identity(sources, data, model_spec, synthetic), workload=wl,
-            config=config, level=level, output=output, progress=tick)
-        done()
+        # serving: simulated seconds of arrivals; replay: steps (the whole trace, else 100, unless --iterations)
+        unit = "s" if workload == "serving" else "steps"
+        per_run = duration_s if workload == "serving" else _replay_steps(data, tokens_per_rank * topology.num_gpus,
+                                                                          iterations)
+        with Progress("simulate run", total=per_run * len(candidates), unit=unit, quiet=quiet) as bar:
+            runs = comparison.run_comparison(
+                candidates, topology, model_spec, routing=data,
+                routing_info=comparison.routing_identity(sources, data, model_spec, synthetic), workload=wl,
+                config=config, level=level, output=output,
+                progress=_run_ticker(bar, [c.label for c in candidates], per_run, unit))
         if output is not None:
             from placer.app.report import render_full_report  # deferred: plotly, only for -o
             render_full_report(output, f"{output}/report.html")
@@ -314,9 +323,11 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
                    "the output directory must be one every node writes to).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Sweep directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep table as JSON.")
+@quiet_option
 def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, cluster, workload, rate, duration_s,
           prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank, context_len,
-          execution, kernel, congestion, overlap, dispatch, level, seed, workers, ray_address, output, as_json):
+          execution, kernel, congestion, overlap, dispatch, level, seed, workers, ray_address, output, as_json,
+          quiet):
     """A grid over GPU counts and request rates, each point a full `simulate run` of every placement.
 
     \b
@@ -336,7 +347,10 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
                                           execution, kernel, congestion, overlap, dispatch, seed)
         spec = SweepSpec(inputs=tuple(inputs), placements=tuple(placements), methods=tuple(methods), redundant=redundant,
                          model=model, cluster=cluster, workload=wl, config=config, level=level)
-        table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address)
+        points = len(gpu_counts) * (len(rate_list) if workload == "serving" else 1)
+        with Progress("simulate sweep", total=points, unit="points", quiet=quiet) as bar:
+            table = run_sweep(spec, gpu_counts, rate_list, output=output, workers=workers, ray_address=ray_address,
+                              progress=lambda done, total: bar.update(done, total=total))
         if as_json:
             echo_json(table.to_dict(orient="records"))
             return

@@ -9,6 +9,8 @@ wall-clock deadline, when one is set, may cut different layers short).
   threads alive) it uses ``forkserver`` (``spawn`` where that is missing), whose workers
   preload the search module, and then, as with any spawned pool, a script calling the solver
   needs the ``if __name__ == "__main__":`` guard.
+- Progress: as groups finish, the layers done are reported to :func:`placer._progress.report`
+  (in this process; a command shows them).
 - ``ray_address``: run one Ray task per layer group on the cluster at that address
   (:func:`placer._ray.init`; ``"auto"`` joins the cluster ``ray start`` started here). When Ray
   is already initialised in this process the existing connection is used and the address is
@@ -28,8 +30,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from placer._progress import report
 from placer._ray import call_on_node
 from placer._ray import init as ray_init
 from placer.errors import InvalidInputError
@@ -37,6 +40,9 @@ from placer.ilp.local_search import LayerResult, LayerTask, SearchConfig, search
 
 GROUPS_PER_WORKER = 4
 """Layer groups per worker (smaller groups balance uneven layers; each group is one task)."""
+
+LAYER_SEARCH = "layer search"
+"""What :func:`placer._progress.report` counts as groups finish: MoE layers searched."""
 
 
 def default_workers() -> int:
@@ -69,10 +75,16 @@ def run_local(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None 
         raise InvalidInputError(f"num_workers must be >= 1, got {num_workers}", source="--workers")
     groups = layer_groups(tasks, workers * GROUPS_PER_WORKER)
     if workers == 1 or len(groups) <= 1:
-        return search_group(tasks, cfg, deadline)
+        results = search_group(tasks, cfg, deadline)
+        report(LAYER_SEARCH, len(tasks), len(tasks))
+        return results
     pool = ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=_pool_context())
     try:
-        futures = [pool.submit(search_group, g, cfg, deadline) for g in groups]
+        futures = {pool.submit(search_group, g, cfg, deadline): len(g) for g in groups}
+        done = 0
+        for f in as_completed(futures):
+            done += futures[f]
+            report(LAYER_SEARCH, done, len(tasks))
         results = [r for f in futures for r in f.result()]
     except BaseException:  # SIGINT / SIGTERM or a failed group: stop the workers now, not at their end
         _kill_workers(pool)
@@ -108,7 +120,14 @@ def run_ray(tasks: list[LayerTask], cfg: SearchConfig, deadline: float | None = 
         cpus = int(ray.cluster_resources().get("CPU", 1))
         num_groups = max(1, cpus) * GROUPS_PER_WORKER
     cfg_ref = ray.put(cfg)
-    refs = [_REMOTE.remote(search_group, g, cfg_ref, deadline) for g in layer_groups(tasks, num_groups)]
+    groups = layer_groups(tasks, num_groups)
+    refs = [_REMOTE.remote(search_group, g, cfg_ref, deadline) for g in groups]
+    pending, finished = list(refs), 0
+    sizes = {ref: len(g) for ref, g in zip(refs, groups, strict=True)}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        finished += sum(sizes[r] for r in ready)
+        report(LAYER_SEARCH, finished, len(tasks))
     done = ray.get(refs)
     return [r for _, group in done for r in group], [node for node, _ in done]
 

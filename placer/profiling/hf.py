@@ -12,8 +12,6 @@ route without structure).
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,28 +163,6 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-class Progress:
-    """``profiling: N/M prompts, T tokens, X tok/s`` on stderr, redrawn in place (when enabled)."""
-
-    def __init__(self, total_prompts: int, enabled: bool):
-        self.total, self.enabled, self.start = total_prompts, enabled, time.perf_counter()
-        self.prompts = self.tokens = 0
-
-    def update(self, prompts: int, tokens: int) -> None:
-        self.prompts += prompts
-        self.tokens += tokens
-        if self.enabled:
-            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\rprofiling: {self.prompts}/{self.total} prompts, {self.tokens:,} tokens, "
-                             f"{rate:,.0f} tok/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _batch(torch: Any, ids: list[list[int]], pad: int, left: bool) -> tuple[Any, Any]:
     """Pad token-id lists to ``input_ids`` and ``attention_mask`` int64 [B, S_max]."""
     width = max(len(x) for x in ids)
@@ -201,7 +177,7 @@ def _batch(torch: Any, ids: list[list[int]], pad: int, left: bool) -> tuple[Any,
 
 def capture_chunks(loaded: LoadedModel, prompts: Sequence[str], *, batch_size: int = 8,
                    max_length: int = 512, max_new_tokens: int = 0, seed: int = 0,
-                   progress: Progress | None = None) -> Iterator[RoutingTrace]:
+                   progress: Callable[[int, int], None] | None = None) -> Iterator[RoutingTrace]:
     """Run ``prompts`` through the model in batches and yield the routing of each forward.
 
     Prompts are tokenized and cut to ``max_length`` tokens. With ``max_new_tokens == 0`` each
@@ -235,7 +211,7 @@ def capture_chunks(loaded: LoadedModel, prompts: Sequence[str], *, batch_size: i
             yield from out
             out.clear()
             if progress is not None:
-                progress.update(len(batch), tokens)
+                progress(len(batch), tokens)
 
 
 def tee_into(chunks: Iterator[RoutingTrace], consume: Callable[[RoutingTrace], None]) -> Iterator[RoutingTrace]:

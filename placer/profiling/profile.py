@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from placer.profiling.capture import model_spec
 from placer.profiling.hf import (
     _COMMON,
     FAMILIES,
-    Progress,
     _torch,
     capture_chunks,
     load_model,
@@ -75,9 +75,11 @@ def _by_phase(builder: StatsBuilder) -> dict[str, RoutingStats]:
 def profile_hf(model: str | None = None, prompts: str | None = None, *, batch_size: int = 8,
                max_length: int = 256, max_new_tokens: int = 0, max_prompts: int | None = None,
                seed: int = 0, sample_size: int = DEFAULT_SAMPLE_SIZE, output: str,
-               trace: str | None = None, progress: bool = False) -> ProfileOutcome:
+               trace: str | None = None,
+               progress: Callable[[int, int, int], None] | None = None) -> ProfileOutcome:
     """Profile a transformers model (``model``: None/"embedded", a directory, or a family) on the
     prompts of a text/JSONL file (default: the embedded model's held-out standard-library text).
+    ``progress(prompts_done, prompts, tokens_done)`` is called after every batch.
 
     Memory is bounded by the statistics plus one batch: chunks stream into a StatsBuilder and,
     with ``trace`` (.parquet), into a Parquet writer.
@@ -96,18 +98,22 @@ def profile_hf(model: str | None = None, prompts: str | None = None, *, batch_si
     spec = loaded.spec
     builder = StatsBuilder(spec.num_moe_layers, spec.num_experts, spec.top_k, sample_size=sample_size,
                            seed=seed, model=spec)
-    bar = Progress(len(texts), progress)
+    done = [0, 0]  # prompts, tokens
+
+    def batch_done(prompts_in_batch: int, tokens_in_batch: int) -> None:
+        done[0] += prompts_in_batch
+        done[1] += tokens_in_batch
+        if progress is not None:
+            progress(done[0], len(texts), done[1])
+
     start = time.perf_counter()
-    try:
-        chunks = tee_into(capture_chunks(loaded, texts, batch_size=batch_size, max_length=max_length,
-                                         max_new_tokens=max_new_tokens, seed=seed, progress=bar), builder.update)
-        if trace is not None:
-            write_trace_parquet(trace, chunks)
-        else:
-            for _ in chunks:
-                pass
-    finally:
-        bar.close()
+    chunks = tee_into(capture_chunks(loaded, texts, batch_size=batch_size, max_length=max_length,
+                                     max_new_tokens=max_new_tokens, seed=seed, progress=batch_done), builder.update)
+    if trace is not None:
+        write_trace_parquet(trace, chunks)
+    else:
+        for _ in chunks:
+            pass
     seconds = time.perf_counter() - start
     if builder.result("all").num_tokens == 0:
         raise InvalidInputError("the prompts hold no tokens", source=prompts or "prompts")

@@ -129,8 +129,12 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
                dispatch: str = "nearest", ranks: int = 4, tokens: int = 64, warmup: int = 3,
                after: int = 3, seed: int = 0, timeout_s: float = 5.0,
                max_experts_per_round: int | None = 1, ray_address: str | None = None,
-               progress: Callable[[str], None] | None = None) -> ApplyOutcome:
+               progress: Callable[[str], None] | None = None,
+               on_round: Callable[[int, int], None] | None = None) -> ApplyOutcome:
     """Start a local deployment on ``old``, serve, migrate live to ``new``, serve, verify.
+
+    ``progress(message)`` is told each phase; ``on_round(done, total)`` each migration step
+    served (one round of transfers per step, and a last step that commits what is left).
 
     Raises InvalidInputError when ``ranks`` differs from the placement's GPU count or the
     weights would exceed :data:`MAX_WEIGHT_BYTES`.
@@ -177,7 +181,9 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
         plan = plan_migration(old, new, topology, expert_bytes=dep.weights.expert_bytes,
                               max_experts_per_round=max_experts_per_round)
         say(f"migrating: {len(plan.transfers)} transfers in {plan.num_rounds} rounds")
-        report = execute_plan(dep, plan, stream, reference=reference)
+        steps = plan.num_rounds + 1
+        report = execute_plan(dep, plan, stream, reference=reference,
+                              on_step=None if on_round is None else lambda step, _r: on_round(step + 1, steps))
         batches += report.batches
         verified += report.verified
         max_err = max(max_err, report.max_abs_err)

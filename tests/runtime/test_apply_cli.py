@@ -50,6 +50,31 @@ def test_apply_migrates_live_with_verified_outputs(ray_session, tmp_path, monkey
     assert per_gpu(running) == per_gpu(new)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_apply_json_is_one_document_of_the_plan_layers_and_checks(ray_session, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    model = embedded_model()
+    topology = make_topology("h100", gpus=4, nodes=1)
+    for name, seed in (("old.json", 0), ("new.json", 7)):
+        stats = compute_stats(synthesize_trace(model, 2000, seed=seed))
+        write_placement_json(name, solve(PlacementProblem(stats, model, topology, 4), "eplb").placement, model=model,
+                             topology=topology, dispatch="nearest", method="eplb", status="feasible",
+                             solve_seconds=0.0)
+    code = main(["apply", "--placement", "new.json", "--from", "old.json", "--ranks", "4", "--tokens", "16",
+                 "--warmup", "1", "-o", "running.json", "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    doc = json.loads(out)  # nothing but the document on stdout
+    assert doc["ok"] and doc["verified"] == doc["served"]["batches"] and doc["weight_mismatches"] == 0
+    assert doc["deployment"]["ranks"] == 4 and doc["model"]["moe_layers"] == 4
+    assert len(doc["layers"]) == 4 and sum(row["transfers"] for row in doc["layers"]) == doc["plan"]["transfers"]
+    assert doc["plan"]["bytes_moved"] <= doc["plan"]["naive_bytes"] and doc["output"] == "running.json"
+    assert "placer apply" not in err  # --quiet: no progress
+
+
 def test_a_lost_cluster_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     """A ClusterError (a rank or node lost for good) is neither bad input (2) nor a bug (1 with a
     --debug hint): exit 1 with the message on one line."""

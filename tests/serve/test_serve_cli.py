@@ -85,3 +85,31 @@ def test_serve_process_publishes_after_a_posted_shift_and_stops_on_sigterm(tmp_p
     assert "stopped; state saved" in stdout
     assert "published" in stderr and "Traceback" not in stderr
     assert state.exists() and read_placement_json(out).metrics["published"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_serve_json_prints_events_as_json_lines_and_quiet_logs_no_decisions(tmp_path):
+    import json
+
+    initial = tmp_path / "initial.json"
+    write_placement_json(initial, Placement(contiguous_map(4, 8, 8), 2, 8), model=MODEL, topology=TOPOLOGY,
+                         dispatch="nearest", method="contiguous", status="feasible", solve_seconds=0.0)
+    env = {k: v for k, v in os.environ.items() if k != "PLACER_SERVE_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "placer", "serve", "--initial", str(initial), "--port", "0",
+                             "--interval", "0.1", "--json", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        event = json.loads(proc.stdout.readline())
+        assert event["event"] == "listening" and event["model"] == "tiny-moe" and event["gpus"] == 4
+        client = Client(event["url"])
+        assert client.post_stats({"load": shifted_load()})[0] == 202
+        wait_for(lambda: client.get_json("/status")["evaluated_observations"] == 1, what="an evaluation")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert [json.loads(line)["event"] for line in stdout.splitlines()] == ["stopped"]
+    assert "re-solving" not in stderr and "evaluated" not in stderr and "Traceback" not in stderr

@@ -189,6 +189,7 @@ class Service:
                 return None
             stats = self.state.window.stats(cfg.model)
             current = self.state.placement
+        log.info("re-solving with %s on %d observations", cfg.policy.method, observations)
         try:
             decision, candidate = evaluate(current, stats, cfg.model, cfg.topology, cfg.policy, observations)
         except Exception as exc:  # noqa: BLE001 - recorded as this window's decision; not retried until new data

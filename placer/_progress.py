@@ -1,0 +1,35 @@
+"""Progress reports from library code too deep for a ``progress=`` callback to reach.
+
+Library functions that a command calls directly take a ``progress=`` callback. The solver's
+layer search sits under the method registry (:func:`placer.ilp.solve`), so it reports here
+instead, and a command that shows progress installs a sink around the call with
+:func:`reporting`. Without a sink a report does nothing. Reports are made in the calling
+process (never in a worker process), from the context the sink was installed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+Sink = Callable[[str, int, int], None]  # (what, done, total)
+
+_SINK: ContextVar[Sink | None] = ContextVar("placer_progress_sink", default=None)
+
+
+def report(what: str, done: int, total: int) -> None:
+    """Tell the installed sink (if any) that ``done`` of ``total`` ``what`` are finished."""
+    sink = _SINK.get()
+    if sink is not None:
+        sink(what, done, total)
+
+
+@contextlib.contextmanager
+def reporting(sink: Sink) -> Iterator[None]:
+    """Send the reports made inside this block to ``sink``."""
+    token = _SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
