@@ -18,11 +18,14 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from placer.ilp import PlacementProblem, solve
 from placer.ilp.objective import evaluate_objective
 from placer.ilp.simple import contiguous_map
 from placer.ilp.warmup import search_kernels
 from placer.metrics import evaluate
+from placer.metrics._count import table_standard_counts
 from placer.presets import get_model, make_topology
 from placer.simulator.a2a import a2a_benchmark
 from placer.simulator.config import ServingWorkload, SimConfig
@@ -48,6 +51,8 @@ def pipeline_kernels() -> None:
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
     evaluate_objective(problem, placement)
     evaluate(placement, problem.topology, problem.model, trace)
+    # the dispatch count kernel for writable ids too (streamed chunks; frozen traces are read-only)
+    table_standard_counts(np.zeros((2, 1, 2), np.int64), np.zeros(2, np.int64), np.zeros((1, 2, 2), np.int64), 1, 1, 2)
 
 
 def simulator_kernels() -> None:

@@ -261,7 +261,9 @@ CASES = [
      "expert id 1000000000000 means a [1, 1000000000001] load matrix: reading it needs about 32.0 TB; "),
     # 8. work sized by a flag: estimated, and refused with both figures, before it starts
     ("synth-1e12-tokens", _argv("synth", *MIXTRAL, "--tokens", "1000000000000", "-o", "{tmp}/t.npz"), 2,
-     "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b in memory need about 768.0 TB; "),
+     "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b need at least about 384.0 TB on disk; "),
+    ("evaluate-chunk-mb-0", _argv("evaluate", "{tmp}/p.json", "{tmp}/t.npz", "--chunk-mb", "0"), 2,
+     "--chunk-mb"),
     ("synth-1e12-tokens-parquet", _argv("synth", *MIXTRAL, "--tokens", "1000000000000", "-o", "{tmp}/t.parquet"), 2,
      "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b need at least about 128.0 TB on disk; "),
     ("simulate-65536-gpus", _argv("simulate", "run", "--model", "deepseek-v3", "--gpus", "65536", "--redundant",

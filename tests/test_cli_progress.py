@@ -142,6 +142,10 @@ def test_solve_reports_how_far_the_layer_search_is(tmp_path, capsys, monkeypatch
     report("layer search", 2, 2)
     assert got == [("layer search", 1, 2)]
     monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    # in-process, the limit would count from pytest's start (the CLI's origin is process start)
+    import placer.cli.placement as cli_placement
+    now = time.time()
+    monkeypatch.setattr(cli_placement, "process_start_time", lambda: now)
     code, _, err = run(capsys, "solve", trace, "--gpus", "4", "--method", "placer", "--workers", "2",
                        "--time-limit", "60", "-o", tmp_path / "p.json")
     assert code == 0, err

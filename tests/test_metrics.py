@@ -537,3 +537,63 @@ def test_mixtral_shape_runs():
     model = _model(32, 8, 2)
     m = metrics.evaluate(placement, topology, model, trace)
     assert m["load_max_over_mean_median"] >= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# A streamed trace: the same metrics as the trace held whole
+# --------------------------------------------------------------------------------------------
+
+
+def _stream(trace: RoutingTrace, chunk_tokens: int) -> metrics.TraceStream:
+    def chunks():
+        for start in range(0, max(trace.num_tokens, 1), chunk_tokens):
+            yield trace.select_tokens(np.arange(start, min(start + chunk_tokens, trace.num_tokens)))
+    return metrics.TraceStream(chunks, trace.num_tokens, trace.num_layers, trace.num_experts, trace.top_k,
+                               trace.has_top1, trace.model)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases(), chunk_tokens=st.sampled_from([1, 3, 7, 64]))
+def test_streamed_trace_scores_as_the_whole_trace(case, chunk_tokens):
+    """Every rule (rank-table and position), seeded spreads, recorded or round-robin homes: evaluate
+    on chunks equals evaluate on the whole trace, and both equal the separate per-metric passes."""
+    placement, topology, model, trace, rule, seed = case
+    whole = metrics.evaluate(placement, topology, model, trace, dispatch=rule, seed=seed)
+    streamed = metrics.evaluate(placement, topology, model, _stream(trace, chunk_tokens), dispatch=rule, seed=seed)
+    assert json.dumps(streamed, sort_keys=True) == json.dumps(whole, sort_keys=True)
+    load = metrics.gpu_load(placement, topology, trace, dispatch=rule, seed=seed)
+    assert whole["load_max_over_mean_median"] == metrics.load_balance(load)["median"]
+    std = metrics.dispatch_traffic(placement, topology, model, trace, dispatch=rule, seed=seed)
+    for key in ("other_ranks_per_token_layer", "inter_node_nodes_per_token_layer", "frac_token_slots_off_node"):
+        assert whole[key] == std[key]
+    cc = metrics.context_coherent_traffic(placement, topology, model, trace, dispatch=rule, seed=seed)
+    assert whole["frac_top1_transitions_cross_gpu"] == cc["frac_top1_transitions_cross_gpu"]
+    assert whole["cc_other_gpus_per_token_layer"] == cc["other_gpus_per_token_layer"]
+    np.testing.assert_array_equal(metrics.gpu_load(placement, topology, _stream(trace, chunk_tokens),
+                                                   dispatch=rule, seed=seed), load)
+
+
+@pytest.mark.parametrize("rule", DISPATCH_RULES)
+def test_streamed_trace_with_replicas_across_nodes(rule):
+    """A seeded 4-node case with replicas (seeded random spreads of the rank-table rules)."""
+    rng = np.random.default_rng(7)
+    e, k, num_layers, t, spg = 16, 4, 3, 3000, 5
+    topology = Topology("test", 4, 2)
+    p = topology.num_gpus * spg
+    p2l = np.stack([rng.permutation(np.concatenate([np.arange(e), rng.integers(0, e, p - e)]))
+                    for _ in range(num_layers)])
+    placement = Placement(p2l, spg, e)
+    model = ModelSpec("m", num_layers, tuple(range(num_layers)), e, k, hidden_size=32, expert_ffn_size=32)
+    ids = np.argsort(rng.random((t, num_layers, e)), axis=-1)[..., :k]
+    trace = RoutingTrace(ids, e, model=model)
+    for seed in (0, 5):
+        whole = metrics.evaluate(placement, topology, model, trace, dispatch=rule, seed=seed,
+                                 execution="context-coherent")
+        streamed = metrics.evaluate(placement, topology, model, _stream(trace, 1000), dispatch=rule, seed=seed,
+                                    execution="context-coherent")
+        assert json.dumps(streamed, sort_keys=True) == json.dumps(whole, sort_keys=True)
+        assert whole["data"]["tokens"] == t and whole["cc_state_moves_per_token_layer"] is not None
+    with pytest.raises(InvalidInputError, match="streamed 2,000 tokens, 3,000 expected"):
+        short = _stream(trace.select_tokens(np.arange(2000)), 1000)
+        metrics.evaluate(placement, topology, model, metrics.TraceStream(short.chunks, t, num_layers, e, k, True),
+                         dispatch=rule)

@@ -23,45 +23,45 @@ from placer.io.placements import export_placement, read_placement_file, write_pl
 from placer.io.routing import (
     Routing,
     check_top1,
-    concat_traces,
+    chunk_tokens_for,
     gather_routing,
 )
-from placer.io.traces import write_stats_npz, write_trace_npz, write_trace_parquet
+from placer.io.traces import write_stats_npz, write_trace_npz_chunks, write_trace_parquet
 from placer.metrics import evaluate
 from placer.presets import check_problem_size
 from placer.profiling.summary import summarize
 from placer.resources import human_bytes
 from placer.stacks import Stack, resolve_dispatch
 from placer.stats import load_only_stats
-from placer.synthetic import check_trace_memory, perturbed, profile_for, synthesize
+from placer.synthetic import perturbed, profile_for, synthesize
 from placer.types import ModelSpec
+
+CHUNK_MB = 512.0
+"""Default memory budget (MiB) of one chunk of routing read by the streaming commands."""
 
 
 def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: float = 0.0,
                     phase: str | None = None, output: str) -> int:
-    """Write a synthetic trace (native .npz, or chunked .parquet) marked synthetic; return tokens written."""
+    """Write a synthetic trace (native .npz, or .parquet in row groups) marked synthetic, streamed
+    chunk by chunk (memory bounded by one chunk, whatever ``tokens``); return tokens written."""
     if not output.endswith((".npz", ".parquet")):
         raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
     check_writable(output)
-    if output.endswith(".npz"):  # built whole in memory (the chunks and their concatenation)
-        check_trace_memory(model, tokens, copies=2, source="--tokens")
-    else:  # streamed to disk: at least ~2 bytes per id and gate weight even compressed
-        folder = os.path.dirname(os.path.abspath(output))
-        need, free = 2.0 * tokens * model.num_moe_layers * model.top_k, shutil.disk_usage(folder).free
-        if need > free:
-            raise InvalidInputError(f"{tokens:,} tokens of {model.name} need at least about {human_bytes(need)} "
-                                    f"on disk; {human_bytes(free)} free in {folder}", source="--tokens")
+    # At least ~2 bytes per id and gate weight even compressed; an npz also spools its gate
+    # weights (4 bytes each) next to the output before copying them in.
+    per_entry = 2.0 if output.endswith(".parquet") else 6.0
+    folder = os.path.dirname(os.path.abspath(output))
+    need, free = per_entry * tokens * model.num_moe_layers * model.top_k, shutil.disk_usage(folder).free
+    if need > free:
+        raise InvalidInputError(f"{tokens:,} tokens of {model.name} need at least about {human_bytes(need)} "
+                                f"on disk; {human_bytes(free)} free in {folder}", source="--tokens")
     profile = profile_for(model)
     if perturb > 0:
         profile = perturbed(profile, perturb, seed)
     chunks = synthesize(model, tokens, seed=seed, profile=profile, phase=phase)
     if output.endswith(".parquet"):
         return write_trace_parquet(output, chunks, synthetic=True)
-    if not output.endswith(".npz"):
-        raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
-    trace = concat_traces(list(chunks), model)
-    write_trace_npz(output, trace, synthetic=True)
-    return trace.num_tokens
+    return write_trace_npz_chunks(output, chunks, tokens, synthetic=True)
 
 
 def write_stats(routing: Routing, output: str) -> None:
@@ -139,6 +139,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     overrides it; neither: ``nearest``), checks that the stack can place the model, and is
     recorded in the placement file. ``started_at`` (``time.time()`` seconds; the CLI passes its
     process start): ``time_limit_s`` counts from then, the scoring included, not from the solve.
+    Routing is read chunk by chunk: the solve takes the statistics, and the scores stream the
+    trace again (memory bounded by the statistics and one chunk of :data:`CHUNK_MB` MiB).
     ``current`` (a placement file, any format :func:`read_placement_file` reads): the placement
     running now; the solve is then movement-aware over ``horizon_s`` seconds
     (:func:`placer.ilp.movement.solve_from`) and the outcome's notes give the move and its payback.
@@ -163,7 +165,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     routing = None
     if inputs:
         say(f"reading {len(inputs)} input(s)")
-        routing = gather_routing(inputs, model=model, phase=phase)
+        routing = gather_routing(inputs, model=model, phase=phase, keep_trace=False,
+                                 chunk_tokens=chunk_tokens_for(model, CHUNK_MB) if model is not None else 65536)
         model, stats = routing.model, routing.stats
         say(f"{stats.num_tokens:,} tokens of {model.name} routing ({model.num_moe_layers} MoE layers, "
             f"E={model.num_experts}, top_k={model.top_k})" + (", synthetic" if routing.synthetic else ""))
@@ -179,7 +182,8 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     held = None
     if holdout:
         say(f"reading {len(holdout)} held-out input(s)")
-        held = gather_routing(holdout, model=model, phase=phase)
+        held = gather_routing(holdout, model=model, phase=phase, keep_trace=False,
+                              chunk_tokens=chunk_tokens_for(model, CHUNK_MB))
     check_top1(routing, execution=execution, methods=[method])
     check_top1(held, execution=execution)
     notes = []
@@ -212,7 +216,7 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     def score(placement, data_routing):
         if data_routing is None:
             return None
-        m = evaluate(placement, topology, model, data_routing.data, dispatch=dispatch, execution=execution)
+        m = evaluate(placement, topology, model, data_routing.exact_data, dispatch=dispatch, execution=execution)
         m["data"]["synthetic"] = data_routing.synthetic
         m["data"]["inputs"] = list(data_routing.sources)
         if not m["top1_known"]:
@@ -323,11 +327,18 @@ def with_groups(model: ModelSpec, groups: int) -> ModelSpec:
 
 
 def evaluate_placement(placement_file, inputs: Sequence[str], *, dispatch: str, execution: str = "standard",
-                       phase: str = "all") -> dict:
-    """Score a placement file's placement on routing inputs (the file's model is authoritative)."""
-    routing = gather_routing(inputs, model=placement_file.model, phase=phase)
+                       phase: str = "all", chunk_mb: float = CHUNK_MB) -> dict:
+    """Score a placement file's placement on routing inputs (the file's model is authoritative).
+
+    Per-token inputs are read twice, chunk by chunk (once for the statistics, once for the
+    metrics, exact on every token): memory is bounded by the statistics and one chunk of about
+    ``chunk_mb`` MiB, whatever the trace length.
+    """
+    chunk_tokens = chunk_tokens_for(placement_file.model, chunk_mb)
+    routing = gather_routing(inputs, model=placement_file.model, phase=phase, keep_trace=False,
+                             chunk_tokens=chunk_tokens)
     check_top1(routing, execution=execution)
-    metrics = evaluate(placement_file.placement, placement_file.topology, routing.model, routing.data,
+    metrics = evaluate(placement_file.placement, placement_file.topology, routing.model, routing.exact_data,
                        dispatch=dispatch, execution=execution)
     metrics["data"]["synthetic"] = routing.synthetic
     metrics["data"]["inputs"] = list(routing.sources)

@@ -187,9 +187,11 @@ def format_frontier(curve: list[dict], tokens: int) -> str:
 @cluster_options
 @routing_options
 @stack_option
+@click.option("--chunk-mb", type=FiniteFloat(min=1), default=512, show_default=True,
+              help="Memory for one chunk of a trace: traces are read and scored chunk by chunk.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack,
-             as_json):
+             chunk_mb, as_json):
     """Score a placement on any routing input: load balance, dispatch traffic, transitions.
 
     PLACEMENT is placer's JSON or the file a server loads (SGLang .json/.pt, vllm-ascend .json,
@@ -207,7 +209,7 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
     target = placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
-    metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase)
+    metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase, chunk_mb=chunk_mb)
     metrics["stack"] = None if target is None else target.label
     if as_json:
         echo_json(metrics)

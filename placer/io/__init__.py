@@ -9,7 +9,13 @@ Nothing here imports torch at import time.
 """
 
 from placer.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
+from placer.io.native import (
+    read_stats_npz,
+    write_stats_npz,
+    write_trace_npz,
+    write_trace_npz_chunks,
+    write_trace_parquet,
+)
 from placer.io.placements import (
     FORMATS as PLACEMENT_FORMATS,
 )
@@ -27,5 +33,6 @@ __all__ = [
     "INPUT_FORMATS", "PLACEMENT_FORMATS", "PlacementFile", "RoutingInput", "atomic_path",
     "atomic_write_bytes", "atomic_write_text", "detect_format", "export_placement",
     "import_placement", "read_input", "read_placement_json", "read_stats_npz", "read_trace",
-    "write_placement_json", "write_stats_npz", "write_trace_npz", "write_trace_parquet",
+    "write_placement_json", "write_stats_npz", "write_trace_npz", "write_trace_npz_chunks",
+    "write_trace_parquet",
 ]

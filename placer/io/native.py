@@ -4,8 +4,9 @@ Trace npz (format ``placer-npz``)
     arrays ``expert_ids`` int16 [T, L, K] and optional ``gate_weights`` float32 [T, L, K],
     ``request_ids`` int64 [T], ``phase`` int8 [T], ``home_rank`` int32 [T], plus ``header``: a
     uint8 array of UTF-8 JSON ``{"kind": "trace", "schema_version": 1, "num_experts": E,
-    "order": ..., "model": ModelSpec.to_dict() | null, "synthetic": bool}``. Read back chunk by
-    chunk straight from the zip members, so memory is bounded by the chunk size.
+    "order": ..., "model": ModelSpec.to_dict() | null, "synthetic": bool}``. Written whole
+    (:func:`write_trace_npz`) or chunk by chunk (:func:`write_trace_npz_chunks`, the same file),
+    read back chunk by chunk straight from the zip members, so memory is bounded by the chunk size.
 
 Stats npz (format ``placer-stats``)
     for every phase present, arrays ``"{phase}/load"``, ``"{phase}/top1_transitions"``, ... (the
@@ -23,8 +24,12 @@ Parquet trace (format ``parquet``)
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -86,6 +91,63 @@ def write_trace_npz(path: str | os.PathLike[str], trace: RoutingTrace, *, synthe
         if getattr(trace, name) is not None:
             arrays[name] = getattr(trace, name)
     _write_npz(path, arrays)
+
+
+def write_trace_npz_chunks(path: str | os.PathLike[str], chunks: Iterable[RoutingTrace], num_tokens: int, *,
+                           synthetic: bool = False) -> int:
+    """Write a stream of trace chunks as one native trace npz atomically, one chunk in memory at a time.
+
+    ``chunks``: RoutingTrace pieces [t_i, L, K] that together hold ``num_tokens`` tokens (the
+    ``.npy`` headers are written first, so the total must be known); every chunk must have the
+    first chunk's shape, E, order, model and optional fields. ``expert_ids`` streams straight
+    into its zip member; the other arrays spool to anonymous temporary files next to ``path``
+    and are copied in after it. The file is the one :func:`write_trace_npz` writes for the
+    concatenated trace. Returns the token count.
+    """
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        raise InvalidInputError("no trace chunks to write", source=str(path))
+    header = _trace_header(first, synthetic)
+    fields = [n for n in ("gate_weights", *OPTIONAL_TOKEN_FIELDS) if getattr(first, n) is not None]
+    per_token = (first.num_layers, first.top_k)
+    total = 0
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+        spools = {n: stack.enter_context(tempfile.TemporaryFile(dir=os.path.dirname(tmp) or "."))
+                  for n in fields}
+        for n, f in spools.items():
+            _npy_header(f, getattr(first, n).dtype, (num_tokens, *per_token) if n == "gate_weights"
+                        else (num_tokens,))
+        zf = stack.enter_context(zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1))
+        with zf.open(f"{HEADER_KEY}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, header_bytes(header), allow_pickle=False)
+        with zf.open("expert_ids.npy", "w", force_zip64=True) as member:
+            _npy_header(member, first.expert_ids.dtype, (num_tokens, *per_token))
+            for chunk in itertools.chain([first], it):
+                present = [n for n in ("gate_weights", *OPTIONAL_TOKEN_FIELDS) if getattr(chunk, n) is not None]
+                if _trace_header(chunk, synthetic) != header or present != fields:
+                    raise InvalidInputError(f"chunk (L={chunk.num_layers}, K={chunk.top_k}, E={chunk.num_experts}, "
+                                            f"order {chunk.order}) differs from the first chunk", source=str(path))
+                total += chunk.num_tokens
+                if total > num_tokens:
+                    raise InvalidInputError(f"the chunks hold more than the {num_tokens:,} tokens announced",
+                                            source=str(path))
+                member.write(np.ascontiguousarray(chunk.expert_ids).data)
+                for n, f in spools.items():
+                    f.write(np.ascontiguousarray(getattr(chunk, n)).data)
+        if total != num_tokens:
+            raise InvalidInputError(f"the chunks hold {total:,} tokens, {num_tokens:,} announced", source=str(path))
+        for n, f in spools.items():
+            f.seek(0)
+            with zf.open(f"{n}.npy", "w", force_zip64=True) as member:
+                shutil.copyfileobj(f, member, 1 << 22)
+    return total
+
+
+def _npy_header(f: Any, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """The ``.npy`` header ``np.save`` writes for a C-order array of ``dtype`` and ``shape``."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(int(d) for d in shape)})
 
 
 def write_stats_npz(path: str | os.PathLike[str],
@@ -175,11 +237,13 @@ class _NpyStream:
 
 
 def read_trace_npz(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
-                   chunk_tokens: int = 65536) -> tuple[Callable[[], Iterator[RoutingTrace]], ModelSpec | None, bool]:
+                   chunk_tokens: int = 65536, gate_weights: bool = True
+                   ) -> tuple[Callable[[], Iterator[RoutingTrace]], ModelSpec | None, bool]:
     """Open a native trace npz: ``(chunks, model, synthetic)``.
 
     The header and the array shapes are checked now; ``chunks()`` streams [chunk_tokens, L, K]
-    pieces from the zip members.
+    pieces from the zip members. ``gate_weights=False`` leaves the gate weights of a
+    sorted-order trace unread (they order nothing there; two thirds of the bytes).
     """
     header, model, e, order = _trace_meta(path, npz_header(path), model, "trace npz",
                                           "not a placer trace npz (no trace header)")
@@ -201,6 +265,8 @@ def read_trace_npz(path: str | os.PathLike[str], *, model: ModelSpec | None = No
                 if s.shape != want:
                     raise fail(path, f"{n} has shape {list(s.shape)}, expected {list(want)}")
         check_shape(path, model, shape[1], e, shape[2])
+    if not gate_weights and order == "sorted":
+        optional = [n for n in optional if n != "gate_weights"]
 
     def chunks() -> Iterator[RoutingTrace]:
         with guard(path, "trace npz"), zipfile.ZipFile(path) as zf:
@@ -331,12 +397,13 @@ def parquet_header(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def read_trace_parquet(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
-                       chunk_tokens: int = 65536
+                       chunk_tokens: int = 65536, gate_weights: bool = True
                        ) -> tuple[Callable[[], Iterator[RoutingTrace]], ModelSpec | None, bool]:
     """Open a Parquet trace: ``(chunks, model, synthetic)``.
 
     ``chunks()`` reads one row group at a time and yields it as one trace (split into pieces of
-    ``chunk_tokens`` when the row group is larger).
+    ``chunk_tokens`` when the row group is larger). ``gate_weights=False`` leaves the gate
+    weights of a sorted-order trace unread.
     """
     import pyarrow.parquet as pq  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
@@ -348,13 +415,14 @@ def read_trace_parquet(path: str | os.PathLike[str], *, model: ModelSpec | None 
         names = pq.read_schema(str(path)).names
         if "expert_ids" not in names:
             raise fail(path, "Parquet trace has no 'expert_ids' column")
+    columns = [n for n in names if gate_weights or order != "sorted" or n != "gate_weights"]
 
     def chunks() -> Iterator[RoutingTrace]:
         with guard(path, "Parquet trace"):
             pf = pq.ParquetFile(str(path))
             try:
                 for i in range(pf.num_row_groups):
-                    table = pf.read_row_group(i)
+                    table = pf.read_row_group(i, columns=columns)
                     for start in range(0, max(table.num_rows, 1), chunk_tokens):
                         piece = table.slice(start, chunk_tokens)
                         yield _table_trace(path, piece, num_layers, top_k, e, order, model)

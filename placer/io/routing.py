@@ -3,14 +3,15 @@ streamed, the whole trace kept when it is small enough (:func:`gather_routing`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.io.external import MEGATRON_ASCENDING_NOTE
-from placer.io.traces import read_input
+from placer.io.traces import RoutingInput, read_input
+from placer.metrics.stream import TraceStream
 from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
@@ -23,8 +24,10 @@ class Routing:
     """Routing gathered from one or more inputs.
 
     ``stats`` always exists. ``trace`` holds every token when all inputs are per-token traces
-    of at most :data:`MAX_TRACE_TOKENS` tokens (after the phase filter), else it is None and
-    metrics fall back to the statistics and their sample.
+    of at most :data:`MAX_TRACE_TOKENS` tokens (after the phase filter) and the caller kept it,
+    else it is None and metrics fall back to the statistics and their sample. ``stream`` gives
+    every token again, chunk by chunk, when all inputs are per-token (None with count-only ones):
+    metrics on it are exact on every token in memory bounded by one chunk.
     """
 
     stats: RoutingStats
@@ -36,10 +39,18 @@ class Routing:
     """The first input whose top-1 expert is unknown (None when every input's is known)."""
     top1_reason: str | None = None
     """Why that input's top-1 is unknown (see :func:`top1_reason`)."""
+    stream: TraceStream | None = None
 
     @property
     def data(self) -> RoutingTrace | RoutingStats:
         return self.trace if self.trace is not None else self.stats
+
+    @property
+    def exact_data(self) -> RoutingTrace | TraceStream | RoutingStats:
+        """What metrics are exact on: the kept trace, else the streamed one, else the statistics."""
+        if self.trace is not None:
+            return self.trace
+        return self.stream if self.stream is not None else self.stats
 
     @property
     def top1_note(self) -> str | None:
@@ -96,6 +107,39 @@ def _filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
     return chunk.select_tokens(chunk.phase == PHASE_CODES[phase])
 
 
+def _fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrace:
+    """``chunk`` checked against ``model``'s shape and carrying it (E widened to the model's)."""
+    if (chunk.num_layers, chunk.top_k) != (model.num_moe_layers, model.top_k) or \
+            chunk.num_experts > model.num_experts:
+        raise InvalidInputError(f"routing shape [T, {chunk.num_layers}, {chunk.top_k}] with E={chunk.num_experts} "
+                                f"does not match {model.name} ({model.num_moe_layers} MoE layers, "
+                                f"E={model.num_experts}, top_k={model.top_k})", source=source)
+    if chunk.num_experts != model.num_experts or chunk.model != model:  # else: validated already
+        chunk = RoutingTrace(chunk.expert_ids, model.num_experts, chunk.order, chunk.gate_weights,
+                             chunk.request_ids, chunk.phase, chunk.home_rank, model)
+    return chunk
+
+
+def _stream_chunks(read: Sequence[RoutingInput], phase: str,
+                   model: ModelSpec) -> Callable[[], Iterator[RoutingTrace]]:
+    """A re-iterable stream of every per-token input's chunks, phase-filtered and fitted to ``model``."""
+    def chunks() -> Iterator[RoutingTrace]:
+        for r in read:
+            assert r.chunks is not None
+            for chunk in r.chunks():
+                yield _fit_chunk(_filter_phase(chunk, phase, r.source), model, r.source)
+    return chunks
+
+
+def chunk_tokens_for(model: ModelSpec, chunk_mb: float) -> int:
+    """Tokens per chunk so that reading and scoring one chunk of ``model`` routing takes about
+    ``chunk_mb`` MiB (ids, gate weights, their filtered and sorted copies: ~16 bytes per
+    token-layer-expert entry)."""
+    if not chunk_mb > 0:
+        raise InvalidInputError(f"the chunk budget must be positive, got {chunk_mb} MB", source="--chunk-mb")
+    return max(1, int(chunk_mb * 2**20) // (16 * model.num_moe_layers * model.top_k))
+
+
 def concat_traces(chunks: list[RoutingTrace], model: ModelSpec) -> RoutingTrace:
     if len(chunks) == 1 and chunks[0].model == model:
         return chunks[0]
@@ -110,15 +154,17 @@ def concat_traces(chunks: list[RoutingTrace], model: ModelSpec) -> RoutingTrace:
 
 def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, phase: str = "all",
                    sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0,
-                   keep_trace: bool = True) -> Routing:
+                   keep_trace: bool = True, chunk_tokens: int = 65536) -> Routing:
     """Read and merge routing inputs of any supported format into one :class:`Routing`.
 
     Per-token inputs stream through one :class:`StatsBuilder` (memory bounded by the
-    statistics); count-only inputs (load matrices, SGLang stat dumps) merge in as counts.
+    statistics) in chunks of ``chunk_tokens``; count-only inputs (load matrices, SGLang stat
+    dumps) merge in as counts. ``keep_trace=False`` holds no token (use ``Routing.stream``).
     """
     if not inputs:
         raise InvalidInputError("no routing input given", source="TRACE")
-    read = [read_input(path, model=model) for path in inputs]
+    # Without a kept trace, only statistics and metrics read the tokens: no gate weights of sorted traces.
+    read = [read_input(path, model=model, chunk_tokens=chunk_tokens, gate_weights=keep_trace) for path in inputs]
     model = agree_model(model, [(r.source, r.model) for r in read])
     builder: StatsBuilder | None = None
     kept: list[RoutingTrace] = []
@@ -140,14 +186,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
             chunk = _filter_phase(chunk, phase, r.source)
             if model is None:
                 model = ModelSpec.from_shape(chunk.num_layers, chunk.num_experts, chunk.top_k)
-            if (chunk.num_layers, chunk.top_k) != (model.num_moe_layers, model.top_k) or \
-                    chunk.num_experts > model.num_experts:
-                raise InvalidInputError(f"routing shape [T, {chunk.num_layers}, {chunk.top_k}] with E={chunk.num_experts} "
-                                        f"does not match {model.name} ({model.num_moe_layers} MoE layers, "
-                                        f"E={model.num_experts}, top_k={model.top_k})", source=r.source)
-            if chunk.num_experts != model.num_experts or chunk.model != model:  # else: validated already
-                chunk = RoutingTrace(chunk.expert_ids, model.num_experts, chunk.order, chunk.gate_weights,
-                                     chunk.request_ids, chunk.phase, chunk.home_rank, model)
+            chunk = _fit_chunk(chunk, model, r.source)
             if top1_why is None and not chunk.has_top1:
                 top1_source, top1_why = r.source, top1_reason(r.format, "trace")
             if builder is None:
@@ -171,6 +210,10 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
     trace = None
     if keep_trace and not count_only and kept and kept_tokens <= MAX_TRACE_TOKENS:
         trace = concat_traces(kept, model)
+    stream = None
+    if not count_only:
+        stream = TraceStream(_stream_chunks(read, phase, model), kept_tokens, model.num_moe_layers,
+                             model.num_experts, model.top_k, top1_why is None, model)
     synthetic = any(r.synthetic for r in read)
     return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),
-                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why)
+                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why, stream=stream)

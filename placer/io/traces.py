@@ -43,12 +43,18 @@ import numpy as np
 from placer.errors import InvalidInputError
 from placer.io import external, native, r3, sglang, trtllm_stats
 from placer.io.common import chunker, fail, guard, load_arrays, load_torch, require_file
-from placer.io.native import read_stats_npz, write_stats_npz, write_trace_npz, write_trace_parquet
+from placer.io.native import (
+    read_stats_npz,
+    write_stats_npz,
+    write_trace_npz,
+    write_trace_npz_chunks,
+    write_trace_parquet,
+)
 from placer.types import ModelSpec, RoutingStats, RoutingTrace
 
 __all__ = ["FORMATS", "STATS_FORMATS", "TRACE_FORMATS", "RoutingInput", "concat_traces", "detect_format",
            "read_input", "read_stats_npz", "read_trace", "write_stats_npz", "write_trace_npz",
-           "write_trace_parquet"]
+           "write_trace_npz_chunks", "write_trace_parquet"]
 
 TRACE_FORMATS = ("placer-npz", "parquet", "hdmoe-json", "sglang-per-token", "r3-npy", "r3-base64",
                  "megatron-jsonl")
@@ -180,7 +186,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
                format: str | None = None, chunk_tokens: int = 65536,
-               num_gpus: int | None = None) -> RoutingInput:
+               num_gpus: int | None = None, gate_weights: bool = True) -> RoutingInput:
     """Read one routing input of any supported format.
 
     Parameters
@@ -193,6 +199,8 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
     chunk_tokens : tokens per chunk of ``chunks()``.
     num_gpus : when given, home ranks recorded in a native trace must be below it (checked
         as chunks stream).
+    gate_weights : False leaves the gate weights of a sorted-order native trace (npz, Parquet)
+        unread: enough for statistics and metrics, a third of the bytes to read.
 
     Raises
     ------
@@ -233,10 +241,12 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
         return RoutingInput("trace", _checked(path, chunks, num_gpus), None, m, format, source, synthetic)
 
     if format == "placer-npz":
-        chunks, m, synthetic = native.read_trace_npz(path, model=model, chunk_tokens=chunk_tokens)
+        chunks, m, synthetic = native.read_trace_npz(path, model=model, chunk_tokens=chunk_tokens,
+                                                     gate_weights=gate_weights)
         return trace_input(chunks, m, synthetic)
     if format == "parquet":
-        chunks, m, synthetic = native.read_trace_parquet(path, model=model, chunk_tokens=chunk_tokens)
+        chunks, m, synthetic = native.read_trace_parquet(path, model=model, chunk_tokens=chunk_tokens,
+                                                         gate_weights=gate_weights)
         return trace_input(chunks, m, synthetic)
     if format == "placer-stats":
         stats, synthetic = native.stats_npz_input(path, "all", model)

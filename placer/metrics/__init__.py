@@ -29,12 +29,13 @@ from placer.metrics import core
 from placer.metrics._count import table_standard_counts
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, slot_load
 from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
+from placer.metrics.stream import TraceStream
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
 from placer.validate import expert_memory_per_gpu
 
-Data = RoutingTrace | RoutingStats
+Data = RoutingTrace | TraceStream | RoutingStats
 
-__all__ = ["METRIC_DESCRIPTIONS", "context_coherent_traffic", "dispatch_traffic", "evaluate",
+__all__ = ["METRIC_DESCRIPTIONS", "TraceStream", "context_coherent_traffic", "dispatch_traffic", "evaluate",
            "expert_memory", "format_comparison", "format_table", "gpu_load", "load_balance"]
 
 
@@ -60,7 +61,7 @@ def gpu_load(placement: Placement, topology: Topology, data: Data, *, dispatch: 
              seed: int = DEFAULT_DISPATCH_SEED, table: np.ndarray | None = None) -> np.ndarray:
     """Token-slots served by each GPU at each layer. Returns float64 [L, G].
 
-    From a trace: exact, every (token, k) counted on the GPU of its chosen replica. From stats:
+    From a trace (whole or streamed): exact, every (token, k) counted on the GPU of its chosen replica. From stats:
     :func:`placer.metrics.dispatch.slot_load` summed per GPU, the expected value when home ranks (or
     positions, for ``vllm``) are uniform; exact when there are no replicas. ``table``: a
     precomputed :func:`~placer.metrics.dispatch.dispatch_table` for this placement, rule and seed.
@@ -75,12 +76,25 @@ def gpu_load(placement: Placement, topology: Topology, data: Data, *, dispatch: 
         per_slot = slot_load(data.load, placement, topology, dispatch, seed, table=table)
         return per_slot.reshape(num_layers, num_gpus, placement.slots_per_gpu).sum(axis=2)
     tokens = core.resolve_tokens(placement, topology, data, need_top1=False, what="gpu load")
-    out = np.zeros(num_layers * num_gpus, dtype=np.int64)
+    c = core.accumulate(tokens, (), _load_counter(placement, topology, dispatch, seed, table), num_layers)
+    return _load_of(c, num_layers, num_gpus)
+
+
+def _load_counter(placement: Placement, topology: Topology, dispatch: str, seed: int, table: np.ndarray | None):
+    """Per-chunk count function: ``gpu_load`` int64 [L * G] token-slots per (layer, GPU)."""
+    num_layers, num_gpus = placement.num_layers, placement.num_gpus
     layer_base = (np.arange(num_layers) * num_gpus)[None, :, None]
-    for ids, home, index in tokens.chunks():
+
+    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
         gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
-        out += np.bincount((layer_base + gpu).ravel(), minlength=num_layers * num_gpus)
-    return out.reshape(num_layers, num_gpus).astype(np.float64)
+        return {"gpu_load": np.bincount((layer_base + gpu).ravel(), minlength=num_layers * num_gpus)}
+    return count
+
+
+def _load_of(c: dict[str, np.ndarray], num_layers: int, num_gpus: int) -> np.ndarray:
+    """float64 [L, G] from accumulated counts (zeros when no token streamed)."""
+    load = c.get("gpu_load", np.zeros(num_layers * num_gpus, dtype=np.int64))
+    return load.reshape(num_layers, num_gpus).astype(np.float64)
 
 
 def load_balance(gpu_load: np.ndarray) -> dict[str, Any]:
@@ -129,6 +143,14 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
     if table is None:
         table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     core.check_rule(dispatch)
+    c = core.accumulate(tokens, core.STANDARD_COUNTS, _standard_counter(placement, topology, dispatch, seed, table),
+                        num_layers)
+    return _standard_summary(c, tokens, num_layers, model)
+
+
+def _standard_counter(placement: Placement, topology: Topology, dispatch: str, seed: int,
+                      table: np.ndarray | None):
+    """Per-chunk count function: :data:`core.STANDARD_COUNTS`, int64 [L] each."""
     gpn = topology.gpus_per_node
 
     def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -136,9 +158,13 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
             return table_standard_counts(ids, home, table, placement.slots_per_gpu, gpn, topology.num_gpus)
         gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
         return core.standard_counts(gpu, home, gpn, topology.num_gpus)
+    return count
 
-    c = core.accumulate(tokens, core.STANDARD_COUNTS, count, num_layers)
-    t, k, tb = tokens.num_tokens, tokens.ids.shape[2], model.token_bytes
+
+def _standard_summary(c: dict[str, np.ndarray], tokens: core.Tokens | core.StreamTokens, num_layers: int,
+                      model: ModelSpec) -> dict[str, Any]:
+    """:func:`dispatch_traffic`'s result from the accumulated standard counts (int64 [L] each)."""
+    t, k, tb = tokens.num_tokens, tokens.top_k, model.token_bytes
     forwarded = c["remote_node_ranks"] - c["remote_landing_ranks"]
     sums = {
         "intra_node_ranks": c["intra_node_ranks"],
@@ -203,18 +229,31 @@ def context_coherent_traffic(placement: Placement, topology: Topology, model: Mo
     else:
         tokens = core.resolve_tokens(placement, topology, data, need_top1=True, what=what)
 
+    c = None
+    if tokens is not None:
+        if table is None:
+            table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
+        c = core.accumulate(tokens, core.CC_COUNTS, _cc_counter(placement, topology, dispatch, seed, table),
+                            num_layers)
+    return _cc_summary(c, tokens, exact, num_layers, model)
+
+
+def _cc_counter(placement: Placement, topology: Topology, dispatch: str, seed: int, table: np.ndarray | None):
+    """Per-chunk count function: :data:`core.CC_COUNTS` (int64 [L] or [L-1]); ids top-1 first."""
+    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
+        return core.cc_counts(placement, topology, ids, home, index, dispatch, seed, table)
+    return count
+
+
+def _cc_summary(c: dict[str, np.ndarray] | None, tokens: core.Tokens | core.StreamTokens | None,
+                exact: dict[str, np.ndarray] | None, num_layers: int, model: ModelSpec) -> dict[str, Any]:
+    """:func:`context_coherent_traffic`'s result from the accumulated counts ``c`` of ``tokens``
+    (both None without tokens) and the exact transitions from stats (``exact``, or None)."""
     out: dict[str, Any] = {"source": None if tokens is None else tokens.source,
                            "tokens": 0 if tokens is None else tokens.num_tokens,
                            "bytes_known": model.token_bytes > 0}
     per_layer: dict[str, np.ndarray] = {}
-    if tokens is not None:
-        if table is None:
-            table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
-
-        def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-            return core.cc_counts(placement, topology, ids, home, index, dispatch, seed, table)
-
-        c = core.accumulate(tokens, core.CC_COUNTS, count, num_layers)
+    if tokens is not None and c is not None:
         t, tb = tokens.num_tokens, model.token_bytes
         sums = {"state_moves": c["state_moves"], "other_gpus": c["other_gpus"],
                 "bytes": tb * c["state_moves"] + 2 * tb * c["other_gpus"]}
@@ -270,6 +309,29 @@ _CC_KEYS = ("frac_top1_transitions_cross_gpu", "frac_top1_transitions_cross_node
             "cc_state_moves_per_token_layer", "cc_other_gpus_per_token_layer", "cc_bytes_per_token_layer")
 
 
+def _trace_metrics(placement: Placement, topology: Topology, model: ModelSpec, data: RoutingTrace | TraceStream,
+                   *, dispatch: str, seed: int, table: np.ndarray | None,
+                   coherent: bool) -> tuple[np.ndarray, dict[str, Any], dict[str, Any] | None]:
+    """GPU load float64 [L, G], :func:`dispatch_traffic` and (when ``coherent``)
+    :func:`context_coherent_traffic` of a trace, from one pass over its tokens (top-1 first when
+    ``coherent``: load and standard counts do not depend on the order of a token's experts)."""
+    num_layers = core.data_shape(data)[0]
+    tokens = core.resolve_tokens(placement, topology, data, need_top1=coherent, what="metrics")
+    counters = [_load_counter(placement, topology, dispatch, seed, table),
+                _standard_counter(placement, topology, dispatch, seed, table)]
+    if coherent:
+        counters.append(_cc_counter(placement, topology, dispatch, seed, table))
+
+    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: v for counter in counters for name, v in counter(ids, home, index).items()}
+
+    names = core.STANDARD_COUNTS + (core.CC_COUNTS if coherent else ())
+    c = core.accumulate(tokens, names, count, num_layers)
+    load = _load_of(c, num_layers, placement.num_gpus)
+    cc = _cc_summary(c, tokens, None, num_layers, model) if coherent else None
+    return load, _standard_summary(c, tokens, num_layers, model), cc
+
+
 def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: Data, *,
              dispatch: str = "nearest", execution: str = "standard",
              seed: int = DEFAULT_DISPATCH_SEED) -> dict[str, Any]:
@@ -298,8 +360,8 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
                                 "the routing's expert order is unknown and it has no gate weights",
                                 source="--execution")
     table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
-    is_trace = isinstance(data, RoutingTrace)
-    has_tokens = isinstance(data, RoutingTrace) or data.sample_size > 0
+    is_trace = not isinstance(data, RoutingStats)
+    has_tokens = not isinstance(data, RoutingStats) or data.sample_size > 0
     no_replicas = placement.num_slots == placement.num_experts
 
     out: dict[str, Any] = {
@@ -311,7 +373,12 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
     }
     per_layer: dict[str, Any] = {}
 
-    lb = load_balance(gpu_load(placement, topology, data, dispatch=dispatch, seed=seed, table=table))
+    if not isinstance(data, RoutingStats):  # one pass over the tokens (a streamed trace is read once)
+        load, std, cc = _trace_metrics(placement, topology, model, data, dispatch=dispatch, seed=seed,
+                                       table=table, coherent=top1)
+    else:
+        load = gpu_load(placement, topology, data, dispatch=dispatch, seed=seed, table=table)
+    lb = load_balance(load)
     out["load_source"] = "trace" if is_trace else ("stats-exact" if no_replicas else "stats-expected")
     out["load_max_over_mean_median"] = lb["median"]
     out["load_max_over_mean_worst"] = lb["worst"]
@@ -321,7 +388,8 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
     bytes_known = model.token_bytes > 0
     source, tokens = None, 0
     if has_tokens:
-        std = dispatch_traffic(placement, topology, model, data, dispatch=dispatch, seed=seed, table=table)
+        if not is_trace:
+            std = dispatch_traffic(placement, topology, model, data, dispatch=dispatch, seed=seed, table=table)
         source, tokens = std["source"], std["tokens"]
         for key in _STANDARD_KEYS:
             out[key] = std[key] if bytes_known or "bytes" not in key else None
@@ -336,8 +404,10 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
     out["transitions_source"] = None
     out.update(dict.fromkeys(_CC_KEYS))
     if top1 and (has_tokens or no_replicas):
-        cc = context_coherent_traffic(placement, topology, model, data, dispatch=dispatch, seed=seed,
-                                      table=table)
+        if not is_trace:
+            cc = context_coherent_traffic(placement, topology, model, data, dispatch=dispatch, seed=seed,
+                                          table=table)
+        assert cc is not None
         out["transitions_source"] = cc["transitions_source"]
         out["frac_top1_transitions_cross_gpu"] = cc["frac_top1_transitions_cross_gpu"]
         out["frac_top1_transitions_cross_node"] = cc["frac_top1_transitions_cross_node"]

@@ -14,6 +14,7 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.metrics.dispatch import default_home_ranks, dispatch_table, select_slots
+from placer.metrics.stream import StreamTokens, TraceStream
 from placer.types import (
     DISPATCH_RULES,
     POSITION_RULES,
@@ -45,6 +46,10 @@ class Tokens:
     def num_tokens(self) -> int:
         return int(self.ids.shape[0])
 
+    @property
+    def top_k(self) -> int:
+        return int(self.ids.shape[2])
+
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         t, num_layers, k = self.ids.shape
         step = max(1, CHUNK_ELEMENTS // max(1, num_layers * k))
@@ -68,9 +73,9 @@ def check_shapes(placement: Placement, topology: Topology, num_layers: int, num_
                                 f"{placement.num_layers} x {placement.num_experts}", source="placement")
 
 
-def data_shape(data: RoutingTrace | RoutingStats) -> tuple[int, int, int]:
-    """(L, E, K) of a trace or stats; raises on anything else."""
-    if isinstance(data, (RoutingTrace, RoutingStats)):
+def data_shape(data: RoutingTrace | TraceStream | RoutingStats) -> tuple[int, int, int]:
+    """(L, E, K) of a trace, a trace stream or stats; raises on anything else."""
+    if isinstance(data, (RoutingTrace, TraceStream, RoutingStats)):
         return data.num_layers, data.num_experts, data.top_k
     raise InvalidInputError(f"expected a RoutingTrace or RoutingStats, got {type(data).__name__}",
                             source="data")
@@ -83,12 +88,17 @@ def rank_table(placement: Placement, topology: Topology, rule: str, seed: int,
     return None if rule in POSITION_RULES else dispatch_table(placement, topology, rule, seed, model=model)
 
 
-def resolve_tokens(placement: Placement, topology: Topology, data: RoutingTrace | RoutingStats, *,
-                   need_top1: bool, what: str) -> Tokens:
-    """The tokens metrics run on: the whole trace, or the stats' reservoir sample."""
+def resolve_tokens(placement: Placement, topology: Topology, data: RoutingTrace | TraceStream | RoutingStats,
+                   *, need_top1: bool, what: str) -> Tokens | StreamTokens:
+    """The tokens metrics run on: the whole trace, the trace streamed, or the stats' reservoir sample."""
     num_layers, num_experts, _ = data_shape(data)
     check_shapes(placement, topology, num_layers, num_experts)
     num_gpus = placement.num_gpus
+    if isinstance(data, TraceStream):
+        if need_top1 and not data.has_top1:
+            raise InvalidInputError(f"{what} needs the top-1 expert of each token, but the trace's expert order "
+                                    "is unknown and it carries no gate weights", source="trace")
+        return StreamTokens(data, need_top1, num_gpus, CHUNK_ELEMENTS)
     if isinstance(data, RoutingTrace):
         ids = data.sorted_ids() if need_top1 else data.expert_ids
         index = np.arange(data.num_tokens, dtype=np.int64)
@@ -286,7 +296,7 @@ def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: n
     }
 
 
-def accumulate(tokens: Tokens, names: tuple[str, ...], count_fn, num_layers: int) -> dict[str, np.ndarray]:
+def accumulate(tokens: Tokens | StreamTokens, names: tuple[str, ...], count_fn, num_layers: int) -> dict[str, np.ndarray]:
     """Sum ``count_fn(ids, home, index)`` over the token chunks (int64 arrays per name)."""
     totals: dict[str, np.ndarray] = {}
     for ids, home, index in tokens.chunks():
