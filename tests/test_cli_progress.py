@@ -101,13 +101,14 @@ def test_the_readme_doc_test_drops_progress_lines():
 
 def test_every_command_that_shows_progress_has_quiet():
     paths = {"solve": ["solve"], "profile": ["profile"], "apply": ["apply"], "demo": ["demo"],
-             "serve": ["serve"], "simulate run": ["simulate", "run"], "simulate sweep": ["simulate", "sweep"]}
+             "serve": ["serve"], "simulate run": ["simulate", "run"], "simulate sweep": ["simulate", "sweep"],
+             "synth": ["synth"]}
     for name, path in paths.items():
         cmd = cli
         for part in path:
             cmd = cmd.commands[part]
         assert "--quiet" in {o for p in cmd.params for o in p.opts}, name
-    for name in ("profile", "report", "apply", "demo", "serve", "solve", "evaluate", "export", "stats"):
+    for name in ("profile", "report", "apply", "demo", "serve", "solve", "evaluate", "export", "stats", "synth"):
         assert "--json" in {o for p in cli.commands[name].params for o in p.opts}, name
 
 
@@ -116,6 +117,19 @@ def trace(tmp_path, capsys):
     path = tmp_path / "t.npz"
     assert run(capsys, "synth", "--model", "mixtral-8x7b", "--tokens", "3000", "-o", path)[0] == 0
     return path
+
+
+def test_synth_shows_tokens_written_and_json_names_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    out = tmp_path / "t.npz"
+    code, text, err = run(capsys, "synth", "--model", "mixtral-8x7b", "--tokens", "70000", "-o", out, "--json")
+    assert code == 0, err
+    doc = json.loads(text)
+    assert doc == {"tokens": 70000, "model": "mixtral-8x7b", "output": str(out), "seed": 0, "perturb": 0.0,
+                   "phase": None, "synthetic": True}
+    assert re.search(r"placer synth: 65,536/70,000 tokens \(94%\)", err), err  # after the first chunk
+    code, _, err = run(capsys, "synth", "--model", "mixtral-8x7b", "--tokens", "70000", "-o", out, "--quiet")
+    assert code == 0 and err == "", err
 
 
 def test_solve_shows_its_phases_piped_and_quiet_hides_them(tmp_path, capsys, monkeypatch, trace):

@@ -10,7 +10,7 @@ import copy
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,16 +34,18 @@ from placer.resources import human_bytes
 from placer.stacks import Stack, resolve_dispatch
 from placer.stats import load_only_stats
 from placer.synthetic import perturbed, profile_for, synthesize
-from placer.types import ModelSpec
+from placer.types import ModelSpec, RoutingTrace
 
 CHUNK_MB = 512.0
 """Default memory budget (MiB) of one chunk of routing read by the streaming commands."""
 
 
 def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: float = 0.0,
-                    phase: str | None = None, output: str) -> int:
+                    phase: str | None = None, output: str,
+                    progress: Callable[[int], None] | None = None) -> int:
     """Write a synthetic trace (native .npz, or .parquet in row groups) marked synthetic, streamed
-    chunk by chunk (memory bounded by one chunk, whatever ``tokens``); return tokens written."""
+    chunk by chunk (memory bounded by one chunk, whatever ``tokens``); return tokens written.
+    ``progress(tokens_so_far)`` is called after each chunk is handed to the writer."""
     if not output.endswith((".npz", ".parquet")):
         raise InvalidInputError("synthetic traces are written as .npz or .parquet", source=output)
     check_writable(output)
@@ -59,9 +61,20 @@ def write_synthetic(model: ModelSpec, tokens: int, *, seed: int = 0, perturb: fl
     if perturb > 0:
         profile = perturbed(profile, perturb, seed)
     chunks = synthesize(model, tokens, seed=seed, profile=profile, phase=phase)
+    if progress is not None:
+        chunks = _counted(chunks, progress)
     if output.endswith(".parquet"):
         return write_trace_parquet(output, chunks, synthetic=True)
     return write_trace_npz_chunks(output, chunks, tokens, synthetic=True)
+
+
+def _counted(chunks: Iterable[RoutingTrace], progress: Callable[[int], None]) -> Iterator[RoutingTrace]:
+    """``chunks`` as they are, calling ``progress(tokens so far)`` after each one is consumed."""
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += chunk.num_tokens
+        progress(done)
 
 
 def write_stats(routing: Routing, output: str) -> None:

@@ -11,6 +11,7 @@ from placer.cli.options import (
     model_option,
     resolve_model,
 )
+from placer.cli.progress import Progress
 from placer.errors import InvalidInputError
 from placer.profiling.summary import format_summary
 
@@ -23,18 +24,27 @@ from placer.profiling.summary import format_summary
               help="Perturb the preset's expert popularity (lognormal sigma), for held-out scoring.")
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), default=None, help="Tag tokens with a phase.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz or .parquet).")
-def synth(model, tokens, seed, perturb, phase, output):
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--json", "as_json", is_flag=True, help="Print the tokens, model and file written as JSON.")
+def synth(model, tokens, seed, perturb, phase, output, quiet, as_json):
     """Write a deterministic synthetic routing trace for a model preset (labelled synthetic).
 
     \b
     Example:
         placer synth --model deepseek-v3 --tokens 100000 --seed 1 --perturb 0.3 -o trace.npz
+        placer synth --model deepseek-v3 --tokens 5000000 -o big.npz --json
     """
     from placer.app.workflow import write_synthetic  # deferred: keeps numba off placer --help
     spec = resolve_model(model)
     if spec is None:
         raise InvalidInputError("synth needs --model PRESET", source="--model")
-    written = write_synthetic(spec, tokens, seed=seed, perturb=perturb, phase=phase, output=output)
+    with Progress("synth", total=tokens, unit="tokens", quiet=quiet) as bar:
+        written = write_synthetic(spec, tokens, seed=seed, perturb=perturb, phase=phase, output=output,
+                                  progress=lambda n: bar.update(n))
+    if as_json:
+        echo_json({"tokens": written, "model": spec.name, "output": output, "seed": seed, "perturb": perturb,
+                   "phase": phase, "synthetic": True})
+        return
     click.echo(f"wrote {written:,} synthetic tokens of {spec.name} routing to {output}")
 
 
