@@ -13,7 +13,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
-Sink = Callable[[str, int, int], None]  # (what, done, total)
+Sink = Callable[[str, int, int], None]  # (what, done, total); total 0: not known yet
+
+TOKENS_READ = "reading"
+"""Tokens of routing read so far (:func:`placer.io.routing.gather_routing`, total not known)."""
+TOKENS_SCORED = "scoring"
+"""Tokens scored so far in one pass over a trace (:class:`placer.metrics.TraceStream`)."""
 
 _SINK: ContextVar[Sink | None] = ContextVar("placer_progress_sink", default=None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from placer.display import format_value
 from placer.errors import InvalidInputError
 
 
@@ -23,12 +24,8 @@ def memory_available() -> int | None:
 
 
 def human_bytes(n: float) -> str:
-    """``n`` bytes as e.g. ``8.0 TB`` (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"  # pragma: no cover
+    """``n`` bytes as e.g. ``8.000 TB`` (decimal units; :func:`placer.display.format_value`)."""
+    return format_value("bytes", n)
 
 
 def check_memory(source: str | os.PathLike[str], nbytes: float, what: str = "declares an array of") -> None:

@@ -252,13 +252,13 @@ CASES = [
      "row 2, column Expert_1: non-numeric value 'x'"),
     ("csv-labelled-missing-expert", _csv("Layer,Expert_0,Expert_2\n0,1,2\n"), 2, "Expert_1 is missing"),
     # 7. tiny files that declare huge arrays: sized from the header before anything is allocated
-    ("npz-declares-8TB", _npz_declaring((10**6, 10**6)), 2, "load.npz: member load.npy declares an array of 8.0 TB; "),
+    ("npz-declares-8TB", _npz_declaring((10**6, 10**6)), 2, "load.npz: member load.npy declares an array of 8.000 TB; "),
     ("npz-member-truncated", _npz_declaring((4, 4), b"\0" * 16), 2,
      "member load.npy is truncated or corrupt: its header declares [4, 4] float64 (128 B), it holds 16 B"),
-    ("npy-declares-8TB", _npy_declaring, 2, "r3.npy: declares an array of 8.0 TB; "),
-    ("r3-base64-npy-declares-8TB", _r3_b64_declaring, 2, "line 1: .npy payload declares an array of 8.0 TB; "),
+    ("npy-declares-8TB", _npy_declaring, 2, "r3.npy: declares an array of 8.000 TB; "),
+    ("r3-base64-npy-declares-8TB", _r3_b64_declaring, 2, "line 1: .npy payload declares an array of 8.000 TB; "),
     ("sglang-csv-huge-expert-id", _csv("layer_id,expert_id,count\n0,1000000000000,5\n0,1,3\n", "counts.csv"), 2,
-     "expert id 1000000000000 means a [1, 1000000000001] load matrix: reading it needs about 32.0 TB; "),
+     "expert id 1000000000000 means a [1, 1000000000001] load matrix: reading it needs about 32.00 TB; "),
     # 8. work sized by a flag: estimated, and refused with both figures, before it starts
     ("synth-1e12-tokens", _argv("synth", *MIXTRAL, "--tokens", "1000000000000", "-o", "{tmp}/t.npz"), 2,
      "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b need at least about 384.0 TB on disk; "),
@@ -268,10 +268,10 @@ CASES = [
      "--tokens: 1,000,000,000,000 tokens of mixtral-8x7b need at least about 128.0 TB on disk; "),
     ("simulate-65536-gpus", _argv("simulate", "run", "--model", "deepseek-v3", "--gpus", "65536", "--redundant",
                                   "65280", "--method", "contiguous"), 2,
-     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 8.0 TB; "),
+     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 7.979 TB; "),
     ("solve-65536-gpus", _solve_huge_cluster, 2, "--gpus: 65536 GPUs"),
     ("serve-65536-gpus", _argv("serve", "--model", "deepseek-v3", "--gpus", "65536", "--redundant", "65280"), 2,
-     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 8.0 TB; "),
+     "--gpus: 65536 GPUs (simulated [layers, GPUs, GPUs] traffic of deepseek-v3) need about 7.979 TB; "),
     # 9. deeply nested JSON
     ("hdmoe-nested-too-deeply", _deep_file('{"0": [{deep}]}', "trace.json", "stats", "{file}"), 2,
      "trace.json: corrupt or malformed HD-MoE JSON: nested too deeply"),
@@ -329,7 +329,7 @@ def test_npz_that_inflates_beyond_memory_is_refused(capsys, tmp_path, monkeypatc
     assert p.stat().st_size < 100_000
     code, out, err = run(capsys, "stats", p)
     assert code == 2, (code, out, err)
-    assert err.strip() == f"placer: error: {p}: member load.npy declares an array of 8.0 MB; 1.0 MB available"
+    assert err.strip() == f"placer: error: {p}: member load.npy declares an array of 8.000 MB; 1.000 MB available"
 
 
 def _ones(layers=4, experts=8) -> list[list[float]]:

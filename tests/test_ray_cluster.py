@@ -156,7 +156,7 @@ def _placements(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_apply_places_two_ranks_on_each_raylet_and_migrates_over_gloo(cluster, tmp_path):
     old, new = _placements(tmp_path)
-    run = _run(cluster, [PLACER, "apply", "--placement", str(new), "--from", str(old), "--ranks", "4",
+    run = _run(cluster, [PLACER, "apply", "--placement", str(new), "--from", str(old), "--gpus", "4",
                          "--tokens", "32", "--warmup", "2", "--ray-address", cluster.address])
     assert run.returncode == 0, run.stdout + run.stderr
     head, second = (node.node_id[:8] for node in cluster.nodes)

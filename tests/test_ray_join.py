@@ -251,7 +251,7 @@ PLACER = str(Path(sys.executable).with_name("placer"))
 
 
 @pytest.mark.parametrize("argv, joins", [
-    (["apply", "--placement", "{files}/p.json", "--ranks", "4", "--tokens", "16", "--warmup", "1"], False),
+    (["apply", "--placement", "{files}/p.json", "--gpus", "4", "--tokens", "16", "--warmup", "1"], False),
     (["solve", "{files}/t.npz", "--gpus", "4", "--redundant", "4", "--method", "placer", "--ray-address", "auto",
       "-o", "{files}/out.json"], True),
     (["simulate", "sweep", "--model", "mixtral-8x7b", "--gpus", "4", "--method", "contiguous", "--duration", "0.2",

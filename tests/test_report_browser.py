@@ -4,7 +4,7 @@ Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pi
 messages separated by NUL bytes on file descriptors 3 and 4), so no websocket client or browser
 driver package is needed. Skipped when Chromium is not installed (``make test`` installs
 Debian's ``chromium`` when it can). With ``PLACER_UPDATE_SCREENSHOT=1`` it also saves
-``docs/report.png`` and ``docs/demo-report.png`` for the README.
+``docs/report.png``, ``docs/demo-report.png`` and ``docs/sweep-report.png`` for the README.
 """
 
 from __future__ import annotations
@@ -360,3 +360,45 @@ def test_demo_report_fits_a_1400_px_window(chromium, demo_html, tmp_path):
     assert struct.unpack(">II", png[16:24])[0] == VIEWPORT[0]
     atomic_write_bytes(DEMO_SCREENSHOT if os.environ.get("PLACER_UPDATE_SCREENSHOT")
                        else tmp_path / "demo-report.png", png)
+
+
+SWEEP_SCREENSHOT = ROOT / "docs" / "sweep-report.png"
+SWEEP_CLIP = """(() => {
+  const end = document.getElementById('plot-sweep-rate').getBoundingClientRect().bottom + window.scrollY;
+  return JSON.stringify({y: 0, height: end + 40});
+})()"""
+
+
+@pytest.fixture(scope="module")
+def sweep_html(chromium, tmp_path_factory):
+    """`placer simulate sweep`: two placements over 2 GPU counts x 2 request rates (synthetic)."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    assert main(["simulate", "sweep", "--model", "mixtral-8x7b", "--gpus", "4,8", "--rates", "4,8", "--method",
+                 "contiguous", "--method", "eplb", "--workload", "serving", "--duration", "2", "--workers", "1",
+                 "-o", str(out), "--quiet"]) == 0
+    return out / "report.html"
+
+
+@pytest.mark.timeout(240)
+def test_sweep_report_charts_against_gpus_and_rate_and_fits_a_1400_px_window(chromium, sweep_html, tmp_path):
+    browser = DevTools(chromium, tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path))
+    try:
+        browser.open_page(*VIEWPORT)
+        plots = _draw(browser, sweep_html)
+        width = browser.evaluate("document.documentElement.scrollWidth")
+        clip = json.loads(browser.evaluate(SWEEP_CLIP))
+        shot = browser.call("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": VIEWPORT[0], "height": min(clip["height"], 2000), "scale": 1}})
+        errors = _errors(browser.drain())
+    finally:
+        browser.close()
+    assert errors == [], errors
+    ids = [p["id"] for p in plots]
+    assert ids[:2] == ["plot-sweep-gpus", "plot-sweep-rate"]  # what a sweep is for comes first
+    assert all(p["drawn"] and p["svg"] and p["traces"] > 0 for p in plots), plots
+    assert width <= VIEWPORT[0], width
+    png = base64.b64decode(shot["data"])
+    assert struct.unpack(">II", png[16:24])[0] == VIEWPORT[0]
+    atomic_write_bytes(SWEEP_SCREENSHOT if os.environ.get("PLACER_UPDATE_SCREENSHOT")
+                       else tmp_path / "sweep-report.png", png)

@@ -14,6 +14,7 @@ import pytest
 from placer.app.report import flatten_metrics, is_placement_json, report_plot_ids
 from placer.app.report_methods import is_internal
 from placer.cli import main
+from placer.display import MISSING
 from placer.io.placements import read_placement_json
 from placer.simulator.results import SUMMARY_KEYS, read_results
 
@@ -122,7 +123,7 @@ def test_methods_table_has_every_metric_of_files_and_simulations(page, sim):
         else:
             assert len(rows[f"sim.{key}"]) == 3
     assert rows["sim.iterations"] == [f"{summaries['eplb']['iterations']:,}",
-                                      f"{summaries['contiguous']['iterations']:,}", "–"]
+                                      f"{summaries['contiguous']['iterations']:,}", MISSING]
     for name in ("balanced.json", "rr.json"):
         path = sim["base"] / name if name == "balanced.json" else sim["out"] / name
         flat, skipped = flatten_metrics(read_placement_json(path).metrics)
@@ -133,10 +134,10 @@ def test_methods_table_has_every_metric_of_files_and_simulations(page, sim):
             elif value is not None:
                 assert f"metrics.{key}" in rows, key
     assert rows["method"] == ["eplb", "contiguous", "round-robin"]
-    assert rows["metrics.load_max_over_mean_median"][1] == "–"  # contiguous was solved in the run
+    assert rows["metrics.load_max_over_mean_median"][1] == MISSING  # contiguous was solved in the run
     assert "metrics.per_layer.load_max_over_mean" in page  # named among the arrays left out
     for cells in rows.values():
-        assert set(cells) != {"–"}  # no row that no method has
+        assert set(cells) != {MISSING}  # no row that no method has
 
 
 def test_headline_table_comes_first_with_units_and_every_metric_behind_a_toggle(page):
@@ -151,12 +152,12 @@ def test_headline_table_comes_first_with_units_and_every_metric_behind_a_toggle(
     assert "rdma_bytes" not in head and "ttft_p99_s" not in head  # one node; replay
     a2a = [row[head.index("a2a_p99_s")] for row in headline.values()]
     assert all(re.fullmatch(r"\d+(\.\d+)? us", v) for v in a2a[:2]), a2a
-    assert a2a[2] == "–"  # rr.json was not simulated
+    assert a2a[2] == MISSING  # rr.json was not simulated
     # units and significant digits instead of raw floats, in the summary as in the headline
     summary = _table(page, "sim-summary")
     cells = [c for row in (*headline.values(), *summary.values()) for c in row]
     assert not [c for c in cells if re.search(r"\de[+-]\d", c)]
-    assert summary["nvlink_bytes"][0].endswith(" MB") and summary["straggler_share"][0].endswith(" %")
+    assert summary["nvlink_bytes"][0].endswith(" MB") and summary["straggler_share"][0].endswith("%")
 
 
 def test_replay_summary_has_no_empty_rows_and_says_which_are_left_out(page):
@@ -164,7 +165,7 @@ def test_replay_summary_has_no_empty_rows_and_says_which_are_left_out(page):
     assert "iteration_p99_s" in summary
     for key in ("ttft_p99_s", "tpot_p50_s", "e2e_p99_s", "output_tok_s", "requests"):
         assert key not in summary, key
-    assert all(set(cells) != {"–"} for cells in summary.values())
+    assert all(set(cells) != {MISSING} for cells in summary.values())
     note = page[page.index('id="sim-summary-empty"'):]
     assert "replay: no requests" in note[: note.index("</p>")] and "<code>ttft_p99_s</code>" in note
 
@@ -179,7 +180,7 @@ def test_solver_internals_are_left_out_of_the_methods_tables(sim, tmp_path):
     assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     rows = _table(page, "report-methods")
-    assert rows["metrics.objective.terms.balance"][-1] == "1.25"
+    assert rows["metrics.objective.terms.balance"][-1] == "1.250"
     assert "metrics.objective.terms.start_eplb" not in rows
     assert "metrics.objective.terms.returned_start" not in rows
     assert "metrics.num_gpus" not in rows and rows["GPUs"] == ["4", "4", "4"]

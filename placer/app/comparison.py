@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from placer.display import MISSING, format_value, is_missing, table
 from placer.errors import InvalidInputError
 from placer.ilp import METHODS, PlacementProblem, solve
 from placer.io.placements import read_placement_file, write_placement_json
@@ -169,29 +170,17 @@ COMPARE_KEYS = ("iterations", "simulated_s", "throughput_tok_s", "ttft_p50_s", "
                 "nvlink_bytes", "rdma_bytes")
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def comparison_table(runs: Sequence[RunOutput]) -> str:
     """Metrics side by side, one column per placement, with the ratio of each to the first."""
     labels = [r.label for r in runs]
-    header = ["metric"] + labels + ([f"{lab}/{labels[0]}" for lab in labels[1:]])
-    rows = [header]
+    header = ["metric"] + labels + [f"{lab}/{labels[0]}" for lab in labels[1:]]
+    rows = []
     for key in COMPARE_KEYS:
         vals = [r.summary.get(key) for r in runs]
-        if all(v is None for v in vals):
+        if all(is_missing(v) for v in vals):
             continue
-        ratios = []
-        for v in vals[1:]:
-            base = vals[0]
-            ratios.append(f"{v / base:.3f}" if isinstance(v, int | float) and isinstance(base, int | float)
-                          and base else "-")
-        rows.append([key] + [_fmt(v) for v in vals] + ratios)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths, strict=True))) for row in rows)
+        base = vals[0]
+        ratios = [format_value("ratio", v / base) if isinstance(v, int | float) and isinstance(base, int | float)
+                  and base else MISSING for v in vals[1:]]
+        rows.append([key] + [format_value(key, v) for v in vals] + ratios)
+    return table(rows, header=header)

@@ -23,6 +23,7 @@ from typing import Any
 
 from placer.app.comparison import Candidate, routing_identity, run_comparison
 from placer.app.report import render_full_report
+from placer.display import format_value
 from placer.errors import InvalidInputError, PlacerError
 from placer.ilp import PlacementProblem, solve
 from placer.io.atomic import atomic_write_text
@@ -84,7 +85,7 @@ def _profiled(output: str, max_prompts: int, say: Callable[[str], None],
         out = profile_hf(None, path, output=os.path.join(output, f"{name}-stats.npz"),
                          trace=os.path.join(output, f"{name}-trace.parquet"), max_length=256)
         say(f"profiled the embedded model on {len(texts)} {name} prompts: {out.tokens:,} tokens "
-            f"({out.tokens_per_second:,.0f} tokens/s)")
+            f"({format_value('tokens_tok_s', out.tokens_per_second)})")
         traces[name] = read_trace(os.path.join(output, f"{name}-trace.parquet"))
     return traces["fit"], traces["holdout"], "embedded model, profiled"
 
@@ -176,12 +177,12 @@ def run_demo(output: str = "demo-out", *, synthetic: bool = False, max_prompts: 
         write_placement_json(path, result.placement, model=model, topology=topology, dispatch="nearest",
                              method=method, status=result.status if result.status != "infeasible" else "feasible",
                              solve_seconds=result.wall_time_s, metrics={"holdout": metrics})
-        rows.append({"method": method, "status": result.status, "solve_s": round(result.wall_time_s, 3),
+        rows.append({"method": method, "status": result.status, "solve_s": result.wall_time_s,
                      "holdout_load_max_mean": metrics.get("load_max_over_mean_median"),
                      "holdout_other_ranks": metrics.get("other_ranks_per_token_layer"),
                      "holdout_cc_cross_gpu": metrics.get("frac_top1_transitions_cross_gpu")})
         candidates.append(Candidate(method, result.placement, path, method))
-        say(f"solved {method}: {result.status} in {result.wall_time_s:.2f} s")
+        say(f"solved {method}: {result.status} in {format_value('solve_s', result.wall_time_s)}")
     stage("simulating")
     sim_model = simulation_model(model)
     sim_dir = os.path.join(output, "sim")

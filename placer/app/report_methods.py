@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from placer.display import format_html, is_missing
 from placer.io.placements import PlacementFile
-from placer.simulator.report_format import format_cell, is_missing
 from placer.simulator.results import SimResults
 
 LIST_MAX = 8
@@ -174,7 +174,7 @@ def headline_table(columns: Sequence[Column]) -> str:
     head = "".join(f'<th scope="col" title="{_esc(key)}">{_esc(title)}</th>'
                    for title, _, key in shown)
     body = "".join(f'<tr><th scope="row">{_esc(c.label)}</th>'
-                   + "".join(f"<td>{format_cell(key, c.get(where, key))}</td>"
+                   + "".join(f"<td>{format_html(key, c.get(where, key))}</td>"
                              for _, where, key in shown) + "</tr>" for c in columns)
     held = any("holdout.load_max_over_mean_median" in c.metrics for c in columns)
     note = ("Load and traffic columns: the placement file's metrics"
@@ -196,7 +196,7 @@ def methods_table(columns: Sequence[Column], *, skipped: Sequence[str] = (),
     empty = [k for k, values in rows if all(is_missing(v) for v in values)]
     head = "".join(f'<th scope="col">{_esc(c.label)}</th>' for c in columns)
     body = "".join(f'<tr><th scope="row">{_esc(k)}</th>'
-                   + "".join(f"<td>{format_cell(k, v)}</td>" for v in values) + "</tr>"
+                   + "".join(f"<td>{format_html(k, v)}</td>" for v in values) + "</tr>"
                    for k, values in rows if k not in empty)
     note = ("<p class=\"note\">metrics.*: the placement file's <code>metrics</code> (evaluated by "
             "<code>placer solve</code>); sim.*: the simulator's summary.")

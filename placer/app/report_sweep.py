@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from placer.simulator.report_format import unit_of
+from placer.display import unit_of
 from placer.simulator.results import SimResults
 
 SWEEP_METRICS: tuple[tuple[str, str], ...] = (

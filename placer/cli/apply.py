@@ -6,8 +6,9 @@ import statistics
 
 import click
 
-from placer.cli.options import CONTEXT, FiniteFloat, echo_json
+from placer.cli.options import CONTEXT, FiniteFloat, echo_json, renamed_option
 from placer.cli.progress import Progress, quiet_option
+from placer.display import format_value, table
 from placer.errors import InvalidInputError
 from placer.presets import get_model, make_topology
 
@@ -21,8 +22,9 @@ from placer.presets import get_model, make_topology
                    "default: experts in order, redundant slots round-robin.")
 @click.option("--deployment", type=click.Choice(["local"]), default="local", show_default=True,
               help="Where to deploy: Ray actors on this machine (or on --ray-address).")
-@click.option("--ranks", type=click.IntRange(min=1), default=4, show_default=True,
-              help="EP ranks (one Ray actor each); must equal the placement's GPU count.")
+@click.option("--gpus", "ranks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="GPUs (EP ranks, one Ray actor each); must equal the placement's GPU count.")
+@renamed_option("--ranks", "--gpus")
 @click.option("--model", default=None, metavar="embedded|PRESET",
               help="Expert sizes (hidden, FFN): 'embedded' (default: placer's embedded model) or a preset "
                    "with the placement's layer and expert counts.")
@@ -52,8 +54,8 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
     \b
     Example:
         placer solve stats.npz --gpus 4 --redundant 4 -o new.json
-        placer apply --placement new.json --deployment local --ranks 4
-        placer apply --placement new.json --from old.json --ranks 4 --model embedded --json
+        placer apply --placement new.json --deployment local --gpus 4
+        placer apply --placement new.json --from old.json --gpus 4 --model embedded --json
     """
     from placer.io.atomic import check_writable  # deferred: keeps numba off placer --help
     from placer.io.placements import (  # deferred: keeps numba off placer --help
@@ -72,7 +74,7 @@ def apply(placement_path, from_path, deployment, ranks, model, tokens, warmup, m
         check_writable(output)
     if detect_placement_format(placement_path) == "native":
         new_f = read_placement_file(placement_path)
-    else:  # a stack's file holds only the map: --model gives its shape, --ranks the GPUs
+    else:  # a stack's file holds only the map: --model gives its shape, --gpus the GPUs
         shape = embedded_model() if model in (None, "embedded") else get_model(model)
         new_f = read_placement_file(placement_path, model=shape, topology=make_topology(gpus=ranks))
     if from_path is not None:
@@ -163,12 +165,11 @@ def _print(o, note: str, ranks: int) -> None:
                f"{s['saving']:.1%}), {len(p.transfers)} transfers in {p.num_rounds} rounds (one round per step, "
                f"each rank with one peer), {len(p.local_copies)} local copies; staging "
                f"{p.staging_bytes / mb:.2f} MB per rank")
-    click.echo("layer  transfers      MB  commit step  pause ms")
     nbytes = p.layer_bytes()
-    for layer in range(p.new.num_layers):
-        n = int((p.transfers.layer == layer).sum())
-        click.echo(f"{layer:>5}  {n:>9}  {nbytes[layer] / mb:>6.2f}  {int(r.commit_step[layer]):>11}  "
-                   f"{r.pause_s[layer] * 1e3:>8.2f}")
+    click.echo(table([[str(layer), format_value("transfers", int((p.transfers.layer == layer).sum())),
+                       format_value("bytes", nbytes[layer]), str(int(r.commit_step[layer])),
+                       format_value("pause_s", r.pause_s[layer])] for layer in range(p.new.num_layers)],
+                     header=["layer", "transfers", "sent", "commit step", "pause"], align="rrrrr"))
     steps = [t for t in r.step_s]
     med = statistics.median(steps) if steps else 0.0
     base = statistics.median(o.before_s) if o.before_s else float("nan")

@@ -6,6 +6,7 @@ import click
 
 from placer.cli.options import CONTEXT, echo_json
 from placer.cli.progress import Progress, quiet_option
+from placer.display import format_value, table
 
 
 @click.command(context_settings=CONTEXT)
@@ -42,17 +43,10 @@ def demo(output, synthetic, max_prompts, as_json, quiet):
         return
     cols = ["method", "status", "solve_s", "holdout_load_max_mean", "holdout_other_ranks",
             "holdout_cc_cross_gpu", "sim_step_p50_ms", "sim_a2a_p99_us"]
-
-    def cell(v):
-        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-
-    table = [cols] + [[cell(r[c]) for c in cols] for r in out.rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    for row in table:
-        click.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    click.echo(table([[format_value(c, r[c]) for c in cols] for r in out.rows], header=cols))
     click.echo(f"routing: {out.routing}; held-out metrics and simulation on the held-out half")
     click.echo(f"best (simulated p50 step time): {out.best}")
     click.echo(f"report: {out.report}")
     click.echo(f"SGLang placement: {out.sglang} ({out.sglang_note}); serve with: "
                + " ".join(f for f in out.sglang_flags if not f.startswith("#")))
-    click.echo(f"done in {out.seconds:.0f} s")
+    click.echo(f"done in {format_value('seconds', out.seconds)}")

@@ -3,13 +3,13 @@ placement files, exports, JSON output."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable
 
 import click
 
+from placer.display import json_text
 from placer.errors import InvalidInputError
 from placer.presets import CLUSTERS, DEFAULT_CLUSTER, MODELS, get_model, make_topology
 from placer.stacks import STACKS, get_stack, stack_help
@@ -140,12 +140,12 @@ def parse_exports(exports: tuple[str, ...], flag: str = "--export") -> list[tupl
 
 
 def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+    click.echo(json_text(obj))
 
 
 def echo_json_line(obj) -> None:
     """One event of a stream as one JSON line (flushed: a reader may be waiting for it)."""
-    click.echo(json.dumps(obj, sort_keys=False))
+    click.echo(json_text(obj, indent=None))
     sys.stdout.flush()
 
 

@@ -24,6 +24,7 @@ from placer.cli.options import (
     stack_option,
 )
 from placer.cli.progress import Progress, quiet_option
+from placer.display import format_value, table
 from placer.errors import InvalidInputError
 from placer.stacks import STACKS, resolve_dispatch
 
@@ -102,7 +103,7 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
     # The phases (reading, solving, the layers searched, scoring) with the time elapsed, against
     # --time-limit when given.
     with Progress("solve", total=time_limit_s, unit="s", clock=True, start=started, quiet=quiet) as bar, \
-            reporting(lambda what, done, total: bar.update(note=f"{what} {done}/{total} layers")):
+            reporting(bar.report):
         outcome = solve_placement(
             inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node),
             dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant,
@@ -123,11 +124,12 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, executio
             out["frontier"] = curve
         echo_json(out)
         return
-    gap = "" if r.gap is None else f", gap {r.gap:.2%}"
+    gap = "" if r.gap is None else f", gap {format_value('gap', r.gap)}"
     target = f"for {outcome.stack.label}, " if outcome.stack is not None else ""
     on_ray = (f" ({int(r.terms['ray_tasks'])} Ray tasks on {int(r.terms['ray_nodes'])} node(s))"
               if "ray_nodes" in r.terms else "")
-    click.echo(f"{r.method}: status {r.status}{gap}, {r.wall_time_s:.2f} s{on_ray}; {target}dispatch "
+    took = format_value("solve_seconds", r.wall_time_s)
+    click.echo(f"{r.method}: status {r.status}{gap}, {took}{on_ray}; {target}dispatch "
                f"{outcome.dispatch}; wrote {output}")
     for line in bound_lines(r, curve):
         click.echo(line)
@@ -167,17 +169,17 @@ def bound_lines(result, curve: list[dict]) -> list[str]:
             return ["bound covers balance (mean, heaviest expert) only, traffic >= 0: the time limit left no room "
                     "for the traffic bound"]
         alone = 1 - terms["bound_balance_only"] / result.objective if result.objective > 0 else 0.0
-        return [f"bound covers {BOUND_COVERS} (balance bound alone: gap {alone:.2%})"]
+        return [f"bound covers {BOUND_COVERS} (balance bound alone: gap {format_value('gap', alone)})"]
     return []
 
 
 def format_frontier(curve: list[dict], tokens: int) -> str:
     """The frontier as a fixed-width table, one row per point."""
-    lines = [f"frontier (exact): inter-node dispatches per token-layer ({tokens:,} sample tokens) against the "
-             "max/mean GPU load cap of every layer",
-             "load cap  load med  inter-node", "--------  --------  ----------"]
-    lines += [f"{p['load_cap']:8.4f}  {p['load_median']:8.4f}  {p['inter_node_per_token_layer']:10.4f}" for p in curve]
-    return "\n".join(lines)
+    keys = ("load_cap", "load_median", "inter_node_per_token_layer")
+    return (f"frontier (exact): inter-node dispatches per token-layer ({tokens:,} sample tokens) against the "
+            "max/mean GPU load cap of every layer\n"
+            + table([[format_value(k, p[k], digits=5) for k in keys] for p in curve], header=["load cap", "load med", "inter-node"],
+                    align="rrr"))
 
 
 @click.command(context_settings=CONTEXT)
@@ -189,9 +191,10 @@ def format_frontier(curve: list[dict], tokens: int) -> str:
 @stack_option
 @click.option("--chunk-mb", type=FiniteFloat(min=1), default=512, show_default=True,
               help="Memory for one chunk of a trace: traces are read and scored chunk by chunk.")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, dispatch, execution, phase, stack,
-             chunk_mb, as_json):
+             chunk_mb, quiet, as_json):
     """Score a placement on any routing input: load balance, dispatch traffic, transitions.
 
     PLACEMENT is placer's JSON or the file a server loads (SGLang .json/.pt, vllm-ascend .json,
@@ -209,7 +212,9 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
     target = placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
-    metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase, chunk_mb=chunk_mb)
+    # Progress: the tokens read (statistics), then the tokens scored.
+    with Progress("evaluate", unit="tokens", quiet=quiet) as bar, reporting(bar.report):
+        metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase, chunk_mb=chunk_mb)
     metrics["stack"] = None if target is None else target.label
     if as_json:
         echo_json(metrics)

@@ -6,6 +6,7 @@ import click
 
 from placer.cli.options import CONTEXT, FiniteFloat, echo_json
 from placer.cli.progress import Progress, quiet_option
+from placer.display import format_value
 from placer.errors import InvalidInputError
 from placer.presets import MODELS
 from placer.profiling.summary import summarize
@@ -129,6 +130,6 @@ def profile(hf_model, model, prompts, batch_size, max_length, max_new_tokens, ma
                    "tokens_per_second": None if rate is None else float(rate), "output": output, "trace": trace})
         return
     click.echo(_summary_line(figures))
-    shown = f" ({rate:,.0f} tok/s)" if rate is not None else ""
-    click.echo(f"{verb} {outcome.source} in {outcome.seconds:.1f} s{shown}; wrote {output}"
+    shown = f" ({format_value('rate_tok_s', rate)})" if rate is not None else ""
+    click.echo(f"{verb} {outcome.source} in {format_value('seconds', outcome.seconds)}{shown}; wrote {output}"
                + (f" and {trace}" if trace else ""))

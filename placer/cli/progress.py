@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import click
 
+from placer._progress import TOKENS_READ, TOKENS_SCORED
+
 INTERVAL_S = 5.0  # seconds between piped lines (and before the first)
 REFRESH_S = 0.5  # seconds between redraws of a terminal bar
 
@@ -87,6 +89,15 @@ class Progress:
             if note is not None:
                 self.note = note
             self._show()
+
+    def report(self, what: str, done: int, total: int) -> None:
+        """A sink for the library's reports (:func:`placer._progress.reporting`): tokens read or
+        scored are this display's count when it counts tokens; anything else is its note."""
+        if what in (TOKENS_READ, TOKENS_SCORED) and self.unit == "tokens" and not self.clock:
+            self.update(done, total=total or None, note=what)
+        else:
+            self.update(note=f"{what} {done:,}" + (f"/{total:,}" if total else "")
+                        + (" layers" if what == "layer search" else " tokens"))
 
     def close(self) -> None:
         """Stop the clock and clear the bar (piped: nothing more is printed)."""

@@ -6,7 +6,9 @@ import os
 
 import click
 
+from placer._progress import reporting
 from placer.cli.options import CONTEXT, echo_json
+from placer.cli.progress import Progress, quiet_option
 
 
 @click.command(context_settings=CONTEXT)
@@ -22,9 +24,10 @@ from placer.cli.options import CONTEXT, echo_json
 @click.option("--title", default=None, help="Page title.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default: RESULTS_DIR/report.html).")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print the file written, the simulated placements, the placement files and the plot count as JSON.")
-def report(results_dir, placements, routing_inputs, no_scan, title, output, as_json):
+def report(results_dir, placements, routing_inputs, no_scan, title, output, quiet, as_json):
     """One self-contained HTML report (opens offline) of simulator results and placement files.
 
     RESULTS_DIR is a `placer simulate run -o` directory or a `placer simulate sweep -o`
@@ -43,8 +46,11 @@ def report(results_dir, placements, routing_inputs, no_scan, title, output, as_j
 
     if output is None:
         output = os.path.join(results_dir, "report.html")
-    info = render_full_report(results_dir, output, placements=placements,
-                              routing_inputs=routing_inputs, scan=not no_scan, title=title)
+    # A clock while the page is drawn (no callbacks there), the tokens read when --routing is given.
+    with Progress("report", ticker=True, quiet=quiet) as bar, reporting(bar.report):
+        bar.update(note="rendering")
+        info = render_full_report(results_dir, output, placements=placements,
+                                  routing_inputs=routing_inputs, scan=not no_scan, title=title)
     if as_json:
         echo_json({"output": str(info.output), "simulated": list(info.sim_labels),
                    "placements": [{"label": e.label, "path": str(e.path), "simulated_as": e.sim_label}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from placer._progress import reporting
 from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
@@ -11,7 +12,7 @@ from placer.cli.options import (
     model_option,
     resolve_model,
 )
-from placer.cli.progress import Progress
+from placer.cli.progress import Progress, quiet_option
 from placer.errors import InvalidInputError
 from placer.profiling.summary import format_summary
 
@@ -24,7 +25,7 @@ from placer.profiling.summary import format_summary
               help="Perturb the preset's expert popularity (lognormal sigma), for held-out scoring.")
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), default=None, help="Tag tokens with a phase.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trace file (.npz or .parquet).")
-@click.option("--quiet", is_flag=True, help="No progress display.")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the tokens, model and file written as JSON.")
 def synth(model, tokens, seed, perturb, phase, output, quiet, as_json):
     """Write a deterministic synthetic routing trace for a model preset (labelled synthetic).
@@ -54,8 +55,9 @@ def synth(model, tokens, seed, perturb, phase, output, quiet, as_json):
 @click.option("--phase", type=click.Choice(["prefill", "decode", "all"]), default="all", show_default=True,
               help="Use only tokens of this phase.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the statistics (.npz).")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def stats(inputs, model, phase, output, as_json):
+def stats(inputs, model, phase, output, quiet, as_json):
     """Merge routing inputs of any supported format and print per-layer skew and affinity.
 
     \b
@@ -63,7 +65,8 @@ def stats(inputs, model, phase, output, as_json):
         placer stats experts_coding_mixtral.json --model mixtral-8x7b -o stats.npz
     """
     from placer.app.workflow import summarize_routing  # deferred: keeps numba off placer --help
-    routing, summary = summarize_routing(inputs, model=resolve_model(model), phase=phase, output=output)
+    with Progress("stats", unit="tokens", quiet=quiet) as bar, reporting(bar.report):
+        routing, summary = summarize_routing(inputs, model=resolve_model(model), phase=phase, output=output)
     if as_json:
         echo_json(summary)
     else:

@@ -6,6 +6,7 @@ import contextlib
 
 import click
 
+from placer import display
 from placer.cli.options import (
     CONTEXT,
     FiniteFloat,
@@ -19,6 +20,7 @@ from placer.cli.options import (
     stack_option,
 )
 from placer.cli.progress import Progress, quiet_option
+from placer.display import key_value_table
 from placer.errors import InvalidInputError
 from placer.presets import CLUSTERS
 from placer.stacks import resolve_dispatch
@@ -279,8 +281,10 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
 @click.option("--topk-groups", type=click.IntRange(min=1), default=4, show_default=True,
               help="Groups each token may use, for --routing group-limited.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random routing.")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, groups, topk_groups, seed, as_json):
+def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, groups, topk_groups, seed, quiet,
+        as_json):
     """One dispatch and one combine: the time of each kernel call (us), the bottleneck link's
     bandwidth, and the bandwidth in DeepEP's own byte count (deepep_*_gbps), so each row of
     DeepEP's published tables can be checked with one command (benchmarks/fidelity.md).
@@ -292,16 +296,16 @@ def a2a(cluster, ep, tokens_per_rank, top_k, hidden, experts, kernel, routing, g
         placer simulate a2a --cluster h100 --gpus 32 --tokens-per-rank 8192 --kernel deepep-v2 --json
     """
     from placer.simulator.a2a import a2a_benchmark  # deferred: keeps pandas off placer --help
-    out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,
-                        experts=experts, kernel=kernel, routing=routing, groups=groups, topk_groups=topk_groups,
-                        seed=seed)
+    # One kernel call has no steps to count: a clock (large EP sizes take tens of seconds).
+    with Progress("simulate a2a", ticker=True, quiet=quiet) as bar:
+        bar.update(note=f"{kernel}, {ep} GPUs x {tokens_per_rank:,} tokens")
+        out = a2a_benchmark(cluster=cluster, ep=ep, tokens_per_rank=tokens_per_rank, top_k=top_k, hidden=hidden,
+                            experts=experts, kernel=kernel, routing=routing, groups=groups, topk_groups=topk_groups,
+                            seed=seed)
     if as_json:
         echo_json(out)
         return
-    width = max(map(len, out))
-    for key, value in out.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else value)
-        click.echo(f"{key:>{width}}  {shown}")
+    click.echo(key_value_table(out))
 
 
 @simulate.command(context_settings=CONTEXT)
@@ -354,6 +358,8 @@ def sweep(inputs, gpus_list, rates, placements, methods, redundant, model, clust
         if as_json:
             echo_json(table.to_dict(orient="records"))
             return
-        click.echo(table.to_string(index=False))
+        records = table.to_dict(orient="records")
+        click.echo(display.table([[display.format_value(c, r[c]) for c in table.columns] for r in records],
+                                 header=list(table.columns)))
         on_ray = f"; points ran on {table.attrs['ray_nodes']} Ray node(s)" if "ray_nodes" in table.attrs else ""
         click.echo(f"sweep in {output}/ (sweep.csv, one results directory per point, report.html){on_ray}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from placer.display import json_value
 from placer.errors import InvalidInputError
 from placer.io import stack_files as sf
 from placer.io.atomic import atomic_write_text
@@ -80,22 +81,11 @@ class VllmLoadsNoFile(InvalidInputError):
 
 
 def _jsonable(value: Any, where: str) -> Any:
-    """Plain JSON values: numpy scalars and arrays converted, non-finite floats to null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, where) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist(), where)
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if value is None or isinstance(value, str):
-        return value
-    raise InvalidInputError(f"cannot store {type(value).__name__} in JSON", source=where)
+    """Plain JSON values (:func:`placer.display.json_value`); a value JSON cannot hold exits 2."""
+    try:
+        return json_value(value)
+    except TypeError as exc:
+        raise InvalidInputError(f"cannot store in JSON: {exc}", source=where) from None
 
 
 def _dumps(doc: dict[str, Any], row_keys: tuple[str, ...] = ("physical_to_logical_map", "replica_rank")) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placer._progress import TOKENS_READ, TOKENS_SCORED, report
 from placer.errors import InvalidInputError
 from placer.io.external import MEGATRON_ASCENDING_NOTE
 from placer.io.traces import RoutingInput, read_input
@@ -120,14 +121,19 @@ def _fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTra
     return chunk
 
 
-def _stream_chunks(read: Sequence[RoutingInput], phase: str,
-                   model: ModelSpec) -> Callable[[], Iterator[RoutingTrace]]:
-    """A re-iterable stream of every per-token input's chunks, phase-filtered and fitted to ``model``."""
+def _stream_chunks(read: Sequence[RoutingInput], phase: str, model: ModelSpec,
+                   total_tokens: int) -> Callable[[], Iterator[RoutingTrace]]:
+    """A re-iterable stream of every per-token input's chunks, phase-filtered and fitted to
+    ``model``; each pass reports its tokens (:data:`placer._progress.TOKENS_SCORED`)."""
     def chunks() -> Iterator[RoutingTrace]:
+        done = 0
         for r in read:
             assert r.chunks is not None
             for chunk in r.chunks():
-                yield _fit_chunk(_filter_phase(chunk, phase, r.source), model, r.source)
+                chunk = _fit_chunk(_filter_phase(chunk, phase, r.source), model, r.source)
+                yield chunk
+                done += chunk.num_tokens
+                report(TOKENS_SCORED, done, total_tokens)
     return chunks
 
 
@@ -194,6 +200,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
                                        sample_size=sample_size, seed=seed, model=model)
             builder.update(chunk)
             kept_tokens += chunk.num_tokens
+            report(TOKENS_READ, kept_tokens, 0)
             if keep_trace and kept_tokens <= MAX_TRACE_TOKENS:
                 kept.append(chunk)
     parts = ([builder.result("all", final=True)] if builder is not None else []) + count_only
@@ -212,7 +219,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
         trace = concat_traces(kept, model)
     stream = None
     if not count_only:
-        stream = TraceStream(_stream_chunks(read, phase, model), kept_tokens, model.num_moe_layers,
+        stream = TraceStream(_stream_chunks(read, phase, model, kept_tokens), kept_tokens, model.num_moe_layers,
                              model.num_experts, model.top_k, top1_why is None, model)
     synthetic = any(r.synthetic for r in read)
     return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),

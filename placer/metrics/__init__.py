@@ -28,7 +28,8 @@ from placer.errors import InvalidInputError
 from placer.metrics import core
 from placer.metrics._count import table_standard_counts
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, slot_load
-from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table, plain
+from placer.display import json_value
+from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table
 from placer.metrics.stream import TraceStream
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
 from placer.validate import expert_memory_per_gpu
@@ -429,4 +430,4 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
                    "phase": getattr(data, "phase", None) if isinstance(data, RoutingStats) else None,
                    "synthetic": getattr(data, "synthetic", None)}
     out["per_layer"] = per_layer
-    return plain(out)
+    return json_value(out)

@@ -1,11 +1,11 @@
-"""Reporting helpers of :mod:`placer.metrics`: metric descriptions, plain values, the text table."""
+"""Reporting helpers of :mod:`placer.metrics`: metric descriptions and the text tables (values
+through :mod:`placer.display`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
+from placer.display import format_value, table
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "load_max_over_mean_median": "GPU load max/mean per layer (token-slots served per GPU), median over layers",
@@ -27,21 +27,6 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "expert_memory_bytes_per_gpu": "bytes of routed-expert weights per GPU",
     "expert_memory_frac_of_gpu_memory": "routed-expert weight bytes per GPU / GPU memory bytes",
 }
-
-
-def plain(v: Any) -> Any:
-    """Plain JSON-serialisable Python values (NaN -> None)."""
-    if isinstance(v, dict):
-        return {str(k): plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [plain(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return None if math.isnan(v) else float(v)
-    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,21 +63,6 @@ _TABLE_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
-def _fmt(key: str, v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool) or isinstance(v, str):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if "bytes" in key and not key.startswith("frac"):
-        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-            if abs(v) >= scale:
-                return f"{v / scale:.3f} {unit}"
-        return f"{v:.1f} B"
-    return f"{v:.4f}"
-
-
 def format_table(metrics: dict[str, Any]) -> str:
     """A readable aligned plain-text table of :func:`evaluate`'s output."""
     data = metrics.get("data") or {}
@@ -101,33 +71,30 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"model={metrics.get('model')}  cluster={metrics.get('cluster')}  "
             f"{metrics.get('num_nodes')} node(s) x {metrics.get('gpus_per_node')} GPUs  "
             f"slots/GPU={metrics.get('slots_per_gpu')}  redundant={metrics.get('num_redundant')}",
-            f"data: {data.get('source')}, {data.get('tokens')} tokens (of {data.get('total_tokens')})"
+            f"data: {data.get('source')}, {format_value('tokens', data.get('tokens'))} tokens (of "
+            f"{format_value('tokens', data.get('total_tokens'))})"
             + ("" if data.get("synthetic") is None else f", synthetic={data.get('synthetic')}")
             + f"; load from {metrics.get('load_source')}"]
     if data.get("inputs"):
         head.append("inputs: " + ", ".join(str(x) for x in data["inputs"]))
-    rows: list[tuple[str, str]] = []
+    rows: list[list[str] | str] = []
     for title, items in _TABLE_SECTIONS:
         if title.startswith(str(metrics.get("execution"))):
             title += "  [selected]"
-        rows.append((f"[{title}]", ""))
-        for key, label in items:
-            if key in metrics:
-                rows.append(("  " + label, _fmt(key, metrics[key])))
-    width = max(len(label) for label, v in rows if v)
-    vwidth = max(len(v) for _, v in rows)
-    lines = head + [""] + [f"{label.ljust(width)}  {v.rjust(vwidth)}" if v else label for label, v in rows]
+        rows.append(f"[{title}]")
+        rows += [["  " + label, format_value(key, metrics[key])] for key, label in items if key in metrics]
+    lines = head + ["", table(rows)]
     if metrics.get("top1_note"):
-        lines.append(f"top-1 metrics n/a: {metrics['top1_note']}")
+        lines.append(f"top-1 metrics not computed: {metrics['top1_note']}")
     return "\n".join(lines)
 
 
 _COMPARE_COLUMNS = (
-    ("load_max_over_mean_median", "load med", "{:.3f}"),
-    ("load_max_over_mean_worst", "load worst", "{:.3f}"),
-    ("other_ranks_per_token_layer", "other ranks", "{:.3f}"),
-    ("inter_node_nodes_per_token_layer", "inter-node", "{:.3f}"),
-    ("frac_top1_transitions_cross_gpu", "cc x-GPU", "{:.3f}"),
+    ("load_max_over_mean_median", "load med"),
+    ("load_max_over_mean_worst", "load worst"),
+    ("other_ranks_per_token_layer", "other ranks"),
+    ("inter_node_nodes_per_token_layer", "inter-node"),
+    ("frac_top1_transitions_cross_gpu", "cc x-GPU"),
 )
 
 
@@ -137,24 +104,16 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     ``rows``: dicts with ``method``, ``data`` ("fit" / "holdout"), ``status``, ``gap``,
     ``solve_seconds`` and ``metrics`` (an :func:`evaluate` output).
     """
-    header = ["method", "data", "status", "gap", "solve s"] + [c[1] for c in _COMPARE_COLUMNS]
-    table = [header]
+    header = ["method", "data", "status", "gap", "solve"] + [c[1] for c in _COMPARE_COLUMNS]
+    body = []
     for row in rows:
         m = row["metrics"]
-        gap = row.get("gap")
-        line = [row["method"], row["data"] + (" (synthetic)" if m.get("data", {}).get("synthetic") else ""),
-                row["status"], "-" if gap is None else f"{gap:.2%}", f"{row['solve_seconds']:.2f}"]
-        for key, _, fmt in _COMPARE_COLUMNS:
-            value = m.get(key)
-            line.append("n/a" if value is None else fmt.format(value))
-        table.append(line)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    out = []
-    for n, r in enumerate(table):
-        out.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
+        body.append([row["method"], row["data"] + (" (synthetic)" if m.get("data", {}).get("synthetic") else ""),
+                     row["status"], format_value("gap", row.get("gap")),
+                     format_value("solve_seconds", row["solve_seconds"])]
+                    + [format_value(key, m.get(key)) for key, _ in _COMPARE_COLUMNS])
     notes = ("load med/worst: max/mean GPU load over layers; other ranks and inter-node: DeepEP-style "
              "sends per token-layer; cc x-GPU: top-1 transitions that change GPU / tokens x (L-1)")
     top1 = list(dict.fromkeys(row["metrics"]["top1_note"] for row in rows if row["metrics"].get("top1_note")))
-    return "\n".join(out + [notes] + [f"cc x-GPU n/a: {note}" for note in top1])
+    return "\n".join([table(body, header=header, align="lll" + "r" * (len(header) - 3)), notes]
+                     + [f"cc x-GPU not computed: {note}" for note in top1])

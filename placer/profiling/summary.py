@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from placer.display import format_value, table
 from placer.types import RoutingStats
 
 
@@ -65,26 +66,25 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['tokens']:,} tokens, {summary['layers']} MoE layers, E={summary['experts']}, "
              f"top_k={summary['top_k']}, phase={summary['phase']}"]
     has_aff = "per_transition" in summary
-    head = f"{'layer':>5}  {'max/mean':>8}  {'min/mean':>8}  {'cv':>6}"
+    header = ["layer", "max/mean", "min/mean", "cv"]
     if has_aff:
-        head += f"  {'next top-1 in top-2 succ.':>25}  {'marginal top-2':>14}  {'MI bits':>7}"
-    lines.append(head)
-    pl = summary["per_layer"]
+        header += ["next top-1 in top-2 succ.", "marginal top-2", "MI bits"]
+    pl, pt = summary["per_layer"], summary.get("per_transition", {})
+    rows = []
     for i in range(summary["layers"]):
-        row = f"{i:>5}  {pl['max_over_mean'][i]:>8.3f}  {pl['min_over_mean'][i]:>8.3f}  {pl['cv'][i]:>6.3f}"
+        row = [str(i)] + [format_value(k, pl[k][i]) for k in ("max_over_mean", "min_over_mean", "cv")]
         if has_aff and i < summary["layers"] - 1:
-            pt = summary["per_transition"]
-            row += (f"  {pt['affinity'][i]:>25.3f}  {pt['marginal'][i]:>14.3f}"
-                    f"  {pt['mutual_information_bits'][i]:>7.3f}")
-        lines.append(row)
+            row += [format_value(k, pt[k][i]) for k in ("affinity", "marginal", "mutual_information_bits")]
+        rows.append(row)
+    lines.append(table(rows, header=header, align="r" * len(header)))
     med = summary["median"]
-    tail = (f"median expert load max/mean {med['max_over_mean']:.3f} (worst layer "
-            f"{summary['worst_max_over_mean']:.3f})")
+    tail = (f"median expert load max/mean {format_value('', med['max_over_mean'])} (worst layer "
+            f"{format_value('', summary['worst_max_over_mean'])})")
     if has_aff:
-        tail += (f"; next-layer top-1 among the 2 most likely successors {summary['mean']['affinity']:.3f} "
-                 f"vs {summary['mean']['marginal']:.3f} for the 2 most loaded (means over transitions)")
+        tail += (f"; next-layer top-1 among the 2 most likely successors {format_value('', summary['mean']['affinity'])}"
+                 f" vs {format_value('', summary['mean']['marginal'])} for the 2 most loaded (means over transitions)")
     elif summary.get("top1_note"):
-        tail += f"; top-1 affinity n/a: {summary['top1_note']}"
+        tail += f"; top-1 affinity not computed: {summary['top1_note']}"
     else:
         tail += "; affinity unavailable (top-1 order unknown or counts only)"
     lines.append(tail)

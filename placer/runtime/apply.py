@@ -143,7 +143,7 @@ def apply_live(new: Placement, old: Placement, model: ModelSpec, topology: Topol
 
     if new.num_gpus != ranks:
         raise InvalidInputError(f"the placement spans {new.num_gpus} GPUs; a deployment of {ranks} ranks "
-                                f"cannot run it (use --ranks {new.num_gpus})", source="--ranks")
+                                f"cannot run it (use --gpus {new.num_gpus})", source="--gpus")
     total = new.num_layers * new.num_slots * model.expert_weight_bytes
     if total > MAX_WEIGHT_BYTES:
         raise InvalidInputError(f"the expert weights would take {total / 1e9:.1f} GB (float32) on this machine, "

@@ -10,7 +10,7 @@ section's 0-based index):
 
 =========================  ====================================================================
 ``sim-summary``            ``<table>``: one column per placement, one row per summary metric that
-                           any placement has (values in units: :mod:`report_format`)
+                           any placement has (values in units: :mod:`placer.display`)
 ``plot-latency-cdf``       CDFs of TTFT, TPOT and end-to-end latency (``data-source="requests"``)
                            or, when no placement has requests, of the iteration time
                            (``data-source="iterations"``); one curve per placement, a step per
@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from placer.display import MISSING, format_html, is_missing
 from placer.io.atomic import atomic_write_text
-from placer.simulator.report_format import format_cell, is_missing
 from placer.simulator.results import SUMMARY_KEYS, TABLES, SimResults, read_results
 
 CDF_MAX_POINTS = 2000
@@ -199,7 +199,7 @@ def _extra_html(figs: _Figures, content: Any, section_id: str) -> str:
                        else _extra_html(figs, item, section_id) for item in content)
     if isinstance(content, pd.DataFrame):
         return ('<div class="table-scroll">'
-                + content.to_html(classes="sim-table", border=0, escape=True, na_rep="–") + "</div>")
+                + content.to_html(classes="sim-table", border=0, escape=True, na_rep=MISSING) + "</div>")
     if hasattr(content, "to_plotly_json") and hasattr(content, "to_html"):
         return figs.html(content, f"{section_id}-plot", "extra", "")
     raise TypeError(f"extra section content of type {type(content).__name__} is not an HTML "
@@ -242,7 +242,7 @@ def _summary_table(entries: list[_Entry]) -> str:
              or (replay and k in _REQUEST_COUNTS)]
     head = "".join(f'<th scope="col">{_esc(e.label)}</th>' for e in entries)
     body = "".join(f'<tr><th scope="row">{_esc(k)}</th>'
-                   + "".join(f"<td>{format_cell(k, e.summary.get(k))}</td>" for e in entries)
+                   + "".join(f"<td>{format_html(k, e.summary.get(k))}</td>" for e in entries)
                    + "</tr>" for k in keys if k not in empty)
     note = ""
     if empty:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from placer import __version__
+from placer.display import json_value
 from placer.errors import InvalidInputError
 from placer.io.atomic import atomic_path, atomic_write_text
 from placer.io.common import guard, require_file
@@ -122,25 +122,6 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _json_value(v: Any) -> Any:
-    """Plain JSON value: numpy scalars/arrays unwrapped, non-finite floats -> None."""
-    if isinstance(v, Mapping):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    if isinstance(v, np.ndarray):
-        return [_json_value(x) for x in v.tolist()]
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if v is None or isinstance(v, str):
-        return v
-    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
 
 
 def _check_inputs(inputs: Any, labels: Sequence[str], source: str) -> None:
@@ -264,8 +245,8 @@ def write_results(directory: str | os.PathLike[str], inputs: dict[str, Any],
             frames[name].append(df)
     try:
         metrics = {"schema": SCHEMA, "placer_version": __version__,
-                   "inputs": _json_value(inputs),
-                   "placements": {run.label: _json_value(_ordered(run.summary)) for run in runs}}
+                   "inputs": json_value(inputs),
+                   "placements": {run.label: json_value(_ordered(run.summary)) for run in runs}}
     except TypeError as exc:
         raise InvalidInputError(f"cannot write {METRICS_FILE}: {exc}", source=source) from None
     try:

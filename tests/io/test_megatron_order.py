@@ -179,13 +179,13 @@ def megatron_files(tmp_path):
 def test_cli_stats_notes_unknown_top1(capsys, megatron_files):
     asc, score = megatron_files
     code, out, _ = run(capsys, "stats", asc, "--model", "mixtral-8x7b")
-    assert code == 0 and f"top-1 affinity n/a: {asc}: {NOTE}" in out
+    assert code == 0 and f"top-1 affinity not computed: {asc}: {NOTE}" in out
     code, out, _ = run(capsys, "stats", asc, "--model", "mixtral-8x7b", "--json")
     summary = json.loads(out)
     assert code == 0 and summary["top1_known"] is False and summary["top1_note"] == f"{asc}: {NOTE}"
     assert "per_transition" not in summary
     code, out, _ = run(capsys, "stats", score, "--model", "mixtral-8x7b")
-    assert code == 0 and "n/a" not in out and "next-layer top-1" in out
+    assert code == 0 and "not computed" not in out and "next-layer top-1" in out
 
 
 def test_cli_solve_and_evaluate_note_unknown_top1(capsys, tmp_path, megatron_files):
@@ -193,12 +193,12 @@ def test_cli_solve_and_evaluate_note_unknown_top1(capsys, tmp_path, megatron_fil
     p = tmp_path / "p.json"
     code, out, _ = run(capsys, "solve", asc, "--model", "mixtral-8x7b", "--gpus", "4", "--method", "eplb",
                        "-o", p)
-    assert code == 0 and f"cc x-GPU n/a: {asc}: {NOTE}" in out
+    assert code == 0 and f"cc x-GPU not computed: {asc}: {NOTE}" in out
     doc = json.loads(p.read_text())
     assert doc["metrics"]["top1_known"] is False and doc["metrics"]["top1_note"] == f"{asc}: {NOTE}"
     assert doc["metrics"]["frac_top1_transitions_cross_gpu"] is None
     code, out, _ = run(capsys, "evaluate", p, asc)
-    assert code == 0 and f"top-1 metrics n/a: {asc}: {NOTE}" in out
+    assert code == 0 and f"top-1 metrics not computed: {asc}: {NOTE}" in out
     code, out, _ = run(capsys, "evaluate", p, asc, "--json")
     m = json.loads(out)
     assert m["top1_known"] is False and m["top1_note"] == f"{asc}: {NOTE}"
@@ -240,6 +240,6 @@ def test_cli_evaluate_context_coherent_exits_2(capsys, tmp_path, megatron_files)
     assert run(capsys, "solve", score, "--model", "mixtral-8x7b", "--gpus", "4", "--method", "contiguous",
                "-o", p)[0] == 0
     code, out, _ = run(capsys, "evaluate", p, score, "--execution", "context-coherent")
-    assert code == 0 and "n/a:" not in out
+    assert code == 0 and "not computed:" not in out
     one_line_exit2(capsys, "evaluate", p, asc, "--execution", "context-coherent",
                    needle=f"{asc}: context-coherent execution needs the top-1 expert of each token, but {NOTE}")

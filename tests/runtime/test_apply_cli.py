@@ -33,11 +33,13 @@ def test_apply_migrates_live_with_verified_outputs(ray_session, tmp_path, monkey
     export_placement(read_placement_json("old.json").placement, "trtllm", "old.yaml", model=model, topology=topology)
     export_placement(read_placement_json("new.json").placement, "eplb", "new.npz", model=model, topology=topology)
     code = main(["apply", "--placement", "new.npz", "--from", "old.yaml", "--deployment", "local",
-                 "--ranks", "4", "--tokens", "32", "--warmup", "2", "-o", "running.json"])
+                 "--gpus", "4", "--tokens", "32", "--warmup", "2", "-o", "running.json"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "model placer-embedded-mixtral: 4 MoE layers x 8 experts, top-2, hidden 128, expert FFN 128" in out
-    assert "plan: " in out and " rounds " in out and "pause ms" in out
+    assert "plan: " in out and " rounds " in out
+    header = next(line for line in out.splitlines() if line.startswith("layer "))
+    assert header.split() == ["layer", "transfers", "sent", "commit", "step", "pause"]  # one row per layer below
     assert "0 recoveries" in out
     served = int(out.split("served ")[1].split(" batches")[0])
     assert f"verified against the single-process reference: {served}/{served} batches match" in out
@@ -63,7 +65,7 @@ def test_apply_json_is_one_document_of_the_plan_layers_and_checks(ray_session, t
         write_placement_json(name, solve(PlacementProblem(stats, model, topology, 4), "eplb").placement, model=model,
                              topology=topology, dispatch="nearest", method="eplb", status="feasible",
                              solve_seconds=0.0)
-    code = main(["apply", "--placement", "new.json", "--from", "old.json", "--ranks", "4", "--tokens", "16",
+    code = main(["apply", "--placement", "new.json", "--from", "old.json", "--gpus", "4", "--tokens", "16",
                  "--warmup", "1", "-o", "running.json", "--json", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, (out, err)
@@ -93,7 +95,7 @@ def test_a_lost_cluster_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
                             "left the cluster and no remaining node has room for its bundle of the placement group")
 
     monkeypatch.setattr(apply_mod, "apply_live", lost)
-    code = main(["apply", "--placement", str(tmp_path / "p.json"), "--ranks", "4"])
+    code = main(["apply", "--placement", str(tmp_path / "p.json"), "--gpus", "4"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.strip().splitlines() == [

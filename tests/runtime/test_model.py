@@ -90,7 +90,8 @@ def test_apply_model_defaults_to_the_embedded_shapes():
 
 
 @pytest.mark.parametrize("args, message", [
-    pytest.param(["--ranks", "2"], "--ranks: the placement spans 4 GPUs", id="ranks"),
+    pytest.param(["--gpus", "2"], "--gpus: the placement spans 4 GPUs", id="gpus"),
+    pytest.param(["--ranks", "4"], "--ranks is now --gpus", id="renamed-ranks"),
     pytest.param(["--model", "mixtral-8x7b"], "--model: model mixtral-8x7b has 32 MoE layers", id="model"),
     pytest.param(["--from", "missing.json"], "missing.json", id="from-missing"),
     pytest.param(["-o", "/dev/null/now.json"], "/dev/null/now.json: cannot write", id="output-before-work"),

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from test_results import LABELS, make_inputs, make_runs
 
+from placer.display import MISSING
 from placer.errors import InvalidInputError
 from placer.simulator.report import plot_ids, render_report
 from placer.simulator.results import SUMMARY_KEYS, read_results, write_results
@@ -122,7 +123,7 @@ def test_replay_summary_has_no_empty_rows_and_values_carry_units(tmp_path):
     render_report(tmp_path / "replay", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     rows = _rows(page, "sim-summary")
-    assert all(set(cells) != {"–"} for cells in rows.values())
+    assert all(set(cells) != {MISSING} for cells in rows.values())
     left_out = [f"{m}_p{q}_s" for m in ("ttft", "tpot", "e2e") for q in (50, 90, 99)]
     left_out += ["output_tok_s", "requests", "requests_finished"]
     assert not set(left_out) & set(rows) and len(rows) == len(SUMMARY_KEYS) - len(left_out)
@@ -130,7 +131,7 @@ def test_replay_summary_has_no_empty_rows_and_values_carry_units(tmp_path):
     assert all(f"<code>{k}</code>" in note[: note.index("</p>")] for k in left_out)
     # summary values 0, 1, 2 ... by key order, times the placement's scale (1 and 2)
     index = {k: i for i, k in enumerate(SUMMARY_KEYS)}
-    assert rows["a2a_p99_s"] == [f"{index['a2a_p99_s']:.4g} s", f"{2 * index['a2a_p99_s']:.4g} s"]
+    assert rows["a2a_p99_s"] == [f"{index['a2a_p99_s']:.2f} s", f"{2 * index['a2a_p99_s']:.2f} s"]  # 4 digits
     assert rows["nvlink_bytes"][0] == f"{index['nvlink_bytes']:.4g} B"
 
 

@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from placer.app.serve.state import parse_observation
+from placer.display import json_text
 from placer.errors import InvalidInputError
 
 log = logging.getLogger("placer.serve")
@@ -120,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, (json.dumps(obj) + "\n").encode(), "application/json", headers)
+        self._send(status, (json_text(obj, indent=None) + "\n").encode(), "application/json", headers)
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._json(status, {"error": " ".join(message.split())}, headers)

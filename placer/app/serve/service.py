@@ -22,6 +22,7 @@ from placer.app.serve.policy import Decision, PolicyConfig, evaluate, imbalance
 from placer.app.serve.server import make_server
 from placer.app.serve.state import Observation, ServiceState, Window, load_state, save_state
 from placer.app.serve.watcher import DirectoryWatcher
+from placer.display import format_value
 from placer.errors import InvalidInputError, PlacerError
 from placer.ilp import PlacementProblem, solve
 from placer.io.atomic import atomic_write_bytes
@@ -207,7 +208,7 @@ class Service:
             if decision.publish and candidate is not None and self.state.placement is current:
                 self._publish(candidate, decision)
         log.info("evaluated %d observations: gain %s, migration %.3g s, %s -> %s", observations,
-                 "n/a" if decision.gain is None else f"{decision.gain:.4f}", decision.migration_s,
+                 format_value("gain", decision.gain), decision.migration_s,
                  decision.reason, "published" if decision.publish else "kept")
         return decision
 
