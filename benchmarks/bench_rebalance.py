@@ -36,7 +36,9 @@ Histories (real data from ``../shared/data``; a history is skipped with one line
 ``gain>0`` counts the re-placements whose next-window bottleneck load fell (gain > 0).
 
 Run: ``.venv/bin/python benchmarks/bench_rebalance.py [--history mixtral qwen3 deepseek] [--seed 0]``
-(about 4 minutes on 2 shared cores; deterministic given the seed).
+(about 4-6 minutes on 2 shared cores; deterministic given the seed). While iterating,
+``--history mixtral --methods 'eplb every window' 'placer --from'`` runs two rows of one history
+(about 25 s); ``--move-floor`` / ``--min-gain`` override ``solve_from``'s defaults.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def deepseek_history(seed: int, tokens: int, perturb: float, iterations: int | N
 # ---------------------------------------------------------------------------- protocol
 
 
-def run_method(hist: History, label: str, schedule: str, method: str, seed: int, workers: int) -> Row:
+def run_method(hist: History, label: str, schedule: str, method: str, seed: int, workers: int,
+               from_options: dict | None = None) -> Row:
     """Place on W0..W(n-2) per ``schedule``, score each placement on the next window."""
     row = Row(label)
     model, topo = hist.model, hist.topology
@@ -189,7 +192,8 @@ def run_method(hist: History, label: str, schedule: str, method: str, seed: int,
             problem = PlacementProblem(hist.windows[i].stats, model, topo, num_redundant=hist.redundant)
             start = time.perf_counter()
             if schedule == "from" and prev is not None:
-                result = solve_from(problem, method, prev, horizon_s=HORIZON_S, seed=seed, **options)
+                result = solve_from(problem, method, prev, horizon_s=HORIZON_S, seed=seed, **options,
+                                    **(from_options or {}))
             else:
                 result = solve(problem, method, seed=seed, **options)
             row.solve_s.append(time.perf_counter() - start)
@@ -254,13 +258,16 @@ def print_table(hist: History, rows: list[Row], skipped: list[str]) -> None:
           "= median move_s/gain (- static); gain>0 = re-placements that cut the next window's step load; inter-node = RDMA sends per token-layer on the next window")
 
 
-def run_history(hist: History, seed: int, workers: int) -> None:
+def run_history(hist: History, seed: int, workers: int, only: list[str] | None = None,
+                from_options: dict | None = None) -> None:
     rows, skipped = [], []
     for label, schedule, method in METHODS:
+        if only and label not in only:
+            continue
         if method == "placer" and not hist.per_token:
             skipped.append(f"{label}: skipped, placer needs per-token statistics and {hist.name} is load only")
             continue
-        rows.append(run_method(hist, label, schedule, method, seed, workers))
+        rows.append(run_method(hist, label, schedule, method, seed, workers, from_options))
     print_table(hist, rows, skipped)
 
 
@@ -274,7 +281,15 @@ def main() -> None:
     parser.add_argument("--deepseek-perturb", type=float, default=0.3)
     parser.add_argument("--deepseek-iterations", type=int, default=None,
                         help="placer annealing steps per layer on DeepSeek-V3 (default: the library's 20000)")
+    parser.add_argument("--methods", nargs="+", choices=[m[0] for m in METHODS], default=None,
+                        metavar="LABEL", help="only these rows (labels as printed, quoted), e.g. "
+                        "'eplb every window' 'placer --from'")
+    parser.add_argument("--move-floor", type=float, default=None,
+                        help="solve_from's move_floor (default: the library's MOVE_FLOOR)")
+    parser.add_argument("--min-gain", type=float, default=None,
+                        help="solve_from's min_gain (default: the library's MIN_GAIN)")
     args = parser.parse_args()
+    from_options = {k: v for k, v in (("move_floor", args.move_floor), ("min_gain", args.min_gain)) if v is not None}
     t0 = time.perf_counter()
     print(f"Rebalancing benchmark (EPLB protocol: place on window i, score on window i+1), seed {args.seed}, "
           f"solve_from horizon {HORIZON_S:.0f} s")
@@ -290,7 +305,7 @@ def main() -> None:
             print(hist)
             continue
         t = time.perf_counter()
-        run_history(hist, args.seed, args.workers)
+        run_history(hist, args.seed, args.workers, args.methods, from_options)
         print(f"({hist.name}: {time.perf_counter() - t:.1f} s)", flush=True)
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
 

@@ -41,7 +41,10 @@ def energy(mx, sd, traffic, w):
 
 @_njit
 def init_state(p2l, L, st, wk):
-    """Build ``st`` from the slot map ``p2l``; returns (traffic, maxload, std)."""
+    """Build ``st`` from the slot map ``p2l``; returns (traffic, maxload, std).
+
+    ``traffic`` includes the movement term (``L.move_cost`` summed over the (GPU, expert) pairs
+    held; 0 without one)."""
     E = L.num_experts
     P = L.num_slots
     cnt, cslot = st.cnt, st.cslot
@@ -62,8 +65,36 @@ def init_state(p2l, L, st, wk):
     st.ru[:] = 0
     st.rp[:] = 1.0
     traffic = _traffic(1, 0, 0, True, L, st, wk)
+    hold = st.hold
+    hold[:, :] = 0
+    sg = L.dispatch.slot_gpu
+    for p in range(P):
+        g = sg[p]
+        e = p2l[p]
+        if hold[g, e] == 0:
+            traffic += L.move_cost[g, e]
+        hold[g, e] += 1
     mx, sd = load_terms(gload)
     return traffic, mx, sd
+
+
+@_njit
+def _move_delta(L, hold, p1, a, b, g2, swap):
+    """Change of the movement term when slot ``p1`` (expert ``a``) takes ``b`` and, for a swap,
+    the slot on GPU ``g2`` (expert ``b``) takes ``a``."""
+    mc = L.move_cost
+    g1 = L.dispatch.slot_gpu[p1]
+    d = 0.0
+    if hold[g1, a] == 1:
+        d -= mc[g1, a]
+    if hold[g1, b] == 0:
+        d += mc[g1, b]
+    if swap:
+        if hold[g2, b] == 1:
+            d -= mc[g2, b]
+        if hold[g2, a] == 0:
+            d += mc[g2, a]
+    return d
 
 
 @_njit
@@ -96,7 +127,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     [6]: traffic, maxload, std, energy, best primary, best energy (read and updated). ``best_p2l`` receives the best state by
     primary (energy breaks ties). ``temp0 < 0`` is probe mode: moves are evaluated, none is
     applied, the positive energy changes go to ``wk.pbuf`` and their count is returned (else
-    the accepted count).
+    the accepted count). The traffic in ``score`` includes the movement term (:func:`init_state`).
     """
     G = L.dispatch.num_gpus
     E = L.num_experts
@@ -115,6 +146,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     cdf = L.cdf
     distinct = L.distinct
     has_traffic = wts.w_nv != 0.0 or wts.w_rdma != 0.0
+    has_move = L.has_move
+    hold = st.hold
     for it in range(it0, it1):
         r = rand[it]
         kind = 0 if r[0] < p_swap else (1 if r[0] < p_swap + p_guided else 2)
@@ -177,6 +210,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
         delta = 0.0
         if has_traffic:
             delta = _traffic(0, a, b, False, L, st, wk)
+        if has_move:
+            delta += _move_delta(L, hold, p1, a, b, sg[p2], swap)
         new_traffic = traffic + delta
         primary, new_en = energy(mx, sd, new_traffic, wts)
         d = new_en - en
@@ -193,8 +228,12 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             if has_traffic:
                 _traffic(0, a, b, True, L, st, wk)
             p2l[p1] = b
+            hold[sg[p1], a] -= 1
+            hold[sg[p1], b] += 1
             if swap:
                 p2l[p2] = a
+                hold[sg[p2], b] -= 1
+                hold[sg[p2], a] += 1
             contrib[a, :] = ca
             contrib[b, :] = cb
             gload[:] = newload

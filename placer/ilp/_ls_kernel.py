@@ -31,6 +31,10 @@ home's local index), ``w_rdma`` for remote nodes (DeepEP normal kernels), else 0
 
 Moves: swap the experts of two slots on different GPUs; move a redundant slot (one whose
 expert has >= 2 copies) to another expert.
+
+Movement (re-placement from a running placement, :func:`placer.ilp.movement.solve_from`): the
+layer's ``move_cost[g, e]`` is added to the traffic term once per (GPU ``g``, expert ``e``) the
+state holds, 0 where the running placement holds it, so a move pays for the weights it brings.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class Layer(NamedTuple):
     distinct: bool        # no move may put two copies of one expert on one GPU
     dispatch: Dispatch
     weights: Weights
+    move_cost: np.ndarray  # float64 [G, E] cost of GPU g holding expert e (0: held now; movement)
+    has_move: bool        # move_cost has a nonzero entry
 
 
 class State(NamedTuple):
@@ -108,6 +114,7 @@ class State(NamedTuple):
     rc: np.ndarray       # int32 [U, G + N] experts surely sent to GPU (node) x
     ru: np.ndarray       # int32 [U, G + N] experts maybe sent to x
     rp: np.ndarray       # float64 [U, G + N] prod (1 - p) over the latter
+    hold: np.ndarray     # int64 [G, E] copies of each expert on each GPU
 
 
 class Work(NamedTuple):
@@ -142,8 +149,14 @@ def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, 
 
 
 def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,
-               weights: Weights, distinct: bool) -> Layer:
+               weights: Weights, distinct: bool, move_cost: np.ndarray | None = None) -> Layer:
+    """A :class:`Layer`; ``move_cost`` float [G, E] (default none): the movement term, the cost of
+    GPU g holding expert e, added to the energy once per (GPU, expert) held (see
+    :func:`placer.ilp._ls_anneal.init_state`)."""
     e, g, n, gpn = int(num_experts), dispatch.num_gpus, dispatch.num_nodes, dispatch.gpus_per_node
+    mc = np.zeros((g, e)) if move_cost is None else np.ascontiguousarray(move_cost, np.float64)
+    if mc.shape != (g, e):
+        raise ValueError(f"move_cost must be [{g}, {e}], got {list(mc.shape)}")
     flat = ids.ravel()
     order = np.argsort(flat, kind="stable")
     ptr = np.zeros(e + 1, np.int64)
@@ -159,7 +172,7 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
                  np.ascontiguousarray(wt, np.float64), np.ascontiguousarray(load, np.float64), ptr,
                  (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),
                  partner_cdf(ids, wt, e), e, int(dispatch.slot_gpu.shape[0]), int(slots_per_gpu) * gpn,
-                 bool(distinct), dispatch, weights)
+                 bool(distinct), dispatch, weights, mc, bool((mc != 0).any()))
 
 
 def partner_cdf(ids: np.ndarray, wt: np.ndarray, num_experts: int) -> np.ndarray:
@@ -186,7 +199,7 @@ def make_state(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, 
     u, x = num_types, num_gpus + num_nodes
     return State(np.zeros(num_experts, np.int64), np.zeros((num_experts, maxc), np.int64),
                  np.zeros((num_experts, num_gpus)), np.zeros(num_gpus), np.zeros((u, x), np.int32),
-                 np.zeros((u, x), np.int32), np.ones((u, x)))
+                 np.zeros((u, x), np.int32), np.ones((u, x)), np.zeros((num_gpus, num_experts), np.int64))
 
 
 def make_work(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, num_types: int,

@@ -86,7 +86,7 @@ def default_iterations(problem: PlacementProblem) -> int:
 
 
 def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: SearchConfig,
-           search_tokens: int) -> list[LayerTask]:
+           search_tokens: int, move_cost: np.ndarray | None = None) -> list[LayerTask]:
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers
     load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
@@ -103,7 +103,8 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
         ids, hm, wt = token_types(sample[:, layer], home)
         if ids.shape[0] > search_tokens:  # the sample is in random (key) order: take a prefix
             ids, hm, wt = token_types(sample[:search_tokens, layer], home[:search_tokens])
-        tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"]))
+        tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"],
+                               None if move_cost is None else move_cost[layer]))
     return tasks
 
 
@@ -111,10 +112,22 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
 def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None, seed: int = 0,
                  num_workers: int | None = None, ray_address: str | None = None,
                  iterations: int | None = None, search_tokens: int = DEFAULT_SEARCH_TOKENS,
-                 dispatch_seed: int = DEFAULT_DISPATCH_SEED, **options) -> SolveResult:
-    """Joint placement (see the module docstring)."""
+                 dispatch_seed: int = DEFAULT_DISPATCH_SEED, anchor: Placement | None = None,
+                 anchor_cost: np.ndarray | None = None, **options) -> SolveResult:
+    """Joint placement (see the module docstring).
+
+    ``anchor`` (a placement of the problem's shape) and ``anchor_cost`` (float [L, G, E], the
+    cost, in the objective's units, of GPU g holding expert e in layer l; 0 where ``anchor``
+    holds it): movement-aware re-placement (:func:`placer.ilp.movement.solve_from`). The anchor
+    replaces the contiguous start, the cost is added to the searched energy once per (layer,
+    GPU, expert) held, and the returned placement is the best by objective plus that cost (the
+    term ``movement_term``).
+    """
     t0 = time.perf_counter()
     if problem.execution == "context-coherent":
+        if anchor is not None or anchor_cost is not None:
+            raise InvalidInputError("an anchored (movement-aware) search needs standard execution",
+                                    source="--from")
         return _coherent(problem, time_limit_s=time_limit_s, seed=seed, num_workers=num_workers,
                          ray_address=ray_address, **options)
     if options:
@@ -134,6 +147,11 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                        pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
                        iterations=iters, seed=int(seed), distinct=bool(problem.distinct_per_gpu))
     start_maps = starts_for(problem)
+    if (anchor is None) != (anchor_cost is None):
+        raise InvalidInputError("anchor and anchor_cost go together", source="--from")
+    if anchor is not None:
+        start_maps.pop("contiguous", None)  # far from any running placement
+        start_maps["anchor"] = np.asarray(anchor.physical_to_logical, dtype=np.int64)
     names = list(start_maps)  # eplb first: the cap's reference
     spg, e = problem.slots_per_gpu, model.num_experts
     start_placements = {n: Placement(start_maps[n], spg, e) for n in names}
@@ -160,18 +178,24 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     ready = ((search_deadline is None or time.time() < search_deadline)
              and ensure_search_kernels(search_deadline))  # compiles on a cold numba cache
     if ready:
-        tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens)
+        tasks = _tasks(problem, np.stack([start_maps[n] for n in names]), w, cfg, search_tokens, anchor_cost)
         results = run_layer_search(tasks, cfg, search_deadline, num_workers=num_workers,
                                    ray_address=ray_address, ray_nodes=ray_nodes)
         placement = Placement(np.stack([r.p2l for r in results]), spg, e)
         ev = evaluate_objective(problem, placement, seed=dispatch_seed, weights=w, reference=reference)
     else:  # the deadline passed (e.g. while the kernels compiled): the best start, status "timeout"
         results, placement, ev = [], start_placements["eplb"], start_ev["eplb"]
-    best_start = min(start_ev, key=lambda n: start_ev[n]["total"])
+    def moved(p: Placement) -> float:  # the movement term of an anchored solve, else 0
+        if anchor_cost is None:
+            return 0.0
+        return float(anchor_cost[_held(p, topo.num_gpus)].sum())
+
+    total = {n: float(start_ev[n]["total"]) + moved(start_placements[n]) for n in start_ev}
+    best_start = min(total, key=lambda n: total[n])
     chosen = "search" if ready else "eplb"
-    if ev["total"] > start_ev[best_start]["total"]:
+    if float(ev["total"]) + moved(placement) > total[best_start]:
         placement, ev, chosen = start_placements[best_start], start_ev[best_start], best_start
-    assert ev["total"] <= min(s["total"] for s in start_ev.values())
+    assert float(ev["total"]) + moved(placement) <= min(total.values()) + 1e-12 * max(1.0, abs(min(total.values())))
 
     # The bound after the search, so that it never takes the search's time: where the limit
     # leaves no room for it, the balance term's bound alone.
@@ -190,6 +214,8 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                   "bound_balance_only": float(w["balance"] * balance_lower_bound(problem).sum())})
     terms.update({f"start_{n}": float(start_ev[n]["total"]) for n in start_ev})
     terms["returned_start"] = float(names.index(chosen)) if chosen != "search" else -1.0
+    if anchor_cost is not None:
+        terms["movement_term"] = moved(placement)
     terms["search_primary"] = float(sum(r.primary for r in results))
     terms["iterations"] = float(sum(r.iterations for r in results))
     timed_out = not ready or any(r.timed_out for r in results)
@@ -201,6 +227,17 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     return SolveResult(placement=placement, status="timeout" if timed_out else "feasible", objective=obj,
                        terms=terms, bound=lb, gap=gap, wall_time_s=time.perf_counter() - t0,
                        method="placer", backend=backend)
+
+
+def _held(placement: Placement, num_gpus: int) -> np.ndarray:
+    """Whether each GPU holds each expert: bool [L, G, E]."""
+    p2l = np.asarray(placement.physical_to_logical, dtype=np.int64)
+    num_layers, num_slots = p2l.shape
+    e = placement.num_experts
+    layer = np.repeat(np.arange(num_layers), num_slots)
+    gpu = np.tile(np.arange(num_slots) // (num_slots // num_gpus), num_layers)
+    counts = np.bincount((layer * num_gpus + gpu) * e + p2l.ravel(), minlength=num_layers * num_gpus * e)
+    return counts.reshape(num_layers, num_gpus, e) > 0
 
 
 def _coherent(problem: PlacementProblem, **options) -> SolveResult:

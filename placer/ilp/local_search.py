@@ -86,7 +86,9 @@ class LayerTask:
     ``ids`` int64 [U, K] distinct (home, expert set) token types with ``home`` int64 [U] and
     ``wt`` float64 [U] (share of the sample); ``starts`` int64 [n, P]; ``cap_slack``: the
     busiest GPU may exceed the first start's max/mean load by this many ratio points before the
-    penalty applies (``None``: no cap).
+    penalty applies (``None``: no cap); ``move_cost`` float64 [G, E] or ``None``: the movement
+    term, the cost of GPU g holding expert e, added to the primary once per (GPU, expert) held
+    (:mod:`placer.ilp._ls_kernel`; re-placement from a running placement).
     """
 
     layer: int
@@ -96,6 +98,7 @@ class LayerTask:
     wt: np.ndarray
     starts: np.ndarray
     cap_slack: float | None = None
+    move_cost: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def _pack_rows(rows: np.ndarray) -> np.ndarray:
 def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work]:
     u = task.ids.shape[0]
     lay = K.make_layer(task.ids, task.home, task.wt, task.load, cfg.num_experts, cfg.slots_per_gpu,
-                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct)
+                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost)
     st = K.make_state(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u)
     wk = K.make_work(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u, cfg.probe)
     return lay, st, wk

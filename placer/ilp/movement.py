@@ -25,6 +25,15 @@ moves by
   serving loses about that much while the weights move, amortised over the ``horizon_s`` seconds
   the new placement is expected to serve (``placer serve --horizon``; the rule serve publishes by).
 
+For ``placer`` in standard execution (:func:`anchored_search`) ``B`` is itself movement-aware:
+the method's local search starts from ``A`` (undoubled), no move puts two copies of an expert
+on one GPU, and every (layer, GPU, expert) the search places where ``A`` does not hold it adds
+:func:`anchor_cost` to the searched energy (the expert's bytes over the cheapest link, NVLink
+when ``A`` holds it in the node, weighted by ``J(A) / horizon_s``, plus a noise floor of
+``move_floor`` (:data:`MOVE_FLOOR`) of the layer's objective per expert moved). Such a ``B``
+keeps most of ``A`` and moves experts only where they buy balance or traffic; the repacked rows
+(for methods that know nothing of ``A``) are then not built.
+
 Starting from ``A`` everywhere, layers switch to their best row, largest gain first, while the
 cost falls (the affinity term of context-coherent execution couples adjacent layers, so there
 the per-layer scores guide the choice and the result is scored again as a whole); a layer switches only when its own objective falls by more than ``min_gain`` (a
@@ -52,13 +61,17 @@ from placer.ilp.base import PlacementProblem, solve
 from placer.types import Placement, SolveResult, Topology
 from placer.validate import check_placement
 
-__all__ = ["TOLERANCES", "copies_per_gpu", "doubled", "gpu_balance", "keep_in_place", "move_seconds", "relabel_gpus",
-           "solve_from", "step_load"]
+__all__ = ["MOVE_FLOOR", "TOLERANCES", "anchor_cost", "anchored_search", "copies_per_gpu", "doubled", "gpu_balance",
+           "keep_in_place", "move_seconds", "relabel_gpus", "solve_from", "step_load"]
 
 TOLERANCES = (0.0, 0.05, 0.2, 1.0)
 """Tolerances of :func:`keep_in_place` tried by :func:`solve_from` (0: pack for balance)."""
 MIN_GAIN = 0.05
 """A layer moves only when its objective falls by more than this fraction (:func:`solve_from`)."""
+MOVE_FLOOR = 0.03
+"""Of an anchored search (:func:`anchor_cost`): each expert moved must buy this fraction of its
+layer's objective (0.01 moved 21.8 GB per re-placement on the Mixtral history of
+``benchmarks/bench_rebalance.py``, 0.03 15.2 GB, at the same next-window balance)."""
 
 
 # ---- counting ---------------------------------------------------------------------------------
@@ -291,20 +304,57 @@ class _Packing:
 # ---- the method -------------------------------------------------------------------------------
 
 
+def anchored_search(method: str, problem: PlacementProblem) -> bool:
+    """Whether :func:`solve_from` runs ``method`` anchored on the running placement (``placer`` in
+    standard execution: its search carries the movement term, :func:`anchor_cost`)."""
+    return method == "placer" and problem.execution == "standard"
+
+
+def anchor_cost(problem: PlacementProblem, anchor: Placement, layer_objective: np.ndarray, *,
+                horizon_s: float, move_floor: float = MOVE_FLOOR) -> np.ndarray:
+    """The movement term of an anchored search: the cost of GPU g holding expert e in layer l.
+
+    0 where ``anchor`` holds it; else, in the objective's units (seconds per batch token)::
+
+        J(anchor) * receive_s / horizon_s  +  move_floor * J_l(anchor)
+
+    ``receive_s``: the expert's bytes over NVLink when a GPU of g's node holds it (the cheapest
+    source), else over the NIC; ``J``, ``J_l``: the anchor's objective summed over layers and of
+    layer l (``layer_objective`` [L]). The first part is :func:`solve_from`'s cost (``move_s /
+    horizon_s`` relative to ``J``) with the slowest GPU's receive time bounded by the sum over
+    GPUs; the second, the noise floor, makes each expert moved buy a ``move_floor`` fraction of
+    its layer's objective: a re-solve on one window also fits the window's sampling noise, and a
+    gain below it is paid for and lost on the next window. Returns float64 [L, G, E].
+    """
+    topology = problem.topology
+    g, gpn, e = anchor.num_gpus, topology.gpus_per_node, anchor.num_experts
+    held = copies_per_gpu(anchor.physical_to_logical, g, e) > 0  # [L, G, E]
+    on_node = np.repeat(held.reshape(held.shape[0], g // gpn, gpn, e).any(2), gpn, axis=1)
+    expert_bytes = float(problem.model.expert_weight_bytes)
+    receive = np.where(on_node, transfer_seconds(expert_bytes, topology.nvlink_gbps),
+                       transfer_seconds(expert_bytes, topology.nic_gbps))
+    j_l = np.maximum(np.asarray(layer_objective, dtype=np.float64), 0.0)
+    cost = float(j_l.sum()) * receive / horizon_s + move_floor * j_l[:, None, None]
+    return np.where(held, 0.0, cost)
+
+
 def solve_from(problem: PlacementProblem, method: str, current: Placement, *, horizon_s: float,
-               min_gain: float = MIN_GAIN, time_limit_s: float | None = None, seed: int = 0,
-               **options: Any) -> SolveResult:
+               min_gain: float = MIN_GAIN, move_floor: float | None = MOVE_FLOOR,
+               time_limit_s: float | None = None, seed: int = 0, **options: Any) -> SolveResult:
     """Run ``method`` on ``problem`` and build its answer layer by layer from ``current`` (see the
     module docstring).
 
     ``current`` is the running placement (same shape as the problem's); ``horizon_s`` the seconds
     the new placement is expected to serve; ``min_gain`` the fraction a layer's objective must
-    fall by for it to move. Expert bytes come from ``problem.model``. The result's ``objective``
+    fall by for it to move; ``move_floor`` the noise floor of an anchored search
+    (:func:`anchor_cost`; ``None``: run the method unanchored, as other methods always are).
+    Expert bytes come from ``problem.model``. The result's ``objective``
     is the cost; its ``terms`` add ``objective_ratio`` (``J(X) / J(current)``), ``step_ratio``
     (the sum of the layers' bottleneck GPU loads, :func:`step_load`, over the running one's),
     ``move_seconds``, ``bytes_moved``, ``movement_cost``, and the layers kept, taken from the
     method's answer and repacked (``layers_kept``, ``layers_resolved``, ``layers_repacked``), and
-    the same ratios and movement for the method's answer as it is (``resolve_*``). ``bound`` and
+    the same ratios and movement for the method's answer as it is (``resolve_*``; anchored, that
+    answer already weighs the movement, and ``movement_term`` is its anchor cost). ``bound`` and
     ``gap`` are None (the method's bound covers its own objective, not this one).
     """
     from placer.ilp.objective import (  # deferred: objective imports the metrics
@@ -317,6 +367,8 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
         raise InvalidInputError(f"must be positive seconds, got {horizon_s}", source="--horizon-s")
     if not 0 <= min_gain < 1:
         raise InvalidInputError(f"must be a fraction in [0, 1), got {min_gain}", source="min_gain")
+    if move_floor is not None and not (move_floor >= 0 and np.isfinite(move_floor)):
+        raise InvalidInputError(f"must be a non-negative fraction, got {move_floor}", source="move_floor")
     topology, model = problem.topology, problem.model
     if (current.num_layers, current.num_experts, current.num_gpus, current.slots_per_gpu) != \
             (model.num_moe_layers, model.num_experts, topology.num_gpus, problem.slots_per_gpu):
@@ -325,16 +377,8 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
             f"{current.num_gpus} GPUs x {current.slots_per_gpu} slots; this solve is [{model.num_moe_layers}, "
             f"{model.num_experts}] on {topology.num_gpus} x {problem.slots_per_gpu}", source="--from")
     start = time.perf_counter()
-    result = solve(problem, method, time_limit_s=time_limit_s, seed=seed, **options)
-    if result.placement is None:
-        return result
     load = np.asarray(problem.stats.load, dtype=np.float64)
     expert_bytes = float(model.expert_weight_bytes)
-    resolved = relabelled(current, result.placement, topology)
-    # candidate placements; row l of any of them is a valid layer l
-    cands = [_undoubled(current, load), _undoubled(resolved, load),
-             relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0), topology)]
-    cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
     weights = objective_weights(problem)  # once for every candidate
     reference = reference_ratio(problem) if weights["balance_cap"] is not None else None
 
@@ -342,9 +386,34 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
         ev = evaluate_objective(problem, cand, weights=weights, reference=reference)
         return sum(ev["per_layer"][k] for k in ("balance", "traffic", "affinity"))
 
+    kept = _undoubled(current, load)
+    anchored = move_floor is not None and anchored_search(method, problem)
+    j_kept: np.ndarray | None = None
+    if anchored:
+        j_kept = layer_objective(kept)
+        cost = anchor_cost(problem, kept, j_kept, horizon_s=horizon_s, move_floor=float(move_floor or 0.0))
+        # no move of the search puts two copies of an expert on one GPU, where the anchor has none
+        # (an expert with more replicas than GPUs must be doubled somewhere)
+        single = int(copies_per_gpu(kept.physical_to_logical, kept.num_gpus, kept.num_experts).max()) <= 1
+        sub = replace(problem, distinct_per_gpu=True) if single and not problem.distinct_per_gpu else problem
+        result = solve(sub, method, time_limit_s=time_limit_s, seed=seed, anchor=kept, anchor_cost=cost,
+                       **options)
+    else:
+        result = solve(problem, method, time_limit_s=time_limit_s, seed=seed, **options)
+    if result.placement is None:
+        return result
+    resolved = relabelled(current, result.placement, topology)
+    # candidate placements; row l of any of them is a valid layer l
+    cands = [kept, _undoubled(resolved, load)]
+    if not anchored:
+        cands.append(relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0),
+                                topology))
+        cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
+    todo = cands if j_kept is None else cands[1:]
     # the candidates are scored side by side: the counting kernels release the GIL
-    with ThreadPoolExecutor(max_workers=min(len(cands), os.cpu_count() or 1)) as pool:
-        j = np.stack(list(pool.map(layer_objective, cands)))  # [C, L]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        scored = list(pool.map(layer_objective, todo))
+    j = np.stack(scored if j_kept is None else [j_kept, *scored])  # [C, L]
     held = copies_per_gpu(current.physical_to_logical, current.num_gpus, current.num_experts) > 0
     sec = [receive_seconds(current, c, topology, expert_bytes, old_held=held)[0] for c in cands]  # [L, G] each
     j_ref = max(float(j[0].sum()), 1e-300)
