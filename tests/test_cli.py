@@ -211,3 +211,13 @@ def test_solve_from_a_running_placement_moves_less_and_says_what_it_moves(capsys
     code, out, _ = run(capsys, "solve", str(tmp_path / "b.npz"), *shape, "--from", str(tmp_path / "a.json"),
                        "-o", str(tmp_path / "b.json"))
     assert code == 0 and f"from {tmp_path / 'a.json'}: " in out and " pays back " in out and " rounds)" in out
+
+
+def test_stats_of_a_plain_load_matrix_does_not_invent_tokens_or_top_k(capsys, tmp_path):
+    path = tmp_path / "weight.csv"
+    path.write_text("90,132,40,61\n20,107,104,64\n")
+    code, out, _ = run(capsys, "stats", path)
+    assert code == 0
+    assert out.splitlines()[0] == ("custom: counts only: 323 expert selections in the busiest layer, 2 MoE layers, E=4 "
+                                   "(top-k and tokens unknown: give --model), phase=all")
+    assert "top_k=1" not in out

@@ -71,6 +71,8 @@ def stats(inputs, model, phase, output, quiet, as_json):
         echo_json(summary)
     else:
         label = " (synthetic)" if routing.synthetic else ""
-        click.echo(f"{routing.model.name}{label}: " + format_summary(summary))
+        # A load matrix without --model: its shape is all placer knows (top-k counted as 1).
+        counts_only = routing.stream is None and model is None and routing.model.name == "custom"
+        click.echo(f"{routing.model.name}{label}: " + format_summary(summary, counts_only=counts_only))
         if output:
             click.echo(f"wrote statistics to {output}")

@@ -61,10 +61,15 @@ def summarize(stats: RoutingStats) -> dict:
     return out
 
 
-def format_summary(summary: dict) -> str:
-    """A plain-text table of :func:`summarize`'s output."""
-    lines = [f"{summary['tokens']:,} tokens, {summary['layers']} MoE layers, E={summary['experts']}, "
-             f"top_k={summary['top_k']}, phase={summary['phase']}"]
+def format_summary(summary: dict, counts_only: bool = False) -> str:
+    """A plain-text table of :func:`summarize`'s output. ``counts_only``: the input held expert
+    counts and named no model, so top-k (and so the token count) is unknown."""
+    if counts_only:
+        lines = [f"counts only: {summary['tokens']:,} expert selections in the busiest layer, {summary['layers']} MoE layers, "
+                 f"E={summary['experts']} (top-k and tokens unknown: give --model), phase={summary['phase']}"]
+    else:
+        lines = [f"{summary['tokens']:,} tokens, {summary['layers']} MoE layers, E={summary['experts']}, "
+                 f"top_k={summary['top_k']}, phase={summary['phase']}"]
     has_aff = "per_transition" in summary
     header = ["layer", "max/mean", "min/mean", "cv"]
     if has_aff:
