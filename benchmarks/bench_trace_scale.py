@@ -1,6 +1,7 @@
 """Production-size traces: wall time and peak memory of every trace command against the token count.
 
-    python benchmarks/bench_trace_scale.py [--tokens 200000,1000000,5000000] [--dir DIR] [--keep]
+    python benchmarks/bench_trace_scale.py [--tokens 200000,1000000,5000000] [--repeat N] [--baseline TREE]
+                                           [--dir DIR] [--keep] [--output FILE]
 
 For each token count, writes a synthetic DeepSeek-V3 trace (58 MoE layers, E=256, top-8) with
 ``placer synth`` (streamed to the .npz, never held whole), then runs, each in its own process:
@@ -15,6 +16,11 @@ by a wrapper process that runs nothing else) and rate in million token-expert pa
 (tokens x layers x top_k / wall), beside the statistics kernel's rate (``StatsBuilder.update``
 on one in-memory chunk, no file reading). Prints a markdown table; ``--output`` also writes it.
 Memory flat and time linear in the token count is what the table should show.
+
+``--repeat N`` runs every command (but synth) N times and reports the median wall time and the
+largest peak. ``--baseline TREE`` (another checkout of placer, e.g. ``git worktree add
+/tmp/base HEAD``) also runs every command but synth with ``PYTHONPATH=TREE``, on the same
+files, alternating with this tree's run, and adds its median and rate beside this tree's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +56,12 @@ def commands(workdir: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """``(wall seconds, peak resident MiB)`` of one command run in a fresh wrapper process."""
+def measure(argv: list[str], pythonpath: str | None = None) -> tuple[float, float]:
+    """``(wall seconds, peak resident MiB)`` of one command run in a fresh wrapper process
+    (with ``PYTHONPATH=pythonpath`` when given: another placer tree)."""
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -80,6 +89,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the traces written")
     parser.add_argument("--output", default=None, help="also write the markdown table here")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per command but synth (median wall, max peak)")
+    parser.add_argument("--baseline", default=None, help="another placer tree run beside this one (PYTHONPATH)")
     args = parser.parse_args()
     counts = [int(x) for x in args.tokens.split(",") if x.strip()]
     if not counts or min(counts) < 1:
@@ -92,19 +103,32 @@ def main() -> None:
     rate = kernel_rate()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="trace-scale-"))
     root.mkdir(parents=True, exist_ok=True)
+    base_cols = (" before: wall s | peak MiB | M pairs/s |", "---|---|---|") if args.baseline else ("", "")
     lines = [f"DeepSeek-V3 ({model.num_moe_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}); "
-             f"{' '.join(CLUSTER)}; statistics kernel alone: {rate:.1f} M pairs/s", "",
-             "| tokens | trace .npz | command | wall s | peak MiB | M pairs/s |", "|---|---|---|---|---|---|"]
+             f"{' '.join(CLUSTER)}; statistics kernel alone: {rate:.1f} M pairs/s; median of {args.repeat}", "",
+             "| tokens | trace .npz | command | wall s | peak MiB | M pairs/s |" + base_cols[0],
+             "|---|---|---|---|---|---|" + base_cols[1]]
     print("\n".join(lines), flush=True)
     try:
         for n in counts:
             workdir = root / f"t{n}"
             workdir.mkdir(exist_ok=True)
             for label, argv in commands(workdir):
-                wall, peak = measure([placer, *(a.format(tokens=n) for a in argv)])
+                cmd = [placer, *(a.format(tokens=n) for a in argv)]
+                trees = [None] if label == "synth" or not args.baseline else [None, args.baseline]
+                runs: dict[str | None, list[tuple[float, float]]] = {tree: [] for tree in trees}
+                for _ in range(1 if label == "synth" else max(1, args.repeat)):
+                    for tree in trees:  # alternating: both trees see the same load
+                        runs[tree].append(measure(cmd, tree))
                 size = (workdir / "trace.npz").stat().st_size / 1e6
-                row = (f"| {n:,} | {size:,.0f} MB | `{label}` | {wall:.1f} | {peak:,.0f} | "
-                       f"{n * pairs_per_token / wall / 1e6:.1f} |")
+                row = f"| {n:,} | {size:,.0f} MB | `{label}` |"
+                for tree in ([None, args.baseline] if args.baseline else [None]):
+                    if tree not in runs:
+                        row += " - | - | - |"
+                        continue
+                    wall = statistics.median(w for w, _ in runs[tree])
+                    peak = max(p for _, p in runs[tree])
+                    row += f" {wall:.1f} | {peak:,.0f} | {n * pairs_per_token / wall / 1e6:.1f} |"
                 lines.append(row)
                 print(row, flush=True)
             if not args.keep:

@@ -25,7 +25,7 @@ from placer.ilp.objective import evaluate_objective
 from placer.ilp.simple import contiguous_map
 from placer.ilp.warmup import search_kernels
 from placer.metrics import evaluate
-from placer.metrics._count import table_standard_counts
+from placer.metrics._count import CC_NAMES, COUNT_NAMES, add_counts, rank_arrays
 from placer.presets import get_model, make_topology
 from placer.simulator.a2a import a2a_benchmark
 from placer.simulator.config import ServingWorkload, SimConfig
@@ -51,8 +51,20 @@ def pipeline_kernels() -> None:
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
     evaluate_objective(problem, placement)
     evaluate(placement, problem.topology, problem.model, trace)
-    # the dispatch count kernel for writable ids too (streamed chunks; frozen traces are read-only)
-    table_standard_counts(np.zeros((2, 1, 2), np.int64), np.zeros(2, np.int64), np.zeros((1, 2, 2), np.int64), 1, 1, 2)
+    count_kernels()
+
+
+def count_kernels() -> None:
+    """The metrics' count kernel for every ids array it is handed: int16 (streamed chunks) or int64
+    (whole traces, samples), read-only (frozen traces) or writable (chunks sorted by gate weight)."""
+    arrays = rank_arrays(np.zeros((1, 2, 2), np.int64), 1, 1, 2)
+    for dtype in (np.int16, np.int64):
+        for writable in (True, False):
+            ids = np.zeros((2, 1, 2), dtype)
+            ids.setflags(write=writable)
+            home = np.zeros(2, np.int64)
+            add_counts(ids, home, home, arrays, True, np.zeros((1, 2), np.int64),
+                       np.zeros((len(COUNT_NAMES), 1), np.int64), np.zeros((len(CC_NAMES), 1), np.int64))
 
 
 def simulator_kernels() -> None:

@@ -16,18 +16,27 @@ from typing import Any
 
 import numpy as np
 
+from placer._progress import TOKENS_SCORED, report
 from placer._ray import ADDRESS_ENV as RAY_ADDRESS_ENV
 from placer.errors import InvalidInputError
 from placer.io.atomic import check_writable
 from placer.io.placements import export_placement, read_placement_file, write_placement_json
 from placer.io.routing import (
     Routing,
+    agree_model,
     check_top1,
     chunk_tokens_for,
+    filter_phase,
+    fit_chunk,
     gather_routing,
 )
-from placer.io.traces import write_stats_npz, write_trace_npz_chunks, write_trace_parquet
-from placer.metrics import evaluate
+from placer.io.traces import (
+    read_input,
+    write_stats_npz,
+    write_trace_npz_chunks,
+    write_trace_parquet,
+)
+from placer.metrics import TraceStream, evaluate, evaluate_many
 from placer.presets import check_problem_size
 from placer.profiling.summary import summarize
 from placer.resources import human_bytes
@@ -153,7 +162,9 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     recorded in the placement file. ``started_at`` (``time.time()`` seconds; the CLI passes its
     process start): ``time_limit_s`` counts from then, the scoring included, not from the solve.
     Routing is read chunk by chunk: the solve takes the statistics, and the scores stream the
-    trace again (memory bounded by the statistics and one chunk of :data:`CHUNK_MB` MiB).
+    trace again (memory bounded by the statistics and one chunk of :data:`CHUNK_MB` MiB), every
+    placement scored from one pass (two with ``time_limit_s`` and ``started_at``: the baselines
+    first, to leave the solve what remains).
     ``current`` (a placement file, any format :func:`read_placement_file` reads): the placement
     running now; the solve is then movement-aware over ``horizon_s`` seconds
     (:func:`placer.ilp.movement.solve_from`) and the outcome's notes give the move and its payback.
@@ -226,34 +237,45 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
 
     running = None if current is None else read_placement_file(current, model=model, topology=topology).placement
 
-    def score(placement, data_routing):
+    def score_many(placements: list, data_routing) -> list:
         if data_routing is None:
-            return None
-        m = evaluate(placement, topology, model, data_routing.exact_data, dispatch=dispatch, execution=execution)
-        m["data"]["synthetic"] = data_routing.synthetic
-        m["data"]["inputs"] = list(data_routing.sources)
-        if not m["top1_known"]:
-            m["top1_note"] = data_routing.top1_note
-        return m
+            return [None] * len(placements)
+        out = evaluate_many(placements, topology, model, data_routing.exact_data, dispatch=dispatch,
+                            execution=execution)
+        for m in out:
+            m["data"]["synthetic"] = data_routing.synthetic
+            m["data"]["inputs"] = list(data_routing.sources)
+            if not m["top1_known"]:
+                m["top1_note"] = data_routing.top1_note
+        return out
 
     scored_before: dict[bytes, dict] = {}  # a timed-out solve often returns a baseline's placement
 
-    def scores(placement) -> dict:
+    def key_of(placement) -> bytes:
         p2l = placement.physical_to_logical  # what the scores depend on (replica ranks order exports only)
-        key = repr(p2l.shape).encode() + p2l.tobytes()
-        if key not in scored_before:
-            scored_before[key] = {label: score(placement, data_routing)
-                                  for label, data_routing in (("fit", routing), ("holdout", held))}
-        return copy.deepcopy(scored_before[key])
+        return repr(p2l.shape).encode() + p2l.tobytes()
 
-    # The baselines are scored first: with ``started_at`` the time limit counts from then (the
-    # CLI: process start), and the solve is left what remains after scoring its own result.
-    t_score = time.time()
-    baselines = [(r, scores(r.placement)) for r in (solve(problem, m, seed=seed) for m in compare
-                                                   if m != method and (routing is not None or m != "eplb"))]
-    score_s = (time.time() - t_score) / max(1, len(baselines))
+    def score_all(placements) -> None:
+        """Score the placements not scored yet, all of them from one pass over each routing."""
+        todo = {key_of(p): p for p in placements if key_of(p) not in scored_before}
+        if not todo:
+            return
+        fit, holdout = (score_many(list(todo.values()), data_routing) for data_routing in (routing, held))
+        for key, f, h in zip(todo, fit, holdout, strict=True):
+            scored_before[key] = {"fit": f, "holdout": h}
+
+    def scores(placement) -> dict:
+        return copy.deepcopy(scored_before[key_of(placement)])
+
+    baselines = [solve(problem, m, seed=seed) for m in compare if m != method and (routing is not None or m != "eplb")]
     solve_limit = time_limit_s
     if time_limit_s is not None and started_at is not None:
+        # The baselines are scored first, in one pass: the time limit counts from ``started_at``
+        # (the CLI: process start), and the solve is left what remains after scoring its result
+        # (one more pass). Without a deadline every placement is scored in one pass at the end.
+        t_score = time.time()
+        score_all([r.placement for r in baselines])
+        score_s = time.time() - t_score
         solve_limit = max(0.01, started_at + time_limit_s - time.time() - 1.2 * score_s - 0.3)
     if running is None:
         result = solve(problem, method, time_limit_s=solve_limit, seed=seed, **options)
@@ -265,9 +287,10 @@ def solve_placement(inputs: Sequence[str], *, model: ModelSpec | None, topology,
     say(f"{method}: {result.status} in {result.wall_time_s:.2f} s{on_ray}; scoring")
     placement = result.placement
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
+    score_all([placement, *(r.placement for r in baselines)])
     scored = scores(placement)
     rows = []
-    for r, r_scores in [(result, scored), *baselines]:
+    for r, r_scores in [(result, scored), *((r, scores(r.placement)) for r in baselines)]:
         for label, metrics in r_scores.items():
             if metrics is not None:
                 rows.append({"method": r.method, "data": label, "status": r.status, "gap": r.gap,
@@ -343,11 +366,16 @@ def evaluate_placement(placement_file, inputs: Sequence[str], *, dispatch: str, 
                        phase: str = "all", chunk_mb: float = CHUNK_MB) -> dict:
     """Score a placement file's placement on routing inputs (the file's model is authoritative).
 
-    Per-token inputs are read twice, chunk by chunk (once for the statistics, once for the
-    metrics, exact on every token): memory is bounded by the statistics and one chunk of about
-    ``chunk_mb`` MiB, whatever the trace length.
+    Per-token inputs are read once, chunk by chunk, exact on every token: memory is bounded by
+    one chunk of about ``chunk_mb`` MiB, whatever the trace length. With count-only inputs (or a
+    trace whose top-1 expert turns out unknown) the routing is gathered first, its statistics
+    built, and the tokens streamed again.
     """
     chunk_tokens = chunk_tokens_for(placement_file.model, chunk_mb)
+    metrics = _evaluate_streamed(placement_file, inputs, dispatch=dispatch, execution=execution, phase=phase,
+                                 chunk_tokens=chunk_tokens)
+    if metrics is not None:
+        return metrics
     routing = gather_routing(inputs, model=placement_file.model, phase=phase, keep_trace=False,
                              chunk_tokens=chunk_tokens)
     check_top1(routing, execution=execution)
@@ -357,4 +385,45 @@ def evaluate_placement(placement_file, inputs: Sequence[str], *, dispatch: str, 
     metrics["data"]["inputs"] = list(routing.sources)
     if not metrics["top1_known"]:
         metrics["top1_note"] = routing.top1_note
+    return metrics
+
+
+class _Top1Unknown(Exception):
+    """A streamed chunk does not know its tokens' top-1 expert (the one pass is abandoned)."""
+
+
+def _evaluate_streamed(placement_file, inputs: Sequence[str], *, dispatch: str, execution: str, phase: str,
+                       chunk_tokens: int) -> dict | None:
+    """:func:`evaluate_placement` in one pass over per-token inputs whose top-1 expert is known
+    (tokens counted as they stream, no statistics built); None where that does not apply
+    (count-only inputs, a chunk without top-1, no token): the caller then reads them as before."""
+    read = [read_input(path, model=placement_file.model, chunk_tokens=chunk_tokens, gate_weights=False)
+            for path in inputs]
+    if not read or any(r.kind != "trace" for r in read):
+        return None
+    model = agree_model(placement_file.model, [(r.source, r.model) for r in read])
+    assert model is not None  # a placement file always names its model
+
+    def chunks() -> Iterator[RoutingTrace]:
+        done = 0
+        for r in read:
+            assert r.chunks is not None
+            for chunk in r.chunks():
+                chunk = fit_chunk(filter_phase(chunk, phase, r.source), model, r.source)
+                if not chunk.has_top1:
+                    raise _Top1Unknown
+                yield chunk
+                done += chunk.num_tokens
+                report(TOKENS_SCORED, done, 0)
+
+    stream = TraceStream(chunks, None, model.num_moe_layers, model.num_experts, model.top_k, True, model)
+    try:
+        metrics = evaluate(placement_file.placement, placement_file.topology, model, stream, dispatch=dispatch,
+                           execution=execution)
+    except _Top1Unknown:
+        return None
+    if metrics["data"]["tokens"] == 0:
+        return None
+    metrics["data"]["synthetic"] = any(r.synthetic for r in read)
+    metrics["data"]["inputs"] = [r.source for r in read]
     return metrics

@@ -212,7 +212,7 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, disp
     pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target)
     target = placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
-    # Progress: the tokens read (statistics), then the tokens scored.
+    # Progress: the tokens scored (read first for the statistics where counts or unknown top-1 need them).
     with Progress("evaluate", unit="tokens", quiet=quiet) as bar, reporting(bar.report):
         metrics = evaluate_placement(pf, inputs, dispatch=rule, execution=execution, phase=phase, chunk_mb=chunk_mb)
     metrics["stack"] = None if target is None else target.label

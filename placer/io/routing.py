@@ -100,7 +100,9 @@ def agree_model(explicit: ModelSpec | None, found: Sequence[tuple[str, ModelSpec
     return model
 
 
-def _filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
+def filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
+    """``chunk``'s tokens of ``phase`` (``"all"``: every token); an input that records no phases
+    exits 2 naming ``source`` for any other phase."""
     if phase == "all":
         return chunk
     if chunk.phase is None:
@@ -108,7 +110,7 @@ def _filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
     return chunk.select_tokens(chunk.phase == PHASE_CODES[phase])
 
 
-def _fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrace:
+def fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrace:
     """``chunk`` checked against ``model``'s shape and carrying it (E widened to the model's)."""
     if (chunk.num_layers, chunk.top_k) != (model.num_moe_layers, model.top_k) or \
             chunk.num_experts > model.num_experts:
@@ -130,7 +132,7 @@ def _stream_chunks(read: Sequence[RoutingInput], phase: str, model: ModelSpec,
         for r in read:
             assert r.chunks is not None
             for chunk in r.chunks():
-                chunk = _fit_chunk(_filter_phase(chunk, phase, r.source), model, r.source)
+                chunk = fit_chunk(filter_phase(chunk, phase, r.source), model, r.source)
                 yield chunk
                 done += chunk.num_tokens
                 report(TOKENS_SCORED, done, total_tokens)
@@ -189,10 +191,10 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
             continue
         assert r.chunks is not None
         for chunk in r.chunks():
-            chunk = _filter_phase(chunk, phase, r.source)
+            chunk = filter_phase(chunk, phase, r.source)
             if model is None:
                 model = ModelSpec.from_shape(chunk.num_layers, chunk.num_experts, chunk.top_k)
-            chunk = _fit_chunk(chunk, model, r.source)
+            chunk = fit_chunk(chunk, model, r.source)
             if top1_why is None and not chunk.has_top1:
                 top1_source, top1_why = r.source, top1_reason(r.format, "trace")
             if builder is None:

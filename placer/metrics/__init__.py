@@ -20,15 +20,16 @@ Means are "per token-layer" (absolute counts); fractions carry their denominator
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from placer.display import json_value
 from placer.errors import InvalidInputError
 from placer.metrics import core
-from placer.metrics._count import table_standard_counts
+from placer.metrics._count import dispatch_arrays
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, slot_load
-from placer.display import json_value
 from placer.metrics.report import METRIC_DESCRIPTIONS, format_comparison, format_table
 from placer.metrics.stream import TraceStream
 from placer.types import EXECUTION_MODES, ModelSpec, Placement, RoutingStats, RoutingTrace, Topology
@@ -37,7 +38,7 @@ from placer.validate import expert_memory_per_gpu
 Data = RoutingTrace | TraceStream | RoutingStats
 
 __all__ = ["METRIC_DESCRIPTIONS", "TraceStream", "context_coherent_traffic", "dispatch_traffic", "evaluate",
-           "expert_memory", "format_comparison", "format_table", "gpu_load", "load_balance"]
+           "evaluate_many", "expert_memory", "format_comparison", "format_table", "gpu_load", "load_balance"]
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -77,19 +78,16 @@ def gpu_load(placement: Placement, topology: Topology, data: Data, *, dispatch: 
         per_slot = slot_load(data.load, placement, topology, dispatch, seed, table=table)
         return per_slot.reshape(num_layers, num_gpus, placement.slots_per_gpu).sum(axis=2)
     tokens = core.resolve_tokens(placement, topology, data, need_top1=False, what="gpu load")
-    c = core.accumulate(tokens, (), _load_counter(placement, topology, dispatch, seed, table), num_layers)
+    c = _token_counts([placement], topology, tokens, dispatch, [table], False, num_layers)[0]
     return _load_of(c, num_layers, num_gpus)
 
 
-def _load_counter(placement: Placement, topology: Topology, dispatch: str, seed: int, table: np.ndarray | None):
-    """Per-chunk count function: ``gpu_load`` int64 [L * G] token-slots per (layer, GPU)."""
-    num_layers, num_gpus = placement.num_layers, placement.num_gpus
-    layer_base = (np.arange(num_layers) * num_gpus)[None, :, None]
-
-    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-        gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
-        return {"gpu_load": np.bincount((layer_base + gpu).ravel(), minlength=num_layers * num_gpus)}
-    return count
+def _token_counts(placements: Sequence[Placement], topology: Topology, tokens: core.Tokens | core.StreamTokens,
+                  dispatch: str, tables: Sequence[np.ndarray | None], coherent: bool,
+                  num_layers: int) -> list[dict[str, np.ndarray]]:
+    """:func:`core.count_tokens` of ``placements`` (their rank ``tables``, None for the position rules)."""
+    arrays = [dispatch_arrays(p, topology.gpus_per_node, t) for p, t in zip(placements, tables, strict=True)]
+    return core.count_tokens(tokens, arrays, dispatch, coherent, num_layers)
 
 
 def _load_of(c: dict[str, np.ndarray], num_layers: int, num_gpus: int) -> np.ndarray:
@@ -144,22 +142,8 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
     if table is None:
         table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     core.check_rule(dispatch)
-    c = core.accumulate(tokens, core.STANDARD_COUNTS, _standard_counter(placement, topology, dispatch, seed, table),
-                        num_layers)
+    c = _token_counts([placement], topology, tokens, dispatch, [table], False, num_layers)[0]
     return _standard_summary(c, tokens, num_layers, model)
-
-
-def _standard_counter(placement: Placement, topology: Topology, dispatch: str, seed: int,
-                      table: np.ndarray | None):
-    """Per-chunk count function: :data:`core.STANDARD_COUNTS`, int64 [L] each."""
-    gpn = topology.gpus_per_node
-
-    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-        if table is not None:  # rank-table rules: one compiled pass over the pairs
-            return table_standard_counts(ids, home, table, placement.slots_per_gpu, gpn, topology.num_gpus)
-        gpu = core.chunk_gpus(placement, topology, ids, home, index, dispatch, seed, table)
-        return core.standard_counts(gpu, home, gpn, topology.num_gpus)
-    return count
 
 
 def _standard_summary(c: dict[str, np.ndarray], tokens: core.Tokens | core.StreamTokens, num_layers: int,
@@ -234,16 +218,8 @@ def context_coherent_traffic(placement: Placement, topology: Topology, model: Mo
     if tokens is not None:
         if table is None:
             table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
-        c = core.accumulate(tokens, core.CC_COUNTS, _cc_counter(placement, topology, dispatch, seed, table),
-                            num_layers)
+        c = _token_counts([placement], topology, tokens, dispatch, [table], True, num_layers)[0]
     return _cc_summary(c, tokens, exact, num_layers, model)
-
-
-def _cc_counter(placement: Placement, topology: Topology, dispatch: str, seed: int, table: np.ndarray | None):
-    """Per-chunk count function: :data:`core.CC_COUNTS` (int64 [L] or [L-1]); ids top-1 first."""
-    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-        return core.cc_counts(placement, topology, ids, home, index, dispatch, seed, table)
-    return count
 
 
 def _cc_summary(c: dict[str, np.ndarray] | None, tokens: core.Tokens | core.StreamTokens | None,
@@ -310,27 +286,21 @@ _CC_KEYS = ("frac_top1_transitions_cross_gpu", "frac_top1_transitions_cross_node
             "cc_state_moves_per_token_layer", "cc_other_gpus_per_token_layer", "cc_bytes_per_token_layer")
 
 
-def _trace_metrics(placement: Placement, topology: Topology, model: ModelSpec, data: RoutingTrace | TraceStream,
-                   *, dispatch: str, seed: int, table: np.ndarray | None,
-                   coherent: bool) -> tuple[np.ndarray, dict[str, Any], dict[str, Any] | None]:
-    """GPU load float64 [L, G], :func:`dispatch_traffic` and (when ``coherent``)
-    :func:`context_coherent_traffic` of a trace, from one pass over its tokens (top-1 first when
-    ``coherent``: load and standard counts do not depend on the order of a token's experts)."""
+def _trace_metrics(placements: Sequence[Placement], topology: Topology, model: ModelSpec,
+                   data: RoutingTrace | TraceStream, *, dispatch: str, tables: Sequence[np.ndarray | None],
+                   coherent: bool) -> list[tuple[np.ndarray, dict[str, Any], dict[str, Any] | None]]:
+    """Per placement: GPU load float64 [L, G], :func:`dispatch_traffic` and (when ``coherent``)
+    :func:`context_coherent_traffic` of a trace, every placement from one pass over its tokens
+    (top-1 first when ``coherent``: load and standard counts do not depend on the order of a
+    token's experts)."""
     num_layers = core.data_shape(data)[0]
-    tokens = core.resolve_tokens(placement, topology, data, need_top1=coherent, what="metrics")
-    counters = [_load_counter(placement, topology, dispatch, seed, table),
-                _standard_counter(placement, topology, dispatch, seed, table)]
-    if coherent:
-        counters.append(_cc_counter(placement, topology, dispatch, seed, table))
-
-    def count(ids: np.ndarray, home: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: v for counter in counters for name, v in counter(ids, home, index).items()}
-
-    names = core.STANDARD_COUNTS + (core.CC_COUNTS if coherent else ())
-    c = core.accumulate(tokens, names, count, num_layers)
-    load = _load_of(c, num_layers, placement.num_gpus)
-    cc = _cc_summary(c, tokens, None, num_layers, model) if coherent else None
-    return load, _standard_summary(c, tokens, num_layers, model), cc
+    tokens = core.resolve_tokens(placements[0], topology, data, need_top1=coherent, what="metrics")
+    out = []
+    for p, c in zip(placements, _token_counts(placements, topology, tokens, dispatch, tables, coherent, num_layers),
+                    strict=True):
+        cc = _cc_summary(c, tokens, None, num_layers, model) if coherent else None
+        out.append((_load_of(c, num_layers, p.num_gpus), _standard_summary(c, tokens, num_layers, model), cc))
+    return out
 
 
 def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: Data, *,
@@ -345,22 +315,45 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
     ``execution="context-coherent"`` without top-1 raises). Byte metrics are ``None`` when the
     model's hidden size is unknown; per-token metrics are ``None`` for load-only stats.
     """
+    return evaluate_many([placement], topology, model, data, dispatch=dispatch, execution=execution, seed=seed)[0]
+
+
+def evaluate_many(placements: Sequence[Placement], topology: Topology, model: ModelSpec, data: Data, *,
+                  dispatch: str = "nearest", execution: str = "standard",
+                  seed: int = DEFAULT_DISPATCH_SEED) -> list[dict[str, Any]]:
+    """:func:`evaluate` of each placement (same cluster, model and routing), in order; a trace
+    (whole or streamed) is read once for all of them."""
     core.check_rule(dispatch)
     if execution not in EXECUTION_MODES:
         raise InvalidInputError(f"unknown execution mode {execution!r}; known: {', '.join(EXECUTION_MODES)}",
                                 source="--execution")
-    num_layers, num_experts, top_k = core.data_shape(data)
-    core.check_shapes(placement, topology, num_layers, num_experts)
+    num_layers, num_experts, _ = core.data_shape(data)
+    for placement in placements:
+        core.check_shapes(placement, topology, num_layers, num_experts)
     if model.num_moe_layers != num_layers or model.num_experts != num_experts:
         raise InvalidInputError(f"model {model.name} has {model.num_moe_layers} MoE layers x "
                                 f"{model.num_experts} experts, the routing {num_layers} x {num_experts}",
                                 source="model")
-    top1 = data.has_top1
-    if execution == "context-coherent" and not top1:
+    if execution == "context-coherent" and not data.has_top1:
         raise InvalidInputError("context-coherent execution needs the top-1 expert of each token, but "
                                 "the routing's expert order is unknown and it has no gate weights",
                                 source="--execution")
-    table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
+    tables = [core.rank_table(p, topology, dispatch, seed, getattr(data, "model", None)) for p in placements]
+    counted: list = [None] * len(placements)
+    if placements and not isinstance(data, RoutingStats):  # one pass over the tokens (a stream is read once)
+        counted = _trace_metrics(placements, topology, model, data, dispatch=dispatch, tables=tables,
+                                 coherent=data.has_top1)
+    return [_evaluate_one(p, topology, model, data, dispatch=dispatch, execution=execution, seed=seed, table=t,
+                          counted=c) for p, t, c in zip(placements, tables, counted, strict=True)]
+
+
+def _evaluate_one(placement: Placement, topology: Topology, model: ModelSpec, data: Data, *, dispatch: str,
+                  execution: str, seed: int, table: np.ndarray | None,
+                  counted: tuple[np.ndarray, dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
+    """:func:`evaluate` of one placement, checked already; ``counted``: its :func:`_trace_metrics`
+    on a trace (None on stats)."""
+    num_layers, num_experts, top_k = core.data_shape(data)
+    top1 = data.has_top1
     is_trace = not isinstance(data, RoutingStats)
     has_tokens = not isinstance(data, RoutingStats) or data.sample_size > 0
     no_replicas = placement.num_slots == placement.num_experts
@@ -374,9 +367,8 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
     }
     per_layer: dict[str, Any] = {}
 
-    if not isinstance(data, RoutingStats):  # one pass over the tokens (a streamed trace is read once)
-        load, std, cc = _trace_metrics(placement, topology, model, data, dispatch=dispatch, seed=seed,
-                                       table=table, coherent=top1)
+    if counted is not None:
+        load, std, cc = counted
     else:
         load = gpu_load(placement, topology, data, dispatch=dispatch, seed=seed, table=table)
     lb = load_balance(load)
@@ -426,7 +418,7 @@ def evaluate(placement: Placement, topology: Topology, model: ModelSpec, data: D
                                                else mem["bytes_per_gpu"] / topology.memory_bytes)
     out["data"] = {"source": source if source is not None else "stats",
                    "tokens": tokens if has_tokens else 0,
-                   "total_tokens": data.num_tokens,
+                   "total_tokens": data.num_tokens if data.num_tokens is not None else tokens,
                    "phase": getattr(data, "phase", None) if isinstance(data, RoutingStats) else None,
                    "synthetic": getattr(data, "synthetic", None)}
     out["per_layer"] = per_layer

@@ -1,19 +1,23 @@
-"""Kernels behind :mod:`placer.metrics`: token resolution and per-chunk counting (plain numpy).
+"""Kernels behind :mod:`placer.metrics`: token resolution and per-chunk counting.
 
 Everything here counts per layer; :mod:`placer.metrics` turns the counts into means and
 fractions. Replica choice always comes from :mod:`placer.metrics.dispatch` (its table, or
 :func:`~placer.metrics.dispatch.select_slots` for the position-based rules).
+:func:`count_tokens` counts every metric of several placements in one pass with the compiled
+kernel of :mod:`placer.metrics._count`; the numpy functions (``chunk_gpus``,
+``standard_counts``, ``cc_counts``) are the reference it equals, and what the solvers use on samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from placer.errors import InvalidInputError
-from placer.metrics.dispatch import default_home_ranks, dispatch_table, select_slots
+from placer.metrics._count import CC_NAMES, COUNT_NAMES, DispatchArrays, add_counts
+from placer.metrics.dispatch import default_home_ranks, dispatch_table, position_key, select_slots
 from placer.metrics.stream import StreamTokens, TraceStream
 from placer.types import (
     DISPATCH_RULES,
@@ -157,8 +161,7 @@ def chunk_gpus(placement: Placement, topology: Topology, ids: np.ndarray, home: 
     return slots // placement.slots_per_gpu
 
 
-STANDARD_COUNTS = ("intra_node_ranks", "inter_node_nodes", "remote_node_ranks", "remote_landing_ranks",
-                   "token_slots_off_gpu", "token_slots_off_node")
+STANDARD_COUNTS = COUNT_NAMES
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -243,7 +246,7 @@ def _standard_counts_masks(gpu: np.ndarray, home: np.ndarray, gpus_per_node: int
     }
 
 
-CC_COUNTS = ("state_moves", "other_gpus", "cross_gpu", "cross_node")
+CC_COUNTS = CC_NAMES
 
 
 def coherent_gpus(placement: Placement, topology: Topology, ids: np.ndarray, home: np.ndarray,
@@ -296,17 +299,32 @@ def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: n
     }
 
 
-def accumulate(tokens: Tokens | StreamTokens, names: tuple[str, ...], count_fn, num_layers: int) -> dict[str, np.ndarray]:
-    """Sum ``count_fn(ids, home, index)`` over the token chunks (int64 arrays per name)."""
-    totals: dict[str, np.ndarray] = {}
+def count_tokens(tokens: Tokens | StreamTokens, arrays: Sequence[DispatchArrays], rule: str, coherent: bool,
+                 num_layers: int) -> list[dict[str, np.ndarray]]:
+    """Every per-token count of several placements from one pass over ``tokens`` (compiled).
+
+    ``arrays``: one :func:`~placer.metrics._count.dispatch_arrays` per placement, all for
+    ``rule``. Returns per placement ``gpu_load`` int64 [L * G] (token-slots per layer and GPU,
+    dispatched from home), :data:`STANDARD_COUNTS` int64 [L] and, when ``coherent`` (``tokens``
+    resolved top-1 first), :data:`CC_COUNTS` (int64 [L], ``cross_*`` [L-1]): the sums over the
+    chunks of ``bincount`` of :func:`chunk_gpus`, :func:`standard_counts` and :func:`cc_counts`.
+    """
+    position = rule in POSITION_RULES
+    acc = [(np.zeros((num_layers, a.num_gpus), dtype=np.int64), np.zeros((len(COUNT_NAMES), num_layers), dtype=np.int64),
+            np.zeros((len(CC_NAMES), num_layers), dtype=np.int64)) for a in arrays]
     for ids, home, index in tokens.chunks():
-        for name, v in count_fn(ids, home, index).items():
-            totals[name] = totals[name] + v if name in totals else v.astype(np.int64)
-    for name in names:
-        if name not in totals:
-            size = num_layers - 1 if name in ("cross_gpu", "cross_node") else num_layers
-            totals[name] = np.zeros(max(size, 0), dtype=np.int64)
-    return totals
+        key = np.ascontiguousarray(position_key(index, rule) if position else index, dtype=np.int64)
+        ids, home = np.ascontiguousarray(ids), np.ascontiguousarray(home, dtype=np.int64)
+        for a, (load, std, cc) in zip(arrays, acc, strict=True):
+            add_counts(ids, home, key, a, coherent, load, std, cc)
+    out = []
+    for load, std, cc in acc:
+        c = {"gpu_load": load.reshape(-1), **dict(zip(STANDARD_COUNTS, std, strict=True))}
+        if coherent:
+            c.update({"state_moves": cc[0], "other_gpus": cc[1], "cross_gpu": cc[2, :max(num_layers - 1, 0)],
+                      "cross_node": cc[3, :max(num_layers - 1, 0)]})
+        out.append(c)
+    return out
 
 
 def exact_top1_transitions(placement: Placement, topology: Topology,

@@ -68,18 +68,24 @@ def _check_rule(rule: str) -> None:
                                 source="--dispatch")
 
 
+def position_key(token_index: np.ndarray, rule: str) -> np.ndarray:
+    """The position rules' key of each row: the replica is ``key % replicas``. int64, shaped like
+    ``token_index`` (the row itself for ``sglang-dynamic``, Knuth's hash of it for ``vllm``)."""
+    index = np.asarray(token_index, dtype=np.int64)
+    if rule == "vllm":
+        return (index * KNUTH_MULTIPLIER) & 0xFFFFFFFF
+    if rule != "sglang-dynamic":
+        raise InvalidInputError(f"rule {rule!r} chooses replicas by rank, not by position",
+                                source="--dispatch")
+    return index
+
+
 def replica_index(token_index: np.ndarray, count: np.ndarray, rule: str) -> np.ndarray:
     """Replica rank (0-based, into the ascending slot list) for the position-based rules.
 
     ``token_index`` and ``count`` broadcast against each other (int arrays).
     """
-    index = np.asarray(token_index, dtype=np.int64)
-    if rule == "vllm":
-        index = (index * KNUTH_MULTIPLIER) & 0xFFFFFFFF
-    elif rule != "sglang-dynamic":
-        raise InvalidInputError(f"rule {rule!r} chooses replicas by rank, not by position",
-                                source="--dispatch")
-    return index % np.asarray(count, dtype=np.int64)
+    return position_key(token_index, rule) % np.asarray(count, dtype=np.int64)
 
 
 def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

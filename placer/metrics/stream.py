@@ -10,7 +10,7 @@ the position rules use, and the round-robin home rank when the trace records non
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,8 +27,9 @@ class TraceStream:
     ----------
     chunks : callable returning an iterator of RoutingTrace
         Each call streams the whole trace again, as chunks [t_i, L, K] in token order.
-    num_tokens : int
-        T, the tokens all chunks hold together (checked as they stream).
+    num_tokens : int or None
+        T, the tokens all chunks hold together (checked as they stream); None when it is only
+        known once streamed (metrics then count the tokens as they stream, in one pass).
     num_layers, num_experts, top_k : int
         L, E and K of every chunk.
     has_top1 : bool
@@ -38,7 +39,7 @@ class TraceStream:
     """
 
     chunks: Callable[[], Iterator[RoutingTrace]]
-    num_tokens: int
+    num_tokens: int | None
     num_layers: int
     num_experts: int
     top_k: int
@@ -50,9 +51,11 @@ class TraceStream:
 class StreamTokens:
     """The tokens of a :class:`TraceStream` resolved for metrics, one piece at a time.
 
-    :meth:`chunks` yields ``(ids int64 [t, L, K] (top-1 first when ``need_top1``), home int64 [t],
-    index int64 [t])`` of at most ``chunk_elements`` token-layer-expert entries, like
-    :meth:`placer.metrics.core.Tokens.chunks` on the concatenated trace.
+    :meth:`chunks` yields ``(ids int [t, L, K] (top-1 first when ``need_top1``; the trace's
+    dtype, int16), home int64 [t], index int64 [t])`` of at most ``chunk_elements``
+    token-layer-expert entries, like :meth:`placer.metrics.core.Tokens.chunks` on the
+    concatenated trace. ``num_tokens`` is the stream's, or (when it has none) the tokens the
+    last pass streamed.
     """
 
     stream: TraceStream
@@ -60,10 +63,12 @@ class StreamTokens:
     num_gpus: int
     chunk_elements: int
     source: str = "trace"
+    streamed: list[int] = field(default_factory=lambda: [0])
+    """Tokens the last pass streamed (one mutable cell)."""
 
     @property
     def num_tokens(self) -> int:
-        return int(self.stream.num_tokens)
+        return int(self.stream.num_tokens if self.stream.num_tokens is not None else self.streamed[0])
 
     @property
     def top_k(self) -> int:
@@ -86,8 +91,9 @@ class StreamTokens:
                 if home.size and home.max() >= self.num_gpus:
                     raise InvalidInputError(f"home rank {int(home.max())} is outside the cluster's "
                                             f"{self.num_gpus} GPUs", source="home_rank")
-                yield ids16[lo:hi].astype(np.int64), home, index
+                yield ids16[lo:hi], home, index
             start += chunk.num_tokens
-        if start != s.num_tokens:
+        self.streamed[0] = start
+        if s.num_tokens is not None and start != s.num_tokens:
             raise InvalidInputError(f"the trace streamed {start:,} tokens, {s.num_tokens:,} expected "
                                     "(did the file change while it was read?)", source="trace")
