@@ -33,6 +33,7 @@ from placer.simulator.simulate import simulate
 from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
 from placer.types import Placement
+from placer.types._scan import scan_ids
 
 # --------------------------------------------------------------------------------------------
 # Tiny runs that compile (or load) each group of kernels with the signatures real runs use.
@@ -52,6 +53,11 @@ def pipeline_kernels() -> None:
     evaluate_objective(problem, placement)
     evaluate(placement, problem.topology, problem.model, trace)
     count_kernels()
+    for writable in (True, False):  # RoutingTrace's id check, on fresh and frozen chunks
+        ids = np.zeros((1, 1, 2), np.int16)
+        ids[0, 0, 1] = 1
+        ids.setflags(write=writable)
+        scan_ids(ids)
 
 
 def count_kernels() -> None:

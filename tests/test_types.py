@@ -113,3 +113,21 @@ def test_solve_result_status():
     with pytest.raises(InvalidInputError, match="needs a placement"):
         SolveResult(placement=None, status="feasible", objective=0.0)
     assert SolveResult(placement=None, status="infeasible", objective=float("inf")).placement is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_the_compiled_id_check_matches_numpy(k):
+    from placer.types._scan import scan
+
+    rng = np.random.default_rng(k)
+    for trial in range(30):
+        ids = np.stack([np.stack([rng.permutation(16)[:k] for _ in range(3)]) for _ in range(5)]).astype(np.int16)
+        if trial % 3 == 1 and k > 1:  # plant one duplicate
+            t, layer, a, b = rng.integers(5), rng.integers(3), *rng.choice(k, 2, replace=False)
+            ids[t, layer, a] = ids[t, layer, b]
+        if trial % 5 == 2:
+            ids[rng.integers(5), rng.integers(3), rng.integers(k)] = -3 if trial % 2 else 40
+        s = np.sort(ids, axis=-1)
+        expected = (int(ids.min()), int(ids.max()), bool(np.any(s[..., 1:] == s[..., :-1])))
+        assert scan(ids) == expected
+    assert scan(np.zeros((0, 2, 2), np.int16)) == (0, 0, False)

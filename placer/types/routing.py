@@ -59,10 +59,11 @@ class RoutingTrace:
         if e < k:
             raise bad_field("expert_ids", f"top_k={k} exceeds num_experts={e}")
         if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
+            from placer.types._scan import scan  # deferred: keeps numba off placer --help
+            lo, hi, dup = scan(ids)  # one compiled pass (a min, a max and a sort per row before)
             if lo < 0 or hi >= e:
                 raise bad_field("expert_ids", f"expert ids must be in [0, {e}), found {lo if lo < 0 else hi}")
-            if k > 1 and _has_duplicate_ids(ids):
+            if dup:
                 raise bad_field("expert_ids", "a token picks the same expert twice in one layer")
         if self.order not in TRACE_ORDERS:
             raise bad_field("order", f"must be one of {TRACE_ORDERS}, got {self.order!r}")
@@ -129,17 +130,6 @@ class RoutingTrace:
 
     def with_model(self, model: ModelSpec) -> RoutingTrace:
         return replace(self, model=model)
-
-
-def _has_duplicate_ids(ids: np.ndarray, chunk: int = 1 << 16) -> bool:
-    k = ids.shape[2]
-    if k == 2:
-        return bool(np.any(ids[:, :, 0] == ids[:, :, 1]))
-    for start in range(0, ids.shape[0], chunk):
-        s = np.sort(ids[start:start + chunk], axis=-1)
-        if np.any(s[..., 1:] == s[..., :-1]):
-            return True
-    return False
 
 
 @dataclass(frozen=True)
