@@ -154,17 +154,22 @@ def summary(o, note: str, ranks: int) -> dict:
 
 def _print(o, note: str, ranks: int) -> None:
     m, p, r = o.model, o.plan, o.report
-    mb = 1e6
+
+    def b(n):
+        return format_value("bytes", n)
+
+    def t(seconds):
+        return format_value("s", seconds)
     backend = "NCCL on GPU" if o.device == "cuda" else "gloo on CPU"
-    click.echo(f"deployment: {ranks} ranks (Ray actors, {backend}) {_where(o.rank_nodes)}, started in {o.start_s:.1f} s; "
+    click.echo(f"deployment: {ranks} ranks (Ray actors, {backend}) {_where(o.rank_nodes)}, started in {t(o.start_s)}; "
                f"model {note}: {m.num_moe_layers} MoE layers x {m.num_experts} experts, top-{m.top_k}, hidden "
-               f"{m.hidden_size}, expert FFN {m.expert_ffn_size}, float32 ({m.expert_weight_bytes / mb:.2f} MB "
+               f"{m.hidden_size}, expert FFN {m.expert_ffn_size}, float32 ({b(m.expert_weight_bytes)} "
                f"per expert), {p.new.num_slots} slots per layer")
     s = p.summary()
-    click.echo(f"plan: {s['bytes_moved'] / mb:.2f} MB sent vs {s['naive_bytes'] / mb:.2f} MB naive (saving "
-               f"{s['saving']:.1%}), {len(p.transfers)} transfers in {p.num_rounds} rounds (one round per step, "
+    click.echo(f"plan: {b(s['bytes_moved'])} sent vs {b(s['naive_bytes'])} naive (saving "
+               f"{format_value('share', s['saving'])}), {len(p.transfers)} transfers in {p.num_rounds} rounds (one round per step, "
                f"each rank with one peer), {len(p.local_copies)} local copies; staging "
-               f"{p.staging_bytes / mb:.2f} MB per rank")
+               f"{b(p.staging_bytes)} per rank")
     nbytes = p.layer_bytes()
     click.echo(table([[str(layer), format_value("transfers", int((p.transfers.layer == layer).sum())),
                        format_value("bytes", nbytes[layer]), str(int(r.commit_step[layer])),
@@ -174,8 +179,8 @@ def _print(o, note: str, ranks: int) -> None:
     med = statistics.median(steps) if steps else 0.0
     base = statistics.median(o.before_s) if o.before_s else float("nan")
     click.echo(f"served {o.batches} batches ({len(o.before_s)} before, {r.batches} during, {len(o.after_s)} after "
-               f"the migration); step median {base * 1e3:.1f} ms before, {med * 1e3:.1f} ms during (max "
-               f"{max(steps, default=0) * 1e3:.1f} ms); {len(r.recoveries)} recoveries")
+               f"the migration); step median {t(base)} before, {t(med)} during (max "
+               f"{t(max(steps, default=0))}); {len(r.recoveries)} recoveries")
     if o.final_rank_nodes != o.rank_nodes:
         click.echo(f"ranks restarted elsewhere: now {_where(o.final_rank_nodes)}")
     ok = o.verified == o.batches and not o.weight_mismatches
