@@ -220,6 +220,8 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             return
         click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
                    f"{execution}, {kernel}, {workload}" + (f", {overlap} overlap" if overlap != "none" else ""))
+        if routing is not None and routing.trace_note:
+            click.echo(f"note: {routing.trace_note}")
         click.echo(comparison.comparison_table(runs))
         if overlap != "none":
             click.echo("all-to-all hidden under compute: " + ", ".join(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placer._progress import TOKENS_READ, TOKENS_SCORED, report
+from placer.display import format_value
 from placer.errors import InvalidInputError
 from placer.io.external import MEGATRON_ASCENDING_NOTE
 from placer.io.traces import RoutingInput, read_input
@@ -16,8 +17,12 @@ from placer.metrics.stream import TraceStream
 from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
-MAX_TRACE_TOKENS = 4_000_000
-"""Traces up to this many tokens are also kept whole, so metrics are exact on every token."""
+KEEP_TRACE_BYTES = 768 * 2**20
+"""A trace whose arrays take at most this many bytes is also kept whole (``gather_routing(...,
+keep_trace=True)``: simulate, report, sweep); joining its chunks doubles that briefly. Sorted
+traces are kept without gate weights: about 870 k DeepSeek-V3 tokens (928 bytes each) or
+12 M Mixtral tokens. A larger trace is streamed only, and what needs tokens in memory uses the
+statistics' sample instead (:attr:`Routing.trace_note` says so)."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,9 @@ class Routing:
     """Routing gathered from one or more inputs.
 
     ``stats`` always exists. ``trace`` holds every token when all inputs are per-token traces
-    of at most :data:`MAX_TRACE_TOKENS` tokens (after the phase filter) and the caller kept it,
-    else it is None and metrics fall back to the statistics and their sample. ``stream`` gives
+    of at most :data:`KEEP_TRACE_BYTES` (after the phase filter) and the caller kept it, else
+    it is None and metrics fall back to the statistics and their sample (``trace_note`` says
+    why when the trace was too large). ``stream`` gives
     every token again, chunk by chunk, when all inputs are per-token (None with count-only ones):
     metrics on it are exact on every token in memory bounded by one chunk.
     """
@@ -41,6 +47,8 @@ class Routing:
     top1_reason: str | None = None
     """Why that input's top-1 is unknown (see :func:`top1_reason`)."""
     stream: TraceStream | None = None
+    trace_note: str | None = None
+    """Why a per-token trace the caller asked to keep was not kept (its size), else None."""
 
     @property
     def data(self) -> RoutingTrace | RoutingStats:
@@ -171,13 +179,14 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
     """
     if not inputs:
         raise InvalidInputError("no routing input given", source="TRACE")
-    # Without a kept trace, only statistics and metrics read the tokens: no gate weights of sorted traces.
-    read = [read_input(path, model=model, chunk_tokens=chunk_tokens, gate_weights=keep_trace) for path in inputs]
+    # Nothing downstream reads the gate weights of a sorted trace (statistics, metrics and the
+    # simulator take the ids in order): they are not read.
+    read = [read_input(path, model=model, chunk_tokens=chunk_tokens, gate_weights=False) for path in inputs]
     model = agree_model(model, [(r.source, r.model) for r in read])
     builder: StatsBuilder | None = None
     kept: list[RoutingTrace] = []
     count_only: list[RoutingStats] = []
-    kept_tokens = 0
+    kept_tokens = kept_bytes = 0
     top1_source = top1_why = None
     for r in read:
         if r.kind == "stats":
@@ -203,8 +212,12 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
             builder.update(chunk)
             kept_tokens += chunk.num_tokens
             report(TOKENS_READ, kept_tokens, 0)
-            if keep_trace and kept_tokens <= MAX_TRACE_TOKENS:
-                kept.append(chunk)
+            if keep_trace and kept_bytes <= KEEP_TRACE_BYTES:
+                kept_bytes += _nbytes(chunk)
+                if kept_bytes <= KEEP_TRACE_BYTES:
+                    kept.append(chunk)
+                else:
+                    kept.clear()  # too large to keep whole: its memory goes back now
     parts = ([builder.result("all", final=True)] if builder is not None else []) + count_only
     if model is None:
         first = count_only[0]
@@ -216,13 +229,23 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
                                     source="input")
     stats = merge_stats(parts) if len(parts) > 1 else parts[0]
     stats = replace(stats, model=model, phase=phase)
-    trace = None
-    if keep_trace and not count_only and kept and kept_tokens <= MAX_TRACE_TOKENS:
+    trace = note = None
+    if keep_trace and not count_only and kept and kept_bytes <= KEEP_TRACE_BYTES:
         trace = concat_traces(kept, model)
+    elif keep_trace and not count_only and kept_bytes > KEEP_TRACE_BYTES:
+        note = (f"the trace ({kept_tokens:,} tokens) is larger than the {format_value('bytes', KEEP_TRACE_BYTES)} "
+                f"kept in memory: its statistics' sample of {stats.sample_size:,} tokens stands for it")
     stream = None
     if not count_only:
         stream = TraceStream(_stream_chunks(read, phase, model, kept_tokens), kept_tokens, model.num_moe_layers,
                              model.num_experts, model.top_k, top1_why is None, model)
     synthetic = any(r.synthetic for r in read)
     return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),
-                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why, stream=stream)
+                   synthetic=synthetic, top1_source=top1_source, top1_reason=top1_why, stream=stream,
+                   trace_note=note)
+
+
+def _nbytes(chunk: RoutingTrace) -> int:
+    """Bytes of a chunk's arrays."""
+    return sum(a.nbytes for a in (chunk.expert_ids, chunk.gate_weights, chunk.request_ids, chunk.phase,
+                                  chunk.home_rank) if a is not None)
