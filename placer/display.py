@@ -14,7 +14,7 @@ Example::
     format_value("load_max_over_mean", 1.2)   # "1.200"
     format_value("gap", None)                 # "-"
     print(table([["eplb", "1.200"], ["placer", "1.150"]], header=["method", "load"]))
-    json_text({"gap": float("inf")})          # '{"gap": null}' (strict JSON: never NaN or Infinity)
+    json_text({"gap": float("inf")}, indent=None)  # '{"gap": null}' (strict JSON: never NaN or Infinity)
 """
 
 from __future__ import annotations

@@ -15,6 +15,16 @@ settings.register_profile("dev", max_examples=50, deadline=None,
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+@pytest.fixture(autouse=True)
+def no_piped_progress_lines(monkeypatch):
+    """Commands run in-process print no piped progress line (one every 5 s of a run): on a busy
+    machine a slow run would add one to the stderr that tests expect to hold one error line.
+    Tests of the progress display set ``INTERVAL_S`` themselves."""
+    from placer.cli import progress
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 1e9)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
