@@ -17,11 +17,11 @@ from placer.metrics.stream import TraceStream
 from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder, merge_stats
 from placer.types import PHASE_CODES, ModelSpec, RoutingStats, RoutingTrace
 
-KEEP_TRACE_BYTES = 768 * 2**20
+KEEP_TRACE_BYTES = 512 * 2**20
 """A trace whose arrays take at most this many bytes is also kept whole (``gather_routing(...,
 keep_trace=True)``: simulate, report, sweep); joining its chunks doubles that briefly. Sorted
-traces are kept without gate weights: about 870 k DeepSeek-V3 tokens (928 bytes each) or
-12 M Mixtral tokens. A larger trace is streamed only, and what needs tokens in memory uses the
+traces are kept without gate weights: about 578 k DeepSeek-V3 tokens (928 bytes each) or
+8 M Mixtral tokens. A larger trace is streamed only, and what needs tokens in memory uses the
 statistics' sample instead (:attr:`Routing.trace_note` says so)."""
 
 

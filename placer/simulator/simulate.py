@@ -86,11 +86,11 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
         if execution != "standard" and not replay_trace.has_top1:
             raise InvalidInputError("context-coherent execution needs each token's top-1 expert; the trace's "
                                     "order is unknown", source="routing")
-        ids = np.asarray(replay_trace.sorted_ids() if replay_trace.has_top1 else replay_trace.expert_ids,
-                         dtype=np.int64)
+        # int16 as stored (a whole int64 copy would be 4x the trace); each batch is widened alone
+        ids = replay_trace.sorted_ids() if replay_trace.has_top1 else replay_trace.expert_ids
 
         def route_batch(tokens, token_index, home):
-            return token_traffic(placement, topology, ids[token_index], home, execution=execution,
+            return token_traffic(placement, topology, ids[token_index].astype(np.int64), home, execution=execution,
                                  dispatch=dispatch, index=token_index, table=table)
     else:
         pool = routing_pool(routing, model, size=config.pool_size, seed=config.seed)
