@@ -13,7 +13,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,24 @@ def chunker(trace: RoutingTrace, chunk_tokens: int) -> Callable[[], Iterator[Rou
         for start in range(0, trace.num_tokens, chunk_tokens):
             yield trace.select_tokens(slice(start, start + chunk_tokens))  # type: ignore[arg-type]
     return chunks
+
+
+def rechunk(pieces: Iterable[tuple[np.ndarray, ...]], chunk_tokens: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Regroup pieces of token-aligned arrays (axis 0 is tokens; a request, a forward pass) into
+    groups of exactly ``chunk_tokens`` tokens, the last one shorter. Empty pieces are skipped."""
+    held: list[tuple[np.ndarray, ...]] = []
+    count = 0
+    for piece in pieces:
+        n, start = len(piece[0]), 0
+        while start < n:
+            take = min(chunk_tokens - count, n - start)
+            held.append(tuple(a[start:start + take] for a in piece))
+            count, start = count + take, start + take
+            if count == chunk_tokens:
+                yield tuple(np.concatenate(arrays) for arrays in zip(*held, strict=True))
+                held, count = [], 0
+    if held:
+        yield tuple(np.concatenate(arrays) for arrays in zip(*held, strict=True))
 
 
 def json_header(path: str | os.PathLike[str], raw: bytes | np.ndarray) -> dict[str, Any]:

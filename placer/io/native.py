@@ -19,7 +19,8 @@ Parquet trace (format ``parquet``)
     [L, K] ids, row-major); optional ``gate_weights`` (fixed-size list of L*K float32),
     ``request_ids`` int64, ``phase`` int8, ``home_rank`` int32. The JSON header (as for the trace
     npz, plus ``num_layers`` and ``top_k``) sits in the Parquet key-value metadata under key
-    ``placer``. The reader yields one RoutingTrace per row group.
+    ``placer``. The reader yields record batches of at most the chunk size, whatever the
+    row-group size of the file.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ STATS_ARRAYS = ("load", "top1_transitions", "pair_transitions", "coactivation", 
                 "sample_token_index", "sample_home_rank", "sample_keys")
 STATS_PHASES = ("all", *PHASE_CODES)
 PARQUET_KEY = b"placer"
+_PARQUET_BUFFER = 1 << 20
+"""Bytes of a Parquet column chunk read at a time."""
+_MAX_BATCH = 1 << 30
+"""Most rows asked of one Parquet batch (Arrow takes a 64-bit count; ``sys.maxsize`` chunks are capped)."""
 
 
 def _trace_header(trace: RoutingTrace, synthetic: bool) -> dict[str, Any]:
@@ -403,9 +408,10 @@ def read_trace_parquet(path: str | os.PathLike[str], *, model: ModelSpec | None 
                        ) -> tuple[Callable[[], Iterator[RoutingTrace]], ModelSpec | None, bool]:
     """Open a Parquet trace: ``(chunks, model, synthetic)``.
 
-    ``chunks()`` reads one row group at a time and yields it as one trace (split into pieces of
-    ``chunk_tokens`` when the row group is larger). ``gate_weights=False`` leaves the gate
-    weights of a sorted-order trace unread.
+    ``chunks()`` yields each row group as record batches of at most ``chunk_tokens`` tokens
+    (one batch when the group is smaller): a file written as one huge row group is still read
+    a batch at a time, through a small read buffer, never a row group or a column chunk whole.
+    ``gate_weights=False`` leaves the gate weights of a sorted-order trace unread.
     """
     import pyarrow.parquet as pq  # deferred: 0.1-0.3 s to import; only Parquet files need it
 
@@ -420,14 +426,17 @@ def read_trace_parquet(path: str | os.PathLike[str], *, model: ModelSpec | None 
     columns = [n for n in names if gate_weights or order != "sorted" or n != "gate_weights"]
 
     def chunks() -> Iterator[RoutingTrace]:
+        import pyarrow as pa  # deferred: 0.1-0.3 s to import; only Parquet files need it
+
         with guard(path, "Parquet trace"):
-            pf = pq.ParquetFile(str(path))
+            # buffer_size > 0: column chunks are read through a buffer of that size, not whole.
+            pf = pq.ParquetFile(str(path), buffer_size=_PARQUET_BUFFER, pre_buffer=False)
             try:
                 for i in range(pf.num_row_groups):
-                    table = pf.read_row_group(i, columns=columns)
-                    for start in range(0, max(table.num_rows, 1), chunk_tokens):
-                        piece = table.slice(start, chunk_tokens)
-                        yield _table_trace(path, piece, num_layers, top_k, e, order, model)
+                    for batch in pf.iter_batches(batch_size=min(chunk_tokens, _MAX_BATCH), row_groups=[i],
+                                                 columns=columns, use_threads=False):
+                        yield _table_trace(path, pa.Table.from_batches([batch]), num_layers, top_k, e, order,
+                                           model)
             finally:
                 pf.close()
     return chunks, model, bool(header.get("synthetic", False))

@@ -4,6 +4,10 @@ The ``r3-npy`` and ``r3-base64`` input formats (:func:`read_r3_npy`, :func:`read
 and the saved outputs that :func:`placer.profiling.vllm_r3.import_r3` reads
 (:func:`read_routed_experts`), which say whether ids are logical or physical by stack.
 
+The two input formats are streamed: checked in one pass over the file when opened, then read
+again chunk by chunk, so memory is bounded by the chunk size (and one base64 line), not the
+file. :func:`read_routed_experts` reads a file whole.
+
 Saved outputs read here:
 
 * ``.npy``: one int array ``[tokens, layers, top_k]``;
@@ -23,47 +27,136 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from placer.io.common import (
+    MAX_EXPERT_ID,
+    check_ids,
     check_npy_bytes,
+    check_shape,
     fail,
     guard,
     json_ids,
     load_arrays,
     make_trace,
     moe_rows,
+    rechunk,
     require_file,
 )
 from placer.io.placements import read_placement_json
+from placer.resources import human_bytes
 from placer.types import ModelSpec, RoutingTrace
 
 NPY_MAGIC = b"\x93NUMPY"
 """First bytes of a ``.npy`` payload: vLLM's base64 form (SGLang's is raw int32)."""
 
 
-def _r3_trace(path: str | os.PathLike[str], ids: np.ndarray, model: ModelSpec | None,
-              request_ids: np.ndarray | None = None) -> RoutingTrace:
-    ids = moe_rows(path, ids, 1, model)
-    return make_trace(path, ids, model, request_ids=request_ids)
+_SCAN_BYTES = 64 << 20
+"""Bytes of ids read at a time by the checking pass over a whole file."""
 
 
-def read_r3_npy(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
-    """R3 ``.npy`` int [tokens, num_hidden_layers, top_k]; dense layers dropped via the model."""
+class _NpyRows:
+    """An ``.npy`` file read a few rows at a time: its header checked against the file size, the
+    rows read with plain file reads (nothing mapped, nothing unpickled). A Fortran-order file,
+    whose rows are not contiguous, is memory-mapped instead."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, self.fortran, dtype = read_header(f)
+            self.start = f.tell()
+        if dtype.hasobject:
+            raise fail(path, "R3 array holds Python objects (placer never unpickles)")
+        self.shape, self.dtype = tuple(int(d) for d in shape), dtype
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        nbytes = (self.shape[0] if self.shape else 1) * self.row_bytes
+        held = os.path.getsize(path) - self.start
+        if held < nbytes:
+            raise fail(path, f"declares an array of {human_bytes(nbytes)}; the file holds {human_bytes(max(held, 0))} "
+                             f"(a truncated or corrupt .npy: its header declares {list(self.shape)} {dtype})")
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[int, int], np.ndarray]]:
+        """A function of ``(lo, hi)`` returning rows ``[lo, hi)``, valid inside the block."""
+        if self.fortran:
+            mapped = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            yield lambda lo, hi: np.array(mapped[lo:hi])
+            return
+        with open(self.path, "rb") as f:
+            def rows(lo: int, hi: int) -> np.ndarray:
+                f.seek(self.start + lo * self.row_bytes)
+                data = f.read((hi - lo) * self.row_bytes)
+                if len(data) != (hi - lo) * self.row_bytes:
+                    raise fail(self.path, "the .npy file is truncated")
+                return np.frombuffer(data, self.dtype).reshape((hi - lo, *self.shape[1:]))
+            yield rows
+
+
+def _expert_count(path: str | os.PathLike[str], lo: int | None, hi: int | None, num_layers: int, top_k: int,
+                  model: ModelSpec | None) -> int:
+    """E of MoE-only ids whose smallest and largest are ``lo``, ``hi`` (None: no tokens), checked as
+    :func:`~placer.io.common.make_trace` checks a whole array."""
+    if lo is None or hi is None:
+        if model is None:
+            raise fail(path, "holds no routing data and no model is given to know the expert count")
+        e = model.num_experts
+    else:
+        e = model.num_experts if model is not None else hi + 1
+        check_ids(path, np.array([lo, hi]), e, model)
+    check_shape(path, model, num_layers, e, top_k)
+    if hi is not None and hi > MAX_EXPERT_ID:
+        raise fail(path, f"expert id {hi} out of range [0, {MAX_EXPERT_ID + 1}) (placer stores expert ids as int16)")
+    return e
+
+
+def _extent(lo: int | None, hi: int | None, ids: np.ndarray) -> tuple[int | None, int | None]:
+    if ids.size == 0:
+        return lo, hi
+    a, b = int(ids.min()), int(ids.max())
+    return (a, b) if lo is None or hi is None else (min(lo, a), max(hi, b))
+
+
+def read_r3_npy(path: str | os.PathLike[str], model: ModelSpec | None,
+                chunk_tokens: int = 65536) -> Callable[[], Iterator[RoutingTrace]]:
+    """R3 ``.npy`` int [tokens, num_hidden_layers, top_k]; dense layers dropped via the model.
+
+    A re-iterable stream of chunks of ``chunk_tokens`` tokens read from the file (memory bounded
+    by the chunk size, not the file). The ids are checked here in one pass over the file, before
+    any chunk; without a model E is the largest id + 1.
+    """
     require_file(path)
     with guard(path, "R3 .npy"):
-        arr = load_arrays(path, mmap_mode="r")
-        if arr.ndim != 3:
-            raise fail(path, f"R3 array has shape {list(arr.shape)}, expected [tokens, layers, top_k]")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise fail(path, f"R3 array must hold integer ids, got {arr.dtype}")
-        return _r3_trace(path, np.asarray(arr, dtype=np.int64), model)
+        npy = _NpyRows(path)
+        if len(npy.shape) != 3:
+            raise fail(path, f"R3 array has shape {list(npy.shape)}, expected [tokens, layers, top_k]")
+        if not np.issubdtype(npy.dtype, np.integer):
+            raise fail(path, f"R3 array must hold integer ids, got {npy.dtype}")
+        tokens, num_layers, top_k = npy.shape
+        keep = moe_rows(path, np.arange(num_layers), 0, model)
+        step = max(1, _SCAN_BYTES // max(1, npy.row_bytes))
+        lo = hi = None
+        with npy.reader() as rows:
+            for start in range(0, tokens, step):
+                lo, hi = _extent(lo, hi, rows(start, min(start + step, tokens))[:, keep])
+        e = _expert_count(path, lo, hi, len(keep), top_k, model)
+
+    def chunks() -> Iterator[RoutingTrace]:
+        with guard(path, "R3 .npy"), npy.reader() as rows:
+            for start in range(0, max(tokens, 1), chunk_tokens):
+                ids = rows(start, min(start + chunk_tokens, tokens))[:, keep]
+                yield make_trace(path, ids, model, num_experts=e)
+    return chunks
 
 
 def _base64_bytes(path: str | os.PathLike[str], text: str, where: str) -> bytes:
@@ -83,29 +176,49 @@ def _int32_ids(path: str | os.PathLike[str], raw: bytes, where: str, model: Mode
     return np.frombuffer(raw, dtype="<i4").reshape(-1, model.num_hidden_layers, model.top_k)
 
 
-def read_r3_base64(path: str | os.PathLike[str], model: ModelSpec | None) -> RoutingTrace:
+def read_r3_base64(path: str | os.PathLike[str], model: ModelSpec | None,
+                   chunk_tokens: int = 65536) -> Callable[[], Iterator[RoutingTrace]]:
     """R3 base64 text: one base64 string of raw little-endian int32 per non-empty line.
 
     Each line is one request (its line index becomes ``request_ids``), reshaped to
     ``[-1, model.num_hidden_layers, model.top_k]``; the shape is not in the data, so a model
-    is required.
+    is required. A re-iterable stream of chunks of ``chunk_tokens`` tokens, read line by line
+    (memory bounded by a chunk and one line). Every line is decoded and checked here once,
+    before any chunk.
     """
     require_file(path)
     if model is None:
         raise fail(path, "R3 base64 data holds no shape; give the model (--model) to reshape it "
                          "to [tokens, layers, top_k]")
-    with guard(path, "R3 base64 text"), open(path, encoding="ascii") as f:
-        parts, requests = [], []
-        for n, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            ids = _int32_ids(path, _base64_bytes(path, text, f"line {n}"), f"line {n}", model)
-            parts.append(ids)
-            requests.append(np.full(ids.shape[0], len(parts) - 1, dtype=np.int64))
-        if not parts:
+    keep = moe_rows(path, np.arange(model.num_hidden_layers), 0, model)
+
+    def requests() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids int32 [t, L, K], request ids [t])`` of each non-empty line."""
+        with open(path, encoding="ascii") as f:
+            request = 0
+            for n, line in enumerate(f, start=1):
+                text = line.strip()
+                if not text:
+                    continue
+                ids = _int32_ids(path, _base64_bytes(path, text, f"line {n}"), f"line {n}", model)[:, keep]
+                yield ids, np.full(len(ids), request, dtype=np.int64)
+                request += 1
+
+    with guard(path, "R3 base64 text"):
+        lines = 0
+        lo = hi = None
+        for ids, _ in requests():
+            lines += 1
+            lo, hi = _extent(lo, hi, ids)
+        if not lines:
             raise fail(path, "holds no base64 data")
-        return _r3_trace(path, np.concatenate(parts).astype(np.int64), model, np.concatenate(requests))
+        e = _expert_count(path, lo, hi, len(keep), model.top_k, model)
+
+    def chunks() -> Iterator[RoutingTrace]:
+        with guard(path, "R3 base64 text"):
+            for ids, request_ids in rechunk(requests(), chunk_tokens):
+                yield make_trace(path, ids, model, num_experts=e, request_ids=request_ids)
+    return chunks
 
 
 def read_placement_map(path: str | os.PathLike[str], model: ModelSpec | None) -> tuple[np.ndarray, ModelSpec]:

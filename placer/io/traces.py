@@ -78,7 +78,8 @@ class RoutingInput:
         Per-token routing, or counts only.
     chunks : callable returning an iterator of RoutingTrace, or None
         For traces: each call streams the trace again as chunks [<=chunk_tokens, L, K]
-        (native npz and Parquet are read chunk by chunk from disk).
+        (native npz, Parquet, R3 .npy and base64, SGLang per_token dumps are read chunk by
+        chunk from disk; the other formats are read whole, then sliced).
     stats : RoutingStats or None
         For count-only inputs.
     model : ModelSpec or None
@@ -154,7 +155,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise fail(path, "not a Parquet file (bad magic bytes)")
         return "parquet"
     if ext in (".pt", ".pth"):
-        kind = sglang.pt_kind(path, load_torch(path))
+        kind = sglang.pt_kind(path, sglang.load_pt_meta(path))
         if kind is None:
             raise _unknown(path, "a .pt file that is not an SGLang recorder dump")
         return kind
@@ -205,7 +206,9 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
     Raises
     ------
     InvalidInputError naming the path for any bad input; MissingDependencyError when a .pt
-    needs torch.
+    needs torch. R3 and SGLang per_token inputs are checked whole here (one bounded pass).
+    What only a chunk shows (the ids of native npz and Parquet traces; a token picking one
+    expert twice, in any format) is checked as ``chunks()`` streams, raising the same error.
     """
     source = str(path)
     if chunk_tokens < 1:
@@ -218,18 +221,18 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
         stats = trtllm_stats.read_trtllm_stats(path, model)
         return RoutingInput("stats", None, stats, stats.model, format, source)
     require_file(path)
-    obj: Any = None
+    obj: Any = None  # a .pt dump's structure, its tensors on the meta device (no data read)
     if format is None:
         ext = Path(path).suffix.lower()
         if ext in (".pt", ".pth"):
-            obj = load_torch(path)  # loaded once: detect from it and read it
+            obj = sglang.load_pt_meta(path)  # loaded once: detect from it and read it
             format = sglang.pt_kind(path, obj)
             if format is None:
                 raise _unknown(path, "a .pt file that is not an SGLang recorder dump")
         else:
             format = detect_format(path)
     elif format in sglang.PT_FORMATS:
-        obj = load_torch(path)
+        obj = sglang.load_pt_meta(path)
         if sglang.pt_kind(path, obj) != format:
             raise fail(path, f"not an SGLang {format[len('sglang-'):]} dump")
 
@@ -251,17 +254,21 @@ def read_input(path: str | os.PathLike[str], *, model: ModelSpec | None = None,
     if format == "placer-stats":
         stats, synthetic = native.stats_npz_input(path, "all", model)
         return stats_input(stats, synthetic)
+    streamed: dict[str, Callable[[], Callable[[], Iterator[RoutingTrace]]]] = {
+        "r3-npy": lambda: r3.read_r3_npy(path, model, chunk_tokens),
+        "r3-base64": lambda: r3.read_r3_base64(path, model, chunk_tokens),
+        "sglang-per-token": lambda: sglang.read_sglang_per_token(path, obj, model, chunk_tokens),
+    }
+    if format in streamed:  # read from the file chunk by chunk, checked whole when opened
+        return trace_input(streamed[format](), model)
     readers: dict[str, Callable[[], RoutingTrace | RoutingStats]] = {
         "hdmoe-json": lambda: external.read_hdmoe_json(path, model),
-        "r3-npy": lambda: r3.read_r3_npy(path, model),
-        "r3-base64": lambda: r3.read_r3_base64(path, model),
         "megatron-jsonl": lambda: external.read_megatron_jsonl(path, model),
         "load-csv": lambda: external.read_load_csv(path, model),
         "load-npz": lambda: external.read_load_npz(path, model),
         "sglang-csv": lambda: sglang.read_sglang_csv(path, model),
-        "sglang-stat": lambda: sglang.read_sglang_stat(path, obj, model),
-        "sglang-per-pass": lambda: sglang.read_sglang_per_pass(path, obj, model),
-        "sglang-per-token": lambda: sglang.read_sglang_per_token(path, obj, model),
+        "sglang-stat": lambda: sglang.read_sglang_stat(path, load_torch(path), model),
+        "sglang-per-pass": lambda: sglang.read_sglang_per_pass(path, load_torch(path), model),
         "trtllm-stats": lambda: trtllm_stats.read_trtllm_stats(path, model),
     }
     result = readers[format]()
