@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from placer._progress import TOKENS_SCORED, report
 from placer._ray import ADDRESS_ENV as RAY_ADDRESS_ENV
 from placer.errors import InvalidInputError
 from placer.io.atomic import check_writable
@@ -26,9 +25,8 @@ from placer.io.routing import (
     agree_model,
     check_top1,
     chunk_tokens_for,
-    filter_phase,
-    fit_chunk,
     gather_routing,
+    stream_chunks,
 )
 from placer.io.traces import (
     read_input,
@@ -404,17 +402,13 @@ def _evaluate_streamed(placement_file, inputs: Sequence[str], *, dispatch: str, 
     model = agree_model(placement_file.model, [(r.source, r.model) for r in read])
     assert model is not None  # a placement file always names its model
 
+    every_chunk = stream_chunks(read, phase, model, 0)  # total unknown: no statistics pass
+
     def chunks() -> Iterator[RoutingTrace]:
-        done = 0
-        for r in read:
-            assert r.chunks is not None
-            for chunk in r.chunks():
-                chunk = fit_chunk(filter_phase(chunk, phase, r.source), model, r.source)
-                if not chunk.has_top1:
-                    raise _Top1Unknown
-                yield chunk
-                done += chunk.num_tokens
-                report(TOKENS_SCORED, done, 0)
+        for chunk in every_chunk():
+            if not chunk.has_top1:
+                raise _Top1Unknown
+            yield chunk
 
     stream = TraceStream(chunks, None, model.num_moe_layers, model.num_experts, model.top_k, True, model)
     try:

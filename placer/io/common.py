@@ -98,15 +98,16 @@ def require_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def load_torch(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(path, weights_only=True, map_location="cpu")``: tensors and plain containers only."""
+def load_torch(path: str | os.PathLike[str], map_location: str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True, map_location=...)``: tensors and plain containers only
+    (``"meta"``: the structure, tensors without their bytes)."""
     try:
         import torch  # deferred: optional extra (placer[profile])
     except ImportError:
         raise MissingDependencyError("torch", "profile", "reading SGLang .pt dumps") from None
     require_file(path)
     with guard(path, "torch file"):
-        return torch.load(str(path), weights_only=True, map_location="cpu")
+        return torch.load(str(path), weights_only=True, map_location=map_location)
 
 
 def to_numpy(path: str | os.PathLike[str], value: Any, what: str) -> np.ndarray:

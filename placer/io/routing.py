@@ -108,7 +108,7 @@ def agree_model(explicit: ModelSpec | None, found: Sequence[tuple[str, ModelSpec
     return model
 
 
-def filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
+def _filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
     """``chunk``'s tokens of ``phase`` (``"all"``: every token); an input that records no phases
     exits 2 naming ``source`` for any other phase."""
     if phase == "all":
@@ -118,7 +118,7 @@ def filter_phase(chunk: RoutingTrace, phase: str, source: str) -> RoutingTrace:
     return chunk.select_tokens(chunk.phase == PHASE_CODES[phase])
 
 
-def fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrace:
+def _fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrace:
     """``chunk`` checked against ``model``'s shape and carrying it (E widened to the model's)."""
     if (chunk.num_layers, chunk.top_k) != (model.num_moe_layers, model.top_k) or \
             chunk.num_experts > model.num_experts:
@@ -131,8 +131,8 @@ def fit_chunk(chunk: RoutingTrace, model: ModelSpec, source: str) -> RoutingTrac
     return chunk
 
 
-def _stream_chunks(read: Sequence[RoutingInput], phase: str, model: ModelSpec,
-                   total_tokens: int) -> Callable[[], Iterator[RoutingTrace]]:
+def stream_chunks(read: Sequence[RoutingInput], phase: str, model: ModelSpec,
+                  total_tokens: int) -> Callable[[], Iterator[RoutingTrace]]:
     """A re-iterable stream of every per-token input's chunks, phase-filtered and fitted to
     ``model``; each pass reports its tokens (:data:`placer._progress.TOKENS_SCORED`)."""
     def chunks() -> Iterator[RoutingTrace]:
@@ -140,7 +140,7 @@ def _stream_chunks(read: Sequence[RoutingInput], phase: str, model: ModelSpec,
         for r in read:
             assert r.chunks is not None
             for chunk in r.chunks():
-                chunk = fit_chunk(filter_phase(chunk, phase, r.source), model, r.source)
+                chunk = _fit_chunk(_filter_phase(chunk, phase, r.source), model, r.source)
                 yield chunk
                 done += chunk.num_tokens
                 report(TOKENS_SCORED, done, total_tokens)
@@ -200,10 +200,10 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
             continue
         assert r.chunks is not None
         for chunk in r.chunks():
-            chunk = filter_phase(chunk, phase, r.source)
+            chunk = _filter_phase(chunk, phase, r.source)
             if model is None:
                 model = ModelSpec.from_shape(chunk.num_layers, chunk.num_experts, chunk.top_k)
-            chunk = fit_chunk(chunk, model, r.source)
+            chunk = _fit_chunk(chunk, model, r.source)
             if top1_why is None and not chunk.has_top1:
                 top1_source, top1_why = r.source, top1_reason(r.format, "trace")
             if builder is None:
@@ -237,7 +237,7 @@ def gather_routing(inputs: Sequence[str], *, model: ModelSpec | None = None, pha
                 f"kept in memory: its statistics' sample of {stats.sample_size:,} tokens stands for it")
     stream = None
     if not count_only:
-        stream = TraceStream(_stream_chunks(read, phase, model, kept_tokens), kept_tokens, model.num_moe_layers,
+        stream = TraceStream(stream_chunks(read, phase, model, kept_tokens), kept_tokens, model.num_moe_layers,
                              model.num_experts, model.top_k, top1_why is None, model)
     synthetic = any(r.synthetic for r in read)
     return Routing(stats=stats, trace=trace, model=model, sources=tuple(r.source for r in read),

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from placer.errors import MissingDependencyError
 from placer.io.common import (
     MAX_EXPERT_ID,
     check_load,
@@ -66,13 +65,7 @@ _FORWARD_MODE_PHASE = {1: 0, 2: 1}
 def load_pt_meta(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, weights_only=True, map_location="meta")``: the dump's structure, its
     tensors on the meta device (shapes only; their bytes stay in the file). Cheap at any size."""
-    try:
-        import torch  # deferred: optional extra (placer[profile])
-    except ImportError:
-        raise MissingDependencyError("torch", "profile", "reading SGLang .pt dumps") from None
-    require_file(path)
-    with guard(path, "torch file"):
-        return torch.load(str(path), weights_only=True, map_location="meta")
+    return load_torch(path, map_location="meta")
 
 
 def pt_kind(path: str | os.PathLike[str], obj: Any) -> str | None:
