@@ -6,7 +6,8 @@ and the saved outputs that :func:`placer.profiling.vllm_r3.import_r3` reads
 
 The two input formats are streamed: checked in one pass over the file when opened, then read
 again chunk by chunk, so memory is bounded by the chunk size (and one base64 line), not the
-file. :func:`read_routed_experts` reads a file whole.
+file. Saved outputs are read piece by piece (:func:`routed_expert_pieces`: row blocks of a
+``.npy``, one request per line of text); :func:`read_routed_experts` joins them into the whole file.
 
 Saved outputs read here:
 
@@ -39,13 +40,13 @@ import numpy as np
 
 from placer.io.common import (
     MAX_EXPERT_ID,
+    check_arrays,
     check_ids,
     check_npy_bytes,
     check_shape,
     fail,
     guard,
     json_ids,
-    load_arrays,
     make_trace,
     moe_rows,
     rechunk,
@@ -247,7 +248,8 @@ def read_placement_map(path: str | os.PathLike[str], model: ModelSpec | None) ->
 
 
 def _decode_routed(path: str | os.PathLike[str], text: str, where: str, model: ModelSpec | None) -> np.ndarray:
-    """``int64 [tokens, layers, top_k]`` of one base64 string: vLLM's ``.npy`` or SGLang's raw int32."""
+    """Ids ``[tokens, layers, top_k]`` of one base64 string: vLLM's ``.npy`` (its integer dtype) or
+    SGLang's raw int32."""
     raw = _base64_bytes(path, text, where)
     if raw.startswith(NPY_MAGIC):
         check_npy_bytes(path, raw, where)
@@ -258,34 +260,45 @@ def _decode_routed(path: str | os.PathLike[str], text: str, where: str, model: M
         if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 3:
             raise fail(path, f"{where}: base64 .npy holds {arr.dtype} {list(arr.shape)}, expected integer "
                              "[tokens, layers, top_k]")
-        return arr.astype(np.int64)
+        return arr
     if model is None:
         raise fail(path, "base64 raw-int32 routed experts (SGLang's form) hold no shape; give --model "
                          "(or a placer placement)")
-    return _int32_ids(path, raw, where, model).astype(np.int64)
+    return _int32_ids(path, raw, where, model)
 
 
-def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
-    """Raw R3 ids ``int64 [T, layers, K]`` and request ids ``int64 [T]`` of a saved-output file."""
+def routed_expert_pieces(path: str | os.PathLike[str], model: ModelSpec | None,
+                         block_tokens: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Raw R3 ids ``[t, layers, K]`` and request ids ``int64 [t]`` of a saved-output file, piece by
+    piece, each in its own integer dtype: blocks of ``block_tokens`` rows of a ``.npy`` (one empty
+    block when it holds no token), one request per line of text (every request of the shape of
+    the first). Memory is bounded by a block or one line, not the file; errors name ``path`` as
+    they are found."""
     require_file(path)
     ext = Path(path).suffix.lower()
     if ext == ".npy":
         with guard(path, "R3 .npy"):
-            arr = load_arrays(path)
-        if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
-            raise fail(path, f"R3 array must be integer [tokens, layers, top_k], got {arr.dtype} {list(arr.shape)}")
-        return arr.astype(np.int64), np.zeros(arr.shape[0], np.int64)
+            npy = _NpyRows(path)
+            if len(npy.shape) != 3 or not np.issubdtype(npy.dtype, np.integer):
+                raise fail(path, f"R3 array must be integer [tokens, layers, top_k], got {npy.dtype} "
+                                 f"{list(npy.shape)}")
+            tokens = npy.shape[0]
+            with npy.reader() as rows:
+                for lo in range(0, max(tokens, 1), block_tokens):
+                    hi = min(lo + block_tokens, tokens)
+                    yield rows(lo, hi), np.zeros(hi - lo, np.int64)
+        return
     if ext not in (".jsonl", ".txt", ".b64"):
         raise fail(path, "R3 outputs are read from .npy, .jsonl, .txt or .b64 files")
-    parts: list[np.ndarray] = []
-    requests: list[np.ndarray] = []
+    first: tuple[int, ...] | None = None
     with guard(path, "R3 outputs"), open(path, encoding="utf-8") as f:
+        request = 0
         for n, line in enumerate(f, start=1):
             text = line.strip()
             if not text:
                 continue
             value: Any = text
-            rid = len(parts)
+            rid = request
             if ext == ".jsonl":
                 try:
                     rec = json.loads(text)
@@ -303,11 +316,28 @@ def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -
                 if ids.ndim != 3:
                     raise fail(path, f"line {n}: routed_experts has shape {list(ids.shape)}, expected "
                                      "[tokens, layers, top_k]")
-            if parts and ids.shape[1:] != parts[0].shape[1:]:
+            if first is None:
+                first = ids.shape[1:]
+            elif ids.shape[1:] != first:
                 raise fail(path, f"line {n}: shape [*, {ids.shape[1]}, {ids.shape[2]}] differs from the first "
-                                 f"request's [*, {parts[0].shape[1]}, {parts[0].shape[2]}]")
-            parts.append(ids)
-            requests.append(np.full(ids.shape[0], rid, np.int64))
-    if not parts:
+                                 f"request's [*, {first[0]}, {first[1]}]")
+            if ids.dtype == np.uint64:  # joined with signed requests it would become float64
+                ids = ids.astype(np.int64)
+            request += 1
+            yield ids, np.full(ids.shape[0], rid, np.int64)
+    if first is None:
         raise fail(path, "holds no routed experts")
-    return np.concatenate(parts), np.concatenate(requests)
+
+
+def read_routed_experts(path: str | os.PathLike[str], model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw R3 ids ``int64 [T, layers, K]`` and request ids ``int64 [T]`` of a saved-output file,
+    read whole (:func:`routed_expert_pieces` joined; a ``.npy`` is first checked to fit in memory)."""
+    if Path(path).suffix.lower() == ".npy":
+        require_file(path)
+        check_arrays(path)
+    parts = list(routed_expert_pieces(path, model, block_tokens=1 << 62))
+    if len(parts) == 1:
+        ids, requests = parts[0]
+    else:
+        ids, requests = np.concatenate([ids for ids, _ in parts]), np.concatenate([rid for _, rid in parts])
+    return ids.astype(np.int64), requests

@@ -34,7 +34,7 @@ from placer.profiling.hf import (
     tee_into,
 )
 from placer.profiling.sglang_driver import profile_sglang as record
-from placer.profiling.vllm_r3 import import_r3
+from placer.profiling.vllm_r3 import stream_r3
 from placer.stats import DEFAULT_SAMPLE_SIZE, StatsBuilder
 from placer.types import ModelSpec, RoutingStats
 
@@ -172,17 +172,27 @@ def profile_sglang(url: str, duration_s: float, dump_dir: str, *, model: str | N
 
 
 def profile_r3(path: str, *, model: str | None = None, placement: str | None = None, seed: int = 0,
-               sample_size: int = DEFAULT_SAMPLE_SIZE, output: str, stack: str = "vllm") -> ProfileOutcome:
+               sample_size: int = DEFAULT_SAMPLE_SIZE, output: str, stack: str = "vllm",
+               chunk_tokens: int | None = None) -> ProfileOutcome:
     """Import saved R3 routed experts of ``stack`` (vllm: logical ids; sglang: physical slots,
-    mapped through ``placement`` when given) into statistics."""
+    mapped through ``placement`` when given) into statistics.
+
+    The file is read chunk by chunk (:func:`~placer.profiling.vllm_r3.stream_r3`; ``chunk_tokens``
+    tokens, default about :data:`~placer.profiling.vllm_r3.CHUNK_MB` MiB of routing): memory is
+    bounded by the statistics plus one chunk, whatever the file's length.
+    """
     if not output.endswith(".npz"):
         raise InvalidInputError("statistics are written as .npz", source=output)
     start = time.perf_counter()
-    trace = import_r3(path, model=spec_of(model), placement=placement, stack=stack)
-    spec = trace.model or ModelSpec.from_shape(trace.num_layers, trace.num_experts, trace.top_k, name="r3")
-    builder = StatsBuilder(trace.num_layers, trace.num_experts, trace.top_k, sample_size=sample_size,
-                           seed=seed, model=spec)
-    builder.update(trace)
-    stats = {"all": builder.result("all")}
+    builder: StatsBuilder | None = None
+    spec: ModelSpec | None = None
+    for chunk in stream_r3(path, model=spec_of(model), placement=placement, stack=stack, chunk_tokens=chunk_tokens):
+        if builder is None:
+            spec = chunk.model or ModelSpec.from_shape(chunk.num_layers, chunk.num_experts, chunk.top_k, name="r3")
+            builder = StatsBuilder(chunk.num_layers, chunk.num_experts, chunk.top_k, sample_size=sample_size,
+                                   seed=seed, model=spec)
+        builder.update(chunk)
+    assert builder is not None and spec is not None  # stream_r3 yields at least one chunk
+    stats = {"all": builder.result("all", final=True)}
     _write(output, stats)
-    return ProfileOutcome(stats, spec, trace.num_tokens, time.perf_counter() - start, path, output)
+    return ProfileOutcome(stats, spec, stats["all"].num_tokens, time.perf_counter() - start, path, output)

@@ -1,9 +1,11 @@
 """Saved R3 routed experts (JSONL base64 / nested lists, .npy): vLLM's logical ids taken as they
-are (its base64-of-.npy form included), SGLang's physical ids mapped back through a placement."""
+are (its base64-of-.npy form included), SGLang's physical ids mapped back through a placement;
+``placer profile`` reads them chunk by chunk into the statistics of the whole file."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 
@@ -14,8 +16,11 @@ from placer.cli import main
 from placer.errors import InvalidInputError
 from placer.io.native import read_stats_npz
 from placer.io.placements import write_placement_json
-from placer.presets import make_topology
-from placer.profiling.vllm_r3 import import_r3
+from placer.presets import get_model, make_topology
+from placer.profiling import vllm_r3
+from placer.profiling.profile import profile_r3, spec_of
+from placer.profiling.vllm_r3 import import_r3, stream_r3
+from placer.stats import StatsBuilder
 from placer.types import ModelSpec, Placement
 
 pytestmark = pytest.mark.timeout(60)
@@ -168,3 +173,143 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, placement, capsys):
         code = main([*args, "-o", str(tmp_path / "s.npz")])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+# ---------------------------------------------------------------------------- streamed profile_r3
+
+V2_LITE = get_model("deepseek-v2-lite")  # 27 hidden layers, layer 0 dense; E=64, top-6
+
+
+def v2_lite_r3(rng, tokens: int) -> np.ndarray:
+    """vLLM R3 ids uint8 [T, 27, 6]: distinct logical experts per MoE layer, zeros in dense row 0."""
+    out = np.zeros((tokens, V2_LITE.num_hidden_layers, V2_LITE.top_k), np.uint8)
+    out[:, 1:] = np.argsort(rng.random((tokens, V2_LITE.num_moe_layers, V2_LITE.num_experts)), axis=-1)[..., :6]
+    return out
+
+
+def b64_int32(arr: np.ndarray) -> str:
+    """SGLang's R3 form: base64 of raw little-endian int32."""
+    return base64.b64encode(arr.astype("<i4").tobytes()).decode("ascii")
+
+
+def r3_case(tmp_path, case: str) -> tuple[dict, int]:
+    """``(profile_r3 keyword arguments, tokens)`` of a small R3 file of one form and stack."""
+    rng = np.random.default_rng(11)
+    if case.startswith("vllm"):
+        reqs = [v2_lite_r3(rng, n) for n in (9, 1, 14, 5)]
+        if case == "vllm-npy":  # with --model: the dense row dropped, chunks sized from the model
+            np.save(tmp_path / "r3.npy", np.concatenate(reqs))
+            return dict(path=str(tmp_path / "r3.npy"), model="deepseek-v2-lite"), 29
+        path = tmp_path / "r3.b64"  # base64 of .npy per request, no --model: E is the largest id + 1
+        path.write_text("\n".join(npy_b64(r[:, 1:]) for r in reqs) + "\n\n")
+        return dict(path=str(path)), 29
+    p2l = tmp_path / "p.json"
+    write_placement_json(p2l, Placement(P2L, 3, 4), model=MODEL, topology=make_topology(gpus=2),
+                         dispatch="nearest", method="contiguous", status="feasible", solve_seconds=0.0)
+    phys = [logical_and_physical(rng, n)[1] for n in (8, 3, 11, 1, 6)]
+    kw = dict(placement=str(p2l), stack="sglang")
+    if case == "sglang-npy":
+        np.save(tmp_path / "r3.npy", np.concatenate(phys).astype(">u2"))  # read in its own dtype
+        return dict(path=str(tmp_path / "r3.npy"), **kw), 29
+    if case == "sglang-b64":
+        path = tmp_path / "r3.txt"
+        path.write_text("\n".join(b64_int32(p) for p in phys) + "\n")
+        return dict(path=str(path), **kw), 29
+    path = tmp_path / "r3.jsonl"  # base64 and nested lists mixed, an empty request among them
+    lines = [json.dumps({"request_id": 5 + i, "routed_experts": b64_int32(p) if i % 2 else p.tolist()})
+             for i, p in enumerate(phys)]
+    lines.insert(2, json.dumps({"routed_experts": ""}))
+    path.write_text("\n".join(lines) + "\n")
+    return dict(path=str(path), **kw), 29
+
+
+def assert_same_stats(a, b):
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+@pytest.mark.parametrize("case", ["vllm-npy", "vllm-b64", "sglang-npy", "sglang-b64", "sglang-jsonl"])
+def test_profile_r3_streamed_stats_equal_the_whole_file(tmp_path, case):
+    """Statistics read chunk by chunk, whatever the chunk size, are those of the whole trace."""
+    kw, tokens = r3_case(tmp_path, case)
+    path = kw.pop("path")
+    whole = import_r3(path, model=spec_of(kw.get("model")), placement=kw.get("placement"),
+                      stack=kw.get("stack", "vllm"))
+    assert whole.num_tokens == tokens
+    builder = StatsBuilder(whole.num_layers, whole.num_experts, whole.top_k, sample_size=5, seed=3,
+                           model=whole.model)
+    builder.update(whole)
+    expect = builder.result("all")
+    outs = []
+    for chunk_tokens in (1, 2, 7, tokens, 1000, None):
+        out = tmp_path / f"s{chunk_tokens}.npz"
+        outcome = profile_r3(path, **kw, seed=3, sample_size=5, output=str(out), chunk_tokens=chunk_tokens)
+        assert outcome.tokens == tokens
+        stats = read_stats_npz(out)
+        np.testing.assert_array_equal(stats.load, expect.load)
+        np.testing.assert_array_equal(stats.sample_ids, expect.sample_ids)
+        outs.append(stats)
+        chunks = list(stream_r3(path, model=spec_of(kw.get("model")), placement=kw.get("placement"),
+                                stack=kw.get("stack", "vllm"), chunk_tokens=chunk_tokens))
+        if chunk_tokens is not None:
+            assert [c.num_tokens for c in chunks[:-1]] == [chunk_tokens] * (len(chunks) - 1)
+        np.testing.assert_array_equal(np.concatenate([c.expert_ids for c in chunks]), whole.expert_ids)
+        np.testing.assert_array_equal(np.concatenate([c.request_ids for c in chunks]), whole.request_ids)
+        assert {(c.num_experts, c.model) for c in chunks} == {(whole.num_experts, whole.model)}
+    for stats in outs[1:]:
+        assert_same_stats(stats, outs[0])
+
+
+def test_r3_without_tokens_streams_one_empty_chunk(tmp_path, placement):
+    path = tmp_path / "r3.npy"
+    np.save(path, np.zeros((0, 3, 2), np.int32))
+    (chunk,) = stream_r3(path, placement=placement, stack="sglang", chunk_tokens=4)
+    assert chunk.num_tokens == 0 and chunk.num_layers == 2
+    assert profile_r3(str(path), placement=str(placement), stack="sglang", output=str(tmp_path / "s.npz")).tokens == 0
+    with pytest.raises(InvalidInputError, match="no model is given") as exc:
+        list(stream_r3(path))
+    assert exc.value.source == str(path)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".txt"])
+def test_bad_ids_in_a_later_chunk_exit_2_naming_the_file(tmp_path, placement, monkeypatch, capsys, suffix):
+    """Bad ids found mid-stream are the whole file's errors: one line naming the file, nothing written."""
+    rng = np.random.default_rng(5)
+    _, phys = logical_and_physical(rng, 20)
+    path = tmp_path / f"r3{suffix}"
+
+    def save(arr):
+        if suffix == ".npy":
+            np.save(path, arr)
+        else:
+            path.write_text("\n".join(b64_int32(arr[i:i + 4]) for i in range(0, len(arr), 4)) + "\n")
+
+    phys[17, 2, 1] = 6  # slots are [0, 6): out of range, in the 6th chunk of 3 tokens
+    save(phys)
+    out = tmp_path / "s.npz"
+    with pytest.raises(InvalidInputError, match=r"physical expert id 6 outside the placement's \[0, 6\) slots") as exc:
+        profile_r3(str(path), placement=str(placement), stack="sglang", output=str(out), chunk_tokens=3)
+    assert exc.value.source == str(path) and not out.exists()
+    # The CLI's default chunk size, shrunk to 3 tokens of this 2-layer top-2 model (64 bytes each).
+    monkeypatch.setattr(vllm_r3, "CHUNK_MB", 3 * 64 / 2**20)
+    assert vllm_r3.chunk_tokens_for(MODEL, vllm_r3.CHUNK_MB) == 3
+    capsys.readouterr()
+    code = main(["profile", "--sglang-r3", str(path), "--placement", str(placement), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err, err
+    assert "physical expert id 6 outside" in err and not out.exists()
+    phys[17, 2, 1] = -1
+    save(phys)
+    with pytest.raises(InvalidInputError, match=r"physical expert id -1 outside") as exc:
+        profile_r3(str(path), placement=str(placement), stack="sglang", output=str(out), chunk_tokens=3)
+    assert exc.value.source == str(path)
+    logical = phys.copy()
+    logical[17, 2, 1] = 5  # no placement: a physical slot id read as logical, out of range for E=4
+    save(logical)
+    with pytest.raises(InvalidInputError, match=r"5 out of range \[0, 4\).*--placement\)") as exc:
+        list(stream_r3(path, model=MODEL, stack="sglang", chunk_tokens=3))
+    assert exc.value.source == str(path)
