@@ -70,7 +70,8 @@ def count_kernels() -> None:
             ids.setflags(write=writable)
             home = np.zeros(2, np.int64)
             add_counts(ids, home, home, arrays, True, np.zeros((1, 2), np.int64),
-                       np.zeros((len(COUNT_NAMES), 1), np.int64), np.zeros((len(CC_NAMES), 1), np.int64))
+                       np.zeros((len(COUNT_NAMES), 1), np.int64), np.zeros((len(CC_NAMES), 1), np.int64),
+                       np.zeros((1, 0, 0), np.int64))
 
 
 def simulator_kernels() -> None:

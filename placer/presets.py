@@ -8,6 +8,8 @@ DeepEP), NCCL-order latencies (nccl ``tuning.cc``), datasheet HBM bandwidth and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from placer.errors import InvalidInputError
 from placer.resources import check_memory, human_bytes
 from placer.types import ModelSpec, Topology
@@ -40,7 +42,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _model("kimi-k2", 61, range(1, 61), 384, 8, 7168, 2048, shared=1, weight_bytes=1.0),
 )}
 
-# Per-GPU numbers of one node kind; nodes are 8 GPUs.
+# Per-GPU numbers of one node kind; nodes (NVLink domains) are 8 GPUs but where _DOMAIN says.
 _CLUSTERS: dict[str, dict[str, float]] = {
     "a100": dict(nvlink_gbps=230.0, nic_gbps=23.5, hbm_gbps=2039.0, bf16_flops=312e12,
                  fp8_flops=312e12, memory_bytes=80e9),
@@ -52,7 +54,13 @@ _CLUSTERS: dict[str, dict[str, float]] = {
                  fp8_flops=1979e12, memory_bytes=80e9),
     "b200": dict(nvlink_gbps=726.0, nic_gbps=48.5, hbm_gbps=8000.0, bf16_flops=2250e12,
                  fp8_flops=4500e12, memory_bytes=180e9),
+    # GB200 NVL72: 72 B200s (1200 W: 2.5 PF dense bf16) on one NVLink5 switch domain, DeepEP's
+    # measured 726 GB/s; racks joined by a 400 Gb/s ConnectX-7 per GPU, as the other presets.
+    "gb200-nvl72": dict(nvlink_gbps=726.0, nic_gbps=48.5, hbm_gbps=8000.0, bf16_flops=2500e12,
+                        fp8_flops=5000e12, memory_bytes=186e9),
 }
+_DOMAIN = {"gb200-nvl72": 72}
+"""GPUs per NVLink domain where it is not :data:`GPUS_PER_NODE`."""
 CLUSTERS = tuple(_CLUSTERS)
 DEFAULT_CLUSTER = "h100"
 GPUS_PER_NODE = 8
@@ -72,13 +80,14 @@ def make_topology(cluster: str = DEFAULT_CLUSTER, *, gpus: int | None = None,
     """A cluster of preset GPUs; any two of ``gpus``, ``nodes``, ``gpus_per_node`` give the third.
 
     With only ``gpus``: one node when ``gpus <= 8``, else nodes of 8. With only ``nodes``: nodes
-    of 8.
+    of 8. A preset's NVLink domain replaces 8 where it is larger (``gb200-nvl72``: 72).
     """
     try:
-        params = _CLUSTERS[cluster.lower()]
+        params: dict[str, Any] = _CLUSTERS[cluster.lower()]
     except KeyError:
         raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
                                 source="--cluster") from None
+    domain = _DOMAIN.get(cluster.lower(), GPUS_PER_NODE)
     for flag, v in (("--gpus", gpus), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if v is not None and v < 1:
             raise InvalidInputError(f"must be at least 1, got {v}", source=flag)
@@ -97,14 +106,14 @@ def make_topology(cluster: str = DEFAULT_CLUSTER, *, gpus: int | None = None,
                                     source="--gpus")
         nodes = gpus // gpus_per_node
     elif nodes is not None:
-        gpus_per_node = gpus_per_node or GPUS_PER_NODE
+        gpus_per_node = gpus_per_node or domain
     elif gpus is not None:
-        if gpus <= GPUS_PER_NODE:
+        if gpus <= domain:
             nodes, gpus_per_node = 1, gpus
-        elif gpus % GPUS_PER_NODE == 0:
-            nodes, gpus_per_node = gpus // GPUS_PER_NODE, GPUS_PER_NODE
+        elif gpus % domain == 0:
+            nodes, gpus_per_node = gpus // domain, domain
         else:
-            raise InvalidInputError(f"{gpus} GPUs are not a whole number of {GPUS_PER_NODE}-GPU nodes; "
+            raise InvalidInputError(f"{gpus} GPUs are not a whole number of {domain}-GPU nodes; "
                                     "pass --nodes", source="--gpus")
     else:
         raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")

@@ -3,6 +3,7 @@ placement files, exports, JSON output."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -56,6 +57,10 @@ def cluster_options(func: Callable) -> Callable:
         click.option("--nodes", type=int, default=None, help="Number of nodes."),
         click.option("--gpus-per-node", type=int, default=None,
                      help="GPUs per node (any two of gpus, nodes, gpus-per-node give the third)."),
+        click.option("--topology", "topology_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="GB/s between every two ranks, a G x G matrix (CSV rows or JSON; diagonal ignored): "
+                          "transfers are costed by their pair's bandwidth, NVLink domains found from it; "
+                          "--cluster gives the GPU."),
     ]):
         func = deco(func)
     return func
@@ -87,7 +92,11 @@ def resolve_model(name: str | None):
     return get_model(name) if name else None
 
 
-def resolve_topology(cluster, gpus, nodes, gpus_per_node):
+def resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None):
+    if topology_file is not None:
+        from placer.io.topology import read_topology  # deferred: keeps numpy off placer --help
+        return read_topology(topology_file, cluster=cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes,
+                             gpus_per_node=gpus_per_node)
     return make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
 
 
@@ -103,11 +112,12 @@ def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node
                                     f"({topo.name}, {topo.num_nodes} x {topo.gpus_per_node} GPUs)", source=path)
 
 
-def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None):
+def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None, topology_file=None):
     """Any placement file (placer's, SGLang's, vllm-ascend's, TRT-LLM's, EPLB arrays).
 
-    A native file is authoritative (contradicting flags exit 2); a stack's file holds only the
-    map and takes the model and cluster from the flags.
+    A native file is authoritative (contradicting flags exit 2) but for ``--topology FILE``, which
+    re-costs its cluster's links (the sizes must agree); a stack's file holds only the map and
+    takes the model and cluster from the flags.
     """
     from placer.io.placements import (  # deferred: keeps numba off placer --help
         detect_placement_format,
@@ -116,8 +126,17 @@ def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=
     if detect_placement_format(path) == "native":
         pf = read_placement_file(path)
         check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
-        return pf
-    topology = resolve_topology(cluster, gpus, nodes, gpus_per_node) if (cluster or gpus) else None
+        if topology_file is None:
+            return pf
+        topo = resolve_topology(cluster or pf.topology.name.split(":")[0], pf.topology.num_gpus, None, None,
+                                topology_file)
+        if (topo.num_nodes, topo.gpus_per_node) != (pf.topology.num_nodes, pf.topology.gpus_per_node):
+            raise InvalidInputError(f"its NVLink domains ({topo.num_nodes} x {topo.gpus_per_node} GPUs) differ from "
+                                    f"the placement's cluster ({pf.topology.num_nodes} x "
+                                    f"{pf.topology.gpus_per_node})", source=topology_file)
+        return dataclasses.replace(pf, topology=topo)
+    topology = (resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
+                if (cluster or gpus or topology_file) else None)
     return read_placement_file(path, model=resolve_model(model), topology=topology, stack=stack)
 
 

@@ -165,7 +165,7 @@ def simulate() -> None:
               help="Write the results layout (metrics.json, CSV tables) and report.html here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @quiet_option
-def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, workload, rate,
+def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, topology_file, workload, rate,
         duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
         context_len, execution, kernel, congestion, overlap, dispatch, level, seed, stack, output, as_json, quiet):
     """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
@@ -188,7 +188,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             dispatch = resolve_dispatch(dispatch, target, model_spec)
             if not as_json:
                 click.echo(f"dispatch {dispatch} ({target.label})")
-        topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node)
+        topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
         if topology is None and cluster is not None and not placements:
             raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
         candidates, model_spec, topology = comparison.placement_candidates(
@@ -198,7 +198,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         wl, config = _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist,
                                           token_budget, max_running, iterations, tokens_per_rank, context_len,
                                           execution, kernel, congestion, overlap, dispatch, seed)
-        if cluster is not None and topology.name != cluster.lower():
+        if cluster is not None and topology.name.split(":")[0] != cluster.lower():
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
         data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
@@ -249,15 +249,15 @@ def _routing(inputs, model_name, placements, execution, methods):
     return routing, routing.model if model is None else model, tuple(routing.sources), routing.synthetic
 
 
-def _maybe_topology(cluster, gpus, nodes, gpus_per_node):
+def _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None):
     """The cluster of the flags, or None when no size is given (placement files then give it)."""
-    if gpus is None and nodes is None and gpus_per_node is None:
+    if gpus is None and nodes is None and gpus_per_node is None and topology_file is None:
         if cluster is not None:
             if cluster.lower() not in CLUSTERS:
                 raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
                                         source="--cluster")
         return None
-    return resolve_topology(cluster, gpus, nodes, gpus_per_node)
+    return resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
 
 
 @simulate.command(context_settings=CONTEXT)

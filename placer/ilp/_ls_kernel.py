@@ -149,10 +149,14 @@ def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, 
 
 
 def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,
-               weights: Weights, distinct: bool, move_cost: np.ndarray | None = None) -> Layer:
+               weights: Weights, distinct: bool, move_cost: np.ndarray | None = None,
+               link_scale: np.ndarray | None = None) -> Layer:
     """A :class:`Layer`; ``move_cost`` float [G, E] (default none): the movement term, the cost of
     GPU g holding expert e, added to the energy once per (GPU, expert) held (see
-    :func:`placer.ilp._ls_anneal.init_state`)."""
+    :func:`placer.ilp._ls_anneal.init_state`); ``link_scale`` float [G, G] (default all 1): each
+    rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`): a send from
+    home to a rank of its node, a forward from the landing GPU, and the RDMA send to it, each
+    times its own pair's scale."""
     e, g, n, gpn = int(num_experts), dispatch.num_gpus, dispatch.num_nodes, dispatch.gpus_per_node
     mc = np.zeros((g, e)) if move_cost is None else np.ascontiguousarray(move_cost, np.float64)
     if mc.shape != (g, e):
@@ -168,6 +172,10 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
     w = np.where(same_node | ~landing, weights.w_nv, 0.0)  # NVLink: other ranks but the landing GPU
     np.fill_diagonal(w, 0.0)
     v = np.where(node[:, None] == np.arange(n)[None, :], 0.0, weights.w_rdma)  # RDMA: remote nodes
+    if link_scale is not None:
+        land = node[None, :] * gpn + (gpus % gpn)[:, None]  # [h, x]: home h's landing GPU in x's node
+        w = w * np.where(same_node, link_scale, link_scale[land, gpus[None, :]])
+        v = v * link_scale[gpus[:, None], np.arange(n)[None, :] * gpn + (gpus % gpn)[:, None]]
     return Layer(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(home, np.int64),
                  np.ascontiguousarray(wt, np.float64), np.ascontiguousarray(load, np.float64), ptr,
                  (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),

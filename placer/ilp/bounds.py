@@ -41,6 +41,8 @@ from math import comb
 
 import numpy as np
 
+from placer.ilp.objective import link_scale
+
 __all__ = ["BOUND_COVERS", "Groups", "JointBound", "balance_lower_bound", "balance_only_bound", "bound_seconds",
            "colocation_bound", "contained_bound", "joint_lower_bound"]
 
@@ -282,6 +284,12 @@ def joint_lower_bound(problem, weights: dict) -> JointBound:
         raw = np.asarray(stats.sample_home_rank, dtype=np.int64)
         home = np.where(raw >= 0, raw, np.asarray(stats.sample_token_index, dtype=np.int64) % topo.num_gpus)
         t = ids.shape[0]
+        scale = link_scale(topo)
+        if scale is not None:  # a pair's send costs at least its tier's weight times the cheapest pair's scale
+            node = np.arange(topo.num_gpus) // topo.gpus_per_node
+            same, off = node[:, None] == node[None, :], ~np.eye(topo.num_gpus, dtype=bool)
+            w_nv *= float(scale[same & off].min()) if np.any(same & off) else 1.0
+            w_rdma *= float(scale[~same].min()) if np.any(~same) else 1.0
         a, b = min(w_nv, w_rdma), max(0.0, w_rdma - w_nv)
         for layer in range(num_layers):
             o, n = _layer_traffic(ids[:, layer], home, problem)

@@ -64,7 +64,7 @@ from placer.ilp.bounds import (
 )
 from placer.ilp.coherent import solve_coherent
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
-from placer.ilp.objective import evaluate_objective, objective_weights, reference_ratio
+from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, reference_ratio
 from placer.ilp.parallel import run_layer_search
 from placer.ilp.starts import start_maps as starts_for
 from placer.ilp.warmup import ensure_search_kernels
@@ -145,7 +145,8 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                        num_slots=problem.num_slots, top_k=problem.stats.top_k, rule=problem.dispatch,
                        w_bal=w["balance"], w_nv=w["traffic_nvlink"], w_rdma=w["traffic_rdma"],
                        pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
-                       iterations=iters, seed=int(seed), distinct=bool(problem.distinct_per_gpu))
+                       iterations=iters, seed=int(seed), distinct=bool(problem.distinct_per_gpu),
+                       link_scale=link_scale(topo))
     start_maps = starts_for(problem)
     if (anchor is None) != (anchor_cost is None):
         raise InvalidInputError("anchor and anchor_cost go together", source="--from")

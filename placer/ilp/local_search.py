@@ -16,7 +16,7 @@ best state by the primary objective, never worse than the best start under the s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,7 +40,8 @@ class SearchConfig:
     ``p_swap`` / ``p_guided`` are the shares of uniform and co-activation-guided swaps (the rest
     re-replicates); starts whose primary exceeds the best start's by more than ``start_margin``
     (relative) are kept as candidates but not annealed. ``distinct``: no move puts two copies of
-    one expert on one GPU (the starts must already be so).
+    one expert on one GPU (the starts must already be so). ``link_scale`` float [G, G]: each
+    rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`; None: all 1).
     """
 
     num_gpus: int
@@ -67,6 +68,7 @@ class SearchConfig:
     start_margin: float = 0.25
     cycles: int = 16
     distinct: bool = False
+    link_scale: np.ndarray | None = field(default=None, compare=False)
 
     def dispatch(self) -> K.Dispatch:
         """The kernels' topology and rule."""
@@ -154,7 +156,7 @@ def _pack_rows(rows: np.ndarray) -> np.ndarray:
 def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work]:
     u = task.ids.shape[0]
     lay = K.make_layer(task.ids, task.home, task.wt, task.load, cfg.num_experts, cfg.slots_per_gpu,
-                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost)
+                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost, cfg.link_scale)
     st = K.make_state(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u)
     wk = K.make_work(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u, cfg.probe)
     return lay, st, wk

@@ -9,7 +9,8 @@ the cluster; all three are what one layer costs the slowest GPU, per batch token
     the compute-bound time of one expert on one token (gate, up, down: 3 GEMMs of 2 h I FLOPs,
     at half of dense peak).
 (b) **traffic** ``(nvlink_sends * token_bytes / nvlink_bw + rdma_sends * token_bytes / nic_bw)
-    / G``: standard expert parallelism as DeepEP's normal kernels do it, per token: one RDMA
+    / G`` (on a cluster with a bandwidth per rank pair, ``--topology FILE``, each send over its
+    own pair's bandwidth instead: :func:`pair_weights`): standard expert parallelism as DeepEP's normal kernels do it, per token: one RDMA
     send per remote node holding any of its experts (``inter_node_nodes``) and one NVLink send
     per distinct other rank in the home node plus per remote rank other than the landing GPU
     (``intra_node_ranks + remote_forwarded_ranks``). Means over the stats' token sample, exactly
@@ -223,6 +224,32 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
     return out.sum(axis=1)
 
 
+def link_scale(topology) -> np.ndarray | None:
+    """float [G, G]: how much slower than its tier each rank pair's link is (NVLink pairs:
+    ``nvlink_gbps / bandwidth``, NIC pairs: ``nic_gbps / bandwidth``; 1 on a uniform tier), so a
+    send between two ranks costs its tier's weight times its pair's scale. None for a two-level
+    cluster without a per-pair matrix (every scale is 1)."""
+    if topology.bandwidth_gbps is None:
+        return None
+    node = np.arange(topology.num_gpus) // topology.gpus_per_node
+    same = node[:, None] == node[None, :]
+    bw = topology.bandwidth_matrix()
+    out = np.where(same, topology.nvlink_gbps, topology.nic_gbps) / bw
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def pair_weights(topology, w_nv: float, w_rdma: float) -> np.ndarray:
+    """float [G, G]: the traffic term's cost of one send from rank to rank (NVLink sends ``w_nv``,
+    RDMA sends ``w_rdma``, each times its pair's :func:`link_scale`)."""
+    node = np.arange(topology.num_gpus) // topology.gpus_per_node
+    w = np.where(node[:, None] == node[None, :], w_nv, w_rdma)
+    scale = link_scale(topology)
+    w = w if scale is None else w * scale
+    np.fill_diagonal(w, 0.0)
+    return w
+
+
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread.
 
@@ -312,6 +339,7 @@ def evaluate_objective(problem, placement: Placement, *, seed: int = DEFAULT_DIS
     per_layer["balance_cap"] = cap_term
     cc = problem.execution == "context-coherent"
     nv = rdma = np.zeros(num_layers)
+    pair_traffic = None
     out: dict[str, Any] = {"objective": w["objective"], "units": w["units"]}
     if stats.sample_size > 0:
         if cc and stats.has_top1:
@@ -323,9 +351,12 @@ def evaluate_objective(problem, placement: Placement, *, seed: int = DEFAULT_DIS
             pl = dt["per_layer"]
             nv = pl["intra_node_ranks"] + pl["remote_forwarded_ranks"]
             rdma = pl["inter_node_nodes"]
+            if topo.bandwidth_gbps is not None:  # every send at its own pair's bandwidth
+                pair_traffic = ((dt["pair_sends"] * pair_weights(topo, w["traffic_nvlink"], w["traffic_rdma"]))
+                                .sum(axis=(1, 2)) / max(dt["tokens"], 1))
     per_layer["nvlink_sends"] = nv
     per_layer["rdma_sends"] = rdma
-    per_layer["traffic"] = w["traffic_nvlink"] * nv + w["traffic_rdma"] * rdma
+    per_layer["traffic"] = w["traffic_nvlink"] * nv + w["traffic_rdma"] * rdma if pair_traffic is None else pair_traffic
     aff = np.zeros(num_layers)
     if cc and stats.has_top1 and num_layers > 1:
         ct = context_coherent_traffic(placement, topo, problem.model, stats, dispatch=problem.dispatch,

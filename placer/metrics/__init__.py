@@ -87,7 +87,8 @@ def _token_counts(placements: Sequence[Placement], topology: Topology, tokens: c
                   num_layers: int) -> list[dict[str, np.ndarray]]:
     """:func:`core.count_tokens` of ``placements`` (their rank ``tables``, None for the position rules)."""
     arrays = [dispatch_arrays(p, topology.gpus_per_node, t) for p, t in zip(placements, tables, strict=True)]
-    return core.count_tokens(tokens, arrays, dispatch, coherent, num_layers)
+    return core.count_tokens(tokens, arrays, dispatch, coherent, num_layers,
+                             pairs=topology.bandwidth_gbps is not None)
 
 
 def _load_of(c: dict[str, np.ndarray], num_layers: int, num_gpus: int) -> np.ndarray:
@@ -136,6 +137,11 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
     ``tokens`` how many). Scalars are means per token-layer (``None`` with no tokens);
     ``per_layer`` holds float64 [L] means. ``frac_token_slots_off_gpu`` = token-expert pairs
     served off the home GPU / (tokens * layers * top_k); ``..._off_node`` likewise.
+    ``link_time_per_token_layer_s``: every send's bytes over its rank pair's bandwidth (the
+    bandwidth-weighted traffic; ``per_layer["link_time_s"]``), on a cluster with a bandwidth per
+    rank pair from ``pair_sends`` int64 [L, G, G] (also returned: the sends per layer from rank to
+    rank: home to the other ranks of its node, one RDMA send to home's lane in each remote node,
+    forwarded from there).
     """
     num_layers = core.data_shape(data)[0]
     tokens = core.resolve_tokens(placement, topology, data, need_top1=False, what="dispatch traffic")
@@ -143,12 +149,25 @@ def dispatch_traffic(placement: Placement, topology: Topology, model: ModelSpec,
         table = core.rank_table(placement, topology, dispatch, seed, getattr(data, "model", None))
     core.check_rule(dispatch)
     c = _token_counts([placement], topology, tokens, dispatch, [table], False, num_layers)[0]
-    return _standard_summary(c, tokens, num_layers, model)
+    return _standard_summary(c, tokens, num_layers, model, topology)
+
+
+def link_seconds(c: dict[str, np.ndarray], topology: Topology, token_bytes: float) -> np.ndarray:
+    """Seconds of link time per layer, float64 [L], of standard counts ``c``: each send's
+    ``token_bytes`` over its pair's bandwidth (:meth:`~placer.types.Topology.bandwidth_matrix`),
+    from ``c["pair_sends"]`` int [L, G, G] on a cluster with a bandwidth per pair, else from the
+    NVLink and RDMA sends at their tiers' bandwidths (the same sum, every pair of a tier alike)."""
+    if "pair_sends" in c:
+        return (c["pair_sends"] * (token_bytes / (topology.bandwidth_matrix() * 1e9))).sum(axis=(1, 2))
+    nvlink = c["intra_node_ranks"] + c["remote_node_ranks"] - c["remote_landing_ranks"]
+    return (nvlink * (token_bytes / (topology.nvlink_gbps * 1e9))
+            + c["inter_node_nodes"] * (token_bytes / (topology.nic_gbps * 1e9)))
 
 
 def _standard_summary(c: dict[str, np.ndarray], tokens: core.Tokens | core.StreamTokens, num_layers: int,
-                      model: ModelSpec) -> dict[str, Any]:
-    """:func:`dispatch_traffic`'s result from the accumulated standard counts (int64 [L] each)."""
+                      model: ModelSpec, topology: Topology) -> dict[str, Any]:
+    """:func:`dispatch_traffic`'s result from the accumulated standard counts (int64 [L] each,
+    ``pair_sends`` [G, G])."""
     t, k, tb = tokens.num_tokens, tokens.top_k, model.token_bytes
     forwarded = c["remote_node_ranks"] - c["remote_landing_ranks"]
     sums = {
@@ -166,7 +185,13 @@ def _standard_summary(c: dict[str, np.ndarray], tokens: core.Tokens | core.Strea
         out[f"{name}_per_token_layer"] = _ratio(v.sum(), t * num_layers)
     out["frac_token_slots_off_gpu"] = _ratio(c["token_slots_off_gpu"].sum(), t * num_layers * k)
     out["frac_token_slots_off_node"] = _ratio(c["token_slots_off_node"].sum(), t * num_layers * k)
+    link_s = link_seconds(c, topology, tb) if tb > 0 else None
+    out["link_time_per_token_layer_s"] = None if link_s is None else _ratio(link_s.sum(), t * num_layers)
+    if "pair_sends" in c:
+        out["pair_sends"] = c["pair_sends"]
     per_layer = {name: _per(v, t) for name, v in sums.items()}
+    if link_s is not None:
+        per_layer["link_time_s"] = _per(link_s, t)
     per_layer["frac_token_slots_off_gpu"] = _per(c["token_slots_off_gpu"], t * k)
     per_layer["frac_token_slots_off_node"] = _per(c["token_slots_off_node"], t * k)
     out["per_layer"] = per_layer
@@ -281,7 +306,7 @@ def expert_memory(placement: Placement, model: ModelSpec) -> dict[str, Any]:
 _STANDARD_KEYS = ("intra_node_ranks_per_token_layer", "inter_node_nodes_per_token_layer",
                   "remote_node_ranks_per_token_layer", "other_ranks_per_token_layer",
                   "rdma_bytes_per_token_layer", "nvlink_bytes_per_token_layer",
-                  "frac_token_slots_off_gpu", "frac_token_slots_off_node")
+                  "frac_token_slots_off_gpu", "frac_token_slots_off_node", "link_time_per_token_layer_s")
 _CC_KEYS = ("frac_top1_transitions_cross_gpu", "frac_top1_transitions_cross_node",
             "cc_state_moves_per_token_layer", "cc_other_gpus_per_token_layer", "cc_bytes_per_token_layer")
 
@@ -299,7 +324,7 @@ def _trace_metrics(placements: Sequence[Placement], topology: Topology, model: M
     for p, c in zip(placements, _token_counts(placements, topology, tokens, dispatch, tables, coherent, num_layers),
                     strict=True):
         cc = _cc_summary(c, tokens, None, num_layers, model) if coherent else None
-        out.append((_load_of(c, num_layers, p.num_gpus), _standard_summary(c, tokens, num_layers, model), cc))
+        out.append((_load_of(c, num_layers, p.num_gpus), _standard_summary(c, tokens, num_layers, model, topology), cc))
     return out
 
 

@@ -27,9 +27,10 @@ CC_NAMES = ("state_moves", "other_gpus", "cross_gpu", "cross_node")
 
 @njit
 def _all_counts(ids, home, key, by_rank, gpu_table, rep_gpu, rep_cnt, node_of, lane_of, coherent,
-                load, std, cc):  # pragma: no cover - numba
+                load, std, cc, pairs):  # pragma: no cover - numba
     t, num_layers, k = ids.shape
     num_gpus = node_of.shape[0]
+    by_pair = pairs.shape[1] > 0  # sends per rank pair wanted (a cluster with a bandwidth per pair)
     seen_gpu = np.zeros(num_gpus, dtype=np.int64)
     seen_node = np.zeros(num_gpus, dtype=np.int64)
     seen_other = np.zeros(num_gpus, dtype=np.int64)
@@ -66,13 +67,20 @@ def _all_counts(ids, home, key, by_rank, gpu_table, rep_gpu, rep_cnt, node_of, l
                 if node == h_node:
                     if g != h:
                         std[0, layer] += 1
+                        if by_pair:
+                            pairs[layer, h, g] += 1
                 else:
+                    land = g - lane_of[g] + h_lane  # home's lane in the remote node
                     std[2, layer] += 1
                     if lane_of[g] == h_lane:
                         std[3, layer] += 1
+                    elif by_pair:
+                        pairs[layer, land, g] += 1  # forwarded over the remote node's NVLink
                     if seen_node[node] != stamp:
                         seen_node[node] = stamp
                         std[1, layer] += 1
+                        if by_pair:
+                            pairs[layer, h, land] += 1  # the one RDMA send to the node
             if not coherent:
                 continue
             # context-coherent: top-1 (column 0) chosen from where the state is, the others from there
@@ -143,17 +151,20 @@ def dispatch_arrays(placement: Placement, gpus_per_node: int, table: np.ndarray 
 
 
 def add_counts(ids: np.ndarray, home: np.ndarray, key: np.ndarray, arrays: DispatchArrays, coherent: bool,
-               load: np.ndarray, std: np.ndarray, cc: np.ndarray) -> None:
+               load: np.ndarray, std: np.ndarray, cc: np.ndarray, pairs: np.ndarray) -> None:
     """Add one chunk's per-layer counts, in place, to ``load`` int64 [L, G] (token-slots per GPU,
-    dispatched from home), ``std`` int64 [6, L] (rows :data:`COUNT_NAMES`) and, when
-    ``coherent``, ``cc`` int64 [4, L] (rows :data:`CC_NAMES`).
+    dispatched from home), ``std`` int64 [6, L] (rows :data:`COUNT_NAMES`), ``pairs`` int64
+    [L, G, G] or empty [L, 0, 0] when not wanted (standard dispatch's sends from rank to rank per
+    layer: home to each other rank
+    of its node, one RDMA send to home's lane in each remote node, that rank's NVLink forwards
+    to the others there) and, when ``coherent``, ``cc`` int64 [4, L] (rows :data:`CC_NAMES`).
 
     ``ids`` int [t, L, K] logical experts, C-contiguous (top-1 first when ``coherent``),
     ``home`` int64 [t] home ranks, ``key`` int64 [t] the position rules' replica key
     (:func:`placer.metrics.dispatch.position_key`; unread by the rank rules).
     """
     _all_counts(ids, home, key, arrays.by_rank, arrays.gpu_table, arrays.rep_gpu, arrays.rep_cnt,
-                arrays.node_of, arrays.lane_of, bool(coherent), load, std, cc)
+                arrays.node_of, arrays.lane_of, bool(coherent), load, std, cc, pairs)
 
 
 def table_standard_counts(ids: np.ndarray, home: np.ndarray, table: np.ndarray, slots_per_gpu: int,
@@ -169,5 +180,6 @@ def table_standard_counts(ids: np.ndarray, home: np.ndarray, table: np.ndarray, 
     std = np.zeros((len(COUNT_NAMES), num_layers), dtype=np.int64)
     home = np.ascontiguousarray(home, dtype=np.int64)
     add_counts(ids, home, home, rank_arrays(table, slots_per_gpu, gpus_per_node, num_gpus), False,
-               np.zeros((num_layers, num_gpus), dtype=np.int64), std, np.zeros((len(CC_NAMES), num_layers), dtype=np.int64))
+               np.zeros((num_layers, num_gpus), dtype=np.int64), std, np.zeros((len(CC_NAMES), num_layers), dtype=np.int64),
+               np.zeros((num_layers, 0, 0), dtype=np.int64))
     return dict(zip(COUNT_NAMES, std, strict=True))

@@ -10,7 +10,10 @@ kernel of :mod:`placer.metrics._count`; the numpy functions (``chunk_gpus``,
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,15 @@ from placer.types import (
 
 CHUNK_ELEMENTS = 1 << 20
 """Token-layer-expert entries processed at once (bounds temporary memory)."""
+MAX_COUNT_THREADS = 8
+"""At most this many threads count tokens at once (:func:`count_tokens`)."""
+
+
+def count_threads() -> int:
+    """Threads :func:`count_tokens` counts with: the CPUs this process may run on, at most
+    :data:`MAX_COUNT_THREADS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, MAX_COUNT_THREADS))
 
 
 @dataclass(frozen=True)
@@ -300,26 +312,45 @@ def cc_counts(placement: Placement, topology: Topology, ids: np.ndarray, home: n
 
 
 def count_tokens(tokens: Tokens | StreamTokens, arrays: Sequence[DispatchArrays], rule: str, coherent: bool,
-                 num_layers: int) -> list[dict[str, np.ndarray]]:
-    """Every per-token count of several placements from one pass over ``tokens`` (compiled).
+                 num_layers: int, pairs: bool = False) -> list[dict[str, np.ndarray]]:
+    """Every per-token count of several placements from one pass over ``tokens`` (compiled; up to
+    :func:`count_threads` pieces of the stream counted at once into their own accumulators,
+    summed at the end: integer sums, the same whatever the threads).
 
     ``arrays``: one :func:`~placer.metrics._count.dispatch_arrays` per placement, all for
     ``rule``. Returns per placement ``gpu_load`` int64 [L * G] (token-slots per layer and GPU,
     dispatched from home), :data:`STANDARD_COUNTS` int64 [L] and, when ``coherent`` (``tokens``
     resolved top-1 first), :data:`CC_COUNTS` (int64 [L], ``cross_*`` [L-1]): the sums over the
-    chunks of ``bincount`` of :func:`chunk_gpus`, :func:`standard_counts` and :func:`cc_counts`.
+    chunks of ``bincount`` of :func:`chunk_gpus`, :func:`standard_counts` and :func:`cc_counts`;
+    and, when ``pairs``, ``pair_sends`` int64 [L, G, G], standard dispatch's sends per layer and
+    (from, to) rank pair (:func:`placer.metrics._count.add_counts`).
     """
     position = rule in POSITION_RULES
-    acc = [(np.zeros((num_layers, a.num_gpus), dtype=np.int64), np.zeros((len(COUNT_NAMES), num_layers), dtype=np.int64),
-            np.zeros((len(CC_NAMES), num_layers), dtype=np.int64)) for a in arrays]
-    for ids, home, index in tokens.chunks():
-        key = np.ascontiguousarray(position_key(index, rule) if position else index, dtype=np.int64)
-        ids, home = np.ascontiguousarray(ids), np.ascontiguousarray(home, dtype=np.int64)
-        for a, (load, std, cc) in zip(arrays, acc, strict=True):
-            add_counts(ids, home, key, a, coherent, load, std, cc)
+    parts = count_threads()  # pieces counted at once, piece n into accumulator n % parts
+    acc = [[(np.zeros((num_layers, a.num_gpus), dtype=np.int64),
+             np.zeros((len(COUNT_NAMES), num_layers), dtype=np.int64),
+             np.zeros((len(CC_NAMES), num_layers), dtype=np.int64),
+             np.zeros((num_layers, a.num_gpus, a.num_gpus) if pairs else (num_layers, 0, 0), dtype=np.int64))
+            for _ in range(parts)] for a in arrays]
+    in_flight: deque[list[Future]] = deque()  # per piece, its placements' jobs, oldest first
+    with ThreadPoolExecutor(max_workers=parts) as pool:  # the kernel releases the GIL
+        for n, (ids, home, index) in enumerate(tokens.chunks()):
+            key = np.ascontiguousarray(position_key(index, rule) if position else index, dtype=np.int64)
+            ids, home = np.ascontiguousarray(ids), np.ascontiguousarray(home, dtype=np.int64)
+            if len(in_flight) == parts:  # the oldest piece used the accumulators this one takes
+                for job in in_flight.popleft():
+                    job.result()
+            in_flight.append([pool.submit(add_counts, ids, home, key, a, coherent, *part[n % parts])
+                              for a, part in zip(arrays, acc, strict=True)])
+        for jobs in in_flight:
+            for job in jobs:
+                job.result()
+    summed = [tuple(sum(counts) for counts in zip(*part, strict=True)) for part in acc]
     out = []
-    for load, std, cc in acc:
+    for load, std, cc, pair_sends in summed:
         c = {"gpu_load": load.reshape(-1), **dict(zip(STANDARD_COUNTS, std, strict=True))}
+        if pairs:
+            c["pair_sends"] = pair_sends
         if coherent:
             c.update({"state_moves": cc[0], "other_gpus": cc[1], "cross_gpu": cc[2, :max(num_layers - 1, 0)],
                       "cross_node": cc[3, :max(num_layers - 1, 0)]})

@@ -19,6 +19,8 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "nvlink_bytes_per_token_layer": "standard EP: NVLink bytes per token-layer (intra-node sends + forwarding in remote nodes), dispatch only",
     "frac_token_slots_off_gpu": "token-expert pairs served off the home GPU / (tokens x layers x top_k)",
     "frac_token_slots_off_node": "token-expert pairs served off the home node / (tokens x layers x top_k)",
+    "link_time_per_token_layer_s": "standard EP: bandwidth-weighted traffic, every send's bytes over its rank pair's "
+                                   "bandwidth (seconds of link time), per token-layer, dispatch only",
     "frac_top1_transitions_cross_gpu": "top-1 expert GPU changes between consecutive layers / (tokens x (layers-1))",
     "frac_top1_transitions_cross_node": "top-1 expert node changes between consecutive layers / (tokens x (layers-1))",
     "cc_state_moves_per_token_layer": "context-coherent: token state moved to another GPU, per token-layer",
@@ -48,6 +50,7 @@ _TABLE_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("nvlink_bytes_per_token_layer", "NVLink bytes per token-layer"),
         ("frac_token_slots_off_gpu", "token-expert pairs off home GPU / all pairs"),
         ("frac_token_slots_off_node", "token-expert pairs off home node / all pairs"),
+        ("link_time_per_token_layer_s", "link time (bytes / pair bandwidth) per token-layer"),
     )),
     ("context-coherent (ExFlow)", (
         ("frac_top1_transitions_cross_gpu", "top-1 cross-GPU transitions / tokens x (L-1)"),

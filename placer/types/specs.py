@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from placer.types._fields import bad_field
+from placer.types.links import cluster_graph, two_level_matrix
 
 _Spec = TypeVar("_Spec", "ModelSpec", "Topology")
 
@@ -92,10 +93,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Topology:
-    """A GPU cluster: ``num_nodes`` nodes of ``gpus_per_node`` GPUs, one NIC per GPU.
+    """A GPU cluster: ``num_nodes`` nodes (NVLink domains) of ``gpus_per_node`` GPUs, one NIC
+    per GPU.
 
     Bandwidths are achievable GB/s per GPU per direction, latencies seconds, memory bytes per
-    GPU, peak FLOP/s dense.
+    GPU, peak FLOP/s dense. ``bandwidth_gbps`` (a G x G matrix read from a file, the diagonal
+    unused) gives every pair of ranks its own bandwidth; ``nvlink_gbps`` and ``nic_gbps`` are
+    then its tiers' harmonic means (:func:`placer.types.links.tier_gbps`). Without it, a pair
+    in one node has ``nvlink_gbps`` and a pair across nodes ``nic_gbps``
+    (:meth:`bandwidth_matrix`).
     """
 
     name: str
@@ -109,6 +115,7 @@ class Topology:
     bf16_flops: float = 989e12
     fp8_flops: float = 1979e12
     memory_bytes: float = 80e9
+    bandwidth_gbps: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
@@ -118,6 +125,16 @@ class Topology:
             v = getattr(self, name)
             if not np.isfinite(v) or v <= 0:
                 raise bad_field("cluster", f"{name} must be positive, got {v}")
+        if self.bandwidth_gbps is not None:
+            m = np.array(self.bandwidth_gbps, dtype=np.float64)
+            g = self.num_gpus
+            if m.shape != (g, g):
+                raise bad_field("cluster", f"bandwidth_gbps must be {g} x {g}, got shape {m.shape}")
+            off = m[~np.eye(g, dtype=bool)]
+            if not np.all(np.isfinite(off)) or np.any(off <= 0):
+                raise bad_field("cluster", "bandwidth_gbps must be positive and finite off the diagonal")
+            np.fill_diagonal(m, 0.0)  # unused; 0 keeps the file JSON
+            object.__setattr__(self, "bandwidth_gbps", tuple(tuple(float(v) for v in row) for row in m))
 
     @property
     def num_gpus(self) -> int:
@@ -126,8 +143,25 @@ class Topology:
     def node_of_gpu(self, gpu: np.ndarray | int) -> np.ndarray | int:
         return np.asarray(gpu) // self.gpus_per_node if not isinstance(gpu, int) else gpu // self.gpus_per_node
 
+    def bandwidth_matrix(self) -> np.ndarray:
+        """float [G, G] GB/s between every two ranks (``inf`` on the diagonal): ``bandwidth_gbps``,
+        else NVLink inside a node and the NIC across nodes."""
+        if self.bandwidth_gbps is None:
+            return two_level_matrix(self.num_nodes, self.gpus_per_node, self.nvlink_gbps, self.nic_gbps)
+        m = np.array(self.bandwidth_gbps, dtype=np.float64)
+        np.fill_diagonal(m, np.inf)
+        return m
+
+    def graph(self) -> Any:
+        """The cluster as a ``networkx.Graph`` of ranks and links (:func:`placer.types.links.cluster_graph`)."""
+        matrix = None if self.bandwidth_gbps is None else self.bandwidth_matrix()
+        return cluster_graph(self.num_nodes, self.gpus_per_node, self.nvlink_gbps, self.nic_gbps, matrix)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if self.bandwidth_gbps is None:
+            del out["bandwidth_gbps"]  # files of two-level clusters stay as they were
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Topology:

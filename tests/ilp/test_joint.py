@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,7 +14,7 @@ from placer.ilp import PlacementProblem, solve
 from placer.ilp import _ls_anneal as A
 from placer.ilp.joint import balance_lower_bound
 from placer.ilp.local_search import SearchConfig, _layer, search_layer, token_types
-from placer.ilp.objective import evaluate_objective, objective_weights
+from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, pair_weights
 from placer.ilp.simple import contiguous_map
 from placer.metrics import dispatch_traffic
 from placer.metrics.dispatch import slot_load
@@ -98,6 +100,69 @@ def test_search_model_is_exact_without_replicas(rule):
         assert mx == pytest.approx(sl[layer].max() / problem.stats.num_tokens)
     expected = A.expected_gpu_load(p2l, problem.stats.load, 4, 2, 2, 2, rule)
     np.testing.assert_allclose(expected, sl, rtol=1e-12)
+
+
+def _matrix_problem(seed=5, **kw):
+    """``_problem`` on 3 nodes of 2 GPUs whose every rank pair has its own bandwidth (NVLink
+    300-400 GB/s, the NICs 20-50)."""
+    problem = _problem(experts=12, gpus=6, nodes=3, layers=2, top_k=3, **kw)
+    rng = np.random.default_rng(seed)
+    topo = problem.topology
+    node = np.arange(6) // 2
+    m = np.where(node[:, None] == node[None, :], rng.uniform(300, 400, (6, 6)), rng.uniform(20, 50, (6, 6)))
+    m = np.triu(m, 1) + np.triu(m, 1).T
+    topo = replace(topo, bandwidth_gbps=tuple(map(tuple, m)), nvlink_gbps=350.0, nic_gbps=35.0)
+    return PlacementProblem(problem.stats, problem.model, topo, num_redundant=kw.get("redundant", 0),
+                            dispatch=problem.dispatch, weights=problem.weights)
+
+
+@pytest.mark.parametrize("rule", ("nearest", "sglang-static"))
+def test_search_model_costs_each_pair_at_its_own_bandwidth(rule):
+    """No replicas, a bandwidth per rank pair: the search model's traffic, the objective's traffic
+    term and the metrics' sends per pair weighted by :func:`pair_weights` agree exactly."""
+    problem = _matrix_problem(redundant=0, dispatch=rule)
+    topo = problem.topology
+    p2l = _random_map(np.random.default_rng(4), 2, 12, 12)
+    placement = Placement(p2l, 2, 12)
+    dt = dispatch_traffic(placement, topo, problem.model, problem.stats, dispatch=rule)
+    per_pair = (dt["pair_sends"] * pair_weights(topo, 1.0, 10.0)).sum(axis=(1, 2)) / dt["tokens"]
+    plain = (dt["per_layer"]["intra_node_ranks"] + dt["per_layer"]["remote_forwarded_ranks"]
+             + 10.0 * dt["per_layer"]["inter_node_nodes"])
+    assert not np.allclose(per_pair, plain)  # the pairs' bandwidths matter here
+    for layer in range(2):
+        _, cfg, task = _search_inputs(problem, p2l[layer], layer)
+        cfg = replace(cfg, link_scale=link_scale(topo))
+        lay, st_, wk = _layer(task, cfg)
+        traffic, _, _ = A.init_state(p2l[layer].copy(), lay, st_, wk)
+        assert traffic == pytest.approx(per_pair[layer], rel=1e-12)
+    w = objective_weights(problem)
+    ev = evaluate_objective(problem, placement)
+    want = (dt["pair_sends"] * pair_weights(topo, w["traffic_nvlink"], w["traffic_rdma"])).sum(axis=(1, 2))
+    np.testing.assert_allclose(ev["per_layer"]["traffic"], want / dt["tokens"], rtol=1e-12)
+
+
+def test_a_two_level_matrix_solves_as_the_two_level_cluster():
+    """The same cluster with and without its (uniform) matrix: the same placement, the same objective."""
+    problem = _problem(experts=8, gpus=4, nodes=2, redundant=4)
+    topo = problem.topology
+    with_matrix = replace(topo, bandwidth_gbps=tuple(map(tuple, np.where(np.isinf(topo.bandwidth_matrix()), 0,
+                                                                         topo.bandwidth_matrix()))))
+    twin = PlacementProblem(problem.stats, problem.model, with_matrix, num_redundant=4)
+    a, b = solve(problem, "placer", seed=1), solve(twin, "placer", seed=1)
+    np.testing.assert_array_equal(a.placement.physical_to_logical, b.placement.physical_to_logical)
+    assert a.objective == pytest.approx(b.objective, rel=1e-12)
+
+
+def test_placer_uses_the_slow_pairs_less():
+    """A pair of nodes joined by a slow link: the joint objective, costed per pair, beats the
+    same search costed by tier means on the per-pair traffic it is judged by."""
+    problem = _matrix_problem(redundant=6, tokens=600)
+    tier_only = PlacementProblem(problem.stats, problem.model, replace(problem.topology, bandwidth_gbps=None),
+                                 num_redundant=6)
+    aware = solve(problem, "placer", seed=0).placement
+    blind = solve(tier_only, "placer", seed=0).placement
+    cost = [evaluate_objective(problem, p)["traffic"] for p in (aware, blind)]
+    assert cost[0] <= cost[1]
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31),

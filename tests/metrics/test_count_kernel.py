@@ -33,10 +33,33 @@ def reference_counts(placement, topology, ids, home, index, rule, table, coheren
     gpu = core.chunk_gpus(placement, topology, ids, home, index, rule, 42, table)
     layers, gpus = placement.num_layers, placement.num_gpus
     load = np.bincount((np.arange(layers)[None, :, None] * gpus + gpu).ravel(), minlength=layers * gpus)
-    out = {"gpu_load": load, **core.standard_counts(gpu, home, topology.gpus_per_node, topology.num_gpus)}
+    out = {"gpu_load": load, **core.standard_counts(gpu, home, topology.gpus_per_node, topology.num_gpus),
+           "pair_sends": reference_pair_sends(gpu, home, topology.gpus_per_node, topology.num_gpus)}
     if coherent:
         out.update(core.cc_counts(placement, topology, ids, home, index, rule, 42, table))
     return out
+
+
+def reference_pair_sends(gpu, home, gpn, num_gpus):
+    """DeepEP's sends by hand, token by token: home to each other destination in its node, one
+    send to home's lane in each remote node with a destination, forwarded from there to the rest."""
+    pairs = np.zeros((gpu.shape[1], num_gpus, num_gpus), dtype=np.int64)
+    for i in range(gpu.shape[0]):
+        h = int(home[i])
+        for layer in range(gpu.shape[1]):
+            dests = {int(g) for g in gpu[i, layer]} - {h}
+            for node in {g // gpn for g in dests}:
+                if node == h // gpn:
+                    for g in dests:
+                        if g // gpn == node:
+                            pairs[layer, h, g] += 1
+                    continue
+                land = node * gpn + h % gpn
+                pairs[layer, h, land] += 1
+                for g in dests:
+                    if g // gpn == node and g != land:
+                        pairs[layer, land, g] += 1
+    return pairs
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -56,11 +79,15 @@ def test_kernel_counts_equal_numpy_reference(shape, rule, seed):
     for dtype in (np.int16, np.int64):
         for coherent in (False, True):
             tokens = core.Tokens(ids.astype(dtype), home, index, "trace")
-            got = core.count_tokens(tokens, arrays, rule, coherent, layers)[0]
+            got = core.count_tokens(tokens, arrays, rule, coherent, layers, pairs=True)[0]
             want = reference_counts(placement, topology, ids.astype(np.int64), home, index, rule, table, coherent)
             assert set(got) == set(want)
             for name in want:
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{rule} {name} {dtype.__name__}")
+            without = core.count_tokens(tokens, arrays, rule, coherent, layers)[0]  # pairs not counted
+            assert set(without) == set(want) - {"pair_sends"}
+            for name in without:
+                np.testing.assert_array_equal(without[name], want[name])
 
 
 @pytest.mark.parametrize("rule", DISPATCH_RULES)
@@ -97,3 +124,26 @@ class _Chunked:
         for lo in range(0, self.tokens.num_tokens, self.step):
             sl = slice(lo, lo + self.step)
             yield self.tokens.ids[sl], self.tokens.home[sl], self.tokens.index[sl]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_counts_split_across_threads_equal_one_thread(monkeypatch, threads):
+    """Pieces of the stream counted by ``threads`` threads at once sum to the one-thread
+    counts, every placement, a rank rule and a position rule."""
+    rng = np.random.default_rng(11)
+    topology = Topology("t", 4, 4)
+    placements = [random_placement(rng, 16, 2, 3, 20) for _ in range(2)]
+    t = 1001
+    ids = np.stack([np.stack([rng.choice(20, 4, replace=False) for _ in range(3)]) for _ in range(t)])
+    tokens = _Chunked(core.Tokens(ids, rng.integers(0, 16, t).astype(np.int64), np.arange(t, dtype=np.int64),
+                                  "trace"), 97)
+    for rule in ("nearest", "vllm"):
+        arrays = [dispatch_arrays(p, 4, core.rank_table(p, topology, rule, 42)) for p in placements]
+        monkeypatch.setattr(core, "count_threads", lambda: 1)
+        want = core.count_tokens(tokens, arrays, rule, True, 3, pairs=True)
+        monkeypatch.setattr(core, "count_threads", lambda: threads)
+        got = core.count_tokens(tokens, arrays, rule, True, 3, pairs=True)
+        for g, w in zip(got, want, strict=True):
+            assert set(g) == set(w)
+            for name in w:
+                np.testing.assert_array_equal(g[name], w[name], err_msg=f"{rule} {name} threads={threads}")

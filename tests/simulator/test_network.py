@@ -371,3 +371,38 @@ def test_config_rejects_bad_values():
         kernel_preset("gloo")
     with pytest.raises(InvalidInputError):
         ServingWorkload(rate=0)
+
+
+# -- a bandwidth per rank pair (--topology FILE) ----------------------------------------------
+
+def _with_matrix(topology: Topology, m: np.ndarray) -> Topology:
+    return replace(topology, bandwidth_gbps=tuple(map(tuple, np.where(np.isinf(m), 0.0, m))))
+
+
+@pytest.mark.parametrize("kernel", ["nccl", "deepep-normal", "deepep-ll"])
+def test_two_level_matrix_gives_the_two_level_times(traffic, kernel):
+    params = kernel_preset(kernel)
+    plain = NetworkModel(params, TOPO, MODEL).evaluate(traffic)
+    matrix = NetworkModel(params, _with_matrix(TOPO, TOPO.bandwidth_matrix()), MODEL).evaluate(traffic)
+    for a, b in ((plain.dispatch, matrix.dispatch), (plain.combine, matrix.combine)):
+        np.testing.assert_allclose(b.rank_s, a.rank_s, rtol=1e-12)
+    np.testing.assert_allclose(matrix.rdma_busy_s, plain.rdma_busy_s, rtol=1e-12)
+    np.testing.assert_allclose(matrix.nvlink_busy_s, plain.nvlink_busy_s, rtol=1e-12)
+
+
+def test_each_pair_is_costed_at_its_own_bandwidth(traffic):
+    """Halving the NIC bandwidth of one pair: the NIC time of GPUs sending or receiving on that
+    pair grows by exactly that pair's bytes over the lost bandwidth; the other ports are unchanged."""
+    params = replace(kernel_preset("nccl"), size_curve=False)
+    base = TOPO.bandwidth_matrix()
+    slow = base.copy()
+    slow[0, 2] = slow[2, 0] = base[0, 2] / 2
+    net = NetworkModel(params, _with_matrix(TOPO, base), MODEL)
+    slowed = NetworkModel(params, _with_matrix(TOPO, slow), MODEL)
+    a, b = net.evaluate(traffic), slowed.evaluate(traffic)
+    np.testing.assert_allclose(b.rdma_busy_s[0, 2], 2 * a.rdma_busy_s[0, 2])
+    np.testing.assert_array_equal(np.delete(b.rdma_busy_s.ravel(), [2, 8]), np.delete(a.rdma_busy_s.ravel(), [2, 8]))
+    _, rd, _ = net.link_tokens(traffic)
+    assert rd[0, 0, 2] > 0  # the slowed pair carries the second token's RDMA send
+    assert b.dispatch.rank_s[0, 0] > a.dispatch.rank_s[0, 0]
+    np.testing.assert_array_equal(b.dispatch.rank_s[0, [1, 3]], a.dispatch.rank_s[0, [1, 3]])

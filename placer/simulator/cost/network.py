@@ -2,7 +2,10 @@
 
 Inside a node every GPU has its own NVLink port (out and in) to the switch; across nodes every
 GPU has one NIC (NCCL's all-to-all cannot aggregate NICs, sheet 2.2). A phase on a GPU takes,
-on each port that carries bytes, ``hop_s + bytes / (bandwidth * efficiency)``; the GPU is done
+on each port that carries bytes, ``hop_s + bytes / (bandwidth * efficiency)``; on a cluster
+with a bandwidth per rank pair (``--topology FILE``) each pair's bytes take their own pair's
+bandwidth, summed over the port's pairs (FIFO queuing and the all-gather use the tiers' means,
+``Topology.nvlink_gbps`` and ``nic_gbps``). The GPU is done
 when its slowest port is, plus the kernel's launch latency, and the phase ends when the slowest
 GPU is (the all-to-all is a barrier). ``congestion="fifo"`` replaces the closed form by
 serialising the messages on each port in NCCL's peer order (ASTRA-sim congestion-aware style).
@@ -92,6 +95,13 @@ class NetworkModel:
         self.nvlink_Bps = topology.nvlink_gbps * 1e9 * nv_eff
         self.rdma_Bps = topology.nic_gbps * 1e9 * params.rdma_efficiency
         self.hbm_Bps = topology.hbm_gbps * 1e9 * HBM_EFFICIENCY
+        # A cluster with its own bandwidth per rank pair (--topology FILE): seconds per byte of
+        # each pair on its kind of link, float [G, G] (zero where the link kind is not used).
+        self.pair_s_per_byte: tuple[np.ndarray, np.ndarray] | None = None
+        if topology.bandwidth_gbps is not None:
+            bw = topology.bandwidth_matrix() * 1e9
+            self.pair_s_per_byte = (np.where(self.same_node, 1.0 / (bw * nv_eff), 0.0),
+                                    np.where(self.same_node, 0.0, 1.0 / (bw * params.rdma_efficiency)))
 
     # -- token counts per link -------------------------------------------------------------
 
@@ -154,19 +164,32 @@ class NetworkModel:
         return p.launch_s + received * p.recv_hbm_passes / self.hbm_Bps
 
     def _closed_form(self, nv_out, nv_in, rd_out, rd_in, forwarded: bool, rd_messages=None,
-                     received=None) -> PhaseTimes:
+                     received=None, port_s=None) -> PhaseTimes:
         """Per-GPU phase time from per-port bytes [L, G]; ``rd_messages`` [L, G]: messages on
-        the busier NIC direction (bounded by ``message_rate``), ``received`` [L, G]: packed bytes."""
+        the busier NIC direction (bounded by ``message_rate``), ``received`` [L, G]: packed bytes;
+        ``port_s``: (NVLink, RDMA) seconds [L, G] of the busier direction at the pairs' own
+        bandwidths (:meth:`_port_seconds`), else the bytes over the port's bandwidth."""
         p = self.params
         nv = np.maximum(nv_out, nv_in)
         rd = np.maximum(rd_out, rd_in)
+        nv_full, rd_full = (nv / self.nvlink_Bps, rd / self.rdma_Bps) if port_s is None else port_s
         rd_hop = self._rdma_hop(forwarded)
-        rd_s = rd / (self.rdma_Bps * self._efficiency(rd))
+        rd_s = rd_full / self._efficiency(rd)
         if rd_messages is not None and p.message_rate is not None:
             rd_s = np.maximum(rd_s, rd_messages / p.message_rate)
-        rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv / (self.nvlink_Bps * self._efficiency(nv)), 0.0),
+        rank = np.maximum(np.where(nv > 0, p.nvlink_hop_s + nv_full / self._efficiency(nv), 0.0),
                           np.where(rd > 0, rd_hop + rd_s, 0.0)) + self._fixed(received)
         return PhaseTimes(time_s=rank.max(axis=1), rank_s=rank)
+
+    def _port_seconds(self, nv: np.ndarray, rd: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(NVLink, RDMA) seconds [L, G] of the busier direction of each GPU's ports, every
+        pair's bytes (``nv``, ``rd`` float [L, G, G], src to dst) at its own bandwidth; None
+        without a per-pair matrix (the bytes over the port's bandwidth are the same then)."""
+        if self.pair_s_per_byte is None:
+            return None
+        nv_sb, rd_sb = self.pair_s_per_byte
+        nv_s, rd_s = nv * nv_sb, rd * rd_sb
+        return (np.maximum(nv_s.sum(axis=2), nv_s.sum(axis=1)), np.maximum(rd_s.sum(axis=2), rd_s.sum(axis=1)))
 
     def _rdma_hop(self, forwarded: bool) -> float:
         """Latency of the RDMA path: the NIC hop, plus the NVLink hop when the kernel forwards."""
@@ -180,7 +203,8 @@ class NetworkModel:
         if p.congestion != "fifo":
             rd_msgs = None if msgs is None else np.maximum(msgs.sum(axis=2), msgs.sum(axis=1))
             return self._closed_form(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1), link.rdma.sum(axis=2),
-                                     link.rdma.sum(axis=1), link.forward is not None, rd_msgs, link.received)
+                                     link.rdma.sum(axis=1), link.forward is not None, rd_msgs, link.received,
+                                     self._port_seconds(link.nvlink, link.rdma))
         direct = link.nvlink if link.forward is None else link.nvlink - link.forward
         forward = np.zeros_like(link.nvlink) if link.forward is None else link.forward
         nv_port = np.maximum(link.nvlink.sum(axis=2), link.nvlink.sum(axis=1))
@@ -201,8 +225,7 @@ class NetworkModel:
             d, c = self.link_bytes(traffic)
             nv_pair = d.nvlink.sum(axis=0) + c.nvlink.sum(axis=0)
             rd_pair = d.rdma.sum(axis=0) + c.rdma.sum(axis=0)
-            return StepNetwork(self.phase_times(d), self.phase_times(c), nv_pair, rd_pair,
-                               nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps)
+            return StepNetwork(self.phase_times(d), self.phase_times(c), nv_pair, rd_pair, *self._busy_s(nv_pair, rd_pair))
         nv, rd, fw = self.link_tokens(traffic)
         db, cb = self.dispatch_bytes, self.combine_bytes
         nv_out, nv_in, rd_out, rd_in = nv.sum(axis=2), nv.sum(axis=1), rd.sum(axis=2), rd.sum(axis=1)
@@ -225,9 +248,24 @@ class NetworkModel:
         if p.recv_hbm_passes > 0:
             local = self._local(traffic)
             recv_d, recv_c = (nv_in + rd_in + local) * db, (nv_out + rd_out + local) * cb
-        dispatch = self._closed_form(d_nv_out, d_nv_in, d_rd_out, d_rd_in, forwarded, rd_msgs, recv_d)
-        combine = self._closed_form(nv_in * cb, nv_out * cb, rd_in * cb, rd_out * cb, forwarded, rd_msgs, recv_c)
-        return StepNetwork(dispatch, combine, nv_pair, rd_pair, nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps)
+        port_d = port_c = None
+        if self.pair_s_per_byte is not None:  # every pair at its own bandwidth (the state moves too)
+            nv_d, rd_d = nv * db, rd * db
+            if traffic.moves is not None:
+                nv_d = nv_d + traffic.moves * self.same_node * self.state_bytes
+                rd_d = rd_d + traffic.moves * ~self.same_node * self.state_bytes
+            port_d = self._port_seconds(nv_d, rd_d)
+            port_c = self._port_seconds(nv.transpose(0, 2, 1) * cb, rd.transpose(0, 2, 1) * cb)
+        dispatch = self._closed_form(d_nv_out, d_nv_in, d_rd_out, d_rd_in, forwarded, rd_msgs, recv_d, port_d)
+        combine = self._closed_form(nv_in * cb, nv_out * cb, rd_in * cb, rd_out * cb, forwarded, rd_msgs, recv_c,
+                                    port_c)
+        return StepNetwork(dispatch, combine, nv_pair, rd_pair, *self._busy_s(nv_pair, rd_pair))
+
+    def _busy_s(self, nv_pair: np.ndarray, rd_pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Busy seconds of NVLink and RDMA bytes per (src, dst) pair float [G, G]."""
+        if self.pair_s_per_byte is None:
+            return nv_pair / self.nvlink_Bps, rd_pair / self.rdma_Bps
+        return nv_pair * self.pair_s_per_byte[0], rd_pair * self.pair_s_per_byte[1]
 
 
 @njit
