@@ -61,6 +61,10 @@ def cluster_options(func: Callable) -> Callable:
                      help="GB/s between every two ranks, a G x G matrix (CSV rows or JSON; diagonal ignored): "
                           "transfers are costed by their pair's bandwidth, NVLink domains found from it; "
                           "--cluster gives the GPU."),
+        click.option("--gpu-speed", "gpu_speed", default=None, metavar="FILE|RANKS=F",
+                     help="Throughput of each GPU relative to --cluster's (load balance becomes time): a file "
+                          "of one factor per rank (CSV or JSON list), or e.g. 3=0.5 (rank 3 at half speed), "
+                          "0-7=0.8,12=0.5."),
     ]):
         func = deco(func)
     return func
@@ -92,12 +96,22 @@ def resolve_model(name: str | None):
     return get_model(name) if name else None
 
 
-def resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None):
+def resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None, gpu_speed=None):
     if topology_file is not None:
         from placer.io.topology import read_topology  # deferred: keeps numpy off placer --help
-        return read_topology(topology_file, cluster=cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes,
+        topo = read_topology(topology_file, cluster=cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes,
                              gpus_per_node=gpus_per_node)
-    return make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
+    else:
+        topo = make_topology(cluster or DEFAULT_CLUSTER, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node)
+    return with_speed(topo, gpu_speed)
+
+
+def with_speed(topology, gpu_speed):
+    """``topology`` with the speeds of ``--gpu-speed`` (unchanged when None)."""
+    if gpu_speed is None:
+        return topology
+    from placer.io.topology import read_gpu_speed  # deferred: keeps numpy off placer --help
+    return dataclasses.replace(topology, gpu_speed=read_gpu_speed(gpu_speed, topology.num_gpus))
 
 
 def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node) -> None:
@@ -112,11 +126,12 @@ def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node
                                     f"({topo.name}, {topo.num_nodes} x {topo.gpus_per_node} GPUs)", source=path)
 
 
-def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None, topology_file=None):
+def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=None, topology_file=None,
+                   gpu_speed=None):
     """Any placement file (placer's, SGLang's, vllm-ascend's, TRT-LLM's, EPLB arrays).
 
     A native file is authoritative (contradicting flags exit 2) but for ``--topology FILE``, which
-    re-costs its cluster's links (the sizes must agree); a stack's file holds only the map and
+    re-costs its cluster's links (the sizes must agree), and ``--gpu-speed``; a stack's file holds only the map and
     takes the model and cluster from the flags.
     """
     from placer.io.placements import (  # deferred: keeps numba off placer --help
@@ -127,15 +142,15 @@ def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=
         pf = read_placement_file(path)
         check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
         if topology_file is None:
-            return pf
+            return dataclasses.replace(pf, topology=with_speed(pf.topology, gpu_speed))
         topo = resolve_topology(cluster or pf.topology.name.split(":")[0], pf.topology.num_gpus, None, None,
                                 topology_file)
         if (topo.num_nodes, topo.gpus_per_node) != (pf.topology.num_nodes, pf.topology.gpus_per_node):
             raise InvalidInputError(f"its NVLink domains ({topo.num_nodes} x {topo.gpus_per_node} GPUs) differ from "
                                     f"the placement's cluster ({pf.topology.num_nodes} x "
                                     f"{pf.topology.gpus_per_node})", source=topology_file)
-        return dataclasses.replace(pf, topology=topo)
-    topology = (resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
+        return dataclasses.replace(pf, topology=with_speed(topo, gpu_speed))
+    topology = (resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed)
                 if (cluster or gpus or topology_file) else None)
     return read_placement_file(path, model=resolve_model(model), topology=topology, stack=stack)
 

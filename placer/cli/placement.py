@@ -73,7 +73,7 @@ from placer.stacks import STACKS, resolve_dispatch
               help="Also write a serving-stack file (sglang, vllm, vllm-ascend, trtllm, eplb). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and comparison as JSON.")
 @quiet_option
-def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, topology_file, dispatch, execution, phase, stack, redundant, groups,
+def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed, dispatch, execution, phase, stack, redundant, groups,
           method, objective, weights, backend, time_limit_s, num_workers, ray_address, load_cap, show_frontier,
           holdout, current, horizon_s, seed, output, exports, as_json, quiet):
     """Compute an expert-to-GPU placement, compare it with contiguous and EPLB, and write it.
@@ -105,7 +105,7 @@ def solve(inputs, model, cluster, gpus, nodes, gpus_per_node, topology_file, dis
     with Progress("solve", total=time_limit_s, unit="s", clock=True, start=started, quiet=quiet) as bar, \
             reporting(bar.report):
         outcome = solve_placement(
-            inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file),
+            inputs, model=resolve_model(model), topology=resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed),
             dispatch=dispatch, stack=resolve_stack(stack), execution=execution, phase=phase, redundant=redundant,
             groups=groups, method=method, seed=seed, time_limit_s=time_limit_s, objective=objective,
             weights=problem_weights, backend=backend, ray_address=ray_address, num_workers=num_workers,
@@ -193,7 +193,7 @@ def format_frontier(curve: list[dict], tokens: int) -> str:
               help="Memory for one chunk of a trace: traces are read and scored chunk by chunk.")
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, topology_file, dispatch, execution, phase, stack,
+def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed, dispatch, execution, phase, stack,
              chunk_mb, quiet, as_json):
     """Score a placement on any routing input: load balance, dispatch traffic, transitions.
 
@@ -209,7 +209,7 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, topo
     from placer.app.workflow import evaluate_placement  # deferred: keeps numba off placer --help
     from placer.metrics import format_table  # deferred: keeps metrics (8 ms) off placer --help
     target = resolve_stack(stack)
-    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target, topology_file)
+    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, target, topology_file, gpu_speed)
     target = placement_stack(pf, target)
     rule = resolve_dispatch(dispatch, target, pf.model, fallback=pf.dispatch, source=placement)
     # Progress: the tokens scored (read first for the statistics where counts or unknown top-1 need them).
@@ -233,7 +233,7 @@ def evaluate(placement, inputs, model, cluster, gpus, nodes, gpus_per_node, topo
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="File to write (SGLang: .json or .pt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the format, file, flags and notes as JSON.")
-def export(placement, model, cluster, gpus, nodes, gpus_per_node, topology_file, stack, fmt, output, as_json):
+def export(placement, model, cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed, stack, fmt, output, as_json):
     """Convert a placement into the file a serving stack loads, and print its flags.
 
     PLACEMENT is placer's JSON or another stack's file (then give --model and --gpus). A
@@ -246,7 +246,8 @@ def export(placement, model, cluster, gpus, nodes, gpus_per_node, topology_file,
         placer export sglang.json --model deepseek-v2-lite --gpus 16 --stack trtllm -o lb.yaml --json
     """
     from placer.io.placements import export_placement  # deferred: keeps numba off placer --help
-    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, topology_file=topology_file)
+    pf = read_placement(placement, model, cluster, gpus, nodes, gpus_per_node, topology_file=topology_file,
+                        gpu_speed=gpu_speed)
     target = resolve_stack(stack) or (STACKS.get(fmt) if fmt else pf.stack)
     if fmt is None and target is not None:
         # A stack that loads no file (vLLM) exports under its own name, which export_placement

@@ -80,7 +80,7 @@ from placer.types import DISPATCH_RULES
 @click.option("--json", "as_json", is_flag=True,
               help="Print the service's events on stdout as JSON lines (listening, stopped) instead of text; "
                    "decisions stay in the log and in GET /status.")
-def serve(model, cluster, gpus, nodes, gpus_per_node, topology_file, watch_dir, host, port, token, state_path, output, exports,
+def serve(model, cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed, watch_dir, host, port, token, state_path, output, exports,
           initial, method, redundant, dispatch, stack, half_life, threshold, horizon_s, interval_s, tokens_per_rank,
           time_limit_s, seed, movement_aware, ray_address, verbose, quiet, as_json):
     """Run a rebalancing service: watch load, re-solve, publish a placement when it pays.
@@ -112,7 +112,7 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, topology_file, watch_dir, 
     init = None
     target = resolve_stack(stack)
     if initial:
-        pf = read_placement(initial, model, cluster, gpus, nodes, gpus_per_node, target, topology_file)
+        pf = read_placement(initial, model, cluster, gpus, nodes, gpus_per_node, target, topology_file, gpu_speed)
         spec, topology, init = pf.model, pf.topology, pf.placement
         fallback = pf.dispatch
         target = placement_stack(pf, target)
@@ -121,7 +121,7 @@ def serve(model, cluster, gpus, nodes, gpus_per_node, topology_file, watch_dir, 
         spec = resolve_model(model)
         if spec is None:
             raise InvalidInputError("serve needs --model PRESET (or --initial PLACEMENT.json)", source="--model")
-        topology = resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
+        topology = resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed)
         fallback = "nearest"
     dispatch = resolve_dispatch(dispatch, target, spec, fallback=fallback)
     if target is None and initial:

@@ -18,6 +18,7 @@ from placer.cli.options import (
     resolve_stack,
     resolve_topology,
     stack_option,
+    with_speed,
 )
 from placer.cli.progress import Progress, quiet_option
 from placer.display import key_value_table
@@ -165,8 +166,8 @@ def simulate() -> None:
               help="Write the results layout (metrics.json, CSV tables) and report.html here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @quiet_option
-def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, topology_file, workload, rate,
-        duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
+def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed,
+        workload, rate, duration_s, prompt_len, output_len, length_dist, token_budget, max_running, iterations, tokens_per_rank,
         context_len, execution, kernel, congestion, overlap, dispatch, level, seed, stack, output, as_json, quiet):
     """Simulate placements side by side with the same seeds; without INPUTS routing is synthetic.
 
@@ -188,13 +189,15 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             dispatch = resolve_dispatch(dispatch, target, model_spec)
             if not as_json:
                 click.echo(f"dispatch {dispatch} ({target.label})")
-        topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
+        topology = _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed)
         if topology is None and cluster is not None and not placements:
             raise InvalidInputError("give the cluster size: --gpus N (and --nodes K)", source="--gpus")
         candidates, model_spec, topology = comparison.placement_candidates(
             placements, methods, model=model_spec, topology=topology,
             stats=None if routing is None else routing.stats, redundant=redundant, dispatch=dispatch or "nearest",
             execution=execution, seed=seed)
+        if gpu_speed is not None and topology.gpu_speed is None:  # the cluster came from a placement file
+            topology = with_speed(topology, gpu_speed)
         wl, config = _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist,
                                           token_budget, max_running, iterations, tokens_per_rank, context_len,
                                           execution, kernel, congestion, overlap, dispatch, seed)
@@ -249,7 +252,7 @@ def _routing(inputs, model_name, placements, execution, methods):
     return routing, routing.model if model is None else model, tuple(routing.sources), routing.synthetic
 
 
-def _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None):
+def _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None, gpu_speed=None):
     """The cluster of the flags, or None when no size is given (placement files then give it)."""
     if gpus is None and nodes is None and gpus_per_node is None and topology_file is None:
         if cluster is not None:
@@ -257,7 +260,7 @@ def _maybe_topology(cluster, gpus, nodes, gpus_per_node, topology_file=None):
                 raise InvalidInputError(f"unknown cluster preset {cluster!r}; known: {', '.join(CLUSTERS)}",
                                         source="--cluster")
         return None
-    return resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file)
+    return resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed)
 
 
 @simulate.command(context_settings=CONTEXT)

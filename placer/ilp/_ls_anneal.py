@@ -16,18 +16,20 @@ from placer.ilp._ls_kernel import _contrib, _njit, _traffic, expert_contrib, mak
 
 
 @_njit
-def load_terms(gload):
+def load_terms(gload, scale):
+    """(max, std) of the GPUs' load as time, ``gload * scale`` (``scale``: Dispatch.time_scale)."""
     G = gload.shape[0]
-    mx = gload[0]
+    mx = gload[0] * scale[0]
     s = 0.0
     for g in range(G):
-        if gload[g] > mx:
-            mx = gload[g]
-        s += gload[g]
+        t = gload[g] * scale[g]
+        if t > mx:
+            mx = t
+        s += t
     mean = s / G
     v = 0.0
     for g in range(G):
-        d = gload[g] - mean
+        d = gload[g] * scale[g] - mean
         v += d * d
     return mx, math.sqrt(v / G)
 
@@ -74,7 +76,7 @@ def init_state(p2l, L, st, wk):
         if hold[g, e] == 0:
             traffic += L.move_cost[g, e]
         hold[g, e] += 1
-    mx, sd = load_terms(gload)
+    mx, sd = load_terms(gload, L.dispatch.time_scale)
     return traffic, mx, sd
 
 
@@ -206,7 +208,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
         _contrib(L, wk, cslot, b, cnt[b], L.load[b], cb)
         for g in range(G):
             newload[g] = gload[g] - contrib[a, g] - contrib[b, g] + ca[g] + cb[g]
-        mx, sd = load_terms(newload)
+        mx, sd = load_terms(newload, L.dispatch.time_scale)
         delta = 0.0
         if has_traffic:
             delta = _traffic(0, a, b, False, L, st, wk)
@@ -250,7 +252,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
                 cslot[a, j] = wk.olds[0, j]
             for j in range(cb_n):
                 cslot[b, j] = wk.olds[1, j]
-    mx, sd = load_terms(gload)
+    mx, sd = load_terms(gload, L.dispatch.time_scale)
     score[0] = traffic
     score[1] = mx
     score[2] = sd

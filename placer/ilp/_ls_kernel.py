@@ -66,6 +66,7 @@ class Dispatch(NamedTuple):
     gpus_per_node: int
     slot_gpu: np.ndarray   # int64 [P] GPU of each slot
     gpu_node: np.ndarray   # int64 [G] node of each GPU
+    time_scale: np.ndarray  # float64 [G] a GPU's load as time (Topology.time_scale; all 1: equal GPUs)
 
 
 class Weights(NamedTuple):
@@ -141,11 +142,13 @@ class Work(NamedTuple):
 
 
 def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, slots_per_gpu: int,
-                  num_slots: int) -> Dispatch:
-    """The :class:`Dispatch` of ``num_slots`` slots, ``slots_per_gpu`` per GPU, under ``rule``."""
+                  num_slots: int, time_scale: np.ndarray | None = None) -> Dispatch:
+    """The :class:`Dispatch` of ``num_slots`` slots, ``slots_per_gpu`` per GPU, under ``rule``;
+    ``time_scale`` float [G] (default all 1): a GPU's load as time (GPUs of different speeds)."""
+    scale = np.ones(int(num_gpus)) if time_scale is None else np.ascontiguousarray(time_scale, np.float64)
     return Dispatch(RULE_CODES[rule], int(num_gpus), int(num_nodes), int(gpus_per_node),
                     np.arange(num_slots, dtype=np.int64) // int(slots_per_gpu),
-                    np.arange(num_gpus, dtype=np.int64) // int(gpus_per_node))
+                    np.arange(num_gpus, dtype=np.int64) // int(gpus_per_node), scale)
 
 
 def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,

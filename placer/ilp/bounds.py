@@ -78,11 +78,16 @@ def balance_lower_bound(problem) -> np.ndarray:
 
     The busiest GPU serves at least the mean, ``sum_e load_e / G``, and at least the share of
     the heaviest expert spread over the most GPUs it can occupy, ``max_e load_e / min(G, R + 1)``.
+    On GPUs of different speeds (load as time, ``load x time_scale``) the mean still bounds
+    (``sum_g 1 / time_scale_g = G``) and the heaviest expert spreads over the fastest GPUs:
+    ``max_e load_e / (sum of the min(G, R + 1) largest 1 / time_scale)``.
     """
     load = problem.stats.load.astype(np.float64) / max(problem.stats.num_tokens, 1)
-    g = problem.topology.num_gpus
+    topo = problem.topology
+    g = topo.num_gpus
     spread = min(g, problem.num_redundant + 1)
-    return np.maximum(load.sum(axis=1) / g, load.max(axis=1) / spread)
+    capacity = float(spread) if topo.gpu_speed is None else float(np.sort(1.0 / topo.time_scale())[-spread:].sum())
+    return np.maximum(load.sum(axis=1) / g, load.max(axis=1) / capacity)
 
 
 def _pairs(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -146,7 +146,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
                        w_bal=w["balance"], w_nv=w["traffic_nvlink"], w_rdma=w["traffic_rdma"],
                        pen=w["cap_penalty"] * w["balance_base"] if w["balance_cap"] is not None else 0.0,
                        iterations=iters, seed=int(seed), distinct=bool(problem.distinct_per_gpu),
-                       link_scale=link_scale(topo))
+                       link_scale=link_scale(topo), time_scale=None if topo.gpu_speed is None else topo.time_scale())
     start_maps = starts_for(problem)
     if (anchor is None) != (anchor_cost is None):
         raise InvalidInputError("anchor and anchor_cost go together", source="--from")

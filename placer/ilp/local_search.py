@@ -41,7 +41,8 @@ class SearchConfig:
     re-replicates); starts whose primary exceeds the best start's by more than ``start_margin``
     (relative) are kept as candidates but not annealed. ``distinct``: no move puts two copies of
     one expert on one GPU (the starts must already be so). ``link_scale`` float [G, G]: each
-    rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`; None: all 1).
+    rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`; None: all 1);
+    ``time_scale`` float [G]: a GPU's load as time (``Topology.time_scale``; None: equal GPUs).
     """
 
     num_gpus: int
@@ -69,11 +70,12 @@ class SearchConfig:
     cycles: int = 16
     distinct: bool = False
     link_scale: np.ndarray | None = field(default=None, compare=False)
+    time_scale: np.ndarray | None = field(default=None, compare=False)
 
     def dispatch(self) -> K.Dispatch:
         """The kernels' topology and rule."""
         return K.make_dispatch(self.rule, self.num_gpus, self.num_nodes, self.gpus_per_node, self.slots_per_gpu,
-                               self.num_slots)
+                               self.num_slots, self.time_scale)
 
     def weights(self, cap: float) -> K.Weights:
         """The kernels' objective weights, with the load cap ``cap``."""

@@ -4,7 +4,8 @@ Per MoE layer ``l`` the objective adds, in **seconds per token of the batch** (t
 the cluster; all three are what one layer costs the slowest GPU, per batch token):
 
 (a) **balance** ``w_bal * max_g load[l, g] / T``: token-slots the most loaded GPU serves per
-    batch token (load from ``stats.load`` under :func:`placer.metrics.dispatch.slot_load`, i.e. the
+    batch token (on GPUs of different speeds, ``--gpu-speed``, the most loaded in time: ``load x
+    Topology.time_scale()``) (load from ``stats.load`` under :func:`placer.metrics.dispatch.slot_load`, i.e. the
     problem's dispatch rule and seed) times ``t_slot = 6 * hidden * ffn / (bf16_flops * 0.5)``,
     the compute-bound time of one expert on one token (gate, up, down: 3 GEMMs of 2 h I FLOPs,
     at half of dense peak).
@@ -179,11 +180,18 @@ def objective_weights(problem) -> dict[str, Any]:
 
 def layer_load_ratio(problem, placement: Placement, seed: int = DEFAULT_DISPATCH_SEED,
                      table: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(max GPU load per batch token [L], mean GPU load per batch token [L]) under the rule."""
+    """(max GPU load per batch token [L], mean GPU load per batch token [L]) under the rule; the
+    max of load as time on GPUs of different speeds (:func:`_busiest`)."""
     stats = problem.stats
     load = gpu_load(placement, problem.topology, stats, dispatch=problem.dispatch, seed=seed,
                     table=table) / max(stats.num_tokens, 1)
-    return load.max(axis=1), load.mean(axis=1)
+    return _busiest(load, problem.topology), load.mean(axis=1)
+
+
+def _busiest(load: np.ndarray, topology) -> np.ndarray:
+    """float [L]: the busiest GPU's load [L, G] per layer, as time when the GPUs' speeds differ
+    (load times :meth:`~placer.types.Topology.time_scale`)."""
+    return load.max(axis=1) if topology.gpu_speed is None else (load * topology.time_scale()[None, :]).max(axis=1)
 
 
 def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
@@ -262,7 +270,7 @@ def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarra
     load = expected_gpu_load(placement.physical_to_logical, problem.stats.load, topo.num_gpus,
                              topo.num_nodes, topo.gpus_per_node, placement.slots_per_gpu,
                              problem.dispatch) / max(problem.stats.num_tokens, 1)
-    return load.max(axis=1), load.mean(axis=1)
+    return _busiest(load, topo), load.mean(axis=1)
 
 
 def _ratio(mx: np.ndarray, mean: np.ndarray) -> np.ndarray:

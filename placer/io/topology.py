@@ -1,4 +1,5 @@
-"""A cluster read from a file (``--topology FILE``): a G x G matrix of GB/s between ranks.
+"""A cluster read from a file (``--topology FILE``): a G x G matrix of GB/s between ranks; and the
+GPUs' speeds (``--gpu-speed``).
 
 Formats: CSV (one row of the matrix per line, numbers separated by commas; blank lines and
 lines starting with ``#`` are skipped) or JSON (the matrix as a list of rows, or an object
@@ -16,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from placer.errors import InvalidInputError
 from placer.io.common import fail, require_file
 from placer.presets import make_topology
 from placer.types import Topology
@@ -83,3 +85,49 @@ def read_topology(path: str | os.PathLike[str], *, cluster: str, gpus: int | Non
     inside, across = tier_gbps(m, per_node)
     name = f"{base.name}:{os.path.basename(os.fspath(path))}"
     return replace(base, name=name, nvlink_gbps=inside, nic_gbps=across, bandwidth_gbps=tuple(map(tuple, m)))
+
+
+def read_gpu_speed(spec: str, num_gpus: int) -> tuple[float, ...]:
+    """One speed factor per GPU from ``--gpu-speed SPEC``: a file (CSV numbers, one per rank, by
+    line or comma; or a JSON list) or inline ``RANKS=FACTOR`` items, comma separated (``3=0.5``:
+    rank 3 at half speed; ``0-7=0.8``: ranks 0 to 7; ranks not named run at 1). Exits 2 (an
+    :class:`InvalidInputError` naming the file or ``--gpu-speed``) on anything else."""
+    if os.path.exists(spec) or "=" not in spec:
+        return _speed_file(spec, num_gpus)
+    speed = [1.0] * num_gpus
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        ranks, _, factor = item.partition("=")
+        lo, _, hi = ranks.strip().partition("-")
+        try:
+            first, last, value = int(lo), int(hi or lo), float(factor)
+        except ValueError:
+            raise InvalidInputError(f"{item!r} is not RANKS=FACTOR (e.g. 3=0.5 or 0-7=0.8)",
+                                    source="--gpu-speed") from None
+        if not 0 <= first <= last < num_gpus:
+            raise InvalidInputError(f"ranks {ranks.strip()} outside the cluster's 0-{num_gpus - 1}",
+                                    source="--gpu-speed")
+        if not (np.isfinite(value) and value > 0):
+            raise InvalidInputError(f"factor {factor.strip()} must be a positive number", source="--gpu-speed")
+        speed[first:last + 1] = [value] * (last - first + 1)
+    return tuple(speed)
+
+
+def _speed_file(path: str, num_gpus: int) -> tuple[float, ...]:
+    text = require_file(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        if text.lstrip()[:1] == "[":
+            values = json.loads(text)
+            if not isinstance(values, list) or any(isinstance(v, (bool, list, dict, str)) for v in values):
+                raise ValueError
+        else:
+            values = [v for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+                      for v in line.split(",") if v.strip()]
+        speed = np.array([float(v) for v in values], dtype=np.float64)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise fail(path, "expected one speed factor per GPU: numbers (CSV) or a JSON list") from None
+    if len(speed) != num_gpus:
+        raise fail(path, f"{len(speed)} speed factors for {num_gpus} GPUs")
+    bad = np.flatnonzero(~(np.isfinite(speed) & (speed > 0)))
+    if len(bad):
+        raise fail(path, f"rank {int(bad[0])}'s speed {speed[bad[0]]:g} must be a positive number")
+    return tuple(float(v) for v in speed)

@@ -97,12 +97,14 @@ def _load_of(c: dict[str, np.ndarray], num_layers: int, num_gpus: int) -> np.nda
     return load.reshape(num_layers, num_gpus).astype(np.float64)
 
 
-def load_balance(gpu_load: np.ndarray) -> dict[str, Any]:
+def load_balance(gpu_load: np.ndarray, time_scale: np.ndarray | None = None) -> dict[str, Any]:
     """Max/mean GPU load per layer and its summary.
 
     ``gpu_load``: [L, G]. Returns ``per_layer`` float64 [L] (max/mean; a layer with no load
     counts as 1.0), ``median`` and ``mean`` over layers, ``worst`` (the largest) and
-    ``worst_layer`` (its index).
+    ``worst_layer`` (its index). ``time_scale`` float [G] (:meth:`~placer.types.Topology.time_scale`,
+    GPUs of different speeds): the max is of load as time, ``max(load * time_scale) / mean(load)``
+    (1.0 when the load is split in proportion to the speeds).
     """
     load = np.asarray(gpu_load, dtype=np.float64)
     if load.ndim != 2 or load.shape[0] < 1 or load.shape[1] < 1:
@@ -110,7 +112,8 @@ def load_balance(gpu_load: np.ndarray) -> dict[str, Any]:
                                 source="gpu_load")
     mean = load.mean(axis=1)
     ratio = np.ones(load.shape[0])
-    np.divide(load.max(axis=1), mean, out=ratio, where=mean > 0)
+    busiest = load.max(axis=1) if time_scale is None else (load * time_scale[None, :]).max(axis=1)
+    np.divide(busiest, mean, out=ratio, where=mean > 0)
     worst = int(np.argmax(ratio))
     return {"per_layer": ratio, "median": float(np.median(ratio)), "mean": float(ratio.mean()),
             "worst": float(ratio[worst]), "worst_layer": worst}
@@ -396,7 +399,8 @@ def _evaluate_one(placement: Placement, topology: Topology, model: ModelSpec, da
         load, std, cc = counted
     else:
         load = gpu_load(placement, topology, data, dispatch=dispatch, seed=seed, table=table)
-    lb = load_balance(load)
+    lb = load_balance(load, None if topology.gpu_speed is None else topology.time_scale())
+    out["load_as_time"] = topology.gpu_speed is not None
     out["load_source"] = "trace" if is_trace else ("stats-exact" if no_replicas else "stats-expected")
     out["load_max_over_mean_median"] = lb["median"]
     out["load_max_over_mean_worst"] = lb["worst"]

@@ -8,7 +8,8 @@ from typing import Any
 from placer.display import format_value, table
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
-    "load_max_over_mean_median": "GPU load max/mean per layer (token-slots served per GPU), median over layers",
+    "load_max_over_mean_median": "GPU load max/mean per layer (token-slots served per GPU; with GPU speeds, the "
+                                 "busiest GPU's load as time: load x mean speed / its speed), median over layers",
     "load_max_over_mean_worst": "GPU load max/mean per layer, largest over layers",
     "load_max_over_mean_worst_layer": "MoE layer index (0-based) of the largest max/mean",
     "intra_node_ranks_per_token_layer": "standard EP: other ranks in the home node receiving the token, per token-layer",
@@ -77,7 +78,8 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"data: {data.get('source')}, {format_value('tokens', data.get('tokens'))} tokens (of "
             f"{format_value('tokens', data.get('total_tokens'))})"
             + ("" if data.get("synthetic") is None else f", synthetic={data.get('synthetic')}")
-            + f"; load from {metrics.get('load_source')}"]
+            + f"; load from {metrics.get('load_source')}"
+            + ("; load as time (GPU speeds)" if metrics.get("load_as_time") else "")]
     if data.get("inputs"):
         head.append("inputs: " + ", ".join(str(x) for x in data["inputs"]))
     rows: list[list[str] | str] = []

@@ -101,7 +101,8 @@ class Topology:
     unused) gives every pair of ranks its own bandwidth; ``nvlink_gbps`` and ``nic_gbps`` are
     then its tiers' harmonic means (:func:`placer.types.links.tier_gbps`). Without it, a pair
     in one node has ``nvlink_gbps`` and a pair across nodes ``nic_gbps``
-    (:meth:`bandwidth_matrix`).
+    (:meth:`bandwidth_matrix`). ``gpu_speed`` (one factor per GPU, 1 = the preset's GPU, 0.5
+    = half its throughput) makes load balance a matter of time (:meth:`time_scale`).
     """
 
     name: str
@@ -116,6 +117,7 @@ class Topology:
     fp8_flops: float = 1979e12
     memory_bytes: float = 80e9
     bandwidth_gbps: tuple[tuple[float, ...], ...] | None = None
+    gpu_speed: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
@@ -135,6 +137,14 @@ class Topology:
                 raise bad_field("cluster", "bandwidth_gbps must be positive and finite off the diagonal")
             np.fill_diagonal(m, 0.0)  # unused; 0 keeps the file JSON
             object.__setattr__(self, "bandwidth_gbps", tuple(tuple(float(v) for v in row) for row in m))
+        if self.gpu_speed is not None:
+            speed = np.asarray(self.gpu_speed, dtype=np.float64)
+            if speed.shape != (self.num_gpus,):
+                raise bad_field("cluster", f"gpu_speed must hold one factor per GPU ({self.num_gpus}), "
+                                           f"got shape {speed.shape}")
+            if not np.all(np.isfinite(speed)) or np.any(speed <= 0):
+                raise bad_field("cluster", "gpu_speed factors must be positive and finite")
+            object.__setattr__(self, "gpu_speed", tuple(float(v) for v in speed))
 
     @property
     def num_gpus(self) -> int:
@@ -152,6 +162,15 @@ class Topology:
         np.fill_diagonal(m, np.inf)
         return m
 
+    def time_scale(self) -> np.ndarray:
+        """float [G]: how long a token-slot takes on each GPU relative to the mean GPU (the mean
+        speed over the GPU's speed; all 1 without ``gpu_speed``). A GPU's load times its scale is
+        its load as time: a split in proportion to the speeds makes every GPU's time the mean load."""
+        if self.gpu_speed is None:
+            return np.ones(self.num_gpus)
+        speed = np.asarray(self.gpu_speed, dtype=np.float64)
+        return speed.mean() / speed
+
     def graph(self) -> Any:
         """The cluster as a ``networkx.Graph`` of ranks and links (:func:`placer.types.links.cluster_graph`)."""
         matrix = None if self.bandwidth_gbps is None else self.bandwidth_matrix()
@@ -159,8 +178,9 @@ class Topology:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if self.bandwidth_gbps is None:
-            del out["bandwidth_gbps"]  # files of two-level clusters stay as they were
+        for key in ("bandwidth_gbps", "gpu_speed"):
+            if out[key] is None:
+                del out[key]  # files of uniform two-level clusters stay as they were
         return out
 
     @classmethod

@@ -30,7 +30,8 @@ def kv_bytes_per_token(params: ComputeParams, model: ModelSpec) -> float:
 
 
 class ComputeModel:
-    """Per-GPU compute times of one model on one GPU kind."""
+    """Per-GPU compute times of one model on one GPU kind (each GPU's times over its speed
+    factor when the cluster's GPUs differ, ``Topology.gpu_speed``)."""
 
     def __init__(self, params: ComputeParams, topology: Topology, model: ModelSpec, slots_per_gpu: int):
         self.params = params
@@ -51,6 +52,12 @@ class ComputeModel:
         dense_inter = (model.top_k + model.num_shared_experts) * inter
         self.dense_flops = ffn_flops(h, dense_inter)
         self.dense_weight = 3.0 * h * dense_inter * model.weight_bytes
+        # GPUs of different speeds (--gpu-speed): each GPU's times over its throughput factor
+        self.slowdown = None if topology.gpu_speed is None else 1.0 / np.asarray(topology.gpu_speed, np.float64)
+
+    def _per_gpu(self, seconds: np.ndarray) -> np.ndarray:
+        """``seconds`` float [..., G] on each GPU at its own speed."""
+        return seconds if self.slowdown is None else seconds * self.slowdown
 
     def efficiency(self, rows: np.ndarray) -> np.ndarray:
         """GEMM efficiency at ``rows`` tokens per expert (same shape)."""
@@ -79,7 +86,7 @@ class ComputeModel:
             out = out + np.where(t > 0, self._roofline(shared * self.expert_flops * t,
                                                        shared * (self.expert_weight + self.expert_act * t),
                                                        t, self.peak) + self.params.gemm_launch_s, 0.0)
-        return out
+        return self._per_gpu(out)
 
     def attention_times(self, tokens: np.ndarray, decode_context: np.ndarray, prefill_positions: np.ndarray) -> np.ndarray:
         """Attention of one layer per GPU.
@@ -93,10 +100,10 @@ class ComputeModel:
         bytes_ = (self.attention_params * self.model.activation_bytes * (tokens > 0)
                   + self.kv_bytes * (decode_context + tokens))
         t = self._roofline(flops, bytes_, tokens, self.bf16_peak)
-        return np.where(tokens > 0, t + self.params.attention_launch_s, 0.0)
+        return self._per_gpu(np.where(tokens > 0, t + self.params.attention_launch_s, 0.0))
 
     def dense_times(self, tokens: np.ndarray) -> np.ndarray:
         """The FFN of a dense (non-MoE) layer per GPU, float [G] seconds."""
         t = self._roofline(self.dense_flops * tokens, self.dense_weight + 4.0 * self.model.hidden_size * tokens,
                            tokens, self.peak)
-        return np.where(tokens > 0, t + self.params.gemm_launch_s, 0.0)
+        return self._per_gpu(np.where(tokens > 0, t + self.params.gemm_launch_s, 0.0))
