@@ -18,8 +18,8 @@ at its tier's mean bandwidth), scored on the matrix, to show what costing each p
 Cases:
 
 - ``nvl72``: DeepSeek-V3 shape on one GB200 NVL72 (72 GPUs on one NVLink domain, preset
-  ``gb200-nvl72``), 32 redundant slots (4 per GPU); synthetic routing (labelled), 4,000 fitting
-  and 4,000 held-out tokens (another seed);
+  ``gb200-nvl72``), 32 redundant slots (4 per GPU); synthetic routing (labelled), 16,000 fitting (--tokens)
+  and 16,000 held-out tokens (another seed);
 - ``2x nvl72``: the same on two NVL72 racks joined by InfiniBand (144 GPUs), 32 redundant;
 - ``racks.csv``: a matrix read from a CSV file as ``--topology FILE`` reads it: 32 H100s in 4 nodes
   of 8 in 2 racks (NVLink 370 GB/s, InfiniBand 48.5 inside a rack, 24.25 across the 2:1
@@ -27,10 +27,13 @@ Cases:
 - ``two-level.csv``: Mixtral-8x7B on 4 H100s in 2 nodes, 4 redundant, real routing (the 5 MT-Bench
   categories of ``../shared/data/hdmoe-mixtral-mtbench``: fitted on coding, math, reasoning and
   roleplay, held out on writing; skipped with one line when absent): the cluster given as flags
-  and as its own two-level matrix in a file must give identical rows.
+  and as its own two-level matrix in a file must give the same rows;
+- ``slow gpu``: the same Mixtral case with rank 3 at half speed (``--gpu-speed 3=0.5``): balance
+  is the busiest GPU's load as time; also ``placer, speeds unknown`` (solved as if the GPUs were
+  equal, scored with the speeds).
 
 Run: ``.venv/bin/python benchmarks/bench_topology.py [--cases nvl72 racks.csv ...] [--tokens 4000]``
-(about 5-10 minutes on 2 shared cores; deterministic given the seed).
+(about 5 minutes on 2 shared cores at the default 16,000 tokens; deterministic given the seed).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from placer.types import RoutingTrace, Topology
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CATEGORIES = ("coding", "math", "reasoning", "roleplay", "writing")
-CASES = ("nvl72", "2x nvl72", "racks.csv", "two-level.csv")
+CASES = ("nvl72", "2x nvl72", "racks.csv", "two-level.csv", "slow gpu")
 
 
 def write_matrix(path: Path, m: np.ndarray) -> str:
@@ -90,12 +93,14 @@ def mixtral(data: Path) -> tuple | str:
 
 
 def rows_for(label: str, topology: Topology, model, fit, held, redundant: int, seed: int,
-             tiers_only: bool) -> list[dict]:
+             tiers_only: bool = False, speeds_unknown: bool = False) -> list[dict]:
     stats = compute_stats(fit, seed=seed)
     problem = PlacementProblem(stats, model, topology, num_redundant=redundant)
     methods = [("eplb", problem), ("placer", problem)]
     if tiers_only:
         methods.append(("placer, tiers only", replace(problem, topology=replace(topology, bandwidth_gbps=None))))
+    if speeds_unknown:
+        methods.append(("placer, speeds unknown", replace(problem, topology=replace(topology, gpu_speed=None))))
     rows = []
     for name, prob in methods:
         t0 = time.perf_counter()
@@ -128,7 +133,7 @@ def print_case(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--tokens", type=int, default=4000)
+    parser.add_argument("--tokens", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
@@ -148,6 +153,16 @@ def main() -> None:
                 title = ("racks.csv: DeepSeek-V3 shape (synthetic), 32 H100 in 4 nodes of 8 in 2 racks "
                          "(NVLink 370, IB 48.5 in a rack, 24.25 across), 32 redundant")
                 print_case(title, rows_for(case, topo, model, fit, held, 32, args.seed, tiers_only=True))
+            elif case == "slow gpu":
+                loaded = mixtral(args.data)
+                if isinstance(loaded, str):
+                    print(loaded.replace("two-level.csv", case))
+                    continue
+                model, fit, held = loaded
+                topo = replace(make_topology("h100", gpus=4, nodes=2), gpu_speed=(1.0, 1.0, 1.0, 0.5))
+                title = ("slow gpu: Mixtral-8x7B (real, held out: writing), 4 H100 in 2 nodes, rank 3 at half speed "
+                         "(--gpu-speed 3=0.5), 4 redundant; bal = the busiest GPU's load as time")
+                print_case(title, rows_for(case, topo, model, fit, held, 4, args.seed, speeds_unknown=True))
             else:
                 loaded = mixtral(args.data)
                 if isinstance(loaded, str):

@@ -124,7 +124,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
 
     Moves: with probability ``p_swap`` a uniform swap of two slots on different GPUs, with
     ``p_guided`` a swap that brings a slot's expert into the node of a co-activated partner
-    (drawn from ``L.cdf``), else a redundant slot moves to another expert (uniform, or a partner
+    (drawn from ``L.cdf``; onto the partner's GPU when the cluster is one NVLink domain), else a redundant slot moves to another expert (uniform, or a partner
     of an expert of the slot's node). ``rand`` float64 [total, 6] uniforms; ``score`` float64
     [6]: traffic, maxload, std, energy, best primary, best energy (read and updated). ``best_p2l`` receives the best state by
     primary (energy breaks ties). ``temp0 < 0`` is probe mode: moves are evaluated, none is
@@ -144,6 +144,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     accepted = 0
     pos_n = 0
     S = L.slots_per_node
+    spg = P // G
+    one_node = L.dispatch.num_nodes == 1
     gn = L.dispatch.gpu_node
     cdf = L.cdf
     distinct = L.distinct
@@ -165,8 +167,10 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             if f == a:
                 continue
             pf = cslot[f, min(int(r[4] * cnt[f]), cnt[f] - 1)]
-            nf = gn[sg[pf]]
-            p2 = nf * S + min(int(r[5] * S), S - 1)
+            if one_node:  # one NVLink domain: next to the partner on its GPU
+                p2 = sg[pf] * spg + min(int(r[5] * spg), spg - 1)
+            else:
+                p2 = gn[sg[pf]] * S + min(int(r[5] * S), S - 1)
         if swap:
             b = p2l[p2]
             if sg[p1] == sg[p2] or a == b:
