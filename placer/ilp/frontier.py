@@ -44,7 +44,7 @@ from placer.errors import InfeasibleError, InvalidInputError
 from placer.types import Placement, SolveResult
 
 __all__ = ["MAX_WORK", "Frontier", "LayerFrontier", "enumeration_size", "exact_frontier", "frontier_refusal",
-           "frontier_rows", "placement_at", "solve_frontier"]
+           "frontier_rows", "placement_at", "placement_under", "solve_frontier"]
 
 MAX_WORK = 200_000_000
 """Largest enumeration (layers x (node assignments + node splits scored)) the exact frontier starts."""
@@ -338,10 +338,24 @@ def _node_gpus(code_digits: np.ndarray, row: int, gpus_per_node: int, slots_per_
 
 def placement_at(frontier: Frontier, index: int) -> Placement:
     """The placement of frontier point ``index``: int32 ``physical_to_logical [L, P]``, GPUs in node order."""
+    return _placement_of(frontier, frontier.choice[index])
+
+
+def placement_under(frontier: Frontier, max_load: np.ndarray) -> Placement:
+    """Per layer the Pareto point with the fewest inter-node dispatches whose busiest GPU serves
+    at most ``max_load[l]`` token-slots (float [L], the statistics' units), else the layer's most
+    balanced point: the exact optimum at a given placement's own per-layer load."""
+    choice = [max(0, int(np.searchsorted(lf.max_load, float(cap) * (1 + _TOL) + _TOL, side="right")) - 1)
+              for lf, cap in zip(frontier.layers, max_load, strict=True)]
+    return _placement_of(frontier, np.asarray(choice, dtype=np.int64))
+
+
+def _placement_of(frontier: Frontier, choice: np.ndarray) -> Placement:
+    """The placement of each layer's Pareto point ``choice`` int [L]."""
     e, spg, gpn = frontier.num_experts, frontier.slots_per_gpu, frontier.gpus_per_node
     powers = 3 ** np.arange(e, dtype=np.int64)
     rows = []
-    for layer, c in enumerate(frontier.choice[index]):
+    for layer, c in enumerate(choice):
         digit = (int(frontier.layers[layer].state[c]) // powers) % 3 if frontier.num_nodes == 2 else np.zeros(e, int)
         p2l: list[int] = []
         for node in range(frontier.num_nodes):

@@ -63,6 +63,7 @@ from placer.ilp.bounds import (
     joint_lower_bound,
 )
 from placer.ilp.coherent import solve_coherent
+from placer.ilp.frontier import enumeration_size, exact_frontier, frontier_refusal, placement_under
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, reference_ratio
 from placer.ilp.parallel import run_layer_search
@@ -197,6 +198,9 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     if float(ev["total"]) + moved(placement) > total[best_start]:
         placement, ev, chosen = start_placements[best_start], start_ev[best_start], best_start
     assert float(ev["total"]) + moved(placement) <= min(total.values()) + 1e-12 * max(1.0, abs(min(total.values())))
+    exact_layers = 0
+    if anchor_cost is None and (deadline is None or time.time() + 1.0 < deadline):
+        placement, ev, exact_layers = _exact_layers(problem, placement, ev, w, reference, dispatch_seed)
 
     # The bound after the search, so that it never takes the search's time: where the limit
     # leaves no room for it, the balance term's bound alone.
@@ -217,6 +221,7 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     terms["returned_start"] = float(names.index(chosen)) if chosen != "search" else -1.0
     if anchor_cost is not None:
         terms["movement_term"] = moved(placement)
+    terms["exact_layers"] = float(exact_layers)
     terms["search_primary"] = float(sum(r.primary for r in results))
     terms["iterations"] = float(sum(r.iterations for r in results))
     timed_out = not ready or any(r.timed_out for r in results)
@@ -228,6 +233,43 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
     return SolveResult(placement=placement, status="timeout" if timed_out else "feasible", objective=obj,
                        terms=terms, bound=lb, gap=gap, wall_time_s=time.perf_counter() - t0,
                        method="placer", backend=backend)
+
+
+EXACT_LAYERS_WORK = 20_000_000
+"""Largest exact frontier (:func:`placer.ilp.frontier.enumeration_size`) the search's result is checked against."""
+
+
+def _exact_layers(problem: PlacementProblem, placement: Placement, ev: dict, w: dict, reference, seed: int
+                  ) -> tuple[Placement, dict, int]:
+    """Where the structure allows an exact answer (:func:`placer.ilp.frontier.frontier_refusal`:
+    standard execution, ``nearest``, 1-2 nodes of 1-2 GPUs, a small enumeration; a two-level
+    cluster of equal GPUs), each layer takes the exact frontier's placement with the fewest
+    inter-node dispatches at the search's own max GPU load in that layer, when that lowers the
+    layer's objective. Layers are independent in standard execution, so the total never rises.
+    Returns (placement, its evaluation, layers replaced)."""
+    topo = problem.topology
+    if (topo.bandwidth_gbps is not None or topo.gpu_speed is not None or frontier_refusal(problem) is not None
+            or enumeration_size(problem.model.num_experts, topo.num_nodes, topo.gpus_per_node,
+                                problem.slots_per_gpu, problem.model.num_moe_layers) > EXACT_LAYERS_WORK):
+        return placement, ev, 0
+    frontier = exact_frontier(problem)
+    cap = np.asarray(ev["per_layer"]["max_load_per_token"], dtype=np.float64) * problem.stats.num_tokens
+    exact = placement_under(frontier, cap)
+    ev_exact = evaluate_objective(problem, exact, seed=seed, weights=w, reference=reference)
+
+    def layer_total(e: dict) -> np.ndarray:
+        pl = e["per_layer"]
+        return pl["balance"] + pl["traffic"] + pl["affinity"] + pl["balance_cap"]
+
+    take = layer_total(ev_exact) < layer_total(ev) * (1 - 1e-9)
+    if not take.any():
+        return placement, ev, 0
+    merged = Placement(np.where(take[:, None], exact.physical_to_logical, placement.physical_to_logical)
+                       .astype(placement.physical_to_logical.dtype), placement.slots_per_gpu, placement.num_experts)
+    ev_merged = evaluate_objective(problem, merged, seed=seed, weights=w, reference=reference)
+    if float(ev_merged["total"]) > float(ev["total"]):  # cannot happen: the layers' terms add up
+        return placement, ev, 0
+    return merged, ev_merged, int(take.sum())
 
 
 def _held(placement: Placement, num_gpus: int) -> np.ndarray:

@@ -233,3 +233,25 @@ def test_cli_too_large_instance(capsys, tmp_path):
     line = one_line_exit2(capsys, "solve", trace, "--gpus", "4", "--nodes", "2", "--redundant", "4",
                           "--method", "exact", "-o", tmp_path / "p.json", needle="too large for the exact frontier")
     assert "--method placer" in line
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_placer_is_never_worse_than_the_frontier_at_its_own_loads(seed):
+    """Where the exact frontier runs, each layer of ``placer``'s answer scores at most the joint
+    objective of the frontier's placement at that layer's own max GPU load (the search's result
+    is checked against it, layer by layer), and never above the search alone."""
+    from placer.ilp.frontier import placement_under
+    from placer.ilp.objective import evaluate_objective
+    problem = _problem(8, 4, 2, 4, layers=4, tokens=300, seed=seed)
+    result = solve(problem, "placer", seed=seed)
+    check_placement(result.placement, problem.model, problem.topology)
+    ev = evaluate_objective(problem, result.placement)
+    cap = ev["per_layer"]["max_load_per_token"] * problem.stats.num_tokens
+    exact = evaluate_objective(problem, placement_under(exact_frontier(problem), cap))
+
+    def per_layer(e):
+        pl = e["per_layer"]
+        return pl["balance"] + pl["traffic"] + pl["affinity"] + pl["balance_cap"]
+
+    assert np.all(per_layer(ev) <= per_layer(exact) * (1 + 1e-9))
+    assert result.objective == pytest.approx(float(ev["total"]))
