@@ -1,7 +1,7 @@
 """Production-size traces: wall time and peak memory of every trace command against the token count.
 
     python benchmarks/bench_trace_scale.py [--tokens 200000,1000000,5000000] [--repeat N] [--baseline TREE]
-                                           [--dir DIR] [--keep] [--output FILE]
+                                           [--dir DIR] [--keep] [--reuse] [--output FILE]
 
 For each token count, writes a synthetic DeepSeek-V3 trace (58 MoE layers, E=256, top-8) with
 ``placer synth`` (streamed to the .npz, never held whole), then runs, each in its own process:
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="200000,1000000,5000000", help="comma-separated token counts")
     parser.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the traces written")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --dir: reuse a trace already there (DIR/tN/trace.npz) instead of synthesising it")
     parser.add_argument("--output", default=None, help="also write the markdown table here")
     parser.add_argument("--repeat", type=int, default=1, help="runs per command but synth (median wall, max peak)")
     parser.add_argument("--baseline", default=None, help="another placer tree run beside this one (PYTHONPATH)")
@@ -114,6 +116,8 @@ def main() -> None:
             workdir = root / f"t{n}"
             workdir.mkdir(exist_ok=True)
             for label, argv in commands(workdir):
+                if label == "synth" and args.reuse and (workdir / "trace.npz").exists():
+                    continue
                 cmd = [placer, *(a.format(tokens=n) for a in argv)]
                 trees = [None] if label == "synth" or not args.baseline else [None, args.baseline]
                 runs: dict[str | None, list[tuple[float, float]]] = {tree: [] for tree in trees}

@@ -242,13 +242,15 @@ EXACT_LAYERS_WORK = 20_000_000
 def _exact_layers(problem: PlacementProblem, placement: Placement, ev: dict, w: dict, reference, seed: int
                   ) -> tuple[Placement, dict, int]:
     """Where the structure allows an exact answer (:func:`placer.ilp.frontier.frontier_refusal`:
-    standard execution, ``nearest``, 1-2 nodes of 1-2 GPUs, a small enumeration; a two-level
-    cluster of equal GPUs), each layer takes the exact frontier's placement with the fewest
+    standard execution, ``nearest``, 1-2 nodes of 1-2 GPUs, a small enumeration; equal GPUs and
+    every pair of a tier at one bandwidth), each layer takes the exact frontier's placement with the fewest
     inter-node dispatches at the search's own max GPU load in that layer, when that lowers the
     layer's objective. Layers are independent in standard execution, so the total never rises.
     Returns (placement, its evaluation, layers replaced)."""
     topo = problem.topology
-    if (topo.bandwidth_gbps is not None or topo.gpu_speed is not None or frontier_refusal(problem) is not None
+    scale = link_scale(topo)  # the frontier counts sends, not their pairs' bandwidths: uniform tiers only
+    uniform = scale is None or bool(np.allclose(scale[~np.eye(topo.num_gpus, dtype=bool)], 1.0, rtol=1e-12))
+    if (not uniform or topo.gpu_speed is not None or frontier_refusal(problem) is not None
             or enumeration_size(problem.model.num_experts, topo.num_nodes, topo.gpus_per_node,
                                 problem.slots_per_gpu, problem.model.num_moe_layers) > EXACT_LAYERS_WORK):
         return placement, ev, 0
