@@ -210,7 +210,7 @@ def test_solve_with_a_two_level_matrix_file_writes_the_same_placement(tmp_path, 
     assert outs[1]["topology"]["bandwidth_gbps"][0][2] == 48.5
     for key in ("load_max_over_mean_median", "inter_node_nodes_per_token_layer", "link_time_per_token_layer_s"):
         assert outs[0]["metrics"][key] == pytest.approx(outs[1]["metrics"][key], rel=1e-12)
-    code, stdout, err = run(capsys, "evaluate", tmp_path / "p1.json", trace_path, "--json")
+    code, stdout, err = run(capsys, "evaluate", tmp_path / "p1.json", trace_path, "--cluster", "h100", "--json")
     assert code == 0, err
     assert json.loads(stdout)["cluster"] == "h100:m.csv"
 

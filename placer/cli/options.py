@@ -119,7 +119,7 @@ def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node
     if model is not None and model != pf.model.name:
         raise InvalidInputError(f"--model {model} contradicts the placement's model {pf.model.name}", source=path)
     topo = pf.topology
-    for flag, given, actual in (("--cluster", cluster, topo.name), ("--gpus", gpus, topo.num_gpus),
+    for flag, given, actual in (("--cluster", cluster, topo.name.split(":")[0]), ("--gpus", gpus, topo.num_gpus),
                                 ("--nodes", nodes, topo.num_nodes), ("--gpus-per-node", gpus_per_node, topo.gpus_per_node)):
         if given is not None and given != actual:
             raise InvalidInputError(f"{flag} {given} contradicts the placement's cluster "
@@ -149,6 +149,7 @@ def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=
             raise InvalidInputError(f"its NVLink domains ({topo.num_nodes} x {topo.gpus_per_node} GPUs) differ from "
                                     f"the placement's cluster ({pf.topology.num_nodes} x "
                                     f"{pf.topology.gpus_per_node})", source=topology_file)
+        topo = dataclasses.replace(topo, gpu_speed=pf.topology.gpu_speed)  # the file's speeds, unless given
         return dataclasses.replace(pf, topology=with_speed(topo, gpu_speed))
     topology = (resolve_topology(cluster, gpus, nodes, gpus_per_node, topology_file, gpu_speed)
                 if (cluster or gpus or topology_file) else None)
