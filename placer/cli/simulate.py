@@ -118,9 +118,10 @@ def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, len
 
 def _replay_steps(data, tokens_per_step: int, iterations: int | None) -> int:
     """Steps a replay runs: a trace once through (at most ``iterations``), else ``iterations`` or 100."""
-    from placer.types import RoutingTrace  # deferred: keeps numpy off placer --help
+    from placer.metrics import TraceStream  # deferred: keeps numpy off placer --help
+    from placer.types import RoutingTrace
 
-    if isinstance(data, RoutingTrace):
+    if isinstance(data, RoutingTrace | TraceStream) and data.num_tokens is not None:
         steps = -(-data.num_tokens // max(1, tokens_per_step))
         return min(steps, iterations) if iterations is not None else steps
     return iterations or 100
@@ -204,7 +205,8 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         if cluster is not None and topology.name.split(":")[0] != cluster.lower():
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
-        data = None if routing is None else (routing.trace if routing.trace is not None else routing.stats)
+        # A replay streams a trace too large to keep (every token, chunk by chunk); serving samples the statistics.
+        data = None if routing is None else (routing.exact_data if workload == "replay" else routing.data)
         # serving: simulated seconds of arrivals; replay: steps (the whole trace, else 100, unless --iterations)
         unit = "s" if workload == "serving" else "steps"
         per_run = duration_s if workload == "serving" else _replay_steps(data, tokens_per_rank * topology.num_gpus,
@@ -223,7 +225,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
             return
         click.echo(f"{model_spec.name} on {topology.num_gpus} x {topology.name} ({topology.num_nodes} node(s)), "
                    f"{execution}, {kernel}, {workload}" + (f", {overlap} overlap" if overlap != "none" else ""))
-        if routing is not None and routing.trace_note:
+        if routing is not None and routing.trace_note and data is routing.stats:
             click.echo(f"note: {routing.trace_note}")
         click.echo(comparison.comparison_table(runs))
         if overlap != "none":

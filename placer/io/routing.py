@@ -21,8 +21,10 @@ KEEP_TRACE_BYTES = 512 * 2**20
 """A trace whose arrays take at most this many bytes is also kept whole (``gather_routing(...,
 keep_trace=True)``: simulate, report, sweep); joining its chunks doubles that briefly. Sorted
 traces are kept without gate weights: about 578 k DeepSeek-V3 tokens (928 bytes each) or
-8 M Mixtral tokens. A larger trace is streamed only, and what needs tokens in memory uses the
-statistics' sample instead (:attr:`Routing.trace_note` says so)."""
+8 M Mixtral tokens. A larger trace is streamed only (``Routing.stream``: metrics and a simulator
+replay read it chunk by chunk), and what needs tokens in memory (a serving simulation's routing
+pool, the report's per-token views) uses the statistics' sample instead (:attr:`Routing.trace_note`
+says so)."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ import numpy as np
 from placer.errors import InvalidInputError
 from placer.simulator.config import ReplayWorkload, ServingWorkload
 from placer.simulator.cost import BatchShape
+from placer.simulator.replay import ReplayTokens
 from placer.simulator.workload import Arrivals, replay_batches
-from placer.types import ModelSpec, Placement, RoutingTrace, Topology
+from placer.types import ModelSpec, Placement, Topology
 
 
 @dataclass(frozen=True)
@@ -172,20 +173,21 @@ class ServingScheduler:
 class ReplayScheduler:
     """Fixed decode batches of ``tokens_per_rank`` tokens per rank.
 
-    With a trace, its consecutive tokens (routed token by token); without one, ``iterations``
-    steps whose routing the count-level path samples.
+    With a trace's tokens (:func:`placer.simulator.replay.replay_tokens`: held whole or streamed),
+    its consecutive tokens (routed token by token); without one, ``iterations`` steps whose
+    routing the count-level path samples.
     """
 
-    def __init__(self, trace: RoutingTrace | None, workload: ReplayWorkload, num_gpus: int):
-        self.trace = trace
+    def __init__(self, tokens: ReplayTokens | None, workload: ReplayWorkload, num_gpus: int):
+        self.tokens = tokens
         self.w = workload
         self.g = num_gpus
         per_step = workload.tokens_per_rank * num_gpus
         self.batches: Sequence[np.ndarray | None]
-        if trace is None:
+        if tokens is None:
             self.batches = [None] * (workload.iterations or 100)
         else:
-            self.batches = replay_batches(trace, per_step, workload.iterations, workload.wrap)
+            self.batches = replay_batches(tokens.num_tokens, per_step, workload.iterations, workload.wrap)
         self.steps = 0
 
     def next_step(self) -> Step | None:
@@ -196,8 +198,9 @@ class ReplayScheduler:
             home = None
             decode = np.full(self.g, float(self.w.tokens_per_rank))
         else:
-            if self.trace is not None and self.trace.home_rank is not None:
-                home = np.asarray(self.trace.home_rank[idx], dtype=np.int64) % self.g
+            recorded = None if self.tokens is None else self.tokens.rows(idx)[1]
+            if recorded is not None:
+                home = np.asarray(recorded, dtype=np.int64) % self.g
             else:
                 home = np.arange(len(idx)) % self.g
             decode = np.bincount(home, minlength=self.g).astype(np.float64)

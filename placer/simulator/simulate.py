@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from placer.errors import InvalidInputError
+from placer.metrics import TraceStream
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, dispatch_table
 from placer.simulator.collector import Collector
 from placer.simulator.config import ReplayWorkload, ServingWorkload, SimConfig
@@ -22,6 +23,7 @@ from placer.simulator.cost.compute import attention_params, kv_bytes_per_token
 from placer.simulator.cost.overlap import TwoBatchOverlap, route_micro_batches
 from placer.simulator.engine import Engine
 from placer.simulator.events import RequestArrival, SimContext, StepStart
+from placer.simulator.replay import replay_tokens
 from placer.simulator.results import RunOutput
 from placer.simulator.routing import routing_rates, sample_traffic, token_traffic
 from placer.simulator.scheduler import ReplayScheduler, ServingScheduler, kv_capacity_tokens
@@ -50,13 +52,14 @@ def _check(model: ModelSpec, topology: Topology, placement: Placement, config: S
 
 
 def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
-             routing: RoutingTrace | RoutingStats | None = None, workload: Workload | None = None,
+             routing: RoutingTrace | TraceStream | RoutingStats | None = None, workload: Workload | None = None,
              config: SimConfig | None = None, label: str = "placement", level: str = "count",
              progress: Callable[[int, float], None] | None = None,
              cost_model: CostModelFactory | None = None) -> RunOutput:
     """Simulate serving ``model`` on ``topology`` with ``placement``.
 
-    ``routing``: a trace or statistics (None: the model's synthetic preset). ``workload``:
+    ``routing``: a trace (held whole, or streamed: a replay reads it chunk by chunk), or
+    statistics (None: the model's synthetic preset). ``workload``:
     :class:`ServingWorkload` (default) or :class:`ReplayWorkload`. ``level``: ``count`` (routing
     sampled from per-token rates) or ``token`` (every token routed; replay of a trace always
     is). Deterministic given ``config.seed``: placements compared with the same seed see the
@@ -67,6 +70,9 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     """
     config = config or SimConfig()
     workload = workload or ServingWorkload()
+    if isinstance(routing, TraceStream) and not isinstance(workload, ReplayWorkload):
+        raise InvalidInputError("a streamed trace can only be replayed (--workload replay); serving samples "
+                                "the routing's statistics", source="routing")
     _check(model, topology, placement, config)
     if level not in ("count", "token"):
         raise InvalidInputError(f"unknown routing level {level!r}", source="level")
@@ -81,18 +87,18 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
              else dispatch_table(placement, topology, dispatch, DEFAULT_DISPATCH_SEED, model=model))
     rng = np.random.default_rng([config.seed, 1])
     need_pairs = cost.needs_pairs
-    replay_trace = routing if isinstance(workload, ReplayWorkload) and isinstance(routing, RoutingTrace) else None
-    if replay_trace is not None:
-        if execution != "standard" and not replay_trace.has_top1:
+    replay = (replay_tokens(routing) if isinstance(workload, ReplayWorkload)
+              and isinstance(routing, RoutingTrace | TraceStream) else None)
+    if replay is not None:
+        if execution != "standard" and not replay.has_top1:
             raise InvalidInputError("context-coherent execution needs each token's top-1 expert; the trace's "
                                     "order is unknown", source="routing")
-        # int16 as stored (a whole int64 copy would be 4x the trace); each batch is widened alone
-        ids = replay_trace.sorted_ids() if replay_trace.has_top1 else replay_trace.expert_ids
 
         def route_batch(tokens, token_index, home):
-            return token_traffic(placement, topology, ids[token_index].astype(np.int64), home, execution=execution,
-                                 dispatch=dispatch, index=token_index, table=table)
+            return token_traffic(placement, topology, replay.rows(token_index)[0].astype(np.int64), home,
+                                 execution=execution, dispatch=dispatch, index=token_index, table=table)
     else:
+        assert not isinstance(routing, TraceStream)  # refused above: a stream is only replayed
         pool = routing_pool(routing, model, size=config.pool_size, seed=config.seed)
         if execution != "standard" and not pool.top1_known:
             raise InvalidInputError(f"context-coherent execution needs each token's top-1 expert; the routing "
@@ -117,7 +123,7 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
 
     engine = Engine()
     if isinstance(workload, ReplayWorkload):
-        scheduler: Any = ReplayScheduler(replay_trace, workload, g)
+        scheduler: Any = ReplayScheduler(replay, workload, g)
         until = np.inf
         engine.schedule(StepStart(0.0))
     else:
@@ -134,7 +140,7 @@ def simulate(placement: Placement, topology: Topology, model: ModelSpec, *,
     engine.run(ctx, until_s=until)
     out = collector.output()
     out.summary["events"] = engine.events_handled
-    out.summary["routing_pool"] = "trace-tokens" if replay_trace is not None else pool.kind
+    out.summary["routing_pool"] = "trace-tokens" if replay is not None else pool.kind
     if execution != "standard":
         out.summary["kv_replication"] = g
     return out

@@ -87,14 +87,14 @@ def poisson_arrivals(workload: ServingWorkload, seed: int) -> Arrivals:
                     output=_lengths(workload.output_len, n, workload.length_dist, rng))
 
 
-def replay_batches(trace: RoutingTrace, tokens_per_step: int, iterations: int | None,
+def replay_batches(total: int, tokens_per_step: int, iterations: int | None,
                    wrap: bool) -> list[np.ndarray]:
-    """Token indices of each replay step: consecutive ``tokens_per_step`` tokens of the trace.
+    """Token indices of each replay step: consecutive ``tokens_per_step`` tokens of a trace of
+    ``total`` tokens.
 
     Without ``wrap`` the trace is replayed once, its last step holding what is left (at most
     ``iterations`` steps); with ``wrap``, ``iterations`` full steps cycle through it.
     """
-    total = trace.num_tokens
     if total == 0:
         raise InvalidInputError("the trace has no tokens", source="routing")
     if wrap:
