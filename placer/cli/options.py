@@ -119,7 +119,7 @@ def check_against_file(pf, path: str, model, cluster, gpus, nodes, gpus_per_node
     if model is not None and model != pf.model.name:
         raise InvalidInputError(f"--model {model} contradicts the placement's model {pf.model.name}", source=path)
     topo = pf.topology
-    for flag, given, actual in (("--cluster", cluster, topo.name.split(":")[0]), ("--gpus", gpus, topo.num_gpus),
+    for flag, given, actual in (("--cluster", cluster, topo.gpu_preset), ("--gpus", gpus, topo.num_gpus),
                                 ("--nodes", nodes, topo.num_nodes), ("--gpus-per-node", gpus_per_node, topo.gpus_per_node)):
         if given is not None and given != actual:
             raise InvalidInputError(f"{flag} {given} contradicts the placement's cluster "
@@ -143,7 +143,7 @@ def read_placement(path: str, model, cluster, gpus, nodes, gpus_per_node, stack=
         check_against_file(pf, path, model, cluster, gpus, nodes, gpus_per_node)
         if topology_file is None:
             return dataclasses.replace(pf, topology=with_speed(pf.topology, gpu_speed))
-        topo = resolve_topology(cluster or pf.topology.name.split(":")[0], pf.topology.num_gpus, None, None,
+        topo = resolve_topology(cluster or pf.topology.gpu_preset, pf.topology.num_gpus, None, None,
                                 topology_file)
         if (topo.num_nodes, topo.gpus_per_node) != (pf.topology.num_nodes, pf.topology.gpus_per_node):
             raise InvalidInputError(f"its NVLink domains ({topo.num_nodes} x {topo.gpus_per_node} GPUs) differ from "

@@ -202,7 +202,7 @@ def run(inputs, placements, methods, redundant, model, cluster, gpus, nodes, gpu
         wl, config = _workload_and_config(workload, rate, duration_s, prompt_len, output_len, length_dist,
                                           token_budget, max_running, iterations, tokens_per_rank, context_len,
                                           execution, kernel, congestion, overlap, dispatch, seed)
-        if cluster is not None and topology.name.split(":")[0] != cluster.lower():
+        if cluster is not None and topology.gpu_preset != cluster.lower():
             raise InvalidInputError(f"--cluster {cluster} contradicts the placement's cluster ({topology.name})",
                                     source="--cluster")
         # A replay streams a trace too large to keep (every token, chunk by chunk); serving samples the statistics.

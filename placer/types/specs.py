@@ -150,6 +150,11 @@ class Topology:
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
 
+    @property
+    def gpu_preset(self) -> str:
+        """The ``--cluster`` preset of the GPU (a cluster read from a file is named ``PRESET:FILE``)."""
+        return self.name.split(":")[0]
+
     def node_of_gpu(self, gpu: np.ndarray | int) -> np.ndarray | int:
         return np.asarray(gpu) // self.gpus_per_node if not isinstance(gpu, int) else gpu // self.gpus_per_node
 
