@@ -119,7 +119,7 @@ def _workload_and_config(workload, rate, duration_s, prompt_len, output_len, len
 def _replay_steps(data, tokens_per_step: int, iterations: int | None) -> int:
     """Steps a replay runs: a trace once through (at most ``iterations``), else ``iterations`` or 100."""
     from placer.metrics import TraceStream  # deferred: keeps numpy off placer --help
-    from placer.types import RoutingTrace
+    from placer.types import RoutingTrace  # deferred: keeps numpy off placer --help
 
     if isinstance(data, RoutingTrace | TraceStream) and data.num_tokens is not None:
         steps = -(-data.num_tokens // max(1, tokens_per_step))

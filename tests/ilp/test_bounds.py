@@ -171,8 +171,10 @@ def test_cli_prints_what_the_bound_covers(capsys, tmp_path):
     trace = tmp_path / "t.npz"
     code, _, err = run(capsys, "synth", "--model", "mixtral-8x7b", "--tokens", "300", "-o", trace)
     assert code == 0, err
+    # No --time-limit: under a wall-clock limit a busy machine may leave no room for the traffic
+    # bound (the line then says so), and tests never assert on output produced under one.
     code, out, err = run(capsys, "solve", trace, "--gpus", "4", "--nodes", "2", "--redundant", "4",
-                         "--time-limit", "20", "-o", tmp_path / "p.json")
+                         "-o", tmp_path / "p.json")
     assert code == 0, err
     lines = [line for line in out.splitlines() if line.startswith("bound covers ")]
     assert len(lines) == 1 and "traffic (GPU and node co-location pairs" in lines[0]
