@@ -39,7 +39,6 @@ Run: ``.venv/bin/python benchmarks/bench_topology.py [--cases nvl72 racks.csv ..
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -48,12 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from placer.ilp import PlacementProblem, solve
+from placer.io.routing import gather_routing
 from placer.io.topology import read_topology
 from placer.metrics import evaluate
 from placer.presets import get_model, make_topology
 from placer.stats import compute_stats
 from placer.synthetic import synthesize_trace
-from placer.types import RoutingTrace, Topology
+from placer.types import Topology
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CATEGORIES = ("coding", "math", "reasoning", "roleplay", "writing")
@@ -84,12 +84,9 @@ def mixtral(data: Path) -> tuple | str:
     if not all(f.exists() for f in files):
         return f"two-level.csv: skipped, {folder} or one of its category files is absent"
     model = get_model("mixtral-8x7b")
-    traces = []
-    for f in files:
-        raw = json.loads(f.read_text())
-        traces.append(np.stack([np.asarray(raw[str(layer)], dtype=np.int16) for layer in range(len(raw))], axis=1))
-    fit = RoutingTrace(np.concatenate(traces[:4]), model.num_experts, model=model)
-    return model, fit, RoutingTrace(traces[4], model.num_experts, model=model)
+    fit, held = (gather_routing([str(f) for f in part], model=model, keep_trace=True).trace
+                 for part in (files[:4], files[4:]))
+    return model, fit, held
 
 
 def rows_for(label: str, topology: Topology, model, fit, held, redundant: int, seed: int,

@@ -27,6 +27,11 @@ SYMMETRY_RTOL = 1e-6
 """Relative difference at which ``m[i, j]`` and ``m[j, i]`` are the same bandwidth."""
 
 
+def _csv_rows(text: str) -> list[list[str]]:
+    """The comma-separated fields of each line, blank lines and ``#`` comments skipped."""
+    return [line.split(",") for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def read_bandwidth_matrix(path: str | os.PathLike[str]) -> np.ndarray:
     """float [G, G] GB/s from a CSV or JSON file (see the module), checked; exits 2 (an
     :class:`InvalidInputError` naming ``path``) on anything else."""
@@ -42,7 +47,7 @@ def read_bandwidth_matrix(path: str | os.PathLike[str]) -> np.ndarray:
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
             raise fail(path, 'expected a JSON list of rows, or an object whose "gbps" is one')
     else:
-        rows = [line.split(",") for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        rows = _csv_rows(text)
     n = len(rows)
     for i, row in enumerate(rows):
         if len(row) != n:
@@ -120,8 +125,7 @@ def _speed_file(path: str, num_gpus: int) -> tuple[float, ...]:
             if not isinstance(values, list) or any(isinstance(v, (bool, list, dict, str)) for v in values):
                 raise ValueError
         else:
-            values = [v for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-                      for v in line.split(",") if v.strip()]
+            values = [v for row in _csv_rows(text) for v in row if v.strip()]
         speed = np.array([float(v) for v in values], dtype=np.float64)
     except (ValueError, TypeError, json.JSONDecodeError):
         raise fail(path, "expected one speed factor per GPU: numbers (CSV) or a JSON list") from None
