@@ -66,7 +66,7 @@ def init_state(p2l, L, st, wk):
     st.rc[:] = 0
     st.ru[:] = 0
     st.rp[:] = 1.0
-    traffic = _traffic(1, 0, 0, True, L, st, wk)
+    traffic = _traffic(np.int64(1), np.int64(0), np.int64(0), np.bool_(True), L, st, wk)  # typed args, not literals: one compilation
     hold = st.hold
     hold[:, :] = 0
     sg = L.dispatch.slot_gpu
@@ -215,7 +215,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
         mx, sd = load_terms(newload, L.dispatch.time_scale)
         delta = 0.0
         if has_traffic:
-            delta = _traffic(0, a, b, False, L, st, wk)
+            delta = _traffic(np.int64(0), a, b, np.bool_(False), L, st, wk)
         if has_move:
             delta += _move_delta(L, hold, p1, a, b, sg[p2], swap)
         new_traffic = traffic + delta
@@ -232,7 +232,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
         if take:
             accepted += 1
             if has_traffic:
-                _traffic(0, a, b, True, L, st, wk)
+                _traffic(np.int64(0), a, b, np.bool_(True), L, st, wk)
             p2l[p1] = b
             hold[sg[p1], a] -= 1
             hold[sg[p1], b] += 1
@@ -240,15 +240,17 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
                 p2l[p2] = a
                 hold[sg[p2], b] -= 1
                 hold[sg[p2], a] += 1
-            contrib[a, :] = ca
-            contrib[b, :] = cb
-            gload[:] = newload
+            for g in range(G):  # loops, not slice copies: those compile a formatted error (seconds)
+                contrib[a, g] = ca[g]
+                contrib[b, g] = cb[g]
+                gload[g] = newload[g]
             traffic = new_traffic
             en = new_en
             if primary < score[4] - 1e-12 * abs(score[4]) or (primary <= score[4] and new_en < score[5]):
                 score[4] = primary
                 score[5] = new_en
-                best_p2l[:] = p2l
+                for p in range(P):
+                    best_p2l[p] = p2l[p]
         else:
             cnt[a] = ca_n
             cnt[b] = cb_n

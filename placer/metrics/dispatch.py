@@ -271,7 +271,7 @@ def dispatch_table(placement: Placement, topology: Topology, rule: str = "neares
     full, rows = hidden_layer_map(placement, model if rule == "sglang-static" else None)
     key = (rule, seed, topology.num_gpus, topology.gpus_per_node, placement.slots_per_gpu,
            full.shape, full.tobytes(), rows.tobytes())
-    with _TABLE_LOCK:  # callers may score placements from several threads (ilp.movement)
+    with _TABLE_LOCK:  # callers may score placements from several threads
         if key in _TABLE_CACHE:
             _TABLE_CACHE.move_to_end(key)
             return _TABLE_CACHE[key]

@@ -447,3 +447,32 @@ def test_placer_keeps_sglang_static_tables_balanced(shape):
         ratio = {name: evaluate_objective(problem, p)["load_max_over_mean_median"]
                  for name, p in (("placer", result.placement), ("eplb", eplb))}
         assert ratio["placer"] < ratio["eplb"] - 0.02, ratio
+
+
+KERNEL_SIGNATURES = """
+from placer.ilp import _ls_anneal as A, _ls_kernel as K
+from placer.ilp.warmup import search_kernels
+search_kernels()
+for mod in (K, A):
+    for name, f in sorted(vars(mod).items()):
+        if getattr(f, "signatures", None):
+            print(name, len(f.signatures))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_search_compiles_each_kernel_once(tmp_path):
+    """A literal argument (``f(0, True)``) or a second array type compiles another specialisation
+    of a kernel: a cold start pays seconds for each (``_traffic`` was compiled 3 times before its
+    arguments were typed). ``_q`` reads the int32 state and its int64 copies: two small ones.
+    A fresh process on an empty cache (a cache load registers only the called kernels)."""
+    import os  # deferred: only this test runs a fresh process
+    import subprocess  # deferred: as above
+    import sys  # deferred: as above
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", KERNEL_SIGNATURES], capture_output=True, text=True,
+                          timeout=280, check=True, env=env)
+    counts = dict(line.split() for line in done.stdout.split("\n") if line)
+    assert {"anneal", "init_state", "_traffic", "_contrib", "expert_contrib"} <= set(counts), counts
+    assert {k: int(v) for k, v in counts.items() if int(v) != 1} == {"_q": 2}, counts
