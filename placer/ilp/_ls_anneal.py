@@ -331,7 +331,7 @@ def token_counts_direct(t, p2l, L):
 
 
 @_njit
-def _expected_gpu_load(p2l, load, dp):
+def _expected_gpu_load(p2l, load, rank, node, dp):
     num_layers, num_slots = p2l.shape
     num_experts = load.shape[1]
     out = np.zeros((num_layers, dp.num_gpus))
@@ -339,6 +339,7 @@ def _expected_gpu_load(p2l, load, dp):
     cnt = np.zeros(num_experts, np.int64)
     hold_n = np.zeros(dp.num_nodes, np.int64)
     copy_n = np.zeros(dp.num_nodes, np.int64)
+    hold_w = np.zeros(dp.num_nodes)
     mark = np.zeros(dp.num_gpus, np.int64)
     for layer in range(num_layers):
         cnt[:] = 0
@@ -347,17 +348,23 @@ def _expected_gpu_load(p2l, load, dp):
             cslot[e, cnt[e]] = p
             cnt[e] += 1
         for e in range(num_experts):
-            expert_contrib(cslot, e, cnt[e], load[layer, e], dp, hold_n, copy_n, mark, out[layer])
+            expert_contrib(cslot, e, cnt[e], load[layer, e], rank[layer, e], node[layer, e], dp, hold_n, copy_n,
+                           hold_w, mark, out[layer])
     return out
 
 
 def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str) -> np.ndarray:
-    """Per-GPU load [L, G] expected over the rule's random fair spread (home ranks uniform).
+                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
+    """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
+    starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks).
 
-    Equals :func:`placer.metrics.dispatch.slot_load` summed per GPU whenever the rule makes no random
+    Equals :func:`placer.metrics.dispatch.slot_load` summed per GPU (uniform home ranks) whenever the rule makes no random
     choice (e.g. no replicas; always for ``vllm``), and its mean over dispatch seeds otherwise.
     """
     p2l = np.ascontiguousarray(p2l, np.int64)
+    load = np.ascontiguousarray(load, np.float64)
     dp = make_dispatch(rule, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, p2l.shape[1])
-    return _expected_gpu_load(p2l, np.ascontiguousarray(load, np.float64), dp)
+    rank = (np.repeat(load[:, :, None] / num_gpus, num_gpus, axis=2) if rank_load is None
+            else np.ascontiguousarray(rank_load, np.float64))
+    node = np.ascontiguousarray(rank.reshape(*load.shape, num_nodes, gpus_per_node).sum(axis=3))
+    return _expected_gpu_load(p2l, load, rank, node, dp)

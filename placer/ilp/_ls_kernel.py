@@ -14,7 +14,9 @@ The search model of a layer (the "expected dispatch" model):
   different experts are independent, so per token ``E[#distinct GPUs used] = sum_x 1 - prod_k
   (1 - p_k(x))`` (nodes alike) is exact in expectation. Where no random choice is involved (no
   replicas, or replicas every rank reaches deterministically) the model equals the metrics.
-- GPU load is the expected :func:`placer.metrics.dispatch.slot_load` (home ranks uniform).
+- GPU load is expected over the same fair spread, with each expert's tokens starting on the ranks
+  the sample has them on (``rank_load``; home ranks uniform, :func:`placer.metrics.dispatch.slot_load`'s
+  expectation, where there is no sample), so the load and the sends read one set of tokens.
 
 Per token type and GPU (node) the state keeps the number of the token's experts that surely use
 it, the number that may, and the product of ``1 - p`` over the latter, so a move re-evaluates
@@ -88,6 +90,8 @@ class Layer(NamedTuple):
     home: np.ndarray      # int64 [U]
     wt: np.ndarray        # float64 [U] share of the sample
     load: np.ndarray      # float64 [E] token-slots per batch token
+    rank_load: np.ndarray  # float64 [E, G] the part of it whose tokens start on each rank
+    node_load: np.ndarray  # float64 [E, N] the same per node
     tok_ptr: np.ndarray   # int64 [E + 1] CSR: token types of each expert
     tok_idx: np.ndarray   # int64 [U * K]
     cost: np.ndarray      # float64 [G, G + N] cost of home h's token reaching GPU x / node x - G
@@ -139,6 +143,7 @@ class Work(NamedTuple):
     cb: np.ndarray
     newload: np.ndarray
     pbuf: np.ndarray     # float64 [probe] positive energy changes seen in probe mode
+    hold_w: np.ndarray   # float64 [N]
 
 
 def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, slots_per_gpu: int,
@@ -153,8 +158,9 @@ def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, 
 
 def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,
                weights: Weights, distinct: bool, move_cost: np.ndarray | None = None,
-               link_scale: np.ndarray | None = None) -> Layer:
-    """A :class:`Layer`; ``move_cost`` float [G, E] (default none): the movement term, the cost of
+               link_scale: np.ndarray | None = None, rank_load: np.ndarray | None = None) -> Layer:
+    """A :class:`Layer`; ``rank_load`` float [E, G] (default ``load / G`` on every rank): the part
+    of each expert's load whose tokens start on each rank; ``move_cost`` float [G, E] (default none): the movement term, the cost of
     GPU g holding expert e, added to the energy once per (GPU, expert) held (see
     :func:`placer.ilp._ls_anneal.init_state`); ``link_scale`` float [G, G] (default all 1): each
     rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`): a send from
@@ -164,6 +170,11 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
     mc = np.zeros((g, e)) if move_cost is None else np.ascontiguousarray(move_cost, np.float64)
     if mc.shape != (g, e):
         raise ValueError(f"move_cost must be [{g}, {e}], got {list(mc.shape)}")
+    load = np.ascontiguousarray(load, np.float64)
+    rl = (np.repeat(load[:, None] / g, g, axis=1) if rank_load is None
+          else np.ascontiguousarray(rank_load, np.float64))
+    if rl.shape != (e, g):
+        raise ValueError(f"rank_load must be [{e}, {g}], got {list(rl.shape)}")
     flat = ids.ravel()
     order = np.argsort(flat, kind="stable")
     ptr = np.zeros(e + 1, np.int64)
@@ -180,7 +191,8 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
         w = w * np.where(same_node, link_scale, link_scale[land, gpus[None, :]])
         v = v * link_scale[gpus[:, None], np.arange(n)[None, :] * gpn + (gpus % gpn)[:, None]]
     return Layer(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(home, np.int64),
-                 np.ascontiguousarray(wt, np.float64), np.ascontiguousarray(load, np.float64), ptr,
+                 np.ascontiguousarray(wt, np.float64), load, rl, np.ascontiguousarray(rl.reshape(e, n, gpn).sum(axis=2)),
+                 ptr,
                  (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),
                  partner_cdf(ids, wt, e), e, int(dispatch.slot_gpu.shape[0]), int(slots_per_gpu) * gpn,
                  bool(distinct), dispatch, weights, mc, bool((mc != 0).any()))
@@ -220,63 +232,66 @@ def make_work(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, n
     z = np.zeros
     return Work(z(x, np.int64), z(x), z(x, np.int64), z(x, np.int64), z(x, np.int64), z(x), z(x, np.int64),
                 z(n, np.int64), z(n, np.int64), z(g, np.int64), z(num_types, np.int64), z(1, np.int64),
-                z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)))
+                z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)), z(n))
 
 
 @_njit
-def expert_contrib(src, row, c, le, dp, hold_n, copy_n, mark, out):
-    """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``.
+def expert_contrib(src, row, c, le, rl, nl, dp, hold_n, copy_n, hold_w, mark, out):
+    """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``,
+    of which ``rl`` float [G] starts on each rank (its home tokens) and ``nl`` float [N] on each node.
 
-    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n`` [N] and ``mark`` [G] are zero workspaces
-    (left zero).
+    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n`` int [N], ``hold_w`` float [N] and ``mark``
+    [G] are zero workspaces (left zero).
     """
     G, N, gpn, rule = dp.num_gpus, dp.num_nodes, dp.gpus_per_node, dp.rule
     sg, gn = dp.slot_gpu, dp.gpu_node
-    share = le / G
     if rule == 2:
         for j in range(c):
             out[sg[src[row, j]]] += le / c
         return
     holders = 0
+    held = 0.0
     for j in range(c):
         g = sg[src[row, j]]
         n = gn[g]
         copy_n[n] += 1
-        if mark[g] == 0:
+        if mark[g] == 0:  # a holder serves its own home tokens
             mark[g] = 1
             holders += 1
             hold_n[n] += 1
-            out[g] += share
+            hold_w[n] += rl[g]
+            held += rl[g]
+            out[g] += rl[g]
     if rule == 0:
         for n in range(N):
-            need = gpn - hold_n[n]
-            if need > 0:
+            if gpn - hold_n[n] > 0:  # the node's other ranks: over its copies, else over all
+                need = max(nl[n] - hold_w[n], 0.0)
                 if copy_n[n] > 0:
-                    add = need * share / copy_n[n]
+                    add = need / copy_n[n]
                     for j in range(c):
                         g = sg[src[row, j]]
                         if gn[g] == n:
                             out[g] += add
                 else:
-                    add = need * share / c
+                    add = need / c
                     for j in range(c):
                         out[sg[src[row, j]]] += add
-    else:
-        need = G - holders
-        if need > 0:
-            add = need * share / c
-            for j in range(c):
-                out[sg[src[row, j]]] += add
+    elif G - holders > 0:
+        add = max(le - held, 0.0) / c
+        for j in range(c):
+            out[sg[src[row, j]]] += add
     for j in range(c):
         g = sg[src[row, j]]
         mark[g] = 0
         hold_n[gn[g]] = 0
         copy_n[gn[g]] = 0
+        hold_w[gn[g]] = 0.0
 
 
 @_njit
 def _contrib(L, wk, src, row, c, le, out):
-    expert_contrib(src, row, c, le, L.dispatch, wk.hold_n, wk.copy_n, wk.mark, out)
+    expert_contrib(src, row, c, le, L.rank_load[row], L.node_load[row], L.dispatch, wk.hold_n, wk.copy_n,
+                   wk.hold_w, wk.mark, out)
 
 
 @_njit

@@ -65,7 +65,13 @@ from placer.ilp.bounds import (
 from placer.ilp.coherent import solve_coherent
 from placer.ilp.frontier import enumeration_size, exact_frontier, frontier_refusal, placement_under
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
-from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, reference_ratio
+from placer.ilp.objective import (
+    evaluate_objective,
+    link_scale,
+    objective_weights,
+    rank_shares,
+    reference_ratio,
+)
 from placer.ilp.parallel import run_layer_search
 from placer.ilp.starts import start_maps as starts_for
 from placer.ilp.warmup import ensure_search_kernels, start_search_kernels
@@ -91,6 +97,8 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers
     load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
+    shares = rank_shares(stats, topo.num_gpus)
+    rank = None if shares is None else shares / max(stats.num_tokens, 1)
     if (stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0) and stats.sample_ids is not None
             and stats.sample_home_rank is not None and stats.sample_token_index is not None):
         sample = stats.sample_ids.astype(np.int64)
@@ -105,7 +113,7 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
         if ids.shape[0] > search_tokens:  # the sample is in random (key) order: take a prefix
             ids, hm, wt = token_types(sample[:search_tokens, layer], home[:search_tokens])
         tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"],
-                               None if move_cost is None else move_cost[layer]))
+                               None if move_cost is None else move_cost[layer], None if rank is None else rank[layer]))
     return tasks
 
 

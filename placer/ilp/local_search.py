@@ -92,7 +92,8 @@ class LayerTask:
     busiest GPU may exceed the first start's max/mean load by this many ratio points before the
     penalty applies (``None``: no cap); ``move_cost`` float64 [G, E] or ``None``: the movement
     term, the cost of GPU g holding expert e, added to the primary once per (GPU, expert) held
-    (:mod:`placer.ilp._ls_kernel`; re-placement from a running placement).
+    (:mod:`placer.ilp._ls_kernel`; re-placement from a running placement); ``rank_load`` float64
+    [E, G] or ``None`` (uniform): the part of ``load`` whose tokens start on each rank.
     """
 
     layer: int
@@ -103,6 +104,7 @@ class LayerTask:
     starts: np.ndarray
     cap_slack: float | None = None
     move_cost: np.ndarray | None = None
+    rank_load: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def _pack_rows(rows: np.ndarray) -> np.ndarray:
 def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work]:
     u = task.ids.shape[0]
     lay = K.make_layer(task.ids, task.home, task.wt, task.load, cfg.num_experts, cfg.slots_per_gpu,
-                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost, cfg.link_scale)
+                       cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost, cfg.link_scale,
+                       task.rank_load)
     st = K.make_state(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u)
     wk = K.make_work(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u, cfg.probe)
     return lay, st, wk

@@ -42,8 +42,8 @@ between them).
   placement of the same problem: ``ratio_l <= eplb_ratio_l + balance_cap``. Excess costs
   ``CAP_PENALTY`` (10) times the *unscaled* balance weight per unit of max load, so it acts as
   a soft constraint. Both ratios are the *expected* loads over the dispatch rule's random fair
-  spread (:func:`expected_ratio`; equal to the seeded ``slot_load`` wherever the rule makes no
-  random choice), the quantity the search constrains: a constraint on one draw of the spread
+  spread, each expert's tokens starting on the ranks the token sample has them on (the tokens the
+  traffic term counts; :func:`expected_ratio`), the quantity the search constrains: a constraint on one draw of the spread
   would reject placements for the luck of seed 42, and serving stacks draw their own. Default ``DEFAULT_BALANCE_CAP`` = 0.01 for ``joint``, ``traffic`` and
   ``affinity``, none for ``balance``; a negative value or ``None`` disables it.
 
@@ -68,6 +68,7 @@ that balance is still bought where it costs little traffic.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,7 @@ JOINT_BALANCE_MULTIPLIER = 0.1
 _MODE_MULTIPLIERS = {"joint": (JOINT_BALANCE_MULTIPLIER, 1.0, 1.0), "balance": (1.0, 0.0, 0.0),
                      "traffic": (0.0, 1.0, 0.0), "affinity": (0.0, 0.0, 1.0)}
 
-__all__ = ["DEFAULT_BALANCE_CAP", "JOINT_BALANCE_MULTIPLIER", "OBJECTIVE_MODES", "evaluate_objective",
+__all__ = ["DEFAULT_BALANCE_CAP", "JOINT_BALANCE_MULTIPLIER", "OBJECTIVE_MODES", "evaluate_objective", "rank_shares",
            "expected_ratio", "objective_weights", "reference_ratio"]
 
 
@@ -195,15 +196,17 @@ def _busiest(load: np.ndarray, topology) -> np.ndarray:
 
 
 def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str) -> np.ndarray:
-    """Per-GPU load [L, G] expected over the rule's random fair spread (home ranks uniform).
+                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
+    """Per-GPU load [L, G] expected over the rule's random fair spread.
 
-    ``p2l`` int [L, P], ``load`` [L, E] token-slots per expert. The numpy form of the search
-    kernel's :func:`placer.ilp._ls_anneal.expected_gpu_load` (equal to it; no compilation, so
-    scoring a placement on a cold numba cache costs no compile time). Each GPU serves its
-    own home tokens (1/G of an expert's load) from a local copy; the rest spreads over copies:
-    ``nearest``/``sglang-static`` first over the copies in the home node (a node without one
-    spreads over all copies), the position rules (``rule`` code 2) evenly over all copies.
+    ``p2l`` int [L, P], ``load`` [L, E] token-slots per expert, ``rank_load`` [L, E, G] the part
+    of it whose tokens start on each rank (:func:`rank_shares`; default ``load / G`` on every
+    rank). The numpy form of the search kernel's :func:`placer.ilp._ls_anneal.expected_gpu_load`
+    (equal to it; no compilation, so scoring a placement on a cold numba cache costs no compile
+    time). Each GPU holding an expert serves its own home tokens of it from a local copy; the
+    other ranks' tokens spread over copies: ``nearest``/``sglang-static`` first over the copies in
+    the home node (a node without one spreads over all copies), the position rules (``rule``
+    code 2) evenly over all copies.
     """
     code = RULE_CODES[rule]
     p2l = np.asarray(p2l, dtype=np.int64)
@@ -218,18 +221,50 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
     per_copy = np.divide(load[:, :, None], total, out=np.zeros_like(total), where=total > 0)
     if code == 2:
         return (copies * per_copy).sum(axis=1)
-    share = (load / g)[:, :, None]  # each GPU's home tokens of the expert
-    holds = (copies > 0).astype(np.float64)
+    share = (np.broadcast_to((load / g)[:, :, None], copies.shape) if rank_load is None
+             else np.asarray(rank_load, dtype=np.float64))  # each rank's home tokens of the expert
+    holds = copies > 0
     assert code == 0, rule  # the kernel's only other code
-    out = holds * share
+    out = np.where(holds, share, 0.0)
     by_node = copies.reshape(num_layers, num_experts, n, gpn)
     copy_n = by_node.sum(axis=3)  # [L, E, N]
-    need = gpn - holds.reshape(num_layers, num_experts, n, gpn).sum(axis=3)  # non-holders per node
-    local = np.divide(need * share, copy_n, out=np.zeros_like(copy_n), where=copy_n > 0)
+    need = np.where(holds, 0.0, share).reshape(num_layers, num_experts, n, gpn).sum(axis=3)  # non-holders' load
+    local = np.divide(need, copy_n, out=np.zeros_like(copy_n), where=copy_n > 0)
     out += (by_node * local[:, :, :, None]).reshape(num_layers, num_experts, g)
-    spill = (need * share * (copy_n == 0)).sum(axis=2, keepdims=True)  # nodes without a copy
+    spill = (need * (copy_n == 0)).sum(axis=2, keepdims=True)  # nodes without a copy
     out += copies * np.divide(spill, total, out=np.zeros_like(total), where=total > 0)
     return out.sum(axis=1)
+
+
+_SHARES: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
+
+
+def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
+    """float64 [L, E, G]: each expert's load (``stats.load``) split over the ranks its tokens start on,
+    in the proportions of the stats' token sample (home ranks as the metrics take them: the
+    sample's, else round-robin by token index), the same tokens the traffic terms count. An
+    expert the sample never routes to is spread evenly. None without a sample (uniform home
+    ranks). Cached per stats object."""
+    if stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None:
+        return None
+    hit = _SHARES.get(id(stats))
+    if hit is not None and hit[0]() is stats and hit[1] == num_gpus:
+        return hit[2]
+    ids = stats.sample_ids.astype(np.int64)  # [S, L, K]
+    raw = (np.full(ids.shape[0], -1, np.int64) if stats.sample_home_rank is None
+           else stats.sample_home_rank.astype(np.int64))
+    home = np.where(raw >= 0, raw, stats.sample_token_index.astype(np.int64) % num_gpus)
+    num_layers, num_experts = stats.load.shape
+    cell = (np.arange(num_layers)[None, :, None] * num_experts + ids) * num_gpus + home[:, None, None]
+    counts = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_gpus).astype(np.float64)
+    counts = counts.reshape(num_layers, num_experts, num_gpus)
+    seen = counts.sum(axis=2, keepdims=True)
+    frac = np.where(seen > 0, counts / np.where(seen > 0, seen, 1.0), 1.0 / num_gpus)
+    out = stats.load.astype(np.float64)[:, :, None] * frac
+    out.setflags(write=False)
+    _SHARES.clear()  # one problem at a time
+    _SHARES[id(stats)] = (weakref.ref(stats), num_gpus, out)
+    return out
 
 
 def link_scale(topology) -> np.ndarray | None:
@@ -259,7 +294,8 @@ def pair_weights(topology, w_nv: float, w_rdma: float) -> np.ndarray:
 
 
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread.
+    """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread, each
+    expert's tokens starting on the ranks the stats' sample has them on (:func:`rank_shares`).
 
     ``sglang-static`` has no spread to average over: SGLang 0.5.23 draws it from fixed seeds, so
     the load its tables give is the load the stack gets (:func:`layer_load_ratio`).
@@ -269,7 +305,8 @@ def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarra
     topo = problem.topology
     load = expected_gpu_load(placement.physical_to_logical, problem.stats.load, topo.num_gpus,
                              topo.num_nodes, topo.gpus_per_node, placement.slots_per_gpu,
-                             problem.dispatch) / max(problem.stats.num_tokens, 1)
+                             problem.dispatch, rank_shares(problem.stats, topo.num_gpus)
+                             ) / max(problem.stats.num_tokens, 1)
     return _busiest(load, topo), load.mean(axis=1)
 
 

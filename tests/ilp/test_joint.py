@@ -16,7 +16,7 @@ from placer.ilp.joint import balance_lower_bound
 from placer.ilp.local_search import SearchConfig, _layer, search_layer, token_types
 from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, pair_weights
 from placer.ilp.simple import contiguous_map
-from placer.metrics import dispatch_traffic
+from placer.metrics import dispatch_traffic, gpu_load
 from placer.metrics.dispatch import slot_load
 from placer.presets import get_model, make_topology
 from placer.stats import compute_stats
@@ -166,9 +166,10 @@ def test_placer_uses_the_slow_pairs_less():
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31),
-       st.sampled_from(["nearest", "sglang-dynamic", "vllm"]))
-def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, rule):
-    """The objective's numpy expected GPU load (no compilation) == the search kernel's."""
+       st.sampled_from(["nearest", "sglang-dynamic", "vllm"]), st.booleans())
+def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, rule, by_rank):
+    """The objective's numpy expected GPU load (no compilation) == the search kernel's, with home
+    ranks uniform or each expert's load split over the ranks unevenly (``rank_load``)."""
     from placer.ilp.objective import expected_gpu_load
 
     rng = np.random.default_rng(seed)
@@ -179,10 +180,34 @@ def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, ru
                                                     rng.integers(0, experts, slots - experts)]))
                     for _ in range(layers)])
     load = rng.integers(0, 1000, size=(layers, experts)).astype(np.float64)
-    want = A.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule)
-    got = expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule)
+    rank = load[:, :, None] * rng.dirichlet(np.ones(gpus) * 0.5, size=(layers, experts)) if by_rank else None
+    want = A.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
+    got = expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1), rtol=1e-12)  # every token-slot served once
+
+
+def test_expected_load_by_rank_is_the_sample_load_on_average():
+    """With each expert's load split over the ranks as the sample has its tokens, the expected
+    load is the mean over dispatch seeds of the load counted token by token (the metrics on a
+    trace); with uniform ranks it is not (the sample's ranks are uneven)."""
+    from placer.ilp.objective import rank_shares
+
+    problem = _problem(experts=8, gpus=8, nodes=2, redundant=8, layers=2, tokens=300, seed=4)
+    rng = np.random.default_rng(3)
+    p2l = _random_map(rng, 2, 8, 16)
+    placement = Placement(p2l, 2, 8)
+    stats, topo = problem.stats, problem.topology
+    assert stats.sample_size == stats.num_tokens == 300  # the sample is the whole trace, in key order
+    order = np.argsort(stats.sample_token_index)
+    trace = RoutingTrace(stats.sample_ids[order].astype(np.int64), 8, model=problem.model)
+    runs = np.mean([gpu_load(placement, topo, trace, seed=seed) for seed in range(150)], axis=0)
+    shares = rank_shares(stats, 8)
+    np.testing.assert_allclose(shares.sum(axis=2), stats.load, rtol=1e-12)
+    by_rank = A.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest", shares)
+    uniform = A.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest")
+    np.testing.assert_allclose(runs, by_rank, rtol=0.03)
+    assert np.abs(runs - by_rank).max() < 0.5 * np.abs(runs - uniform).max()
 
 
 @pytest.mark.parametrize("rule", RULES)
