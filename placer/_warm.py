@@ -22,10 +22,12 @@ import numpy as np
 
 from placer.ilp import PlacementProblem, solve
 from placer.ilp.objective import evaluate_objective
+from placer.ilp.packing import _pack_compiled
 from placer.ilp.simple import contiguous_map
 from placer.ilp.warmup import search_kernels
 from placer.metrics import evaluate
 from placer.metrics._count import CC_NAMES, COUNT_NAMES, add_counts, rank_arrays
+from placer.metrics.dispatch import _nearest_kernel
 from placer.presets import get_model, make_topology
 from placer.simulator.a2a import a2a_benchmark
 from placer.simulator.config import ServingWorkload, SimConfig
@@ -46,12 +48,18 @@ def _tiny_problem():
 
 
 def pipeline_kernels() -> None:
-    """Synthetic traces, statistics counts, the objective and the metrics (a tiny solve)."""
+    """Synthetic traces, statistics counts, the objective, the metrics (a tiny solve), the
+    ``nearest`` dispatch table and :func:`~placer.ilp.packing.keep_in_place`'s packing (both called
+    compiled: on a cold cache their callers take numpy)."""
     trace, problem = _tiny_problem()
     placement = solve(problem, "placer", num_workers=1, iterations=64).placement
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
     evaluate_objective(problem, placement)
     evaluate(placement, problem.topology, problem.model, trace)
+    # the nearest table's kernel (dispatch tables take numpy until the cache holds it)
+    _nearest_kernel(placement.physical_to_logical, placement.slots_per_gpu, problem.topology.gpus_per_node,
+                    placement.num_experts, np.random.default_rng(0))
+    _pack_compiled(placement, placement, problem.stats.load, 0.05)  # solve_from's packing
     count_kernels()
     for writable in (True, False):  # RoutingTrace's id check, on fresh and frozen chunks
         ids = np.zeros((1, 1, 2), np.int16)

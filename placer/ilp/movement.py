@@ -56,6 +56,7 @@ from placer.costs import transfer_seconds
 from placer.errors import InvalidInputError
 from placer.ilp.assignment import max_weight_assignment
 from placer.ilp.base import PlacementProblem, solve
+from placer.ilp.packing import keep_in_place
 from placer.types import Placement, SolveResult, Topology
 from placer.validate import check_placement
 
@@ -197,108 +198,6 @@ def relabelled(old: Placement, new: Placement, topology: Topology) -> Placement:
     return Placement(out.reshape(new.num_layers, -1), s, new.num_experts)
 
 
-# ---- packing ----------------------------------------------------------------------------------
-
-
-def keep_in_place(old: Placement, target: Placement, load: np.ndarray, *, tolerance: float = 0.05) -> Placement:
-    """``target``'s replica counts packed to keep ``old``'s experts on their GPUs.
-
-    Per layer, a replica's load is its expert's load over its replica count:
-
-    1. **Keep**: every replica an old GPU already holds, heaviest first, stays on that GPU while
-       the GPU's load stays within ``(1 + tolerance)`` times the mean GPU load and its slots allow.
-    2. **Fill**: the remaining replicas, heaviest first, go to the least-loaded GPU with a free
-       slot that does not hold that expert. When every free slot is on a GPU holding it, a
-       replica ``y`` of a GPU without it moves to the free slot (where ``y`` is not) and the
-       expert takes its place; only an expert with more replicas than GPUs can end up twice on
-       one GPU.
-
-    Parameters
-    ----------
-    old : Placement, what runs now, ``[L, P]``.
-    target : Placement, the balanced re-solve (e.g. EPLB on the new load), same shape.
-    load : float [L, E], the new load the re-solve balanced.
-    tolerance : float, how far above the mean GPU load a kept replica may push its GPU.
-
-    Returns
-    -------
-    Placement, ``[L, P]``, validated; each expert has ``target``'s replica count.
-    """
-    load = np.asarray(load, dtype=np.float64)
-    if old.physical_to_logical.shape != target.physical_to_logical.shape or \
-            old.slots_per_gpu != target.slots_per_gpu or old.num_experts != target.num_experts:
-        raise InvalidInputError("the running placement has another shape than the re-solve's", source="--from")
-    num_layers = old.num_layers
-    g, s, e = old.num_gpus, old.slots_per_gpu, old.num_experts
-    cnt = target.logcnt()
-    out = np.empty_like(old.physical_to_logical)
-    for layer in range(num_layers):
-        w = load[layer] / cnt[layer]  # per-replica load
-        cap = (1.0 + tolerance) * float((w * cnt[layer]).sum()) / g
-        quota = cnt[layer].copy()
-        gpu_load = np.zeros(g)
-        rows: list[list[int]] = [[] for _ in range(g)]
-        old_rows = old.physical_to_logical[layer].reshape(g, s)
-        candidates = [(w[x], gpu, int(x)) for gpu in range(g) for x in old_rows[gpu]]
-        for weight, gpu, x in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
-            if quota[x] and x not in rows[gpu] and len(rows[gpu]) < s and gpu_load[gpu] + weight <= cap:
-                rows[gpu].append(x)
-                quota[x] -= 1
-                gpu_load[gpu] += weight
-        packing = _Packing(rows, gpu_load, w, s, e)
-        rest = [int(x) for x in np.repeat(np.arange(e), quota)]
-        for x in sorted(rest, key=lambda x: (-w[x], x)):
-            packing.fill(x)
-        out[layer] = np.concatenate(rows)
-    return check_placement(Placement(out, s, e))
-
-
-class _Packing:
-    """One layer's rows being packed (:func:`keep_in_place`): ``rows`` per GPU, with ``holds``
-    bool [G, E] and ``used`` int [G] kept beside them so the common case is a few array ops."""
-
-    def __init__(self, rows: list[list[int]], gpu_load: np.ndarray, w: np.ndarray, s: int, e: int):
-        self.rows, self.gpu_load, self.w, self.s = rows, gpu_load, w, s
-        g = len(rows)
-        self.holds = np.zeros((g, e), dtype=bool)
-        for gpu, row in enumerate(rows):
-            self.holds[gpu, row] = True
-        self.used = np.array([len(r) for r in rows], dtype=np.int64)
-
-    def _put(self, gpu: int, x: int) -> None:
-        self.rows[gpu].append(x)
-        self.holds[gpu, x] = True
-        self.used[gpu] += 1
-        self.gpu_load[gpu] += self.w[x]
-
-    def fill(self, x: int) -> None:
-        """Put one replica of ``x`` on a GPU without it (see :func:`keep_in_place`, step 2)."""
-        rows, gpu_load, w, s = self.rows, self.gpu_load, self.w, self.s
-        free = self.used < s
-        without = free & ~self.holds[:, x]
-        if without.any():  # the least-loaded such GPU, the lowest index on ties
-            self._put(int(np.argmin(np.where(without, gpu_load, np.inf))), x)
-            return
-        g = len(rows)
-        for f in sorted(np.flatnonzero(free).tolist(), key=lambda k: (gpu_load[k], k)):  # every free GPU holds x
-            for h in sorted(range(g), key=lambda k: (gpu_load[k], k)):
-                if len(rows[h]) < s or x in rows[h]:
-                    continue
-                y = next((y for y in sorted(rows[h], key=lambda y: (w[y], y)) if y not in rows[f]), None)
-                if y is None:
-                    continue
-                rows[h].remove(y)
-                rows[f].append(y)
-                rows[h].append(x)
-                self.holds[h, y], self.holds[f, y], self.holds[h, x] = False, True, True
-                self.used[f] += 1
-                gpu_load[h] += w[x] - w[y]
-                gpu_load[f] += w[y]
-                return
-        gpu = min(np.flatnonzero(free).tolist(), key=lambda k: (gpu_load[k], k))  # more replicas than GPUs
-        self._put(gpu, x)
-
-
 # ---- the method -------------------------------------------------------------------------------
 
 
@@ -408,9 +307,8 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
                                 topology))
         cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
     todo = cands if j_kept is None else cands[1:]
-    # scored one after the other: each candidate's dispatch table is Python that holds the GIL
-    # (threads scored DeepSeek-V3's 7 candidates 10 % slower), and the counting kernel already
-    # runs on every core (placer.metrics.core.count_threads)
+    # scored one after the other: the counting kernel already runs on every core
+    # (placer.metrics.core.count_threads)
     scored = [layer_objective(c) for c in todo]
     j = np.stack(scored if j_kept is None else [j_kept, *scored])  # [C, L]
     held = copies_per_gpu(current.physical_to_logical, current.num_gpus, current.num_experts) > 0

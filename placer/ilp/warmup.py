@@ -7,7 +7,6 @@ what the ``placer`` method calls before its search.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from placer._numba import cache_holds
 from placer.ilp import _ls_anneal as A
 from placer.ilp import _ls_kernel as K
 from placer.ilp.local_search import LayerTask, SearchConfig, search_layer, token_types
@@ -38,13 +38,7 @@ def search_kernels() -> None:
 
 def search_cache_warm() -> bool:
     """Whether numba's cache holds the search's driver kernels (False: the first call compiles)."""
-    if not K.HAVE_NUMBA:
-        return True
-    try:  # an index that matches the sources (a stale one loads empty)
-        return all(os.path.exists(f._cache._cache_file._index_path) and f._cache._cache_file._load_index()
-                   for f in (A.anneal, A.init_state))
-    except Exception:  # noqa: BLE001 - another numba layout: assume warm (the first call compiles)
-        return True
+    return not K.HAVE_NUMBA or all(cache_holds(f) for f in (A.anneal, A.init_state))
 
 
 _READY = False

@@ -52,6 +52,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from placer._numba import cache_holds, njit
 from placer.errors import InvalidInputError
 from placer.types import DISPATCH_RULES, POSITION_RULES, ModelSpec, Placement, Topology
 
@@ -86,20 +87,6 @@ def replica_index(token_index: np.ndarray, count: np.ndarray, rule: str) -> np.n
     ``token_index`` and ``count`` broadcast against each other (int arrays).
     """
     return position_key(token_index, rule) % np.asarray(count, dtype=np.int64)
-
-
-def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` picks spread evenly over ``candidates`` (each ``count // n`` times, the remainder
-    drawn without replacement), in random order. Calls that would draw nothing are skipped: they
-    leave the generator's state as it is, so the stream is the same as always calling them."""
-    q, r = divmod(count, len(candidates))
-    if len(candidates) == 1:  # np.tile's result, without its overhead (this runs per expert and node)
-        picks = np.full(q, candidates[0], dtype=candidates.dtype)
-    else:
-        picks = np.tile(candidates, q) if q else candidates[:0]
-    if r:
-        picks = np.concatenate([picks, rng.choice(candidates, size=r, replace=False)])
-    return rng.permutation(picks) if len(picks) > 1 else picks
 
 
 def hidden_layer_map(placement: Placement, model: ModelSpec | None) -> tuple[np.ndarray, np.ndarray]:
@@ -183,14 +170,154 @@ def sglang_static_table(full_map: np.ndarray, num_gpus: int, num_nodes: int,
     return out
 
 
+# The compiled table draws as numpy's Generator.choice(replace=False) and permutation do, with
+# the Generator's public calls (equal streams: tests/metrics/test_nearest_table.py).
+
+
+@njit
+def _shuffle_from(rng, data, first):  # pragma: no cover - numba
+    """numpy's ``_shuffle_int`` (``choice``'s shuffle): ``data[i]`` swapped with a draw below ``i +
+    1`` (``rng.integers``: numpy's Lemire draws), ``i`` from the end down to ``first``."""
+    for i in range(len(data) - 1, first - 1, -1):
+        j = rng.integers(0, i + 1)
+        data[i], data[j] = data[j], data[i]
+
+
+@njit
+def _shuffle(rng, data, n):  # pragma: no cover - numba
+    """``rng.shuffle(data[:n])`` (``permutation``'s draws; fewer than 2**32 items): ``data[i]``
+    swapped with a draw in ``[0, i]`` by numpy's ``random_interval``, masked rejection of raw
+    32-bit draws."""
+    for i in range(n - 1, 0, -1):
+        mask = 1
+        while mask < i:
+            mask = 2 * mask + 1
+        j = i + 1
+        while j > i:
+            j = np.int64(rng.integers(0, 0xFFFFFFFF, dtype=np.uint32, endpoint=True)) & mask
+        data[i], data[j] = data[j], data[i]
+
+
+@njit
+def _sample_indices(rng, population, size):  # pragma: no cover - numba
+    """``rng.choice(population, size, replace=False)``'s indices and draws, exactly: numpy's tail
+    shuffle for large populations, else Floyd's algorithm then a shuffle. int64 [size]."""
+    if population > 10000 and size > population // 50:
+        idx = np.arange(population)
+        _shuffle_from(rng, idx, max(population - size, 1))
+        return idx[population - size:].copy()
+    idx = np.empty(size, dtype=np.int64)
+    taken = np.zeros(population, dtype=np.bool_)
+    for j in range(population - size, population):
+        val = rng.integers(0, j + 1)  # none for j == 0
+        if taken[val]:
+            val = j
+        taken[val] = True
+        idx[j - population + size] = val
+    _shuffle_from(rng, idx, 1)
+    return idx
+
+
+@njit
+def _fair_into(candidates, count, rng, out):  # pragma: no cover - numba
+    """``count`` picks spread evenly over ``candidates`` (each ``count // n`` times, the remainder
+    drawn without replacement), in random order, into ``out[:count]``. A remainder of 0 draws
+    nothing, and neither does shuffling one pick."""
+    n = len(candidates)
+    q, r = divmod(count, n)
+    for i in range(q * n):
+        out[i] = candidates[i % n]
+    if r:
+        idx = _sample_indices(rng, n, r)
+        for i in range(r):
+            out[q * n + i] = candidates[idx[i]]
+    _shuffle(rng, out, count)
+
+
+@njit
+def _nearest_kernel(p2l, slots_per_gpu, gpus_per_node, num_experts, rng):  # pragma: no cover - numba
+    """The ``nearest`` table of ``p2l`` int [L, P] (slot ``p`` on GPU ``p // slots_per_gpu``):
+    int64 [L, G, E]. Per layer, a GPU holding the expert uses its lowest slot of it, a single
+    replica serves every rank, and the other experts (ascending) are dealt with :func:`_fair_into`,
+    node by node (ascending) over the node's replicas, then the GPUs of nodes without one over
+    all replicas, drawing from ``rng`` in that order."""
+    num_layers, num_slots = p2l.shape
+    num_gpus = num_slots // slots_per_gpu
+    table = np.full((num_layers, num_gpus, num_experts), -1, dtype=np.int64)
+    start = np.zeros(num_experts + 1, dtype=np.int64)
+    order = np.empty(num_slots, dtype=np.int64)  # slots grouped by expert, ascending within
+    here = np.empty(num_slots, dtype=np.int64)
+    need = np.empty(num_gpus, dtype=np.int64)
+    rest = np.empty(num_gpus, dtype=np.int64)
+    picks = np.empty(num_gpus, dtype=np.int64)
+    for layer in range(num_layers):
+        row, out = p2l[layer], table[layer]
+        start[:] = 0
+        for p in range(num_slots):
+            start[row[p] + 1] += 1
+        for e in range(num_experts):
+            start[e + 1] += start[e]
+        fill = start[:-1].copy()
+        for p in range(num_slots):
+            order[fill[row[p]]] = p
+            fill[row[p]] += 1
+            if out[p // slots_per_gpu, row[p]] < 0:  # same GPU: the lowest local slot
+                out[p // slots_per_gpu, row[p]] = p
+        for e in range(num_experts):
+            lo, hi = start[e], start[e + 1]
+            if hi - lo == 1:  # a single replica: every rank uses it
+                out[:, e] = order[lo]
+                continue
+            # GPUs without a copy use a replica on their node, spread evenly over those (node by
+            # node, ascending); where their node has none, any
+            n_rest = 0
+            for node in range(num_gpus // gpus_per_node):
+                n_need = 0
+                for g in range(node * gpus_per_node, (node + 1) * gpus_per_node):
+                    if out[g, e] < 0:
+                        need[n_need] = g
+                        n_need += 1
+                if n_need == 0:
+                    continue
+                n_here = 0
+                for i in range(lo, hi):
+                    if order[i] // slots_per_gpu // gpus_per_node == node:
+                        here[n_here] = order[i]
+                        n_here += 1
+                if n_here == 0:
+                    rest[n_rest:n_rest + n_need] = need[:n_need]
+                    n_rest += n_need
+                    continue
+                _fair_into(here[:n_here], n_need, rng, picks)
+                for i in range(n_need):
+                    out[need[i], e] = picks[i]
+            if n_rest:
+                _fair_into(order[lo:hi], n_rest, rng, picks)
+                for i in range(n_rest):
+                    out[rest[i], e] = picks[i]
+    return table
+
+
 def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.ndarray:
+    """The ``nearest`` table, int64 [L, G, E], drawing from ``np.random.default_rng(seed)``:
+    compiled (:func:`_nearest_kernel`) once numba's cache holds the kernel, else in numpy
+    (:func:`_nearest_numpy`), so that a cold cache compiles nothing inside a solve's time limit
+    (``python -m placer._warm``, run by ``make install``, compiles it)."""
+    rng = np.random.default_rng(seed)
+    if not cache_holds(_nearest_kernel):
+        return _nearest_numpy(placement, topology, rng)
+    return _nearest_kernel(placement.physical_to_logical, placement.slots_per_gpu, topology.gpus_per_node,
+                           placement.num_experts, rng)
+
+
+def _nearest_numpy(placement: Placement, topology: Topology, rng: np.random.Generator) -> np.ndarray:
+    """:func:`_nearest_kernel` in numpy (the same table and draws), for a cold numba cache."""
     num_layers, num_gpus, num_experts = placement.num_layers, placement.num_gpus, placement.num_experts
     gpn = topology.gpus_per_node
     gpu_of_slot = placement.gpu_of_slot()
     node_of_gpu = np.arange(num_gpus) // gpn
     node_of_slot = node_of_gpu[gpu_of_slot]
     cnt = placement.logcnt()
-    rng = np.random.default_rng(seed)
     table = np.full((num_layers, num_gpus, num_experts), -1, dtype=np.int64)
     slots = np.arange(placement.num_slots)
     none = placement.num_slots
@@ -227,6 +354,20 @@ def _nearest_table(placement: Placement, topology: Topology, seed: int) -> np.nd
             if rest:
                 column[rest] = _fair(candidates, len(rest), rng)
     return table
+
+
+def _fair(candidates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` picks spread evenly over ``candidates`` (each ``count // n`` times, the remainder
+    drawn without replacement), in random order. Calls that would draw nothing are skipped: they
+    leave the generator's state as it is, so the stream is the same as always calling them."""
+    q, r = divmod(count, len(candidates))
+    if len(candidates) == 1:  # np.tile's result, without its overhead (this runs per expert and node)
+        picks = np.full(q, candidates[0], dtype=candidates.dtype)
+    else:
+        picks = np.tile(candidates, q) if q else candidates[:0]
+    if r:
+        picks = np.concatenate([picks, rng.choice(candidates, size=r, replace=False)])
+    return rng.permutation(picks) if len(picks) > 1 else picks
 
 
 def _missing_by_node(missing: np.ndarray, gpn: int):
