@@ -74,7 +74,7 @@ from placer.ilp.objective import (
 )
 from placer.ilp.parallel import run_layer_search
 from placer.ilp.starts import start_maps as starts_for
-from placer.ilp.warmup import ensure_search_kernels, start_search_kernels
+from placer.ilp.warmup import ensure_search_kernels
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement, SolveResult
 
@@ -143,8 +143,6 @@ def solve_placer(problem: PlacementProblem, *, time_limit_s: float | None = None
         raise InvalidInputError(f"unknown options for method placer: {', '.join(sorted(options))}",
                                 source="--method")
     deadline = None if time_limit_s is None else time.time() + float(time_limit_s)
-    if deadline is not None:
-        start_search_kernels()  # a cold cache compiles in the background while the starts are scored
     w = objective_weights(problem)
     topo, model = problem.topology, problem.model
     iters = default_iterations(problem) if iterations is None else int(iterations)
