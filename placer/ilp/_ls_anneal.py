@@ -358,8 +358,9 @@ def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_node
     """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
     starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks).
 
-    Equals :func:`placer.metrics.dispatch.slot_load` summed per GPU (uniform home ranks) whenever the rule makes no random
-    choice (e.g. no replicas; always for ``vllm``), and its mean over dispatch seeds otherwise.
+    With uniform home ranks it equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
+    whenever the rule makes no random choice (e.g. no replicas; always for ``vllm``), and its
+    mean over dispatch seeds otherwise.
     """
     p2l = np.ascontiguousarray(p2l, np.int64)
     load = np.ascontiguousarray(load, np.float64)

@@ -14,9 +14,10 @@ The search model of a layer (the "expected dispatch" model):
   different experts are independent, so per token ``E[#distinct GPUs used] = sum_x 1 - prod_k
   (1 - p_k(x))`` (nodes alike) is exact in expectation. Where no random choice is involved (no
   replicas, or replicas every rank reaches deterministically) the model equals the metrics.
-- GPU load is expected over the same fair spread, with each expert's tokens starting on the ranks
-  the sample has them on (``rank_load``; home ranks uniform, :func:`placer.metrics.dispatch.slot_load`'s
-  expectation, where there is no sample), so the load and the sends read one set of tokens.
+- GPU load is expected over the same fair spread, with each expert's tokens starting on the
+  ranks the sample has them on (``rank_load``; where there is no sample, home ranks uniform:
+  :func:`placer.metrics.dispatch.slot_load`'s expectation), so the load and the sends read one
+  set of tokens.
 
 Per token type and GPU (node) the state keeps the number of the token's experts that surely use
 it, the number that may, and the product of ``1 - p`` over the latter, so a move re-evaluates
@@ -160,8 +161,9 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
                weights: Weights, distinct: bool, move_cost: np.ndarray | None = None,
                link_scale: np.ndarray | None = None, rank_load: np.ndarray | None = None) -> Layer:
     """A :class:`Layer`; ``rank_load`` float [E, G] (default ``load / G`` on every rank): the part
-    of each expert's load whose tokens start on each rank; ``move_cost`` float [G, E] (default none): the movement term, the cost of
-    GPU g holding expert e, added to the energy once per (GPU, expert) held (see
+    of each expert's load whose tokens start on each rank; ``move_cost`` float [G, E] (default
+    none): the movement term, the cost of GPU g holding expert e, added to the energy once per
+    (GPU, expert) held (see
     :func:`placer.ilp._ls_anneal.init_state`); ``link_scale`` float [G, G] (default all 1): each
     rank pair's cost relative to its tier (:func:`placer.ilp.objective.link_scale`): a send from
     home to a rank of its node, a forward from the landing GPU, and the RDMA send to it, each
@@ -191,8 +193,8 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
         w = w * np.where(same_node, link_scale, link_scale[land, gpus[None, :]])
         v = v * link_scale[gpus[:, None], np.arange(n)[None, :] * gpn + (gpus % gpn)[:, None]]
     return Layer(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(home, np.int64),
-                 np.ascontiguousarray(wt, np.float64), load, rl, np.ascontiguousarray(rl.reshape(e, n, gpn).sum(axis=2)),
-                 ptr,
+                 np.ascontiguousarray(wt, np.float64), load, rl,
+                 np.ascontiguousarray(rl.reshape(e, n, gpn).sum(axis=2)), ptr,
                  (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),
                  partner_cdf(ids, wt, e), e, int(dispatch.slot_gpu.shape[0]), int(slots_per_gpu) * gpn,
                  bool(distinct), dispatch, weights, mc, bool((mc != 0).any()))

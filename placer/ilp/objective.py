@@ -93,8 +93,8 @@ JOINT_BALANCE_MULTIPLIER = 0.1
 _MODE_MULTIPLIERS = {"joint": (JOINT_BALANCE_MULTIPLIER, 1.0, 1.0), "balance": (1.0, 0.0, 0.0),
                      "traffic": (0.0, 1.0, 0.0), "affinity": (0.0, 0.0, 1.0)}
 
-__all__ = ["DEFAULT_BALANCE_CAP", "JOINT_BALANCE_MULTIPLIER", "OBJECTIVE_MODES", "evaluate_objective", "rank_shares",
-           "expected_ratio", "objective_weights", "reference_ratio"]
+__all__ = ["DEFAULT_BALANCE_CAP", "JOINT_BALANCE_MULTIPLIER", "OBJECTIVE_MODES", "evaluate_objective",
+           "expected_ratio", "objective_weights", "rank_shares", "reference_ratio"]
 
 
 def _number(weights: dict, key: str) -> float | None:
@@ -244,7 +244,7 @@ def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
     in the proportions of the stats' token sample (home ranks as the metrics take them: the
     sample's, else round-robin by token index), the same tokens the traffic terms count. An
     expert the sample never routes to is spread evenly. None without a sample (uniform home
-    ranks). Cached per stats object."""
+    ranks). The last stats object's shares are kept (a solve asks once per placement it scores)."""
     if stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None:
         return None
     hit = _SHARES.get(id(stats))
@@ -262,7 +262,7 @@ def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
     frac = np.where(seen > 0, counts / np.where(seen > 0, seen, 1.0), 1.0 / num_gpus)
     out = stats.load.astype(np.float64)[:, :, None] * frac
     out.setflags(write=False)
-    _SHARES.clear()  # one problem at a time
+    _SHARES.clear()  # the last stats object only
     _SHARES[id(stats)] = (weakref.ref(stats), num_gpus, out)
     return out
 
