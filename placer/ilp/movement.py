@@ -249,10 +249,13 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     is the cost; its ``terms`` add ``objective_ratio`` (``J(X) / J(current)``), ``step_ratio``
     (the sum of the layers' bottleneck GPU loads, :func:`step_load`, over the running one's),
     ``move_seconds``, ``bytes_moved``, ``movement_cost``, and the layers kept, taken from the
-    method's answer and repacked (``layers_kept``, ``layers_resolved``, ``layers_repacked``), and
-    the same ratios and movement for the method's answer as it is (``resolve_*``; anchored, that
-    answer already weighs the movement, and ``movement_term`` is its anchor cost). ``bound`` and
-    ``gap`` are None (the method's bound covers its own objective, not this one).
+    method's answer and repacked (``layers_kept``, ``layers_resolved``, ``layers_repacked``), the
+    candidate placements scored (``candidates``: 2 anchored, else 7; fewer when ``time_limit_s``,
+    wall time from the call, ran out: the repacked ones are scored while one more and the final
+    scoring fit), and the same ratios and movement for the method's answer as it is
+    (``resolve_*``; anchored, that answer already weighs the movement, and ``movement_term`` is
+    its anchor cost). ``bound`` and ``gap`` are None (the method's bound covers its own
+    objective, not this one).
     """
     from placer.ilp.objective import (  # deferred: objective imports the metrics
         evaluate_objective,
@@ -300,16 +303,25 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     if result.placement is None:
         return result
     resolved = relabelled(current, result.placement, topology)
-    # candidate placements; row l of any of them is a valid layer l
+
+    def repacked():  # the method's replica counts packed into the running placement
+        yield relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0), topology)
+        for t in TOLERANCES:
+            yield keep_in_place(current, result.placement, load, tolerance=t)
+
+    # candidate placements; row l of any of them is a valid layer l. Scored one after the other
+    # (the counting kernel already runs on every core, placer.metrics.core.count_threads); under a
+    # time limit the repacked ones only while one more and the final scoring still fit.
     cands = [kept, _undoubled(resolved, load)]
-    if not anchored:
-        cands.append(relabelled(current, keep_in_place(current, result.placement, load, tolerance=-1.0),
-                                topology))
-        cands += [keep_in_place(current, result.placement, load, tolerance=t) for t in TOLERANCES]
-    todo = cands if j_kept is None else cands[1:]
-    # scored one after the other: the counting kernel already runs on every core
-    # (placer.metrics.core.count_threads)
-    scored = [layer_objective(c) for c in todo]
+    t_scored = time.perf_counter()
+    scored = [layer_objective(c) for c in (cands if j_kept is None else cands[1:])]
+    each = (time.perf_counter() - t_scored) / len(scored)
+    deadline = None if time_limit_s is None else start + float(time_limit_s)
+    for cand in ([] if anchored else repacked()):
+        if deadline is not None and time.perf_counter() + 2 * each > deadline:
+            break
+        cands.append(cand)
+        scored.append(layer_objective(cand))
     j = np.stack(scored if j_kept is None else [j_kept, *scored])  # [C, L]
     held = copies_per_gpu(current.physical_to_logical, current.num_gpus, current.num_experts) > 0
     sec = [receive_seconds(current, c, topology, expert_bytes, old_held=held)[0] for c in cands]  # [L, G] each
@@ -340,7 +352,7 @@ def solve_from(problem: PlacementProblem, method: str, current: Placement, *, ho
     terms = {**result.terms, "objective_ratio": ratio, "step_ratio": step_load(placement, load) / base,
              "move_seconds": seconds, "bytes_moved": nbytes, "movement_cost": seconds / horizon_s,
              "layers_kept": float(np.sum(choice == 0)), "layers_resolved": float(np.sum(choice == 1)),
-             "layers_repacked": float(np.sum(choice >= 2)),
+             "layers_repacked": float(np.sum(choice >= 2)), "candidates": float(len(cands)),
              "resolve_objective_ratio": float(j[1].sum()) / j_ref, "resolve_step_ratio": step_load(resolved, load) / base,
              "resolve_move_seconds": fresh_s, "resolve_bytes_moved": fresh_b}
     return replace(result, placement=placement, objective=ratio + seconds / horizon_s, terms=terms, bound=None,

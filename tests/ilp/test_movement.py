@@ -126,6 +126,19 @@ def test_solve_from_trades_the_objective_for_bytes_along_the_horizon():
     assert strict.terms["layers_kept"] >= long.terms["layers_kept"]
 
 
+def test_solve_from_scores_the_repacked_candidates_while_its_time_limit_allows():
+    """Every candidate without a limit (or with one that never binds, the same answer); with a
+    limit that has passed, only the running placement and the method's answer."""
+    before, after = _problem(1, 1.0), _problem(2, 1.0)
+    current = solve(before, "eplb").placement
+    free = solve_from(after, "eplb", current, horizon_s=1e9, min_gain=0.0)
+    assert free.terms["candidates"] == 7
+    loose = solve_from(after, "eplb", current, horizon_s=1e9, min_gain=0.0, time_limit_s=1e6)
+    np.testing.assert_array_equal(loose.placement.physical_to_logical, free.placement.physical_to_logical)
+    spent = solve_from(after, "eplb", current, horizon_s=1e9, min_gain=0.0, time_limit_s=1e-9)
+    assert spent.terms["candidates"] == 2 and spent.terms["layers_repacked"] == 0
+
+
 def test_solve_from_rejects_another_shape_and_a_bad_horizon():
     after = _problem(2, 1.0)
     with pytest.raises(InvalidInputError, match="--from: the running placement is"):
