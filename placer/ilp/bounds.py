@@ -42,6 +42,7 @@ from math import comb
 import numpy as np
 
 from placer.ilp.objective import link_scale
+from placer.metrics.dispatch import sample_home_ranks
 
 __all__ = ["BOUND_COVERS", "Groups", "JointBound", "balance_lower_bound", "balance_only_bound", "bound_seconds",
            "colocation_bound", "contained_bound", "joint_lower_bound"]
@@ -286,8 +287,7 @@ def joint_lower_bound(problem, weights: dict) -> JointBound:
         return balance_only_bound(problem, weights, "context-coherent execution (affinity >= 0 too)")
     if stats.sample_size > 0 and stats.sample_ids is not None and (w_nv > 0 or w_rdma > 0):
         ids = np.asarray(stats.sample_ids, dtype=np.int64)                          # [T, L, K]
-        raw = np.asarray(stats.sample_home_rank, dtype=np.int64)
-        home = np.where(raw >= 0, raw, np.asarray(stats.sample_token_index, dtype=np.int64) % topo.num_gpus)
+        home = sample_home_ranks(stats, topo.num_gpus)
         t = ids.shape[0]
         scale = link_scale(topo)
         if scale is not None:  # a pair's send costs at least its tier's weight times the cheapest pair's scale

@@ -41,6 +41,7 @@ from itertools import combinations
 import numpy as np
 
 from placer.errors import InfeasibleError, InvalidInputError
+from placer.metrics.dispatch import sample_home_ranks
 from placer.types import Placement, SolveResult
 
 __all__ = ["MAX_WORK", "Frontier", "LayerFrontier", "enumeration_size", "exact_frontier", "frontier_refusal",
@@ -228,8 +229,7 @@ def _token_masks(problem) -> np.ndarray:
     if stats.sample_size == 0:
         return out
     ids = np.asarray(stats.sample_ids, dtype=np.int64)                                  # [T, L, K]
-    raw = np.asarray(stats.sample_home_rank, dtype=np.int64)
-    home = np.where(raw >= 0, raw, np.asarray(stats.sample_token_index, dtype=np.int64) % topo.num_gpus)
+    home = sample_home_ranks(stats, topo.num_gpus)
     node = home // topo.gpus_per_node                                                   # [T]
     masks = np.bitwise_or.reduce(np.left_shift(1, ids), axis=2)                         # [T, L]
     for layer in range(num_layers):

@@ -75,7 +75,7 @@ from placer.ilp.objective import (
 from placer.ilp.parallel import run_layer_search
 from placer.ilp.starts import start_maps as starts_for
 from placer.ilp.warmup import ensure_search_kernels
-from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, sample_home_ranks
 from placer.types import Placement, SolveResult
 
 __all__ = ["balance_lower_bound", "default_iterations", "solve_placer"]
@@ -102,8 +102,7 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     if (stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0) and stats.sample_ids is not None
             and stats.sample_home_rank is not None and stats.sample_token_index is not None):
         sample = stats.sample_ids.astype(np.int64)
-        raw = stats.sample_home_rank.astype(np.int64)
-        home = np.where(raw >= 0, raw, stats.sample_token_index.astype(np.int64) % topo.num_gpus)
+        home = sample_home_ranks(stats, topo.num_gpus)
     else:
         sample = np.zeros((0, num_layers, stats.top_k), np.int64)
         home = np.zeros(0, np.int64)

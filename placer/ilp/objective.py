@@ -79,7 +79,7 @@ from placer.ilp._ls_kernel import RULE_CODES
 from placer.ilp.base import solve
 from placer.ilp.starts import start_maps
 from placer.metrics import context_coherent_traffic, core, dispatch_traffic, gpu_load
-from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, sample_home_ranks
 from placer.types import Placement
 
 OBJECTIVE_MODES = ("joint", "balance", "traffic", "affinity")
@@ -245,15 +245,14 @@ def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
     sample's, else round-robin by token index), the same tokens the traffic terms count. An
     expert the sample never routes to is spread evenly. None without a sample (uniform home
     ranks). The last stats object's shares are kept (a solve asks once per placement it scores)."""
-    if stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None:
+    if (stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None
+            or stats.sample_home_rank is None):
         return None
     hit = _SHARES.get(id(stats))
     if hit is not None and hit[0]() is stats and hit[1] == num_gpus:
         return hit[2]
     ids = stats.sample_ids.astype(np.int64)  # [S, L, K]
-    raw = (np.full(ids.shape[0], -1, np.int64) if stats.sample_home_rank is None
-           else stats.sample_home_rank.astype(np.int64))
-    home = np.where(raw >= 0, raw, stats.sample_token_index.astype(np.int64) % num_gpus)
+    home = sample_home_ranks(stats, num_gpus)
     num_layers, num_experts = stats.load.shape
     cell = (np.arange(num_layers)[None, :, None] * num_experts + ids) * num_gpus + home[:, None, None]
     counts = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_gpus).astype(np.float64)

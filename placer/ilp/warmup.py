@@ -42,22 +42,6 @@ def search_cache_warm() -> bool:
 
 
 _READY = False
-_BACKGROUND: subprocess.Popen | None = None
-
-
-def _start_compiling(say: Callable[[str], None] | None = None) -> None:
-    """On a cold cache, start compiling the search kernels in a background ``python -m
-    placer._warm --search`` (prints :data:`COMPILING` on stderr); :func:`ensure_search_kernels`
-    waits for it. Does nothing when the cache is warm or a compilation was already started.
-    (Started any earlier, at the start of a solve, it took the CPU that reading and scoring
-    needed: a cold ``--time-limit 5`` solve beside two busy processes ended after 10.2 s, not 6.3 s.)"""
-    global _BACKGROUND
-    if _READY or _BACKGROUND is not None or search_cache_warm():
-        return
-    (say or (lambda message: print(message, file=sys.stderr, flush=True)))(COMPILING)
-    _BACKGROUND = subprocess.Popen([sys.executable, "-m", "placer._warm", "--search", "--quiet"],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def ensure_search_kernels(deadline: float | None = None,
@@ -65,28 +49,28 @@ def ensure_search_kernels(deadline: float | None = None,
     """Load the search kernels into this process (before any worker forks); True when they are.
 
     On a cold cache prints :data:`COMPILING` on stderr and compiles: in this process without a
-    deadline (unless :func:`_start_compiling` already started a background compilation:
-    this waits for it); with one, in the background compilation that this waits for until
-    ``deadline`` (``time.time()``). False when the deadline came first: the compilation goes on
-    in the background (it fills the cache for the next run) and the caller skips the search.
+    deadline; with one, in a background ``python -m placer._warm --search`` that this waits for
+    until ``deadline`` (``time.time()``). False when the deadline came first: the compilation
+    goes on in the background (it fills the cache for the next run) and the caller skips the
+    search.
     """
-    global _READY, _BACKGROUND
+    global _READY
     if _READY:
         return True
-    if deadline is not None:
-        _start_compiling(say)
-    elif _BACKGROUND is None and not search_cache_warm():
-        (say or (lambda message: print(message, file=sys.stderr, flush=True)))(COMPILING)
-    if _BACKGROUND is not None:
-        try:
-            _BACKGROUND.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            return False  # left running: it writes the cache, then exits
-        except BaseException:  # interrupted: stop it with the solve
-            _BACKGROUND.kill()
-            _BACKGROUND = None
-            raise
-        _BACKGROUND = None
+    tell = say or (lambda message: print(message, file=sys.stderr, flush=True))
+    if not search_cache_warm():
+        tell(COMPILING)
+        if deadline is not None:
+            proc = subprocess.Popen([sys.executable, "-m", "placer._warm", "--search", "--quiet"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                return False  # left running: it writes the cache, then exits
+            except BaseException:  # interrupted: stop it with the solve
+                proc.kill()
+                raise
     search_kernels()  # loads from the cache (or compiles, without a deadline)
     _READY = True
     return True

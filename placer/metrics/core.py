@@ -20,7 +20,13 @@ import numpy as np
 
 from placer.errors import InvalidInputError
 from placer.metrics._count import CC_NAMES, COUNT_NAMES, DispatchArrays, add_counts
-from placer.metrics.dispatch import default_home_ranks, dispatch_table, position_key, select_slots
+from placer.metrics.dispatch import (
+    default_home_ranks,
+    dispatch_table,
+    position_key,
+    sample_home_ranks,
+    select_slots,
+)
 from placer.metrics.stream import StreamTokens, TraceStream
 from placer.types import (
     DISPATCH_RULES,
@@ -127,8 +133,7 @@ def resolve_tokens(placement: Placement, topology: Topology, data: RoutingTrace 
         ids = data.require_sample(what)
         assert data.sample_token_index is not None and data.sample_home_rank is not None  # set with the sample
         index = data.sample_token_index.astype(np.int64)
-        raw = data.sample_home_rank.astype(np.int64)
-        home = np.where(raw >= 0, raw, default_home_ranks(index, num_gpus))
+        home = sample_home_ranks(data, num_gpus)
         source = "sample"
     if home.size and home.max() >= num_gpus:
         raise InvalidInputError(f"home rank {int(home.max())} is outside the cluster's {num_gpus} GPUs",

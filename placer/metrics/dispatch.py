@@ -437,6 +437,13 @@ def default_home_ranks(token_index: np.ndarray, num_gpus: int) -> np.ndarray:
     return np.asarray(token_index, dtype=np.int64) % num_gpus
 
 
+def sample_home_ranks(stats, num_gpus: int) -> np.ndarray:
+    """Home rank of each token of a stats' sample, int64 [S]: the source's, else round-robin by
+    its token index (:func:`default_home_ranks`)."""
+    raw = np.asarray(stats.sample_home_rank, dtype=np.int64)
+    return np.where(raw >= 0, raw, default_home_ranks(stats.sample_token_index, num_gpus))
+
+
 def select_slots(placement: Placement, topology: Topology, expert_ids: np.ndarray, *,
                  home_rank: np.ndarray | None = None, token_index: np.ndarray | None = None,
                  rule: str = "nearest", seed: int = DEFAULT_DISPATCH_SEED,
