@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from placer.ilp.base import PlacementProblem
+from placer.ilp.clustered import clustered_map
 from placer.ilp.distinct import separate_by_load
 from placer.ilp.eplb import rebalance_experts, rebalance_experts_hierarchical
 from placer.ilp.simple import contiguous_map
@@ -140,7 +141,8 @@ def _pack(items: list[tuple[float, int]], share: np.ndarray, copies: np.ndarray,
 
 def start_maps(problem: PlacementProblem) -> dict[str, np.ndarray]:
     """The placer method's starting maps, int64 [L, P] by name: ``eplb`` (first), ``contiguous``,
-    and ``coordinated`` under the fixed-table rules with redundant slots."""
+    ``clustered`` (:func:`placer.ilp.clustered.clustered_map`) on several nodes with a token
+    sample of top-k > 1, and ``coordinated`` under the fixed-table rules with redundant slots."""
     topo, model = problem.topology, problem.model
     if problem.distinct_per_gpu:
         groups, nodes = (model.num_groups, topo.num_nodes) if model.num_groups % topo.num_nodes == 0 else (1, 1)
@@ -151,6 +153,10 @@ def start_maps(problem: PlacementProblem) -> dict[str, np.ndarray]:
                                        topo.num_nodes, topo.num_gpus)
     starts = {"eplb": eplb.astype(np.int64),
               "contiguous": contiguous_map(model.num_moe_layers, model.num_experts, problem.num_slots).astype(np.int64)}
+    stats = problem.stats
+    if topo.num_nodes > 1 and stats.sample_size > 0 and stats.sample_ids is not None and stats.top_k > 1:
+        starts["clustered"] = clustered_map(stats.sample_ids, stats.load, topo.num_gpus, topo.gpus_per_node,
+                                            problem.slots_per_gpu)
     if problem.dispatch in ("sglang-static", "vllm-ascend") and problem.num_redundant > 0:
         starts["coordinated"] = coordinated_map(problem.stats.load, topo.num_gpus, topo.gpus_per_node,
                                                 problem.slots_per_gpu)
