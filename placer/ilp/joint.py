@@ -1,8 +1,9 @@
 """The ``placer`` method: joint balance + traffic placement with replication chosen jointly.
 
 Standard execution: start from EPLB (:func:`placer.ilp.eplb.rebalance_experts` with the
-problem's groups, nodes and GPUs; it decides replica counts by load) and from the contiguous
-layout, then improve every layer by simulated annealing on the objective of
+problem's groups, nodes and GPUs; it decides replica counts by load), from the contiguous
+layout and, on several nodes with a token sample, from :func:`placer.ilp.clustered.clustered_map`
+(experts routed together on one node, the hottest on every node), then improve every layer by simulated annealing on the objective of
 :mod:`placer.ilp.objective` (:mod:`placer.ilp.local_search`). Moves swap two slots between GPUs
 and move redundant slots between experts, so replica counts and replica locations are chosen
 together with the layout: with the ``nearest`` rule a replica in the home node serves locally,
@@ -13,7 +14,7 @@ independent subproblems, solved serially, in a process pool or on Ray
 The search scores layers under the *expected* dispatch (:mod:`placer.ilp._ls_kernel`); the
 reported objective is :func:`~placer.ilp.objective.evaluate_objective` under the problem's
 actual dispatch table. Under ``sglang-static`` (SGLang 0.5.23's tables, whose fair spreads are
-per-rank random streams that do not coordinate) a third start, :func:`placer.ilp.starts.coordinated_map`, keeps
+per-rank random streams that do not coordinate) one more start, :func:`placer.ilp.starts.coordinated_map`, keeps
 the redundant slots on cold experts, and the balance cap's reference is the better of EPLB and
 that start, measured on SGLang's actual tables. The result is never worse on that objective than the better start: if
 the searched placement scores worse (possible only through the dispatch table's random fair
