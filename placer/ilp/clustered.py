@@ -4,7 +4,7 @@ the hottest experts sit on every node.
 Under the ``nearest`` rules a token's dispatch crosses to every node holding one of its experts
 but not its own, and an expert with a copy on every node never crosses. Routers co-activate
 experts in clusters (a token's experts mostly come from one set of a few experts, layer after
-layer; ExFlow, MoETuner and Occult exploit the same), so a node that holds whole clusters serves
+layer; ExFlow and MoETuner exploit the same), so a node that holds whole clusters serves
 most of a token's experts from one place, and copies of the hottest experts on every node take
 them off the network and split their load evenly. EPLB's packing sees only the loads.
 """
