@@ -7,9 +7,10 @@ never a wall-clock limit, so their outputs are reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
-from ortools.sat.python import cp_model
+if TYPE_CHECKING:  # imported where a model is solved (with pandas: 0.4-0.8 s a process)
+    from ortools.sat.python import cp_model
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ def run_cpsat(model: cp_model.CpModel, *, time_limit_s: float | None = None,
     happens with CP-SAT's own stop rules); a run stopped by a limit with a solution is ``timeout``;
     a run stopped by a limit without one is ``unknown`` (the caller keeps its heuristic).
     """
+    from ortools.sat.python import cp_model  # deferred: see the import above
+
     solver = cp_model.CpSolver()
     params = solver.parameters
     params.num_workers = int(num_workers)

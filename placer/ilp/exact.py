@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
-from ortools.graph.python import min_cost_flow
 
 from placer.errors import InvalidInputError
 from placer.ilp.assignment import max_weight_assignment
@@ -333,6 +332,8 @@ def pair_matching_bound(transitions: np.ndarray, per_gpu: int) -> np.ndarray:
     ``transitions``: [L-1, E, E]. Returns float64 [L-1] upper bounds on same-GPU transitions.
     """
     t = np.asarray(transitions)
+    from ortools.graph.python import min_cost_flow  # deferred: 0.15 s a process
+
     num_pairs, num_experts, _ = t.shape
     out = np.zeros(num_pairs)
     for layer in range(num_pairs):

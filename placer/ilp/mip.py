@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulp
-from ortools.sat.python import cp_model
 
 from placer.errors import InvalidInputError
 from placer.ilp._cpsat import run_cpsat
@@ -83,7 +82,10 @@ class MipModel:
         self._count = 0
         self._cuts: list[Any] = []  # PuLP: cut rows, added after the others when solving
         if self.backend == "cpsat":
+            from ortools.sat.python import cp_model  # deferred: 0.4-0.8 s a process
+
             self.cp = cp_model.CpModel()
+            self._linear = cp_model.LinearExpr
             self.cp.name = name
         else:
             self.lp = pulp.LpProblem(re.sub(r"\W", "_", name), pulp.LpMinimize)
@@ -121,7 +123,7 @@ class MipModel:
 
     def dot(self, coefs: Sequence[float], variables: Sequence[Any]) -> Any:
         if self.backend == "cpsat":
-            return cp_model.LinearExpr.weighted_sum(list(variables), [int(c) for c in coefs])
+            return self._linear.weighted_sum(list(variables), [int(c) for c in coefs])
         return pulp.lpSum(float(c) * v for c, v in zip(coefs, variables, strict=True))
 
     def add(self, constraint: Any, *, cut: bool = False) -> None:
