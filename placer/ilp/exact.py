@@ -331,9 +331,9 @@ def pair_matching_bound(transitions: np.ndarray, per_gpu: int) -> np.ndarray:
 
     ``transitions``: [L-1, E, E]. Returns float64 [L-1] upper bounds on same-GPU transitions.
     """
-    t = np.asarray(transitions)
     from ortools.graph.python import min_cost_flow  # deferred: 0.15 s a process
 
+    t = np.asarray(transitions)
     num_pairs, num_experts, _ = t.shape
     out = np.zeros(num_pairs)
     for layer in range(num_pairs):
