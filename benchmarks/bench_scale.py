@@ -29,6 +29,7 @@ dispatch seeds (:func:`_seed_load`; the load targets are read on it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -82,14 +83,22 @@ def _seed_load(trace: Path, placement: Path, shape: dict) -> float:
     serving stack draws its own deal, so one seed's figure is one draw (it moves by up to 0.01)."""
     import numpy as np
 
-    from placer.io import read_placement_json, read_trace
+    from placer.io import read_placement_json
     from placer.metrics import gpu_load, load_balance
     from placer.presets import make_topology
 
     topo = make_topology("h100", gpus=shape["gpus"], nodes=shape["nodes"])
-    data, placed = read_trace(str(trace)), read_placement_json(str(placement)).placement
+    data, placed = _trace(trace), read_placement_json(str(placement)).placement
     return float(np.mean([np.median(load_balance(gpu_load(placed, topo, data, seed=s))["per_layer"])
                           for s in SEEDS]))
+
+
+@functools.lru_cache(maxsize=1)
+def _trace(path: Path):
+    """The trace at ``path``, read once for the rows scored on it one after the other."""
+    from placer.io import read_trace
+
+    return read_trace(str(path))
 
 
 def _row(case: str, method: str, r: dict, ref: dict | None) -> str:
