@@ -21,6 +21,8 @@ from collections.abc import Callable
 import numpy as np
 
 from placer.ilp import PlacementProblem, solve
+from placer.ilp._ls_anneal import gpu_load_moments
+from placer.ilp.load_model import rank_noise, rank_shares, rank_squares
 from placer.ilp.objective import evaluate_objective
 from placer.ilp.packing import _pack_compiled
 from placer.ilp.simple import contiguous_map
@@ -49,8 +51,8 @@ def _tiny_problem():
 
 def pipeline_kernels() -> None:
     """Synthetic traces, statistics counts, the objective, the metrics (a tiny solve), the
-    ``nearest`` dispatch table and :func:`~placer.ilp.packing.keep_in_place`'s packing (both called
-    compiled: on a cold cache their callers take numpy)."""
+    ``nearest`` dispatch table, :func:`~placer.ilp.packing.keep_in_place`'s packing and the load
+    model's moments (each called compiled: on a cold cache their callers take numpy)."""
     trace, problem = _tiny_problem()
     placement = solve(problem, "placer", num_workers=1, iterations=64).placement
     assert placement is not None  # a posed problem is feasible (PlacementProblem checks it)
@@ -60,6 +62,10 @@ def pipeline_kernels() -> None:
     _nearest_kernel(placement.physical_to_logical, placement.slots_per_gpu, problem.topology.gpus_per_node,
                     placement.num_experts, np.random.default_rng(0))
     _pack_compiled(placement, placement, problem.stats.load, 0.05)  # solve_from's packing
+    topo = problem.topology  # the load model's kernel (scoring takes numpy until the cache holds it)
+    gpu_load_moments(placement.physical_to_logical, problem.stats.load, topo.num_gpus, topo.num_nodes,
+                     topo.gpus_per_node, placement.slots_per_gpu, "nearest", rank_shares(problem.stats, topo.num_gpus),
+                     rank_squares(problem.stats, topo.num_gpus), rank_noise(problem.stats, topo.num_gpus))
     count_kernels()
     for writable in (True, False):  # RoutingTrace's id check, on fresh and frozen chunks
         ids = np.zeros((1, 1, 2), np.int16)

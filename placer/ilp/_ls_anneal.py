@@ -2,8 +2,10 @@
 
 :func:`init_state` builds a layer's incremental state from a slot map; :func:`anneal` runs
 simulated annealing iterations with incremental deltas; :func:`token_counts_direct` is the
-from-scratch reference of the per-token expected sends (tests); :func:`expected_gpu_load` the
-expected per-GPU load of whole placements (the balance cap of :mod:`placer.ilp.objective`).
+from-scratch reference of the per-token expected sends (tests); :func:`gpu_load_moments` the
+expected per-GPU load of whole placements and its variance over the deal, and
+:func:`expected_max` the busiest GPU's load expected over it (the load model; numpy twins in
+:mod:`placer.ilp.load_model`).
 """
 
 from __future__ import annotations
@@ -14,24 +16,65 @@ import numpy as np
 
 from placer.ilp._ls_kernel import _contrib, _njit, _traffic, expert_contrib, make_dispatch
 
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
 
 @_njit
-def load_terms(gload, scale):
-    """(max, std) of the GPUs' load as time, ``gload * scale`` (``scale``: Dispatch.time_scale)."""
+def expected_max(load, var, scale):
+    """Expected busiest-GPU load as time: Clark's (1961) approximation of ``E[max_g X_g]`` for
+    independent normals ``X_g`` of mean ``load[g] * scale[g]`` and variance ``var[g] * scale[g]**2``
+    (the max of two normals in closed form, moment-matched to a normal, folded over the GPUs in
+    order). GPUs more than 5 standard deviations below the largest mean are left out; without
+    variance it is the largest mean exactly.
+    """
+    G = load.shape[0]
+    top = load[0] * scale[0]
+    for g in range(1, G):
+        top = max(top, load[g] * scale[g])
+    m = top
+    v = -1.0  # nothing folded yet
+    for g in range(G):
+        s = scale[g]
+        mu = load[g] * s
+        vg = max(var[g], 0.0) * s * s
+        if mu + 5.0 * math.sqrt(vg) < top:
+            continue
+        if v < 0.0:
+            m, v = mu, vg
+            continue
+        a2 = v + vg
+        if a2 <= 0.0:
+            if mu > m:
+                m = mu
+            continue
+        a = math.sqrt(a2)
+        al = (m - mu) / a
+        p1 = 0.5 * math.erfc(-al * _SQRT_HALF)
+        p2 = 0.5 * math.erfc(al * _SQRT_HALF)
+        ph = math.exp(-0.5 * al * al) * _INV_SQRT_2PI
+        e1 = m * p1 + mu * p2 + a * ph
+        e2 = (m * m + v) * p1 + (mu * mu + vg) * p2 + (m + mu) * a * ph
+        m = e1
+        v = max(e2 - e1 * e1, 0.0)
+    return m
+
+
+@_njit
+def load_terms(gload, gvar, scale):
+    """(expected max, std) of the GPUs' load as time, ``gload * scale`` (``scale``:
+    Dispatch.time_scale), the max over the deal's variance ``gvar`` (:func:`expected_max`), the
+    std of the expected loads."""
     G = gload.shape[0]
-    mx = gload[0] * scale[0]
     s = 0.0
     for g in range(G):
-        t = gload[g] * scale[g]
-        if t > mx:
-            mx = t
-        s += t
+        s += gload[g] * scale[g]
     mean = s / G
     v = 0.0
     for g in range(G):
         d = gload[g] * scale[g] - mean
         v += d * d
-    return mx, math.sqrt(v / G)
+    return expected_max(gload, gvar, scale), math.sqrt(v / G)
 
 
 @_njit
@@ -56,13 +99,16 @@ def init_state(p2l, L, st, wk):
         e = p2l[p]
         cslot[e, cnt[e]] = p
         cnt[e] += 1
-    gload, contrib = st.gload, st.contrib
+    gload, contrib, gvar, cvar = st.gload, st.contrib, st.gvar, st.cvar
     gload[:] = 0.0
+    gvar[:] = 0.0
     for e in range(E):
         contrib[e, :] = 0.0
-        _contrib(L, wk, cslot, e, cnt[e], L.load[e], contrib[e])
+        cvar[e, :] = 0.0
+        _contrib(L, wk, cslot, e, cnt[e], L.load[e], contrib[e], cvar[e])
         for g in range(gload.shape[0]):
             gload[g] += contrib[e, g]
+            gvar[g] += cvar[e, g]
     st.rc[:] = 0
     st.ru[:] = 0
     st.rp[:] = 1.0
@@ -76,7 +122,7 @@ def init_state(p2l, L, st, wk):
         if hold[g, e] == 0:
             traffic += L.move_cost[g, e]
         hold[g, e] += 1
-    mx, sd = load_terms(gload, L.dispatch.time_scale)
+    mx, sd = load_terms(gload, gvar, L.dispatch.time_scale)
     return traffic, mx, sd
 
 
@@ -136,8 +182,8 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
     P = L.num_slots
     wts = L.weights
     sg = L.dispatch.slot_gpu
-    cnt, cslot, contrib, gload = st.cnt, st.cslot, st.contrib, st.gload
-    ca, cb, newload = wk.ca, wk.cb, wk.newload
+    cnt, cslot, contrib, gload, cvar, gvar = st.cnt, st.cslot, st.contrib, st.gload, st.cvar, st.gvar
+    ca, cb, newload, va, vb, newvar = wk.ca, wk.cb, wk.newload, wk.va, wk.vb, wk.newvar
     probe = temp0 < 0.0
     traffic = score[0]
     en = score[3]
@@ -208,11 +254,14 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
             cnt[b] += 1
         ca[:] = 0.0
         cb[:] = 0.0
-        _contrib(L, wk, cslot, a, cnt[a], L.load[a], ca)
-        _contrib(L, wk, cslot, b, cnt[b], L.load[b], cb)
+        va[:] = 0.0
+        vb[:] = 0.0
+        _contrib(L, wk, cslot, a, cnt[a], L.load[a], ca, va)
+        _contrib(L, wk, cslot, b, cnt[b], L.load[b], cb, vb)
         for g in range(G):
             newload[g] = gload[g] - contrib[a, g] - contrib[b, g] + ca[g] + cb[g]
-        mx, sd = load_terms(newload, L.dispatch.time_scale)
+            newvar[g] = gvar[g] - cvar[a, g] - cvar[b, g] + va[g] + vb[g]
+        mx, sd = load_terms(newload, newvar, L.dispatch.time_scale)
         delta = 0.0
         if has_traffic:
             delta = _traffic(np.int64(0), a, b, np.bool_(False), L, st, wk)
@@ -244,6 +293,9 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
                 contrib[a, g] = ca[g]
                 contrib[b, g] = cb[g]
                 gload[g] = newload[g]
+                cvar[a, g] = va[g]
+                cvar[b, g] = vb[g]
+                gvar[g] = newvar[g]
             traffic = new_traffic
             en = new_en
             if primary < score[4] - 1e-12 * abs(score[4]) or (primary <= score[4] and new_en < score[5]):
@@ -258,7 +310,7 @@ def anneal(it0, it1, total, rand, temp0, temp_ratio, p_swap, p_guided, p2l, best
                 cslot[a, j] = wk.olds[0, j]
             for j in range(cb_n):
                 cslot[b, j] = wk.olds[1, j]
-    mx, sd = load_terms(gload, L.dispatch.time_scale)
+    mx, sd = load_terms(gload, gvar, L.dispatch.time_scale)
     score[0] = traffic
     score[1] = mx
     score[2] = sd
@@ -331,15 +383,17 @@ def token_counts_direct(t, p2l, L):
 
 
 @_njit
-def _expected_gpu_load(p2l, load, rank, node, dp):
+def _gpu_load_moments(p2l, load, rank, node, sq, nsq, noise, dp):
     num_layers, num_slots = p2l.shape
     num_experts = load.shape[1]
     out = np.zeros((num_layers, dp.num_gpus))
+    var = np.zeros((num_layers, dp.num_gpus))
     cslot = np.zeros((num_experts, num_slots - num_experts + 1), np.int64)
     cnt = np.zeros(num_experts, np.int64)
     hold_n = np.zeros(dp.num_nodes, np.int64)
     copy_n = np.zeros(dp.num_nodes, np.int64)
     hold_w = np.zeros(dp.num_nodes)
+    hold_s = np.zeros(dp.num_nodes)
     mark = np.zeros(dp.num_gpus, np.int64)
     for layer in range(num_layers):
         cnt[:] = 0
@@ -348,24 +402,42 @@ def _expected_gpu_load(p2l, load, rank, node, dp):
             cslot[e, cnt[e]] = p
             cnt[e] += 1
         for e in range(num_experts):
-            expert_contrib(cslot, e, cnt[e], load[layer, e], rank[layer, e], node[layer, e], dp, hold_n, copy_n,
-                           hold_w, mark, out[layer])
-    return out
+            expert_contrib(cslot, e, cnt[e], load[layer, e], rank[layer, e], node[layer, e], sq[layer, e],
+                           nsq[layer, e], noise[layer, e], dp, hold_n, copy_n, hold_w, hold_s, mark, out[layer],
+                           var[layer])
+    return out, var
+
+
+def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
+                     slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None,
+                     rank_sq: np.ndarray | None = None,
+                     noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
+    starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks),
+    and its variance [L, G]: over the spread (``rank_sq`` [L, E, G], default ``rank_load ** 2``:
+    :func:`placer.ilp._ls_kernel.deal_variance`) and of ``rank_load``'s estimate (``noise`` [L,
+    E], default 0: :func:`placer.ilp.load_model.rank_noise`).
+
+    With uniform home ranks the load equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
+    whenever the rule makes no random choice (e.g. no replicas; always for ``vllm``), and its
+    mean over dispatch seeds otherwise.
+    """
+    def own(a):  # C-contiguous and writable: one compiled signature (shares are read-only)
+        return np.require(a, np.float64, ("C", "W"))
+
+    p2l = np.require(p2l, np.int64, ("C", "W"))
+    load = own(load)
+    dp = make_dispatch(rule, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, p2l.shape[1])
+    rank = np.repeat(load[:, :, None] / num_gpus, num_gpus, axis=2) if rank_load is None else own(rank_load)
+    sq = rank * rank if rank_sq is None else own(rank_sq)
+    shape = (*load.shape, num_nodes, gpus_per_node)
+    node = np.ascontiguousarray(rank.reshape(shape).sum(axis=3))
+    nsq = np.ascontiguousarray(sq.reshape(shape).sum(axis=3))
+    kap = np.zeros(load.shape) if noise is None else own(noise)
+    return _gpu_load_moments(p2l, load, rank, node, sq, nsq, kap, dp)
 
 
 def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
                       slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
-    """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
-    starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks).
-
-    With uniform home ranks it equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
-    whenever the rule makes no random choice (e.g. no replicas; always for ``vllm``), and its
-    mean over dispatch seeds otherwise.
-    """
-    p2l = np.ascontiguousarray(p2l, np.int64)
-    load = np.ascontiguousarray(load, np.float64)
-    dp = make_dispatch(rule, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, p2l.shape[1])
-    rank = (np.repeat(load[:, :, None] / num_gpus, num_gpus, axis=2) if rank_load is None
-            else np.ascontiguousarray(rank_load, np.float64))
-    node = np.ascontiguousarray(rank.reshape(*load.shape, num_nodes, gpus_per_node).sum(axis=3))
-    return _expected_gpu_load(p2l, load, rank, node, dp)
+    """The expected load of :func:`gpu_load_moments`, float [L, G]."""
+    return gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load)[0]

@@ -17,14 +17,20 @@ The search model of a layer (the "expected dispatch" model):
 - GPU load is expected over the same fair spread, with each expert's tokens starting on the
   ranks the sample has them on (``rank_load``; where there is no sample, home ranks uniform:
   :func:`placer.metrics.dispatch.slot_load`'s expectation), so the load and the sends read one
-  set of tokens.
+  set of tokens. The spread deals whole ranks, so a copy's load varies with the deal: each
+  copy's variance (:func:`deal_variance`, from the dealt ranks' loads and their squares
+  ``rank_sq``) adds to its GPU's, and the busiest GPU's load is the *expected maximum* over the
+  deal, GPUs as independent normals (Clark's approximation,
+  :func:`placer.ilp._ls_anneal.expected_max`): balancing the expected loads alone leaves many
+  GPUs level, and the deal then lifts the maximum of them well above the expected one (on the
+  Kimi-K2 shape with 128 GPUs by about 0.02 max/mean, twice as much as on EPLB's placement).
 
 Per token type and GPU (node) the state keeps the number of the token's experts that surely use
 it, the number that may, and the product of ``1 - p`` over the latter, so a move re-evaluates
 only the tokens of the (at most two) changed experts and, per token, only the GPUs and nodes
 those experts' distributions touch.
 
-Energy of a layer: ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (the *primary*,
+Energy of a layer (``maxload`` that expected maximum): ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (the *primary*,
 what is optimised) plus ``lam * w_bal * std(load)``, a small smooth term that guides the
 annealer across the plateaus of the max. The best state is the one with the lowest primary
 (the smooth term only breaks ties). Traffic per token = ``sum_x cost[h, x] q_x`` over GPUs ``x``
@@ -42,6 +48,7 @@ state holds, 0 where the running placement holds it, so a move pays for the weig
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -73,7 +80,7 @@ class Dispatch(NamedTuple):
 
 
 class Weights(NamedTuple):
-    """Energy of a layer: ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (primary)
+    """Energy of a layer (``maxload`` that expected maximum): ``w_bal * maxload + traffic + pen * max(0, maxload - cap)`` (primary)
     plus ``lam * w_bal * std(load)``; traffic weighs NVLink sends by ``w_nv``, RDMA by ``w_rdma``."""
 
     w_bal: float
@@ -93,6 +100,9 @@ class Layer(NamedTuple):
     load: np.ndarray      # float64 [E] token-slots per batch token
     rank_load: np.ndarray  # float64 [E, G] the part of it whose tokens start on each rank
     node_load: np.ndarray  # float64 [E, N] the same per node
+    rank_sq: np.ndarray   # float64 [E, G] the square of each rank's part (an unbiased estimate)
+    node_sq: np.ndarray   # float64 [E, N] its sum per node
+    noise: np.ndarray     # float64 [E] sampling noise of rank_load (variance per unit, 0: exact)
     tok_ptr: np.ndarray   # int64 [E + 1] CSR: token types of each expert
     tok_idx: np.ndarray   # int64 [U * K]
     cost: np.ndarray      # float64 [G, G + N] cost of home h's token reaching GPU x / node x - G
@@ -117,6 +127,8 @@ class State(NamedTuple):
     cslot: np.ndarray    # int64 [E, maxc] slots of each expert (first cnt[e] valid)
     contrib: np.ndarray  # float64 [E, G] expected load each expert puts on each GPU
     gload: np.ndarray    # float64 [G]
+    cvar: np.ndarray     # float64 [E, G] variance of that load over the deal
+    gvar: np.ndarray     # float64 [G]
     rc: np.ndarray       # int32 [U, G + N] experts surely sent to GPU (node) x
     ru: np.ndarray       # int32 [U, G + N] experts maybe sent to x
     rp: np.ndarray       # float64 [U, G + N] prod (1 - p) over the latter
@@ -145,6 +157,10 @@ class Work(NamedTuple):
     newload: np.ndarray
     pbuf: np.ndarray     # float64 [probe] positive energy changes seen in probe mode
     hold_w: np.ndarray   # float64 [N]
+    hold_s: np.ndarray   # float64 [N]
+    va: np.ndarray       # float64 [G]
+    vb: np.ndarray
+    newvar: np.ndarray
 
 
 def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, slots_per_gpu: int,
@@ -159,9 +175,14 @@ def make_dispatch(rule: str, num_gpus: int, num_nodes: int, gpus_per_node: int, 
 
 def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispatch: Dispatch,
                weights: Weights, distinct: bool, move_cost: np.ndarray | None = None,
-               link_scale: np.ndarray | None = None, rank_load: np.ndarray | None = None) -> Layer:
+               link_scale: np.ndarray | None = None, rank_load: np.ndarray | None = None,
+               rank_sq: np.ndarray | None = None, noise: np.ndarray | None = None) -> Layer:
     """A :class:`Layer`; ``rank_load`` float [E, G] (default ``load / G`` on every rank): the part
-    of each expert's load whose tokens start on each rank; ``move_cost`` float [G, E] (default
+    of each expert's load whose tokens start on each rank; ``rank_sq`` float [E, G] (default
+    ``rank_load ** 2``): the square of each part, for the deal's variance (where the parts are
+    scaled up from a sample, :func:`placer.ilp.objective.rank_squares` removes the sample's own
+    noise); ``noise`` float [E] (default 0): the sampling noise of ``rank_load``
+    (:func:`placer.ilp.load_model.rank_noise`); ``move_cost`` float [G, E] (default
     none): the movement term, the cost of GPU g holding expert e, added to the energy once per
     (GPU, expert) held (see
     :func:`placer.ilp._ls_anneal.init_state`); ``link_scale`` float [G, G] (default all 1): each
@@ -177,6 +198,12 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
           else np.ascontiguousarray(rank_load, np.float64))
     if rl.shape != (e, g):
         raise ValueError(f"rank_load must be [{e}, {g}], got {list(rl.shape)}")
+    sq = rl * rl if rank_sq is None else np.ascontiguousarray(rank_sq, np.float64)
+    if sq.shape != (e, g):
+        raise ValueError(f"rank_sq must be [{e}, {g}], got {list(sq.shape)}")
+    kap = np.zeros(e) if noise is None else np.ascontiguousarray(noise, np.float64)
+    if kap.shape != (e,):
+        raise ValueError(f"noise must be [{e}], got {list(kap.shape)}")
     flat = ids.ravel()
     order = np.argsort(flat, kind="stable")
     ptr = np.zeros(e + 1, np.int64)
@@ -194,7 +221,8 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
         v = v * link_scale[gpus[:, None], np.arange(n)[None, :] * gpn + (gpus % gpn)[:, None]]
     return Layer(np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(home, np.int64),
                  np.ascontiguousarray(wt, np.float64), load, rl,
-                 np.ascontiguousarray(rl.reshape(e, n, gpn).sum(axis=2)), ptr,
+                 np.ascontiguousarray(rl.reshape(e, n, gpn).sum(axis=2)), sq,
+                 np.ascontiguousarray(sq.reshape(e, n, gpn).sum(axis=2)), kap, ptr,
                  (order // max(ids.shape[1], 1)).astype(np.int64), np.ascontiguousarray(np.hstack([w, v])),
                  partner_cdf(ids, wt, e), e, int(dispatch.slot_gpu.shape[0]), int(slots_per_gpu) * gpn,
                  bool(distinct), dispatch, weights, mc, bool((mc != 0).any()))
@@ -223,7 +251,8 @@ def make_state(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, 
     maxc = num_slots - num_experts + 1
     u, x = num_types, num_gpus + num_nodes
     return State(np.zeros(num_experts, np.int64), np.zeros((num_experts, maxc), np.int64),
-                 np.zeros((num_experts, num_gpus)), np.zeros(num_gpus), np.zeros((u, x), np.int32),
+                 np.zeros((num_experts, num_gpus)), np.zeros(num_gpus), np.zeros((num_experts, num_gpus)),
+                 np.zeros(num_gpus), np.zeros((u, x), np.int32),
                  np.zeros((u, x), np.int32), np.ones((u, x)), np.zeros((num_gpus, num_experts), np.int64))
 
 
@@ -234,16 +263,46 @@ def make_work(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, n
     z = np.zeros
     return Work(z(x, np.int64), z(x), z(x, np.int64), z(x, np.int64), z(x, np.int64), z(x), z(x, np.int64),
                 z(n, np.int64), z(n, np.int64), z(g, np.int64), z(num_types, np.int64), z(1, np.int64),
-                z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)), z(n))
+                z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)), z(n), z(n), z(g), z(g),
+                z(g))
 
 
 @_njit
-def expert_contrib(src, row, c, le, rl, nl, dp, hold_n, copy_n, hold_w, mark, out):
-    """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``,
-    of which ``rl`` float [G] starts on each rank (its home tokens) and ``nl`` float [N] on each node.
+def deal_variance(n, s, ss, c, h):
+    """Variance of the load a GPU holding ``h`` of ``c`` candidate copies receives when ``n``
+    ranks, whose loads sum to ``s`` and their squares to ``ss``, are dealt evenly at random: each
+    copy gets ``n // c`` ranks and a random ``n % c`` of the copies one more
+    (:func:`placer.metrics.dispatch._fair_into`), which ranks at random. The GPU's count ``M``
+    has mean ``h n / c`` and a hypergeometric variance ``h f (1 - f) (c - h) / (c - 1)`` (``f``
+    the remainder's share); given ``M`` its load is a sample of ``M`` of the ``n`` loads without
+    replacement, variance ``M (n - M) s2 / (n - 1)`` (``s2`` their population variance); plus the
+    mean load squared times the count's variance. Arguments as floats (one compiled signature).
+    """
+    if n <= 0.0 or h <= 0.0 or c <= h:
+        return 0.0
+    f = n / c - math.floor(n / c)
+    vm = h * f * (1.0 - f) * (c - h) / (c - 1.0)
+    m = h * n / c
+    xb = s / n
+    s2 = max(ss / n - xb * xb, 0.0)
+    v = xb * xb * vm
+    if n > 1.0:
+        v += (n * m - m * m - vm) * s2 / (n - 1.0)
+    return max(v, 0.0)
 
-    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n`` int [N], ``hold_w`` float [N] and ``mark``
-    [G] are zero workspaces (left zero).
+
+@_njit
+def expert_contrib(src, row, c, le, rl, nl, sq, nsq, kap, dp, hold_n, copy_n, hold_w, hold_s, mark, out, var):
+    """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``,
+    of which ``rl`` float [G] starts on each rank (its home tokens) and ``nl`` float [N] on each
+    node, to ``out`` [G], and its variance to ``var`` [G]: over the deal (:func:`deal_variance`;
+    ``sq`` [G] / ``nsq`` [N] the squares of ``rl`` and their sums per node) and, where ``rl`` is
+    estimated from a sample (``kap`` > 0, :func:`placer.ilp.load_model.rank_noise`), the
+    estimate's: a GPU taking a share ``w_r`` of each rank's part has ``kap * (sum_r w_r**2 rl[r] -
+    (sum_r w_r rl[r])**2 / le)`` (multinomial counts of a fixed total).
+
+    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n``/``mark`` int [N]/[N]/[G] and
+    ``hold_w``/``hold_s`` float [N] are zero workspaces (left zero).
     """
     G, N, gpn, rule = dp.num_gpus, dp.num_nodes, dp.gpus_per_node, dp.rule
     sg, gn = dp.slot_gpu, dp.gpu_node
@@ -258,13 +317,17 @@ def expert_contrib(src, row, c, le, rl, nl, dp, hold_n, copy_n, hold_w, mark, ou
         n = gn[g]
         copy_n[n] += 1
         if mark[g] == 0:  # a holder serves its own home tokens
-            mark[g] = 1
             holders += 1
             hold_n[n] += 1
             hold_w[n] += rl[g]
+            hold_s[n] += sq[g]
             held += rl[g]
             out[g] += rl[g]
+        mark[g] += 1  # the GPU's copies
     if rule == 0:
+        rest_n = 0.0  # the ranks of nodes without a copy, dealt together over all copies
+        rest_s = 0.0
+        rest_ss = 0.0
         for n in range(N):
             if gpn - hold_n[n] > 0:  # the node's other ranks: over its copies, else over all
                 need = max(nl[n] - hold_w[n], 0.0)
@@ -278,6 +341,26 @@ def expert_contrib(src, row, c, le, rl, nl, dp, hold_n, copy_n, hold_w, mark, ou
                     add = need / c
                     for j in range(c):
                         out[sg[src[row, j]]] += add
+                    rest_n += gpn
+                    rest_s += need
+                    rest_ss += max(nsq[n] - hold_s[n], 0.0)
+        for j in range(c):  # the variance, once per GPU (mark: its copies; negated when done)
+            g = sg[src[row, j]]
+            h = float(mark[g])
+            if h <= 0.0:
+                continue
+            mark[g] = -mark[g]
+            n = gn[g]
+            need = max(nl[n] - hold_w[n], 0.0)
+            local = h / copy_n[n] if gpn - hold_n[n] > 0 else 0.0  # the GPU's share of each dealt rank
+            v = deal_variance(float(gpn - hold_n[n]), need, max(nsq[n] - hold_s[n], 0.0), float(copy_n[n]), h)
+            if rest_n > 0.0:
+                v += deal_variance(rest_n, rest_s, rest_ss, float(c), h)
+            if kap > 0.0 and le > 0.0:
+                m = rl[g] + local * need + h * rest_s / c
+                q = rl[g] + local * local * need + (h / c) * (h / c) * rest_s
+                v += kap * max(q - m * m / le, 0.0)
+            var[g] += v
     elif G - holders > 0:
         add = max(le - held, 0.0) / c
         for j in range(c):
@@ -288,12 +371,13 @@ def expert_contrib(src, row, c, le, rl, nl, dp, hold_n, copy_n, hold_w, mark, ou
         hold_n[gn[g]] = 0
         copy_n[gn[g]] = 0
         hold_w[gn[g]] = 0.0
+        hold_s[gn[g]] = 0.0
 
 
 @_njit
-def _contrib(L, wk, src, row, c, le, out):
-    expert_contrib(src, row, c, le, L.rank_load[row], L.node_load[row], L.dispatch, wk.hold_n, wk.copy_n,
-                   wk.hold_w, wk.mark, out)
+def _contrib(L, wk, src, row, c, le, out, var):
+    expert_contrib(src, row, c, le, L.rank_load[row], L.node_load[row], L.rank_sq[row], L.node_sq[row],
+                   L.noise[row], L.dispatch, wk.hold_n, wk.copy_n, wk.hold_w, wk.hold_s, wk.mark, out, var)
 
 
 @_njit

@@ -11,7 +11,8 @@ so replicating and co-locating experts that fire together cuts inter-node sends.
 independent subproblems, solved serially, in a process pool or on Ray
 (:mod:`placer.ilp.parallel`), identically for a given seed.
 
-The search scores layers under the *expected* dispatch (:mod:`placer.ilp._ls_kernel`); the
+The search scores layers under the *expected* dispatch (:mod:`placer.ilp._ls_kernel`; the
+busiest GPU's load as its expected maximum over the rule's deal, :mod:`placer.ilp.load_model`); the
 reported objective is :func:`~placer.ilp.objective.evaluate_objective` under the problem's
 actual dispatch table. Under ``sglang-static`` (SGLang 0.5.23's tables, whose fair spreads are
 per-rank random streams that do not coordinate) one more start, :func:`placer.ilp.starts.coordinated_map`, keeps
@@ -65,12 +66,12 @@ from placer.ilp.bounds import (
 )
 from placer.ilp.coherent import solve_coherent
 from placer.ilp.frontier import enumeration_size, exact_frontier, frontier_refusal, placement_under
+from placer.ilp.load_model import rank_noise, rank_shares, rank_squares
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import (
     evaluate_objective,
     link_scale,
     objective_weights,
-    rank_shares,
     reference_ratio,
 )
 from placer.ilp.parallel import run_layer_search
@@ -98,8 +99,11 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers
     load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
-    shares = rank_shares(stats, topo.num_gpus)
-    rank = None if shares is None else shares / max(stats.num_tokens, 1)
+    shares, squares = rank_shares(stats, topo.num_gpus), rank_squares(stats, topo.num_gpus)
+    noise = rank_noise(stats, topo.num_gpus)
+    tokens = max(stats.num_tokens, 1)
+    rank = None if shares is None else shares / tokens
+    rank_sq = None if squares is None else squares / (tokens * tokens)
     if (stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0) and stats.sample_ids is not None
             and stats.sample_home_rank is not None and stats.sample_token_index is not None):
         sample = stats.sample_ids.astype(np.int64)
@@ -113,7 +117,8 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
         if ids.shape[0] > search_tokens:  # the sample is in random (key) order: take a prefix
             ids, hm, wt = token_types(sample[:search_tokens, layer], home[:search_tokens])
         tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"],
-                               None if move_cost is None else move_cost[layer], None if rank is None else rank[layer]))
+                               None if move_cost is None else move_cost[layer], None if rank is None else rank[layer],
+                               None if rank_sq is None else rank_sq[layer], None if noise is None else noise[layer] / tokens))
     return tasks
 
 

@@ -93,7 +93,11 @@ class LayerTask:
     penalty applies (``None``: no cap); ``move_cost`` float64 [G, E] or ``None``: the movement
     term, the cost of GPU g holding expert e, added to the primary once per (GPU, expert) held
     (:mod:`placer.ilp._ls_kernel`; re-placement from a running placement); ``rank_load`` float64
-    [E, G] or ``None`` (uniform): the part of ``load`` whose tokens start on each rank.
+    [E, G] or ``None`` (uniform): the part of ``load`` whose tokens start on each rank;
+    ``rank_sq`` float64 [E, G] or ``None`` (``rank_load ** 2``): its squares, for the variance of
+    the load over the dispatch rule's deal (:func:`placer.ilp.load_model.rank_squares`);
+    ``noise`` float64 [E] or ``None`` (0): ``rank_load``'s sampling noise
+    (:func:`placer.ilp.load_model.rank_noise`).
     """
 
     layer: int
@@ -105,6 +109,8 @@ class LayerTask:
     cap_slack: float | None = None
     move_cost: np.ndarray | None = None
     rank_load: np.ndarray | None = None
+    rank_sq: np.ndarray | None = None
+    noise: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ def _layer(task: LayerTask, cfg: SearchConfig) -> tuple[K.Layer, K.State, K.Work
     u = task.ids.shape[0]
     lay = K.make_layer(task.ids, task.home, task.wt, task.load, cfg.num_experts, cfg.slots_per_gpu,
                        cfg.dispatch(), cfg.weights(float("inf")), cfg.distinct, task.move_cost, cfg.link_scale,
-                       task.rank_load)
+                       task.rank_load, task.rank_sq, task.noise)
     st = K.make_state(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u)
     wk = K.make_work(cfg.num_experts, cfg.num_slots, cfg.num_gpus, cfg.num_nodes, u, cfg.probe)
     return lay, st, wk

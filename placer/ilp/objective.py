@@ -41,10 +41,13 @@ between them).
 - ``"balance_cap"``: per-layer slack, in max/mean ratio points, over the load of the EPLB
   placement of the same problem: ``ratio_l <= eplb_ratio_l + balance_cap``. Excess costs
   ``CAP_PENALTY`` (10) times the *unscaled* balance weight per unit of max load, so it acts as
-  a soft constraint. Both ratios are the *expected* loads over the dispatch rule's random fair
-  spread, each expert's tokens starting on the ranks the token sample has them on (the tokens the
-  traffic term counts; :func:`expected_ratio`), the quantity the search constrains: a constraint on one draw of the spread
-  would reject placements for the luck of seed 42, and serving stacks draw their own. Default ``DEFAULT_BALANCE_CAP`` = 0.01 for ``joint``, ``traffic`` and
+  a soft constraint. Both ratios are the busiest GPU's load *expected* over the dispatch rule's
+  random fair spread, each expert's tokens starting on the ranks the token sample has them on
+  (the tokens the traffic term counts): the expected maximum over the deal, with the sample's
+  own noise (:func:`expected_ratio`, :mod:`placer.ilp.load_model`), the quantity the search
+  constrains. A constraint on one draw of the spread would reject placements for the luck of
+  seed 42, and serving stacks draw their own; one on the expected loads' maximum would miss what
+  the deal adds to it, more for a level placement than for EPLB's. Default ``DEFAULT_BALANCE_CAP`` = 0.01 for ``joint``, ``traffic`` and
   ``affinity``, none for ``balance``; a negative value or ``None`` disables it.
 
 **Why the default is not the pure time weights.** In seconds, one RDMA send per token is
@@ -68,18 +71,23 @@ that balance is still bought where it costs little traffic.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import numpy as np
 
 from placer.costs import token_costs
 from placer.errors import InvalidInputError
-from placer.ilp._ls_kernel import RULE_CODES
 from placer.ilp.base import solve
+from placer.ilp.load_model import (
+    expected_max,
+    gpu_load_moments,
+    rank_noise,
+    rank_shares,
+    rank_squares,
+)
 from placer.ilp.starts import start_maps
 from placer.metrics import context_coherent_traffic, core, dispatch_traffic, gpu_load
-from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED, sample_home_ranks
+from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
 from placer.types import Placement
 
 OBJECTIVE_MODES = ("joint", "balance", "traffic", "affinity")
@@ -94,7 +102,7 @@ _MODE_MULTIPLIERS = {"joint": (JOINT_BALANCE_MULTIPLIER, 1.0, 1.0), "balance": (
                      "traffic": (0.0, 1.0, 0.0), "affinity": (0.0, 0.0, 1.0)}
 
 __all__ = ["DEFAULT_BALANCE_CAP", "JOINT_BALANCE_MULTIPLIER", "OBJECTIVE_MODES", "evaluate_objective",
-           "expected_ratio", "objective_weights", "rank_shares", "reference_ratio"]
+           "expected_ratio", "objective_weights", "reference_ratio"]
 
 
 def _number(weights: dict, key: str) -> float | None:
@@ -195,77 +203,6 @@ def _busiest(load: np.ndarray, topology) -> np.ndarray:
     return load.max(axis=1) if topology.gpu_speed is None else (load * topology.time_scale()[None, :]).max(axis=1)
 
 
-def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
-    """Per-GPU load [L, G] expected over the rule's random fair spread.
-
-    ``p2l`` int [L, P], ``load`` [L, E] token-slots per expert, ``rank_load`` [L, E, G] the part
-    of it whose tokens start on each rank (:func:`rank_shares`; default ``load / G`` on every
-    rank). The numpy form of the search kernel's :func:`placer.ilp._ls_anneal.expected_gpu_load`
-    (equal to it; no compilation, so scoring a placement on a cold numba cache costs no compile
-    time). Each GPU holding an expert serves its own home tokens of it from a local copy; the
-    other ranks' tokens spread over copies: ``nearest``/``sglang-static`` first over the copies in
-    the home node (a node without one spreads over all copies), the position rules (``rule``
-    code 2) evenly over all copies.
-    """
-    code = RULE_CODES[rule]
-    p2l = np.asarray(p2l, dtype=np.int64)
-    load = np.asarray(load, dtype=np.float64)
-    num_layers, num_slots = p2l.shape
-    num_experts = load.shape[1]
-    g, n, gpn = num_gpus, num_nodes, gpus_per_node
-    slot_gpu = np.arange(num_slots) // slots_per_gpu
-    copies = np.zeros((num_layers, num_experts, g))  # copies of each expert per GPU
-    np.add.at(copies, (np.arange(num_layers)[:, None], p2l, slot_gpu[None, :]), 1.0)
-    total = copies.sum(axis=2, keepdims=True)  # c: copies of the expert
-    per_copy = np.divide(load[:, :, None], total, out=np.zeros_like(total), where=total > 0)
-    if code == 2:
-        return (copies * per_copy).sum(axis=1)
-    share = (np.broadcast_to((load / g)[:, :, None], copies.shape) if rank_load is None
-             else np.asarray(rank_load, dtype=np.float64))  # each rank's home tokens of the expert
-    holds = copies > 0
-    assert code == 0, rule  # the kernel's only other code
-    out = np.where(holds, share, 0.0)
-    by_node = copies.reshape(num_layers, num_experts, n, gpn)
-    copy_n = by_node.sum(axis=3)  # [L, E, N]
-    need = np.where(holds, 0.0, share).reshape(num_layers, num_experts, n, gpn).sum(axis=3)  # non-holders' load
-    local = np.divide(need, copy_n, out=np.zeros_like(copy_n), where=copy_n > 0)
-    out += (by_node * local[:, :, :, None]).reshape(num_layers, num_experts, g)
-    spill = (need * (copy_n == 0)).sum(axis=2, keepdims=True)  # nodes without a copy
-    out += copies * np.divide(spill, total, out=np.zeros_like(total), where=total > 0)
-    return out.sum(axis=1)
-
-
-_SHARES: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
-
-
-def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
-    """float64 [L, E, G]: each expert's load (``stats.load``) split over the ranks its tokens start on,
-    in the proportions of the stats' token sample (home ranks as the metrics take them: the
-    sample's, else round-robin by token index), the same tokens the traffic terms count. An
-    expert the sample never routes to is spread evenly. None without a sample (uniform home
-    ranks). The last stats object's shares are kept (a solve asks once per placement it scores)."""
-    if (stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None
-            or stats.sample_home_rank is None):
-        return None
-    hit = _SHARES.get(id(stats))
-    if hit is not None and hit[0]() is stats and hit[1] == num_gpus:
-        return hit[2]
-    ids = stats.sample_ids.astype(np.int64)  # [S, L, K]
-    home = sample_home_ranks(stats, num_gpus)
-    num_layers, num_experts = stats.load.shape
-    cell = (np.arange(num_layers)[None, :, None] * num_experts + ids) * num_gpus + home[:, None, None]
-    counts = np.bincount(cell.ravel(), minlength=num_layers * num_experts * num_gpus).astype(np.float64)
-    counts = counts.reshape(num_layers, num_experts, num_gpus)
-    seen = counts.sum(axis=2, keepdims=True)
-    frac = np.where(seen > 0, counts / np.where(seen > 0, seen, 1.0), 1.0 / num_gpus)
-    out = stats.load.astype(np.float64)[:, :, None] * frac
-    out.setflags(write=False)
-    _SHARES.clear()  # the last stats object only
-    _SHARES[id(stats)] = (weakref.ref(stats), num_gpus, out)
-    return out
-
-
 def link_scale(topology) -> np.ndarray | None:
     """float [G, G]: how much slower than its tier each rank pair's link is (NVLink pairs:
     ``nvlink_gbps / bandwidth``, NIC pairs: ``nic_gbps / bandwidth``; 1 on a uniform tier), so a
@@ -294,19 +231,24 @@ def pair_weights(topology, w_nv: float, w_rdma: float) -> np.ndarray:
 
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread, each
-    expert's tokens starting on the ranks the stats' sample has them on (:func:`rank_shares`).
+    expert's tokens starting on the ranks the stats' sample has them on (:func:`rank_shares`):
+    the busiest GPU's load expected over the deal (:func:`placer.ilp.load_model.expected_max`,
+    as time on GPUs of different speeds), what the search balances.
 
     ``sglang-static`` has no spread to average over: SGLang 0.5.23 draws it from fixed seeds, so
     the load its tables give is the load the stack gets (:func:`layer_load_ratio`).
     """
     if problem.dispatch in ("sglang-static", "vllm-ascend"):  # fixed tables: nothing to average
         return layer_load_ratio(problem, placement)
-    topo = problem.topology
-    load = expected_gpu_load(placement.physical_to_logical, problem.stats.load, topo.num_gpus,
-                             topo.num_nodes, topo.gpus_per_node, placement.slots_per_gpu,
-                             problem.dispatch, rank_shares(problem.stats, topo.num_gpus)
-                             ) / max(problem.stats.num_tokens, 1)
-    return _busiest(load, topo), load.mean(axis=1)
+    topo, stats = problem.topology, problem.stats
+    tokens = max(stats.num_tokens, 1)
+    load, var = gpu_load_moments(placement.physical_to_logical, stats.load, topo.num_gpus, topo.num_nodes,
+                                 topo.gpus_per_node, placement.slots_per_gpu, problem.dispatch,
+                                 rank_shares(stats, topo.num_gpus), rank_squares(stats, topo.num_gpus),
+                                 rank_noise(stats, topo.num_gpus))
+    load, var = load / tokens, var / (tokens * tokens)
+    scale = None if topo.gpu_speed is None else topo.time_scale()
+    return expected_max(load, var, scale), load.mean(axis=1)
 
 
 def _ratio(mx: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -155,13 +155,13 @@ def test_a_two_level_matrix_solves_as_the_two_level_cluster():
 
 def test_placer_uses_the_slow_pairs_less():
     """A pair of nodes joined by a slow link: the joint objective, costed per pair, beats the
-    same search costed by tier means on the per-pair traffic it is judged by."""
+    same search costed by tier means on the per-pair traffic it is judged by (summed over three
+    seeds)."""
     problem = _matrix_problem(redundant=6, tokens=600)
     tier_only = PlacementProblem(problem.stats, problem.model, replace(problem.topology, bandwidth_gbps=None),
                                  num_redundant=6)
-    aware = solve(problem, "placer", seed=0).placement
-    blind = solve(tier_only, "placer", seed=0).placement
-    cost = [evaluate_objective(problem, p)["traffic"] for p in (aware, blind)]
+    cost = [sum(evaluate_objective(problem, solve(p, "placer", seed=seed).placement)["traffic"] for seed in range(3))
+            for p in (problem, tier_only)]  # over seeds: one search may land either way
     assert cost[0] <= cost[1]
 
 
@@ -170,7 +170,7 @@ def test_placer_uses_the_slow_pairs_less():
 def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, rule, by_rank):
     """The objective's numpy expected GPU load (no compilation) == the search kernel's, with home
     ranks uniform or each expert's load split over the ranks unevenly (``rank_load``)."""
-    from placer.ilp.objective import expected_gpu_load
+    from placer.ilp.load_model import expected_gpu_load
 
     rng = np.random.default_rng(seed)
     gpus = nodes * gpn
@@ -191,7 +191,7 @@ def test_expected_load_by_rank_is_the_sample_load_on_average():
     """With each expert's load split over the ranks as the sample has its tokens, the expected
     load is the mean over dispatch seeds of the load counted token by token (the metrics on a
     trace); with uniform ranks it is not (the sample's ranks are uneven)."""
-    from placer.ilp.objective import rank_shares
+    from placer.ilp.load_model import rank_shares
 
     problem = _problem(experts=8, gpus=8, nodes=2, redundant=8, layers=2, tokens=300, seed=4)
     rng = np.random.default_rng(3)
