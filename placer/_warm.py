@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from placer.ilp import PlacementProblem, solve
-from placer.ilp._ls_anneal import gpu_load_moments
+from placer.ilp._ls_load import gpu_load_moments
 from placer.ilp.load_model import rank_noise, rank_shares, rank_squares
 from placer.ilp.objective import evaluate_objective
 from placer.ilp.packing import _pack_compiled

@@ -2,10 +2,8 @@
 
 :func:`init_state` builds a layer's incremental state from a slot map; :func:`anneal` runs
 simulated annealing iterations with incremental deltas; :func:`token_counts_direct` is the
-from-scratch reference of the per-token expected sends (tests); :func:`gpu_load_moments` the
-expected per-GPU load of whole placements and its variance over the deal, and
-:func:`expected_max` the busiest GPU's load expected over it (the load model; numpy twins in
-:mod:`placer.ilp.load_model`).
+from-scratch reference of the per-token expected sends (tests). The load terms come from
+:mod:`placer.ilp._ls_load` (:func:`_contrib` per changed expert, the expected busiest GPU).
 """
 
 from __future__ import annotations
@@ -14,50 +12,14 @@ import math
 
 import numpy as np
 
-from placer.ilp._ls_kernel import _contrib, _njit, _traffic, expert_contrib, make_dispatch
-
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from placer.ilp._ls_kernel import _njit, _traffic
+from placer.ilp._ls_load import expected_max, expert_contrib
 
 
 @_njit
-def expected_max(load, var, scale):
-    """Expected busiest-GPU load as time: Clark's (1961) approximation of ``E[max_g X_g]`` for
-    independent normals ``X_g`` of mean ``load[g] * scale[g]`` and variance ``var[g] * scale[g]**2``
-    (the max of two normals in closed form, moment-matched to a normal, folded over the GPUs in
-    order). GPUs more than 5 standard deviations below the largest mean are left out; without
-    variance it is the largest mean exactly.
-    """
-    G = load.shape[0]
-    top = load[0] * scale[0]
-    for g in range(1, G):
-        top = max(top, load[g] * scale[g])
-    m = top
-    v = -1.0  # nothing folded yet
-    for g in range(G):
-        s = scale[g]
-        mu = load[g] * s
-        vg = max(var[g], 0.0) * s * s
-        if mu + 5.0 * math.sqrt(vg) < top:
-            continue
-        if v < 0.0:
-            m, v = mu, vg
-            continue
-        a2 = v + vg
-        if a2 <= 0.0:
-            if mu > m:
-                m = mu
-            continue
-        a = math.sqrt(a2)
-        al = (m - mu) / a
-        p1 = 0.5 * math.erfc(-al * _SQRT_HALF)
-        p2 = 0.5 * math.erfc(al * _SQRT_HALF)
-        ph = math.exp(-0.5 * al * al) * _INV_SQRT_2PI
-        e1 = m * p1 + mu * p2 + a * ph
-        e2 = (m * m + v) * p1 + (mu * mu + vg) * p2 + (m + mu) * a * ph
-        m = e1
-        v = max(e2 - e1 * e1, 0.0)
-    return m
+def _contrib(L, wk, src, row, c, le, out, var):
+    expert_contrib(src, row, c, le, L.rank_load[row], L.node_load[row], L.rank_sq[row], L.node_sq[row],
+                   L.noise[row], L.dispatch, wk.hold_n, wk.copy_n, wk.hold_w, wk.hold_s, wk.mark, out, var)
 
 
 @_njit
@@ -380,64 +342,3 @@ def token_counts_direct(t, p2l, L):
         if n != nh:
             rdma += 1.0 - nprod[n]
     return nv, rdma
-
-
-@_njit
-def _gpu_load_moments(p2l, load, rank, node, sq, nsq, noise, dp):
-    num_layers, num_slots = p2l.shape
-    num_experts = load.shape[1]
-    out = np.zeros((num_layers, dp.num_gpus))
-    var = np.zeros((num_layers, dp.num_gpus))
-    cslot = np.zeros((num_experts, num_slots - num_experts + 1), np.int64)
-    cnt = np.zeros(num_experts, np.int64)
-    hold_n = np.zeros(dp.num_nodes, np.int64)
-    copy_n = np.zeros(dp.num_nodes, np.int64)
-    hold_w = np.zeros(dp.num_nodes)
-    hold_s = np.zeros(dp.num_nodes)
-    mark = np.zeros(dp.num_gpus, np.int64)
-    for layer in range(num_layers):
-        cnt[:] = 0
-        for p in range(num_slots):
-            e = p2l[layer, p]
-            cslot[e, cnt[e]] = p
-            cnt[e] += 1
-        for e in range(num_experts):
-            expert_contrib(cslot, e, cnt[e], load[layer, e], rank[layer, e], node[layer, e], sq[layer, e],
-                           nsq[layer, e], noise[layer, e], dp, hold_n, copy_n, hold_w, hold_s, mark, out[layer],
-                           var[layer])
-    return out, var
-
-
-def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                     slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None,
-                     rank_sq: np.ndarray | None = None,
-                     noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
-    starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks),
-    and its variance [L, G]: over the spread (``rank_sq`` [L, E, G], default ``rank_load ** 2``:
-    :func:`placer.ilp._ls_kernel.deal_variance`) and of ``rank_load``'s estimate (``noise`` [L,
-    E], default 0: :func:`placer.ilp.load_model.rank_noise`).
-
-    With uniform home ranks the load equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
-    whenever the rule makes no random choice (e.g. no replicas; always for ``vllm``), and its
-    mean over dispatch seeds otherwise.
-    """
-    def own(a):  # C-contiguous and writable: one compiled signature (shares are read-only)
-        return np.require(a, np.float64, ("C", "W"))
-
-    p2l = np.require(p2l, np.int64, ("C", "W"))
-    load = own(load)
-    dp = make_dispatch(rule, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, p2l.shape[1])
-    rank = np.repeat(load[:, :, None] / num_gpus, num_gpus, axis=2) if rank_load is None else own(rank_load)
-    sq = rank * rank if rank_sq is None else own(rank_sq)
-    shape = (*load.shape, num_nodes, gpus_per_node)
-    node = np.ascontiguousarray(rank.reshape(shape).sum(axis=3))
-    nsq = np.ascontiguousarray(sq.reshape(shape).sum(axis=3))
-    kap = np.zeros(load.shape) if noise is None else own(noise)
-    return _gpu_load_moments(p2l, load, rank, node, sq, nsq, kap, dp)
-
-
-def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
-    """The expected load of :func:`gpu_load_moments`, float [L, G]."""
-    return gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load)[0]

@@ -18,10 +18,10 @@ The search model of a layer (the "expected dispatch" model):
   ranks the sample has them on (``rank_load``; where there is no sample, home ranks uniform:
   :func:`placer.metrics.dispatch.slot_load`'s expectation), so the load and the sends read one
   set of tokens. The spread deals whole ranks, so a copy's load varies with the deal: each
-  copy's variance (:func:`deal_variance`, from the dealt ranks' loads and their squares
+  copy's variance (:func:`placer.ilp._ls_load.deal_variance`, from the dealt ranks' loads and their squares
   ``rank_sq``) adds to its GPU's, and the busiest GPU's load is the *expected maximum* over the
   deal, GPUs as independent normals (Clark's approximation,
-  :func:`placer.ilp._ls_anneal.expected_max`): balancing the expected loads alone leaves many
+  :func:`placer.ilp._ls_load.expected_max`): balancing the expected loads alone leaves many
   GPUs level, and the deal then lifts the maximum of them well above the expected one (on the
   Kimi-K2 shape with 128 GPUs by about 0.02 max/mean, twice as much as on EPLB's placement).
 
@@ -48,7 +48,6 @@ state holds, 0 where the running placement holds it, so a move pays for the weig
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -265,119 +264,6 @@ def make_work(num_experts: int, num_slots: int, num_gpus: int, num_nodes: int, n
                 z(n, np.int64), z(n, np.int64), z(g, np.int64), z(num_types, np.int64), z(1, np.int64),
                 z((2, maxc), np.int64), z(2, np.int64), z(g), z(g), z(g), z(max(probe, 1)), z(n), z(n), z(g), z(g),
                 z(g))
-
-
-@_njit
-def deal_variance(n, s, ss, c, h):
-    """Variance of the load a GPU holding ``h`` of ``c`` candidate copies receives when ``n``
-    ranks, whose loads sum to ``s`` and their squares to ``ss``, are dealt evenly at random: each
-    copy gets ``n // c`` ranks and a random ``n % c`` of the copies one more
-    (:func:`placer.metrics.dispatch._fair_into`), which ranks at random. The GPU's count ``M``
-    has mean ``h n / c`` and a hypergeometric variance ``h f (1 - f) (c - h) / (c - 1)`` (``f``
-    the remainder's share); given ``M`` its load is a sample of ``M`` of the ``n`` loads without
-    replacement, variance ``M (n - M) s2 / (n - 1)`` (``s2`` their population variance); plus the
-    mean load squared times the count's variance. Arguments as floats (one compiled signature).
-    """
-    if n <= 0.0 or h <= 0.0 or c <= h:
-        return 0.0
-    f = n / c - math.floor(n / c)
-    vm = h * f * (1.0 - f) * (c - h) / (c - 1.0)
-    m = h * n / c
-    xb = s / n
-    s2 = max(ss / n - xb * xb, 0.0)
-    v = xb * xb * vm
-    if n > 1.0:
-        v += (n * m - m * m - vm) * s2 / (n - 1.0)
-    return max(v, 0.0)
-
-
-@_njit
-def expert_contrib(src, row, c, le, rl, nl, sq, nsq, kap, dp, hold_n, copy_n, hold_w, hold_s, mark, out, var):
-    """Add the expected per-GPU load of an expert with copies ``src[row, :c]`` and load ``le``,
-    of which ``rl`` float [G] starts on each rank (its home tokens) and ``nl`` float [N] on each
-    node, to ``out`` [G], and its variance to ``var`` [G]: over the deal (:func:`deal_variance`;
-    ``sq`` [G] / ``nsq`` [N] the squares of ``rl`` and their sums per node) and, where ``rl`` is
-    estimated from a sample (``kap`` > 0, :func:`placer.ilp.load_model.rank_noise`), the
-    estimate's: a GPU taking a share ``w_r`` of each rank's part has ``kap * (sum_r w_r**2 rl[r] -
-    (sum_r w_r rl[r])**2 / le)`` (multinomial counts of a fixed total).
-
-    ``dp`` a :class:`Dispatch`; ``hold_n``/``copy_n``/``mark`` int [N]/[N]/[G] and
-    ``hold_w``/``hold_s`` float [N] are zero workspaces (left zero).
-    """
-    G, N, gpn, rule = dp.num_gpus, dp.num_nodes, dp.gpus_per_node, dp.rule
-    sg, gn = dp.slot_gpu, dp.gpu_node
-    if rule == 2:
-        for j in range(c):
-            out[sg[src[row, j]]] += le / c
-        return
-    holders = 0
-    held = 0.0
-    for j in range(c):
-        g = sg[src[row, j]]
-        n = gn[g]
-        copy_n[n] += 1
-        if mark[g] == 0:  # a holder serves its own home tokens
-            holders += 1
-            hold_n[n] += 1
-            hold_w[n] += rl[g]
-            hold_s[n] += sq[g]
-            held += rl[g]
-            out[g] += rl[g]
-        mark[g] += 1  # the GPU's copies
-    if rule == 0:
-        rest_n = 0.0  # the ranks of nodes without a copy, dealt together over all copies
-        rest_s = 0.0
-        rest_ss = 0.0
-        for n in range(N):
-            if gpn - hold_n[n] > 0:  # the node's other ranks: over its copies, else over all
-                need = max(nl[n] - hold_w[n], 0.0)
-                if copy_n[n] > 0:
-                    add = need / copy_n[n]
-                    for j in range(c):
-                        g = sg[src[row, j]]
-                        if gn[g] == n:
-                            out[g] += add
-                else:
-                    add = need / c
-                    for j in range(c):
-                        out[sg[src[row, j]]] += add
-                    rest_n += gpn
-                    rest_s += need
-                    rest_ss += max(nsq[n] - hold_s[n], 0.0)
-        for j in range(c):  # the variance, once per GPU (mark: its copies; negated when done)
-            g = sg[src[row, j]]
-            h = float(mark[g])
-            if h <= 0.0:
-                continue
-            mark[g] = -mark[g]
-            n = gn[g]
-            need = max(nl[n] - hold_w[n], 0.0)
-            local = h / copy_n[n] if gpn - hold_n[n] > 0 else 0.0  # the GPU's share of each dealt rank
-            v = deal_variance(float(gpn - hold_n[n]), need, max(nsq[n] - hold_s[n], 0.0), float(copy_n[n]), h)
-            if rest_n > 0.0:
-                v += deal_variance(rest_n, rest_s, rest_ss, float(c), h)
-            if kap > 0.0 and le > 0.0:
-                m = rl[g] + local * need + h * rest_s / c
-                q = rl[g] + local * local * need + (h / c) * (h / c) * rest_s
-                v += kap * max(q - m * m / le, 0.0)
-            var[g] += v
-    elif G - holders > 0:
-        add = max(le - held, 0.0) / c
-        for j in range(c):
-            out[sg[src[row, j]]] += add
-    for j in range(c):
-        g = sg[src[row, j]]
-        mark[g] = 0
-        hold_n[gn[g]] = 0
-        copy_n[gn[g]] = 0
-        hold_w[gn[g]] = 0.0
-        hold_s[gn[g]] = 0.0
-
-
-@_njit
-def _contrib(L, wk, src, row, c, le, out, var):
-    expert_contrib(src, row, c, le, L.rank_load[row], L.node_load[row], L.rank_sq[row], L.node_sq[row],
-                   L.noise[row], L.dispatch, wk.hold_n, wk.copy_n, wk.hold_w, wk.hold_s, wk.mark, out, var)
 
 
 @_njit

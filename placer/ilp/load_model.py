@@ -1,8 +1,8 @@
 """The load model of the ``placer`` search, in numpy: expected GPU loads, their variance over the
 dispatch rule's random deal, and the expected busiest GPU.
 
-The search kernels (:mod:`placer.ilp._ls_kernel`, :mod:`placer.ilp._ls_anneal`) compute the
-same quantities incrementally; these numpy forms score whole placements without compiling
+The search kernels (:mod:`placer.ilp._ls_load`, used incrementally by
+:mod:`placer.ilp._ls_anneal`) compute the same quantities; these numpy forms score whole placements without compiling
 anything (a cold numba cache costs no compile time), and property tests hold the two equal.
 
 - :func:`gpu_load_moments`: per GPU, the load expected over the rule's fair spread and its
@@ -28,7 +28,7 @@ import weakref
 import numpy as np
 
 from placer._numba import cache_holds
-from placer.ilp import _ls_anneal as A
+from placer.ilp import _ls_load as LK
 from placer.ilp._ls_kernel import RULE_CODES
 from placer.metrics.dispatch import sample_home_ranks
 
@@ -45,7 +45,7 @@ def deal_variance(n: np.ndarray, s: np.ndarray, ss: np.ndarray, c: np.ndarray, h
     """Variance of the load a GPU holding ``h`` of ``c`` candidate copies receives when ``n`` ranks,
     whose loads sum to ``s`` and their squares to ``ss``, are dealt evenly at random (elementwise;
     0 where ``n`` or ``h`` is 0 or ``h >= c``). The numpy form of
-    :func:`placer.ilp._ls_kernel.deal_variance`."""
+    :func:`placer.ilp._ls_load.deal_variance`."""
     n, c, h = (np.asarray(x, np.float64) for x in (n, c, h))
     ok = (n > 0) & (h > 0) & (c > h)
     nn, cc, hh = np.where(ok, n, 1.0), np.where(ok, c, 2.0), np.where(ok, h, 1.0)
@@ -64,11 +64,11 @@ def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes
                      noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-GPU load [L, G] expected over the rule's random fair spread, and its variance [L, G]
     over the deal and, with ``noise`` [L, E] (:func:`rank_noise`; default 0), of the estimate
-    (:func:`moments_numpy`): compiled (:func:`placer.ilp._ls_anneal.gpu_load_moments`, about 20
+    (:func:`moments_numpy`): compiled (:func:`placer.ilp._ls_load.gpu_load_moments`, about 20
     times faster on DeepSeek-V3's shape) once numba's cache holds the kernel, else in numpy, so
     that a cold cache compiles nothing inside a solve's time limit."""
-    if cache_holds(A._gpu_load_moments):
-        return A.gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load,
+    if cache_holds(LK._gpu_load_moments):
+        return LK.gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load,
                                   rank_sq, noise)
     return moments_numpy(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load, rank_sq,
                          noise)
@@ -149,7 +149,7 @@ def expected_max(load: np.ndarray, var: np.ndarray, scale: np.ndarray | None = N
     ``E[max_g X_g]`` for independent normals of mean ``load * scale`` and variance ``var *
     scale**2`` (``load``, ``var`` float [L, G]; ``scale`` [G], default 1), GPUs folded in order,
     those more than :data:`MAX_SIGMAS` below the largest mean left out. Without variance, the
-    largest mean exactly. The numpy form of :func:`placer.ilp._ls_anneal.expected_max`. [L]"""
+    largest mean exactly. The numpy form of :func:`placer.ilp._ls_load.expected_max`. [L]"""
     s = np.ones(load.shape[1]) if scale is None else np.asarray(scale, np.float64)
     mu = np.asarray(load, np.float64) * s[None, :]
     v_all = np.maximum(np.asarray(var, np.float64), 0.0) * (s * s)[None, :]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from placer.errors import InvalidInputError
 from placer.ilp import PlacementProblem, solve
 from placer.ilp import _ls_anneal as A
+from placer.ilp import _ls_load as LK
 from placer.ilp.joint import balance_lower_bound
 from placer.ilp.local_search import SearchConfig, _layer, search_layer, token_types
 from placer.ilp.objective import evaluate_objective, link_scale, objective_weights, pair_weights
@@ -98,7 +99,7 @@ def test_search_model_is_exact_without_replicas(rule):
         assert traffic == pytest.approx(nv + 10.0 * rdma, rel=1e-12)
         np.testing.assert_allclose(st_.gload, sl[layer] / problem.stats.num_tokens, rtol=1e-12)
         assert mx == pytest.approx(sl[layer].max() / problem.stats.num_tokens)
-    expected = A.expected_gpu_load(p2l, problem.stats.load, 4, 2, 2, 2, rule)
+    expected = LK.expected_gpu_load(p2l, problem.stats.load, 4, 2, 2, 2, rule)
     np.testing.assert_allclose(expected, sl, rtol=1e-12)
 
 
@@ -181,7 +182,7 @@ def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, ru
                     for _ in range(layers)])
     load = rng.integers(0, 1000, size=(layers, experts)).astype(np.float64)
     rank = load[:, :, None] * rng.dirichlet(np.ones(gpus) * 0.5, size=(layers, experts)) if by_rank else None
-    want = A.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
+    want = LK.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
     got = expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1), rtol=1e-12)  # every token-slot served once
@@ -204,8 +205,8 @@ def test_expected_load_by_rank_is_the_sample_load_on_average():
     runs = np.mean([gpu_load(placement, topo, trace, seed=seed) for seed in range(150)], axis=0)
     shares = rank_shares(stats, 8)
     np.testing.assert_allclose(shares.sum(axis=2), stats.load, rtol=1e-12)
-    by_rank = A.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest", shares)
-    uniform = A.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest")
+    by_rank = LK.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest", shares)
+    uniform = LK.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest")
     np.testing.assert_allclose(runs, by_rank, rtol=0.03)
     assert np.abs(runs - by_rank).max() < 0.5 * np.abs(runs - uniform).max()
 
@@ -251,7 +252,7 @@ def test_expected_dispatch_matches_the_seeded_rule_on_average():
                      .reshape(8, 2).sum(axis=1))
     assert np.mean(runs) == pytest.approx(traffic, rel=0.02)
     np.testing.assert_allclose(np.mean(loads, axis=0), expected_load, rtol=0.02)
-    np.testing.assert_allclose(A.expected_gpu_load(p2l, problem.stats.load, 8, 2, 4, 2, "nearest")[0],
+    np.testing.assert_allclose(LK.expected_gpu_load(p2l, problem.stats.load, 8, 2, 4, 2, "nearest")[0],
                                expected_load, rtol=1e-12)
 
 
@@ -475,10 +476,10 @@ def test_placer_keeps_sglang_static_tables_balanced(shape):
 
 
 KERNEL_SIGNATURES = """
-from placer.ilp import _ls_anneal as A, _ls_kernel as K
+from placer.ilp import _ls_anneal as A, _ls_kernel as K, _ls_load as LK
 from placer.ilp.warmup import search_kernels
 search_kernels()
-for mod in (K, A):
+for mod in (K, A, LK):
     for name, f in sorted(vars(mod).items()):
         if getattr(f, "signatures", None):
             print(name, len(f.signatures))

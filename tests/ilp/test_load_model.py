@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from placer.ilp import PlacementProblem
 from placer.ilp import _ls_anneal as A
+from placer.ilp import _ls_load as LK
 from placer.ilp.load_model import (
     expected_max,
     gpu_load_moments,
@@ -59,7 +60,7 @@ def test_numpy_moments_equal_the_kernel(nodes, gpn, spg, layers, seed, rule, by_
         rank = load[:, :, None] * rng.dirichlet(np.ones(gpus) * 0.5, size=(layers, experts))
         noise = rng.uniform(0.0, 3.0, size=(layers, experts))
         sq = rank * rank - rank * noise[:, :, None]
-    want = A.gpu_load_moments(p2l, load, gpus, nodes, gpn, spg, rule, rank, sq, noise)
+    want = LK.gpu_load_moments(p2l, load, gpus, nodes, gpn, spg, rule, rank, sq, noise)
     got = moments_numpy(p2l, load, gpus, nodes, gpn, spg, rule, rank, sq, noise)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-6)
@@ -69,7 +70,7 @@ def test_numpy_moments_equal_the_kernel(nodes, gpn, spg, layers, seed, rule, by_
         assert (got[1] == 0).all()  # the position rules deal no ranks
     scale = rng.uniform(0.5, 2.0, gpus)
     em = expected_max(got[0], got[1], scale)
-    np.testing.assert_allclose(em, [A.expected_max(got[0][i], got[1][i], scale) for i in range(layers)],
+    np.testing.assert_allclose(em, [LK.expected_max(got[0][i], got[1][i], scale) for i in range(layers)],
                                rtol=1e-12)
     assert (em >= (got[0] * scale).max(axis=1) - 1e-9).all()
 
@@ -79,7 +80,7 @@ def test_expected_max_against_closed_forms_and_sampling():
     unequal ones: within 2 % of the sampled mean of the max (Clark's approximation)."""
     mu = np.array([[1.0, 3.0, 2.0]])
     assert expected_max(mu, np.zeros_like(mu))[0] == 3.0
-    assert A.expected_max(mu[0], np.zeros(3), np.ones(3)) == 3.0
+    assert LK.expected_max(mu[0], np.zeros(3), np.ones(3)) == 3.0
     two = expected_max(np.array([[5.0, 5.0]]), np.array([[4.0, 4.0]]))[0]
     assert two == pytest.approx(5.0 + 2.0 / math.sqrt(math.pi), rel=1e-12)
     rng = np.random.default_rng(0)
@@ -127,7 +128,7 @@ def test_a_sample_of_the_trace_adds_its_noise_and_removes_it_from_the_squares():
     truth_sq = rank_shares(full, gpus) ** 2
     truth = rank_shares(full, gpus).copy()
     p2l = _map(rng, 1, experts, gpus * spg)
-    true_mean = A.gpu_load_moments(p2l, full.load, gpus, nodes, gpus // nodes, spg, "nearest", truth)[0]
+    true_mean = LK.gpu_load_moments(p2l, full.load, gpus, nodes, gpus // nodes, spg, "nearest", truth)[0]
     squares, means, est_var = [], [], []
     for seed in range(60):
         part = compute_stats(trace, sample_size=tokens // 4, seed=seed)
@@ -164,7 +165,7 @@ def test_the_search_state_keeps_the_variance_through_moves():
                      rank_sq=rank_squares(stats, gpus)[0] / t ** 2, noise=np.full(experts, 0.5) / t)
     lay, st_, wk = _layer(task, cfg)
     traffic, mx, sd = A.init_state(p2l, lay, st_, wk)
-    assert mx == pytest.approx(A.expected_max(st_.gload, st_.gvar, np.ones(gpus)), rel=1e-12)
+    assert mx == pytest.approx(LK.expected_max(st_.gload, st_.gvar, np.ones(gpus)), rel=1e-12)
     assert st_.gvar.max() > 0
     score = np.array([traffic, mx, sd, 1e30, 1e30, 1e30])
     A.anneal(0, 3000, 3000, rng.random((3000, 6)), 1.0, 1.0, 0.4, 0.3, p2l, p2l.copy(), lay, st_, wk, score)
@@ -172,6 +173,6 @@ def test_the_search_state_keeps_the_variance_through_moves():
     rebuilt = A.init_state(p2l, lay, st_, wk)
     np.testing.assert_allclose(gvar, st_.gvar, rtol=1e-9, atol=1e-15)
     assert rebuilt[1] == pytest.approx(score[1], rel=1e-9)
-    mean, var = A.gpu_load_moments(p2l[None], task.load[None], gpus, nodes, gpus // nodes, spg, "nearest",
+    mean, var = LK.gpu_load_moments(p2l[None], task.load[None], gpus, nodes, gpus // nodes, spg, "nearest",
                                    task.rank_load[None], task.rank_sq[None], task.noise[None])
     np.testing.assert_allclose(st_.gvar, var[0], rtol=1e-9, atol=1e-15)
