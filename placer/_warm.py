@@ -22,7 +22,7 @@ import numpy as np
 
 from placer.ilp import PlacementProblem, solve
 from placer.ilp._ls_load import gpu_load_moments
-from placer.ilp.load_model import rank_noise, rank_shares, rank_squares
+from placer.ilp.load_model import rank_loads
 from placer.ilp.objective import evaluate_objective
 from placer.ilp.packing import _pack_compiled
 from placer.ilp.simple import contiguous_map
@@ -64,8 +64,8 @@ def pipeline_kernels() -> None:
     _pack_compiled(placement, placement, problem.stats.load, 0.05)  # solve_from's packing
     topo = problem.topology  # the load model's kernel (scoring takes numpy until the cache holds it)
     gpu_load_moments(placement.physical_to_logical, problem.stats.load, topo.num_gpus, topo.num_nodes,
-                     topo.gpus_per_node, placement.slots_per_gpu, "nearest", rank_shares(problem.stats, topo.num_gpus),
-                     rank_squares(problem.stats, topo.num_gpus), rank_noise(problem.stats, topo.num_gpus))
+                     topo.gpus_per_node, placement.slots_per_gpu, "nearest",
+                     *(rank_loads(problem.stats, topo.num_gpus) or ()))
     count_kernels()
     for writable in (True, False):  # RoutingTrace's id check, on fresh and frozen chunks
         ids = np.zeros((1, 1, 2), np.int16)

@@ -179,9 +179,9 @@ def make_layer(ids, home, wt, load, num_experts: int, slots_per_gpu: int, dispat
     """A :class:`Layer`; ``rank_load`` float [E, G] (default ``load / G`` on every rank): the part
     of each expert's load whose tokens start on each rank; ``rank_sq`` float [E, G] (default
     ``rank_load ** 2``): the square of each part, for the deal's variance (where the parts are
-    scaled up from a sample, :func:`placer.ilp.objective.rank_squares` removes the sample's own
+    scaled up from a sample, :func:`placer.ilp.load_model.rank_loads` removes the sample's own
     noise); ``noise`` float [E] (default 0): the sampling noise of ``rank_load``
-    (:func:`placer.ilp.load_model.rank_noise`); ``move_cost`` float [G, E] (default
+    (:func:`placer.ilp.load_model.rank_loads`); ``move_cost`` float [G, E] (default
     none): the movement term, the cost of GPU g holding expert e, added to the energy once per
     (GPU, expert) held (see
     :func:`placer.ilp._ls_anneal.init_state`); ``link_scale`` float [G, G] (default all 1): each

@@ -49,7 +49,7 @@ def expert_contrib(src, row, c, le, rl, nl, sq, nsq, kap, dp, hold_n, copy_n, ho
     of which ``rl`` float [G] starts on each rank (its home tokens) and ``nl`` float [N] on each
     node, to ``out`` [G], and its variance to ``var`` [G]: over the deal (:func:`deal_variance`;
     ``sq`` [G] / ``nsq`` [N] the squares of ``rl`` and their sums per node) and, where ``rl`` is
-    estimated from a sample (``kap`` > 0, :func:`placer.ilp.load_model.rank_noise`), the
+    estimated from a sample (``kap`` > 0, :func:`placer.ilp.load_model.rank_loads`), the
     estimate's: a GPU taking a share ``w_r`` of each rank's part has ``kap * (sum_r w_r**2 rl[r] -
     (sum_r w_r rl[r])**2 / le)`` (multinomial counts of a fixed total).
 
@@ -200,7 +200,7 @@ def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes
     starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks),
     and its variance [L, G]: over the spread (``rank_sq`` [L, E, G], default ``rank_load ** 2``:
     :func:`placer.ilp._ls_kernel.deal_variance`) and of ``rank_load``'s estimate (``noise`` [L,
-    E], default 0: :func:`placer.ilp.load_model.rank_noise`).
+    E], default 0: :func:`placer.ilp.load_model.rank_loads`).
 
     With uniform home ranks the load equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
     whenever the rule makes no random choice (e.g. no replicas; always for ``vllm``), and its

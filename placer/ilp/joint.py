@@ -66,7 +66,7 @@ from placer.ilp.bounds import (
 )
 from placer.ilp.coherent import solve_coherent
 from placer.ilp.frontier import enumeration_size, exact_frontier, frontier_refusal, placement_under
-from placer.ilp.load_model import rank_noise, rank_shares, rank_squares
+from placer.ilp.load_model import rank_loads
 from placer.ilp.local_search import LayerTask, SearchConfig, token_types
 from placer.ilp.objective import (
     evaluate_objective,
@@ -99,11 +99,10 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
     stats, topo = problem.stats, problem.topology
     num_layers = stats.num_layers
     load = stats.load.astype(np.float64) / max(stats.num_tokens, 1)
-    shares, squares = rank_shares(stats, topo.num_gpus), rank_squares(stats, topo.num_gpus)
-    noise = rank_noise(stats, topo.num_gpus)
     tokens = max(stats.num_tokens, 1)
-    rank = None if shares is None else shares / tokens
-    rank_sq = None if squares is None else squares / (tokens * tokens)
+    loads = rank_loads(stats, topo.num_gpus)  # per batch token, as ``load``
+    rank, rank_sq, noise = (None, None, None) if loads is None else (
+        loads.shares / tokens, loads.squares / tokens ** 2, loads.noise / tokens)
     if (stats.sample_size > 0 and (cfg.w_nv > 0 or cfg.w_rdma > 0) and stats.sample_ids is not None
             and stats.sample_home_rank is not None and stats.sample_token_index is not None):
         sample = stats.sample_ids.astype(np.int64)
@@ -118,7 +117,7 @@ def _tasks(problem: PlacementProblem, starts: np.ndarray, weights: dict, cfg: Se
             ids, hm, wt = token_types(sample[:search_tokens, layer], home[:search_tokens])
         tasks.append(LayerTask(layer, load[layer], ids, hm, wt, starts[:, layer], weights["balance_cap"],
                                None if move_cost is None else move_cost[layer], None if rank is None else rank[layer],
-                               None if rank_sq is None else rank_sq[layer], None if noise is None else noise[layer] / tokens))
+                               None if rank_sq is None else rank_sq[layer], None if noise is None else noise[layer]))
     return tasks
 
 

@@ -14,16 +14,17 @@ anything (a cold numba cache costs no compile time), and property tests hold the
   the maximum of them: on a 20,000-token Kimi-K2 trace over 128 GPUs in 16 nodes (synthetic),
   the median layer's max/mean over 8 dispatch seeds was 0.018 above the max of the expected
   loads for placer's placement and 0.011 for EPLB's; this model was within 0.003 of both.
-- :func:`rank_shares` / :func:`rank_squares`: each expert's load split over the ranks its tokens
-  start on, as the stats' token sample has them, and the squares of those parts with the
-  sample's own noise taken out (the deal's variance is the spread of the ranks' loads on the
-  whole trace, not on the sample).
+- :func:`rank_loads`: each expert's load split over the ranks its tokens start on, as the stats'
+  token sample has them, the squares of those parts with the sample's own noise taken out (the
+  deal's variance is the spread of the ranks' loads on the whole trace, not on the sample), and
+  that noise.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,8 +33,8 @@ from placer.ilp import _ls_load as LK
 from placer.ilp._ls_kernel import RULE_CODES
 from placer.metrics.dispatch import sample_home_ranks
 
-__all__ = ["deal_variance", "expected_gpu_load", "expected_max", "gpu_load_moments", "moments_numpy",
-           "rank_noise", "rank_shares", "rank_squares"]
+__all__ = ["RankLoads", "deal_variance", "expected_max", "gpu_load_moments", "moments_numpy", "rank_loads",
+           "rank_shares"]
 
 MAX_SIGMAS = 5.0
 """GPUs whose mean is more than this many standard deviations below the largest mean are left
@@ -63,7 +64,7 @@ def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes
                      rank_sq: np.ndarray | None = None,
                      noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-GPU load [L, G] expected over the rule's random fair spread, and its variance [L, G]
-    over the deal and, with ``noise`` [L, E] (:func:`rank_noise`; default 0), of the estimate
+    over the deal and, with ``noise`` [L, E] (:func:`rank_loads`; default 0), of the estimate
     (:func:`moments_numpy`): compiled (:func:`placer.ilp._ls_load.gpu_load_moments`, about 20
     times faster on DeepSeek-V3's shape) once numba's cache holds the kernel, else in numpy, so
     that a cold cache compiles nothing inside a solve's time limit."""
@@ -81,8 +82,8 @@ def moments_numpy(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: i
     """:func:`gpu_load_moments` in numpy.
 
     ``p2l`` int [L, P], ``load`` [L, E] token-slots per expert, ``rank_load`` [L, E, G] the part
-    of it whose tokens start on each rank (:func:`rank_shares`; default ``load / G`` on every
-    rank), ``rank_sq`` [L, E, G] the squares of those parts (:func:`rank_squares`; default
+    of it whose tokens start on each rank (:func:`rank_loads`; default ``load / G`` on every
+    rank), ``rank_sq`` [L, E, G] the squares of those parts (:func:`rank_loads`; default
     ``rank_load ** 2``). Each GPU holding an expert serves its own home tokens of it from a local
     copy; the other ranks' tokens spread over copies: ``nearest``/``sglang-static`` first over
     the copies in the home node (the node's other ranks dealt to them), the ranks of nodes
@@ -138,12 +139,6 @@ def moments_numpy(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: i
     return out.sum(axis=1), var.sum(axis=1)
 
 
-def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
-    """The expected load of :func:`gpu_load_moments`, float [L, G]."""
-    return gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load)[0]
-
-
 def expected_max(load: np.ndarray, var: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     """Per row, the busiest GPU's expected load as time: Clark's (1961) approximation of
     ``E[max_g X_g]`` for independent normals of mean ``load * scale`` and variance ``var *
@@ -178,16 +173,36 @@ def expected_max(load: np.ndarray, var: np.ndarray, scale: np.ndarray | None = N
     return m
 
 
-_SHARES: dict[int, tuple[weakref.ref, int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+class RankLoads(NamedTuple):
+    """Each expert's load split over the ranks its tokens start on, from the stats' token sample
+    (:func:`rank_loads`)."""
+
+    shares: np.ndarray   # float64 [L, E, G] the parts (they sum to ``stats.load``)
+    squares: np.ndarray  # float64 [L, E, G] their squares less the sample's own noise
+    noise: np.ndarray    # float64 [L, E] kappa: a part x estimated from the sample varies by kappa * x
 
 
-def _rank_parts(stats, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(:func:`rank_shares`, :func:`rank_squares`, :func:`rank_noise`) of ``stats``, the last
-    stats object's kept."""
+_LOADS: dict[int, tuple[weakref.ref, int, RankLoads]] = {}
+
+
+def rank_loads(stats, num_gpus: int) -> RankLoads | None:
+    """:class:`RankLoads` of ``stats`` on ``num_gpus`` ranks; None without a token sample (home
+    ranks uniform).
+
+    ``shares``: each expert's load (``stats.load``) split over the ranks in the proportions of the
+    sample (home ranks as the metrics take them: the sample's, else round-robin by token index),
+    the tokens the traffic terms count; an expert the sample never routes to is spread evenly.
+    ``noise``: ``kappa = k - 1`` per expert, ``k = load / count`` (its load over its count in the
+    sample): the sample is a random subset of the tokens ``load`` counts, so a part ``x`` estimated
+    from it has variance about ``kappa * x`` (0 when the sample is every token). ``squares``:
+    ``shares ** 2 - kappa * shares``, whose sum over a set of ranks is unbiased for the whole
+    trace's (the deal's variance reads it). The last stats object's are kept (a solve asks once
+    per placement it scores).
+    """
     if (stats.sample_size == 0 or stats.sample_ids is None or stats.sample_token_index is None
             or stats.sample_home_rank is None):
         return None
-    hit = _SHARES.get(id(stats))
+    hit = _LOADS.get(id(stats))
     if hit is not None and hit[0]() is stats and hit[1] == num_gpus:
         return hit[2]
     ids = stats.sample_ids.astype(np.int64)  # [S, L, K]
@@ -200,42 +215,16 @@ def _rank_parts(stats, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     frac = np.where(seen > 0, counts / np.where(seen > 0, seen, 1.0), 1.0 / num_gpus)
     load = stats.load.astype(np.float64)[:, :, None]
     shares = load * frac
-    # A share is the sample's count times k = load / seen; the count's own sampling noise adds
-    # about share * (k - 1) to the share's square on average, taken out here.
     kappa = np.maximum(np.where(seen > 0, load / np.where(seen > 0, seen, 1.0), 1.0) - 1.0, 0.0)
-    squares = shares * shares - shares * kappa
-    parts = (shares, squares, np.ascontiguousarray(kappa[:, :, 0]))
-    for a in parts:
+    out = RankLoads(shares, shares * shares - shares * kappa, np.ascontiguousarray(kappa[:, :, 0]))
+    for a in out:
         a.setflags(write=False)
-    _SHARES.clear()  # the last stats object only
-    _SHARES[id(stats)] = (weakref.ref(stats), num_gpus, parts)
-    return parts
+    _LOADS.clear()  # the last stats object only
+    _LOADS[id(stats)] = (weakref.ref(stats), num_gpus, out)
+    return out
 
 
 def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
-    """float64 [L, E, G]: each expert's load (``stats.load``) split over the ranks its tokens start on,
-    in the proportions of the stats' token sample (home ranks as the metrics take them: the
-    sample's, else round-robin by token index), the same tokens the traffic terms count. An
-    expert the sample never routes to is spread evenly. None without a sample (uniform home
-    ranks). The last stats object's shares are kept (a solve asks once per placement it scores)."""
-    parts = _rank_parts(stats, num_gpus)
-    return None if parts is None else parts[0]
-
-
-def rank_squares(stats, num_gpus: int) -> np.ndarray | None:
-    """float64 [L, E, G]: the squares of :func:`rank_shares` less the sample's own noise (a share
-    is a sample count times ``k = load / count``, whose square runs about ``share * (k - 1)`` above
-    the whole trace's; 0 when the sample is the whole trace), for the deal's variance. None
-    without a sample."""
-    parts = _rank_parts(stats, num_gpus)
-    return None if parts is None else parts[1]
-
-
-def rank_noise(stats, num_gpus: int) -> np.ndarray | None:
-    """float64 [L, E]: the sampling noise ``kappa = k - 1`` of each expert's :func:`rank_shares`
-    (``k = load / count``, the expert's load over its count in the sample): the sample is a random
-    subset of the tokens ``load`` counts, so a part ``x`` of the load estimated from it has variance
-    about ``kappa * x`` (0 when the sample is every token; an expert the sample never routes to:
-    0, its load spread evenly). None without a sample."""
-    parts = _rank_parts(stats, num_gpus)
-    return None if parts is None else parts[2]
+    """float64 [L, E, G]: :func:`rank_loads`' ``shares`` (None without a sample)."""
+    loads = rank_loads(stats, num_gpus)
+    return None if loads is None else loads.shares

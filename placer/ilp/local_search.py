@@ -95,9 +95,9 @@ class LayerTask:
     (:mod:`placer.ilp._ls_kernel`; re-placement from a running placement); ``rank_load`` float64
     [E, G] or ``None`` (uniform): the part of ``load`` whose tokens start on each rank;
     ``rank_sq`` float64 [E, G] or ``None`` (``rank_load ** 2``): its squares, for the variance of
-    the load over the dispatch rule's deal (:func:`placer.ilp.load_model.rank_squares`);
+    the load over the dispatch rule's deal (:func:`placer.ilp.load_model.rank_loads`);
     ``noise`` float64 [E] or ``None`` (0): ``rank_load``'s sampling noise
-    (:func:`placer.ilp.load_model.rank_noise`).
+    (:func:`placer.ilp.load_model.rank_loads`).
     """
 
     layer: int

@@ -78,13 +78,7 @@ import numpy as np
 from placer.costs import token_costs
 from placer.errors import InvalidInputError
 from placer.ilp.base import solve
-from placer.ilp.load_model import (
-    expected_max,
-    gpu_load_moments,
-    rank_noise,
-    rank_shares,
-    rank_squares,
-)
+from placer.ilp.load_model import expected_max, gpu_load_moments, rank_loads
 from placer.ilp.starts import start_maps
 from placer.metrics import context_coherent_traffic, core, dispatch_traffic, gpu_load
 from placer.metrics.dispatch import DEFAULT_DISPATCH_SEED
@@ -231,7 +225,8 @@ def pair_weights(topology, w_nv: float, w_rdma: float) -> np.ndarray:
 
 def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """(expected max GPU load per batch token [L], mean [L]) over the rule's random spread, each
-    expert's tokens starting on the ranks the stats' sample has them on (:func:`rank_shares`):
+    expert's tokens starting on the ranks the stats' sample has them on
+    (:func:`placer.ilp.load_model.rank_loads`):
     the busiest GPU's load expected over the deal (:func:`placer.ilp.load_model.expected_max`,
     as time on GPUs of different speeds), what the search balances.
 
@@ -244,8 +239,7 @@ def expected_ratio(problem, placement: Placement) -> tuple[np.ndarray, np.ndarra
     tokens = max(stats.num_tokens, 1)
     load, var = gpu_load_moments(placement.physical_to_logical, stats.load, topo.num_gpus, topo.num_nodes,
                                  topo.gpus_per_node, placement.slots_per_gpu, problem.dispatch,
-                                 rank_shares(stats, topo.num_gpus), rank_squares(stats, topo.num_gpus),
-                                 rank_noise(stats, topo.num_gpus))
+                                 *(rank_loads(stats, topo.num_gpus) or ()))
     load, var = load / tokens, var / (tokens * tokens)
     scale = None if topo.gpu_speed is None else topo.time_scale()
     return expected_max(load, var, scale), load.mean(axis=1)

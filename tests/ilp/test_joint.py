@@ -166,28 +166,6 @@ def test_placer_uses_the_slow_pairs_less():
     assert cost[0] <= cost[1]
 
 
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31),
-       st.sampled_from(["nearest", "sglang-dynamic", "vllm"]), st.booleans())
-def test_numpy_expected_load_equals_the_kernel(nodes, gpn, spg, layers, seed, rule, by_rank):
-    """The objective's numpy expected GPU load (no compilation) == the search kernel's, with home
-    ranks uniform or each expert's load split over the ranks unevenly (``rank_load``)."""
-    from placer.ilp.load_model import expected_gpu_load
-
-    rng = np.random.default_rng(seed)
-    gpus = nodes * gpn
-    slots = gpus * spg
-    experts = int(rng.integers(1, slots + 1))
-    p2l = np.stack([rng.permutation(np.concatenate([rng.permutation(experts),
-                                                    rng.integers(0, experts, slots - experts)]))
-                    for _ in range(layers)])
-    load = rng.integers(0, 1000, size=(layers, experts)).astype(np.float64)
-    rank = load[:, :, None] * rng.dirichlet(np.ones(gpus) * 0.5, size=(layers, experts)) if by_rank else None
-    want = LK.expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
-    got = expected_gpu_load(p2l, load, gpus, nodes, gpn, spg, rule, rank)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
-    np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1), rtol=1e-12)  # every token-slot served once
-
-
 def test_expected_load_by_rank_is_the_sample_load_on_average():
     """With each expert's load split over the ranks as the sample has its tokens, the expected
     load is the mean over dispatch seeds of the load counted token by token (the metrics on a

@@ -13,14 +13,7 @@ from hypothesis import strategies as st
 from placer.ilp import PlacementProblem
 from placer.ilp import _ls_anneal as A
 from placer.ilp import _ls_load as LK
-from placer.ilp.load_model import (
-    expected_max,
-    gpu_load_moments,
-    moments_numpy,
-    rank_noise,
-    rank_shares,
-    rank_squares,
-)
+from placer.ilp.load_model import expected_max, gpu_load_moments, moments_numpy, rank_loads
 from placer.ilp.local_search import LayerTask, SearchConfig, _layer, token_types
 from placer.ilp.objective import expected_ratio
 from placer.metrics import gpu_load
@@ -104,9 +97,9 @@ def test_the_variance_is_the_seeded_deals_on_average():
     placement = Placement(p2l, spg, experts)
     runs = np.array([gpu_load(placement, topo, trace, seed=seed)[0] for seed in range(600)])
     assert not np.allclose(runs.var(axis=0), 0.0)  # the deal varies the load
-    mean, var = gpu_load_moments(p2l, stats.load, gpus, nodes, gpus // nodes, spg, "nearest",
-                                 rank_shares(stats, gpus), rank_squares(stats, gpus), rank_noise(stats, gpus))
-    assert np.allclose(rank_noise(stats, gpus), 0.0)
+    loads = rank_loads(stats, gpus)
+    mean, var = gpu_load_moments(p2l, stats.load, gpus, nodes, gpus // nodes, spg, "nearest", *loads)
+    assert np.allclose(loads.noise, 0.0)
     np.testing.assert_allclose(runs.mean(axis=0), mean[0], rtol=0.02)
     np.testing.assert_allclose(runs.var(axis=0), var[0], rtol=0.2, atol=0.05 * var.max())
     busiest = runs.max(axis=1).mean()
@@ -118,28 +111,26 @@ def test_the_variance_is_the_seeded_deals_on_average():
 
 
 def test_a_sample_of_the_trace_adds_its_noise_and_removes_it_from_the_squares():
-    """A quarter of the trace as the sample: ``rank_noise`` is about 3 (k = 4), the squares are
+    """A quarter of the trace as the sample: the noise is about 3 (k = 4), the squares are
     unbiased for the whole trace's (mean over sample seeds), and the estimate's variance covers
     the spread of the sample's expected loads around the whole trace's."""
     rng = np.random.default_rng(2)
     gpus, nodes, spg, experts, tokens = 8, 2, 2, 10, 1600
     trace = _trace(rng, tokens, 1, experts, 2)
     full = compute_stats(trace, sample_size=tokens, seed=0)
-    truth_sq = rank_shares(full, gpus) ** 2
-    truth = rank_shares(full, gpus).copy()
+    truth = rank_loads(full, gpus).shares
+    truth_sq = truth ** 2
     p2l = _map(rng, 1, experts, gpus * spg)
     true_mean = LK.gpu_load_moments(p2l, full.load, gpus, nodes, gpus // nodes, spg, "nearest", truth)[0]
     squares, means, est_var = [], [], []
     for seed in range(60):
         part = compute_stats(trace, sample_size=tokens // 4, seed=seed)
-        noise = rank_noise(part, gpus)
-        assert np.median(noise) == pytest.approx(3.0, rel=0.25)
-        squares.append(rank_squares(part, gpus).sum(axis=2))
-        shares = rank_shares(part, gpus)
-        with_noise = gpu_load_moments(p2l, part.load, gpus, nodes, gpus // nodes, spg, "nearest", shares,
-                                      rank_squares(part, gpus), noise)
-        deal_only = gpu_load_moments(p2l, part.load, gpus, nodes, gpus // nodes, spg, "nearest", shares,
-                                     rank_squares(part, gpus))
+        loads = rank_loads(part, gpus)
+        assert np.median(loads.noise) == pytest.approx(3.0, rel=0.25)
+        squares.append(loads.squares.sum(axis=2))
+        with_noise = gpu_load_moments(p2l, part.load, gpus, nodes, gpus // nodes, spg, "nearest", *loads)
+        deal_only = gpu_load_moments(p2l, part.load, gpus, nodes, gpus // nodes, spg, "nearest", loads.shares,
+                                     loads.squares)
         means.append(with_noise[0][0])
         est_var.append(with_noise[1][0] - deal_only[1][0])
     np.testing.assert_allclose(np.mean(squares, axis=0), truth_sq.sum(axis=2), rtol=0.1, atol=0.02 * truth_sq.max())
@@ -161,8 +152,9 @@ def test_the_search_state_keeps_the_variance_through_moves():
     ids, hm, wt = token_types(stats.sample_ids[:, 0].astype(np.int64), home)
     t = stats.num_tokens
     p2l = _map(rng, 1, experts, gpus * spg)[0]
-    task = LayerTask(0, stats.load[0] / t, ids, hm, wt, p2l[None], rank_load=rank_shares(stats, gpus)[0] / t,
-                     rank_sq=rank_squares(stats, gpus)[0] / t ** 2, noise=np.full(experts, 0.5) / t)
+    loads = rank_loads(stats, gpus)
+    task = LayerTask(0, stats.load[0] / t, ids, hm, wt, p2l[None], rank_load=loads.shares[0] / t,
+                     rank_sq=loads.squares[0] / t ** 2, noise=np.full(experts, 0.5) / t)
     lay, st_, wk = _layer(task, cfg)
     traffic, mx, sd = A.init_state(p2l, lay, st_, wk)
     assert mx == pytest.approx(LK.expected_max(st_.gload, st_.gvar, np.ones(gpus)), rel=1e-12)
