@@ -56,9 +56,10 @@ def _synth(model: str, tokens: int, seed: int, out: Path, perturb: float = 0.0) 
 
 def _solve(trace: Path, shape: dict, method: str, *, limit: float | None, cache: str | None,
            extra: tuple[str, ...] = ()) -> dict:
+    out_path = trace.with_name(f"{trace.stem}-{method}.json")
     cmd = [*PLACER, "solve", str(trace), "--gpus", str(shape["gpus"]), "--nodes", str(shape["nodes"]),
            "--redundant", str(shape["redundant"]), "--method", method, "--json",
-           "-o", str(trace.with_name(f"{trace.stem}-{method}.json")), *extra]
+           "-o", str(out_path), *extra]
     if limit is not None:
         cmd += ["--time-limit", str(limit)]
     env = dict(os.environ)
@@ -73,7 +74,7 @@ def _solve(trace: Path, shape: dict, method: str, *, limit: float | None, cache:
     m = out["comparison"][0]["metrics"]
     return {"wall_s": wall, "solve_s": out["solve_seconds"], "status": out["status"],
             "load": m["load_max_over_mean_median"], "inter_node": m["inter_node_nodes_per_token_layer"],
-            "load_seeds": _seed_load(trace, trace.with_name(f"{trace.stem}-{method}.json"), shape),
+            "load_seeds": _seed_load(trace, out_path, shape),
             "compiled": "compiling" in done.stderr}
 
 

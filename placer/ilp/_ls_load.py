@@ -199,7 +199,7 @@ def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes
     """Per-GPU load [L, G] expected over the rule's random fair spread, each expert's tokens
     starting on the ranks ``rank_load`` float [L, E, G] gives (default: uniform over the ranks),
     and its variance [L, G]: over the spread (``rank_sq`` [L, E, G], default ``rank_load ** 2``:
-    :func:`placer.ilp._ls_kernel.deal_variance`) and of ``rank_load``'s estimate (``noise`` [L,
+    :func:`deal_variance`) and of ``rank_load``'s estimate (``noise`` [L,
     E], default 0: :func:`placer.ilp.load_model.rank_loads`).
 
     With uniform home ranks the load equals :func:`placer.metrics.dispatch.slot_load` summed per GPU
@@ -220,8 +220,3 @@ def gpu_load_moments(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes
     kap = np.zeros(load.shape) if noise is None else own(noise)
     return _gpu_load_moments(p2l, load, rank, node, sq, nsq, kap, dp)
 
-
-def expected_gpu_load(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, gpus_per_node: int,
-                      slots_per_gpu: int, rule: str, rank_load: np.ndarray | None = None) -> np.ndarray:
-    """The expected load of :func:`gpu_load_moments`, float [L, G]."""
-    return gpu_load_moments(p2l, load, num_gpus, num_nodes, gpus_per_node, slots_per_gpu, rule, rank_load)[0]

@@ -54,8 +54,8 @@ def clustered_map(sample_ids: np.ndarray, load: np.ndarray, num_gpus: int, gpus_
                             slots_per_gpu, lift) for layer in range(num_layers)])
 
 
-def _clusters(ids: np.ndarray, num_experts: int, size: int, lift: float, weights: np.ndarray | None = None,
-              most: float = np.inf) -> list[list[int]]:
+def _clusters(ids: np.ndarray, num_experts: int, size: int, lift: float, weights: np.ndarray,
+              most: float) -> list[list[int]]:
     """Experts [S, K] of one layer's tokens -> clusters of at most ``size`` experts and, by
     ``weights`` [E], of at most ``most`` in all (step 2)."""
     e = num_experts
@@ -70,7 +70,7 @@ def _clusters(ids: np.ndarray, num_experts: int, size: int, lift: float, weights
     order = np.lexsort((b, a, -weight))  # heaviest pair first; ties by index
     parent = np.arange(e)
     members = np.ones(e, dtype=np.int64)
-    mass = np.zeros(e) if weights is None else np.asarray(weights, dtype=np.float64).copy()
+    mass = np.asarray(weights, dtype=np.float64).copy()
 
     def root(x: int) -> int:
         while parent[x] != x:

@@ -33,8 +33,7 @@ from placer.ilp import _ls_load as LK
 from placer.ilp._ls_kernel import RULE_CODES
 from placer.metrics.dispatch import sample_home_ranks
 
-__all__ = ["RankLoads", "deal_variance", "expected_max", "gpu_load_moments", "moments_numpy", "rank_loads",
-           "rank_shares"]
+__all__ = ["RankLoads", "deal_variance", "expected_max", "gpu_load_moments", "moments_numpy", "rank_loads"]
 
 MAX_SIGMAS = 5.0
 """GPUs whose mean is more than this many standard deviations below the largest mean are left
@@ -128,10 +127,10 @@ def moments_numpy(p2l: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: i
     var = (deal_variance(ranks_g, need_g, per_gpu(need_sq), copy_g, copies)
            + deal_variance(rest[0], spill, rest[1], total, copies))
     if noise is not None:  # the estimate's: kap (sum_r w_r**2 x_r - (sum_r w_r x_r)**2 / load)
-        local = np.divide(copies, copy_g, out=np.zeros_like(copies), where=(ranks_g > 0) & (copy_g > 0))
+        in_node = np.divide(copies, copy_g, out=np.zeros_like(copies), where=(ranks_g > 0) & (copy_g > 0))
         to_all = np.divide(copies, total, out=np.zeros_like(copies), where=total > 0)
-        m = share + local * need_g + to_all * spill
-        q = share + local * local * need_g + to_all * to_all * spill
+        m = share + in_node * need_g + to_all * spill
+        q = share + in_node * in_node * need_g + to_all * to_all * spill
         le = load[:, :, None]
         est = np.maximum(q - np.divide(m * m, le, out=np.zeros_like(m), where=le > 0), 0.0)
         var += np.where(le > 0, np.asarray(noise, np.float64)[:, :, None] * est, 0.0)
@@ -223,8 +222,3 @@ def rank_loads(stats, num_gpus: int) -> RankLoads | None:
     _LOADS[id(stats)] = (weakref.ref(stats), num_gpus, out)
     return out
 
-
-def rank_shares(stats, num_gpus: int) -> np.ndarray | None:
-    """float64 [L, E, G]: :func:`rank_loads`' ``shares`` (None without a sample)."""
-    loads = rank_loads(stats, num_gpus)
-    return None if loads is None else loads.shares

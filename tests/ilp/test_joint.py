@@ -99,7 +99,7 @@ def test_search_model_is_exact_without_replicas(rule):
         assert traffic == pytest.approx(nv + 10.0 * rdma, rel=1e-12)
         np.testing.assert_allclose(st_.gload, sl[layer] / problem.stats.num_tokens, rtol=1e-12)
         assert mx == pytest.approx(sl[layer].max() / problem.stats.num_tokens)
-    expected = LK.expected_gpu_load(p2l, problem.stats.load, 4, 2, 2, 2, rule)
+    expected = LK.gpu_load_moments(p2l, problem.stats.load, 4, 2, 2, 2, rule)[0]
     np.testing.assert_allclose(expected, sl, rtol=1e-12)
 
 
@@ -170,7 +170,7 @@ def test_expected_load_by_rank_is_the_sample_load_on_average():
     """With each expert's load split over the ranks as the sample has its tokens, the expected
     load is the mean over dispatch seeds of the load counted token by token (the metrics on a
     trace); with uniform ranks it is not (the sample's ranks are uneven)."""
-    from placer.ilp.load_model import rank_shares
+    from placer.ilp.load_model import rank_loads
 
     problem = _problem(experts=8, gpus=8, nodes=2, redundant=8, layers=2, tokens=300, seed=4)
     rng = np.random.default_rng(3)
@@ -181,10 +181,10 @@ def test_expected_load_by_rank_is_the_sample_load_on_average():
     order = np.argsort(stats.sample_token_index)
     trace = RoutingTrace(stats.sample_ids[order].astype(np.int64), 8, model=problem.model)
     runs = np.mean([gpu_load(placement, topo, trace, seed=seed) for seed in range(150)], axis=0)
-    shares = rank_shares(stats, 8)
+    shares = rank_loads(stats, 8).shares
     np.testing.assert_allclose(shares.sum(axis=2), stats.load, rtol=1e-12)
-    by_rank = LK.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest", shares)
-    uniform = LK.expected_gpu_load(p2l, stats.load, 8, 2, 4, 2, "nearest")
+    by_rank = LK.gpu_load_moments(p2l, stats.load, 8, 2, 4, 2, "nearest", shares)[0]
+    uniform = LK.gpu_load_moments(p2l, stats.load, 8, 2, 4, 2, "nearest")[0]
     np.testing.assert_allclose(runs, by_rank, rtol=0.03)
     assert np.abs(runs - by_rank).max() < 0.5 * np.abs(runs - uniform).max()
 
@@ -230,7 +230,7 @@ def test_expected_dispatch_matches_the_seeded_rule_on_average():
                      .reshape(8, 2).sum(axis=1))
     assert np.mean(runs) == pytest.approx(traffic, rel=0.02)
     np.testing.assert_allclose(np.mean(loads, axis=0), expected_load, rtol=0.02)
-    np.testing.assert_allclose(LK.expected_gpu_load(p2l, problem.stats.load, 8, 2, 4, 2, "nearest")[0],
+    np.testing.assert_allclose(LK.gpu_load_moments(p2l, problem.stats.load, 8, 2, 4, 2, "nearest")[0][0],
                                expected_load, rtol=1e-12)
 
 
